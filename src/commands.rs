@@ -1,0 +1,339 @@
+//! What each subcommand does (except `run`, which is the daemon). Each returns the text to
+//! print, so tests can call them without a terminal.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use chrono::{TimeDelta, Utc};
+
+use crate::cli::{LogArgs, LogFormat, PlanArgs, PlanFormat, PreviewArgs};
+use crate::config::Config;
+use crate::output::{self, when};
+use crate::plan::{PlanSettings, customer_timezone, plan_rule};
+use crate::playbook::Playbook;
+use crate::render::{MessageExtras, message_context};
+use crate::rules::{Trigger, parse_duration};
+use crate::store::{Event, LogEntry, LogFilter, MessageState, SharedStore};
+use crate::transport::Transport;
+
+/// `touchpoint check`: the config, rules and templates, and the transport's settings.
+pub fn check(config: &Config) -> Result<String> {
+    let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
+    Transport::from_config(config)
+        .map_err(anyhow::Error::msg)
+        .context("the transport settings are wrong")?;
+    let enabled = playbook.rules.rules.iter().filter(|r| r.enabled).count();
+    Ok(format!(
+        "{}: OK ({} rules, {} enabled; {} templates; database {})",
+        config.path.display(),
+        playbook.rules.rules.len(),
+        enabled,
+        playbook.templates.names().len(),
+        config.database_url().describe()
+    ))
+}
+
+/// Opens the configured database and applies migrations.
+pub async fn open_store(config: &Config) -> Result<SharedStore> {
+    let url = config.database_url();
+    let store = crate::store::open(&url, config.database.max_connections)
+        .await
+        .with_context(|| format!("cannot open the database ({})", url.describe()))?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply the database migrations")?;
+    Ok(store)
+}
+
+/// `touchpoint plan`: every message that would go out in the next `days` days: those already
+/// scheduled and those the rules would create now.
+pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Result<String> {
+    let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
+    let now = Utc::now();
+    let until = now + TimeDelta::days(i64::from(args.days));
+    let mut rows = Vec::new();
+    let waiting = store
+        .log(&LogFilter {
+            due_before: Some(until),
+            ..LogFilter::default()
+        })
+        .await?;
+    for entry in waiting {
+        let why = match &entry.event_id {
+            Some(id) => match store.event(id).await? {
+                Some(event) => why_event(&event),
+                None => format!("event {id}"),
+            },
+            None => "schedule".into(),
+        };
+        rows.push(PlannedRow {
+            due_at: entry.next_attempt_at,
+            rule: entry.rule,
+            customer_id: entry.customer_id,
+            email: entry.email.unwrap_or_default(),
+            status: entry.state.to_string(),
+            why,
+            message_id: Some(entry.id),
+        });
+    }
+    let settings = PlanSettings {
+        default_timezone: config.defaults.timezone,
+        default_expire_after: config.defaults.expire_after,
+    };
+    let (customers_hi, events_hi) = store.max_seqs().await?;
+    for rule in playbook.rules.rules.iter().filter(|r| r.enabled) {
+        let up_to = if matches!(rule.trigger, Trigger::Schedule { .. }) {
+            customers_hi
+        } else {
+            events_hi
+        };
+        let mut found = Vec::new();
+        plan_rule(
+            store,
+            rule,
+            0,
+            up_to,
+            now,
+            &settings,
+            false,
+            |planned, candidates| {
+                for message in planned.iter().filter(|m| m.due_at <= until).cloned() {
+                    let candidate = candidates
+                        .iter()
+                        .find(|c| c.customer.id == message.customer_id);
+                    let email = candidate
+                        .map(|c| c.customer.email.clone())
+                        .unwrap_or_default();
+                    let event = candidate.and_then(|c| {
+                        c.event
+                            .as_ref()
+                            .filter(|e| Some(&e.id) == message.event_id.as_ref())
+                    });
+                    let why = event.map_or_else(|| "schedule".to_string(), why_event);
+                    found.push(PlannedRow {
+                        due_at: message.due_at,
+                        rule: message.rule,
+                        customer_id: message.customer_id,
+                        email,
+                        status: "not yet planned".into(),
+                        why,
+                        message_id: None,
+                    });
+                }
+            },
+        )
+        .await?;
+        rows.extend(found);
+    }
+    rows.sort_by(|a, b| {
+        (a.due_at, &a.rule, &a.customer_id).cmp(&(b.due_at, &b.rule, &b.customer_id))
+    });
+    Ok(match args.format {
+        PlanFormat::Json => serde_json::to_string_pretty(&rows)? + "\n",
+        PlanFormat::Table if rows.is_empty() => {
+            format!("nothing to send in the next {} days\n", args.days)
+        }
+        PlanFormat::Table => {
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        when(Some(r.due_at)),
+                        r.rule.clone(),
+                        r.customer_id.clone(),
+                        r.email.clone(),
+                        r.status.clone(),
+                        r.why.clone(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &["due (UTC)", "rule", "customer", "email", "status", "why"],
+                &table,
+                60,
+            )
+        }
+    })
+}
+
+#[derive(Debug, serde::Serialize)]
+struct PlannedRow {
+    due_at: chrono::DateTime<Utc>,
+    rule: String,
+    customer_id: String,
+    email: String,
+    status: String,
+    why: String,
+    message_id: Option<i64>,
+}
+
+fn why_event(event: &Event) -> String {
+    format!(
+        "{} {} at {}",
+        event.kind,
+        event.id,
+        when(Some(event.occurred_at))
+    )
+}
+
+/// `touchpoint preview`: one rule rendered for one customer.
+pub async fn preview(config: &Config, store: &SharedStore, args: &PreviewArgs) -> Result<String> {
+    let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
+    let Some(rule) = playbook.rule(&args.rule) else {
+        let names: Vec<_> = playbook
+            .rules
+            .rules
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        bail!(
+            "no rule named {:?}; the rules are: {}",
+            args.rule,
+            names.join(", ")
+        );
+    };
+    let Some(customer) = store.customer(&args.customer).await? else {
+        bail!("no customer with id {:?}", args.customer);
+    };
+    let kind = match &rule.trigger {
+        Trigger::Event { kind, .. } | Trigger::Anniversary { kind, .. } => Some(kind),
+        Trigger::Schedule { .. } => None,
+    };
+    let event = match (&args.event, kind) {
+        (Some(id), _) => Some(store.event(id).await?.with_context(|| format!("no event with id {id:?}"))?),
+        (None, Some(kind)) => Some(store.latest_event(&customer.id, kind).await?.with_context(|| {
+            format!("customer {:?} has no {kind:?} event to preview the rule with (pass --event ID)", customer.id)
+        })?),
+        (None, None) => None,
+    };
+    let tz = customer_timezone(&customer, config.defaults.timezone);
+    let years = match (&rule.trigger, &event) {
+        (Trigger::Anniversary { at, .. }, Some(event)) => {
+            let date = crate::calendar::anniversary_date(event.occurred_at, tz);
+            crate::calendar::next_anniversary(date, *at, tz, Utc::now()).map(|a| a.years)
+        }
+        _ => None,
+    };
+    let extras = MessageExtras {
+        years,
+        message_id: "<preview@touchpoint>".into(),
+        unsubscribe_url: None,
+        timezone: tz.name().into(),
+    };
+    let context = message_context(&customer, event.as_ref(), rule, &playbook.business, &extras);
+    let rendered = playbook.templates.render(rule, &context)?;
+    Ok(format!(
+        "Subject: {}\nTo: {}\n\n--- text ---\n{}\n--- html ---\n{}\n",
+        rendered.subject,
+        customer.email,
+        rendered.text.trim_end(),
+        rendered.html.trim_end()
+    ))
+}
+
+pub const LOG_HEADERS: [&str; 14] = [
+    "id",
+    "rule",
+    "customer_id",
+    "email",
+    "subject",
+    "state",
+    "due_at",
+    "sent_at",
+    "attempts",
+    "smtp_reply",
+    "message_id",
+    "reason",
+    "event_id",
+    "updated_at",
+];
+
+pub fn log_row(e: &LogEntry) -> Vec<String> {
+    vec![
+        e.id.to_string(),
+        e.rule.clone(),
+        e.customer_id.clone(),
+        e.email.clone().unwrap_or_default(),
+        e.subject.clone().unwrap_or_default(),
+        e.state.to_string(),
+        when(Some(e.due_at)),
+        when(e.sent_at),
+        e.attempts.to_string(),
+        e.smtp_reply.clone().unwrap_or_default(),
+        e.message_id.clone().unwrap_or_default(),
+        e.reason.clone().unwrap_or_default(),
+        e.event_id.clone().unwrap_or_default(),
+        when(Some(e.updated_at)),
+    ]
+}
+
+/// `touchpoint log`.
+pub async fn log(store: &SharedStore, args: &LogArgs) -> Result<String> {
+    let since = match &args.since {
+        Some(text) => {
+            Some(Utc::now() - parse_duration(text).map_err(|e| anyhow::anyhow!("--since: {e}"))?)
+        }
+        None => None,
+    };
+    let state = match &args.status {
+        Some(text) => Some(
+            text.parse::<MessageState>()
+                .map_err(|e| anyhow::anyhow!("--status: {e}"))?,
+        ),
+        None => None,
+    };
+    let filter = LogFilter {
+        since,
+        rule: args.rule.clone(),
+        state,
+        customer_id: args.customer.clone(),
+        limit: Some(args.limit.max(1)),
+        ..LogFilter::default()
+    };
+    let entries = store.log(&filter).await?;
+    let rows: Vec<Vec<String>> = entries.iter().map(log_row).collect();
+    Ok(match args.format {
+        LogFormat::Json => serde_json::to_string_pretty(&entries)? + "\n",
+        LogFormat::Csv => output::csv(&LOG_HEADERS, &rows)?,
+        LogFormat::Table if rows.is_empty() => "no messages match\n".into(),
+        LogFormat::Table => {
+            // The table shows what fits a terminal; CSV and JSON carry every column.
+            let picked = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+            let headers: Vec<&str> = picked.iter().map(|&i| LOG_HEADERS[i]).collect();
+            let rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| picked.iter().map(|&i| r[i].clone()).collect())
+                .collect();
+            output::table(&headers, &rows, 40)
+        }
+    })
+}
+
+/// `touchpoint suppress list`.
+pub async fn suppressions(store: &SharedStore, format: LogFormat) -> Result<String> {
+    let list = store.suppressions().await?;
+    let headers = ["email", "reason", "source", "created_at"];
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.email.clone(),
+                s.reason.clone(),
+                s.source.clone(),
+                when(Some(s.created_at)),
+            ]
+        })
+        .collect();
+    Ok(match format {
+        LogFormat::Json => serde_json::to_string_pretty(&list)? + "\n",
+        LogFormat::Csv => output::csv(&headers, &rows)?,
+        LogFormat::Table if rows.is_empty() => "no suppressed addresses\n".into(),
+        LogFormat::Table => output::table(&headers, &rows, 60),
+    })
+}
+
+/// Reads the config for a command, with the path in every error.
+pub fn load_config(path: &Path) -> Result<Config> {
+    Config::load(path, std::env::vars()).map_err(|e| anyhow::anyhow!("{e}"))
+}

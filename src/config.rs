@@ -1,0 +1,780 @@
+//! The daemon's configuration: `touchpoint.toml`, with every key overridable from the
+//! environment (`TOUCHPOINT_DATABASE__URL` for `database.url`). Relative paths are relative to the
+//! config file's directory. Unknown keys are errors.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use chrono::TimeDelta;
+use chrono_tz::Tz;
+use serde::{Deserialize, Deserializer};
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::render::Business;
+use crate::rules::parse_duration;
+
+/// Environment variables with this prefix override config keys; `__` separates key levels.
+pub const ENV_PREFIX: &str = "TOUCHPOINT_";
+/// Environment variables with the prefix that are not config keys.
+const ENV_NOT_KEYS: &[&str] = &["TOUCHPOINT_CONFIG", "TOUCHPOINT_LOG"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub rules: RulesConfig,
+    #[serde(default)]
+    pub templates: TemplatesConfig,
+    #[serde(default)]
+    pub transport: TransportConfig,
+    pub sender: SenderConfig,
+    pub business: Business,
+    #[serde(default)]
+    pub defaults: DefaultsConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub planner: PlannerConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// The directory of the config file; relative paths were resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The config file itself, for messages.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite:PATH` (relative to the config file) or `postgres://...`.
+    #[serde(default = "default_database_url")]
+    pub url: Secret,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: default_database_url(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_database_url() -> Secret {
+    Secret("sqlite:var/touchpoint.db".into())
+}
+fn default_max_connections() -> u32 {
+    8
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    #[serde(default = "default_rules_dir")]
+    pub dir: PathBuf,
+}
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            dir: default_rules_dir(),
+        }
+    }
+}
+fn default_rules_dir() -> PathBuf {
+    PathBuf::from("rules")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesConfig {
+    #[serde(default = "default_templates_dir")]
+    pub dir: PathBuf,
+}
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        TemplatesConfig {
+            dir: default_templates_dir(),
+        }
+    }
+}
+fn default_templates_dir() -> PathBuf {
+    PathBuf::from("templates")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Smtp,
+    File,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportConfig {
+    #[serde(default = "default_transport_kind")]
+    pub kind: TransportKind,
+    #[serde(default)]
+    pub file: FileTransportConfig,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+}
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            kind: default_transport_kind(),
+            file: FileTransportConfig::default(),
+            smtp: SmtpConfig::default(),
+        }
+    }
+}
+fn default_transport_kind() -> TransportKind {
+    TransportKind::File
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTransportConfig {
+    #[serde(default = "default_outbox_dir")]
+    pub dir: PathBuf,
+}
+impl Default for FileTransportConfig {
+    fn default() -> Self {
+        FileTransportConfig {
+            dir: default_outbox_dir(),
+        }
+    }
+}
+fn default_outbox_dir() -> PathBuf {
+    PathBuf::from("var/outbox")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    Starttls,
+    Tls,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    #[serde(default = "default_smtp_host")]
+    pub host: String,
+    #[serde(default = "default_smtp_port")]
+    pub port: u16,
+    #[serde(default = "default_tls")]
+    pub tls: TlsMode,
+    /// Login name; the password comes from `password_env`, `password_file` or the systemd
+    /// credential `password_credential`, never from this file or the command line.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_credential: Option<String>,
+    /// SMTP connections kept open and used in parallel.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// How long to wait for the server at each step before giving up on a connection.
+    #[serde(default = "default_smtp_timeout", deserialize_with = "duration")]
+    pub timeout: TimeDelta,
+    /// The name this host gives in EHLO.
+    #[serde(default)]
+    pub helo_name: Option<String>,
+}
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            host: default_smtp_host(),
+            port: default_smtp_port(),
+            tls: default_tls(),
+            username: None,
+            password_env: None,
+            password_file: None,
+            password_credential: None,
+            pool_size: default_pool_size(),
+            timeout: default_smtp_timeout(),
+            helo_name: None,
+        }
+    }
+}
+fn default_smtp_host() -> String {
+    "localhost".into()
+}
+fn default_smtp_port() -> u16 {
+    25
+}
+fn default_tls() -> TlsMode {
+    TlsMode::None
+}
+fn default_pool_size() -> usize {
+    4
+}
+fn default_smtp_timeout() -> TimeDelta {
+    TimeDelta::seconds(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    /// `From:` of every message, e.g. `"Acme Shop <hello@acme.example>"`.
+    pub from: String,
+    #[serde(default)]
+    pub reply_to: Option<String>,
+    /// The domain in generated Message-IDs; defaults to the From address's domain.
+    #[serde(default)]
+    pub message_id_domain: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsConfig {
+    /// The time zone of customers who have none.
+    #[serde(default = "default_timezone", deserialize_with = "timezone")]
+    pub timezone: Tz,
+    /// `expire_after` of rules that do not set one: a message this late is skipped, and a new
+    /// rule does not reach back further than this.
+    #[serde(default = "default_expire_after", deserialize_with = "duration")]
+    pub expire_after: TimeDelta,
+}
+impl Default for DefaultsConfig {
+    fn default() -> Self {
+        DefaultsConfig {
+            timezone: default_timezone(),
+            expire_after: default_expire_after(),
+        }
+    }
+}
+fn default_timezone() -> Tz {
+    Tz::UTC
+}
+fn default_expire_after() -> TimeDelta {
+    TimeDelta::days(1)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// How long a claim on a message lasts before another process may take it over.
+    #[serde(default = "default_lease", deserialize_with = "duration")]
+    pub lease: TimeDelta,
+    /// Messages claimed at once.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Attempts (4xx replies, connection faults) before a message is `failed`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt up to `retry_max`, with jitter.
+    #[serde(default = "default_retry_base", deserialize_with = "duration")]
+    pub retry_base: TimeDelta,
+    #[serde(default = "default_retry_max", deserialize_with = "duration")]
+    pub retry_max: TimeDelta,
+    /// Send again a message whose outcome is `unknown` (the server may have it). Off: such a
+    /// message waits for the operator.
+    #[serde(default)]
+    pub resend_unknown: bool,
+    /// On shutdown, how long in-flight sends may take to finish.
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    pub shutdown_grace: TimeDelta,
+}
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            lease: default_lease(),
+            batch_size: default_batch_size(),
+            max_attempts: default_max_attempts(),
+            retry_base: default_retry_base(),
+            retry_max: default_retry_max(),
+            resend_unknown: false,
+            shutdown_grace: default_drain(),
+        }
+    }
+}
+fn default_lease() -> TimeDelta {
+    TimeDelta::minutes(2)
+}
+fn default_batch_size() -> u32 {
+    50
+}
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_retry_base() -> TimeDelta {
+    TimeDelta::minutes(1)
+}
+fn default_retry_max() -> TimeDelta {
+    TimeDelta::hours(1)
+}
+fn default_drain() -> TimeDelta {
+    TimeDelta::seconds(20)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerConfig {
+    /// How often to look for new customers and events (a cheap query on what is new).
+    #[serde(default = "default_plan_interval", deserialize_with = "duration")]
+    pub interval: TimeDelta,
+    /// How often to re-examine everything (catches edits to existing rows and yearly and
+    /// recurring rules' next occurrences).
+    #[serde(default = "default_reconcile", deserialize_with = "duration")]
+    pub reconcile_every: TimeDelta,
+}
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            interval: default_plan_interval(),
+            reconcile_every: default_reconcile(),
+        }
+    }
+}
+fn default_plan_interval() -> TimeDelta {
+    TimeDelta::seconds(2)
+}
+fn default_reconcile() -> TimeDelta {
+    TimeDelta::minutes(5)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the health, metrics and web listener; empty to turn it off.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+fn default_listen() -> String {
+    "127.0.0.1:8025".into()
+}
+
+/// A value that must not appear in logs or `Debug` output (passwords, database URLs).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// What went wrong loading the config, said so the operator knows what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read the config file {path}: {source} (pass --config PATH or set TOUCHPOINT_CONFIG)"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(Diagnostics),
+    #[error("environment variable {var}: {message}")]
+    Environment { var: String, message: String },
+}
+
+impl Config {
+    /// Reads the config file and applies `TOUCHPOINT_*` overrides from `env`.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_source(path, &source, env)
+    }
+
+    /// Parses config text as if read from `path`.
+    pub fn from_source(
+        path: &Path,
+        source: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let diagnostic = |error: toml::de::Error| {
+            let offset = error.span().map_or(0, |span| span.start);
+            let message = error.message().trim().to_string();
+            ConfigError::Invalid(Diagnostics(vec![Diagnostic::at_offset(
+                path, source, offset, message,
+            )]))
+        };
+        let mut table: toml::Table = toml::from_str(source).map_err(diagnostic)?;
+        let mut overridden = Vec::new();
+        for (var, value) in env {
+            let Some(key) = env_key(&var) else { continue };
+            set_path(&mut table, &key, parse_env_value(&value)).map_err(|message| {
+                ConfigError::Environment {
+                    var: var.clone(),
+                    message,
+                }
+            })?;
+            overridden.push(var);
+        }
+        let mut config = match Config::deserialize(toml::Value::Table(table)) {
+            Ok(config) => config,
+            Err(merged_error) => {
+                // Blame the file (with line and column) when the file alone is wrong too.
+                toml::from_str::<Config>(source).map_err(diagnostic)?;
+                return Err(ConfigError::Environment {
+                    var: overridden.join(", "),
+                    message: merged_error.message().trim().to_string(),
+                });
+            }
+        };
+        config.path = path.to_path_buf();
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.resolve_paths();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self) {
+        let base = self.base_dir.clone();
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = normalize(&base.join(&*p));
+            }
+        };
+        resolve(&mut self.rules.dir);
+        resolve(&mut self.templates.dir);
+        resolve(&mut self.transport.file.dir);
+        if let Some(file) = &mut self.transport.smtp.password_file {
+            resolve(file);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(message) = crate::transport::parse_mailbox(&self.sender.from) {
+            problems.push(format!("sender.from: {message}"));
+        }
+        if self.transport.smtp.pool_size == 0 {
+            problems.push("transport.smtp.pool_size: expected at least 1".into());
+        }
+        if self.delivery.batch_size == 0 {
+            problems.push("delivery.batch_size: expected at least 1".into());
+        }
+        if self.delivery.max_attempts == 0 {
+            problems.push("delivery.max_attempts: expected at least 1".into());
+        }
+        if self.delivery.lease <= self.transport.smtp.timeout * 2 {
+            problems.push(format!(
+                "delivery.lease ({}) must be longer than twice transport.smtp.timeout ({}), so a claim \
+                 cannot expire while its message is being sent",
+                crate::rules::format_duration(self.delivery.lease),
+                crate::rules::format_duration(self.transport.smtp.timeout)
+            ));
+        }
+        if let Err(message) = DatabaseUrl::parse(self.database.url.expose(), &self.base_dir) {
+            problems.push(format!("database.url: {message}"));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let list = problems
+            .into_iter()
+            .map(|m| Diagnostic::whole_file(&self.path, m))
+            .collect();
+        Err(ConfigError::Invalid(Diagnostics(list)))
+    }
+
+    /// The database to use, with a relative SQLite path resolved.
+    pub fn database_url(&self) -> DatabaseUrl {
+        // Validated in `validate`; a config that got here parses.
+        DatabaseUrl::parse(self.database.url.expose(), &self.base_dir)
+            .unwrap_or(DatabaseUrl::Sqlite(self.base_dir.join("var/touchpoint.db")))
+    }
+
+    /// The SMTP password from the environment, a file or a systemd credential, if configured.
+    pub fn smtp_password(&self) -> Result<Option<Secret>, String> {
+        let smtp = &self.transport.smtp;
+        if let Some(var) = &smtp.password_env {
+            return std::env::var(var)
+                .map(|v| Some(Secret(v)))
+                .map_err(|_| format!("transport.smtp.password_env names {var}, which is not set"));
+        }
+        if let Some(file) = &smtp.password_file {
+            return read_secret_file(file).map(Some);
+        }
+        if let Some(name) = &smtp.password_credential {
+            let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
+                format!(
+                    "transport.smtp.password_credential is {name:?} but CREDENTIALS_DIRECTORY is not set \
+                     (is the unit's LoadCredential= in place?)"
+                )
+            })?;
+            return read_secret_file(&Path::new(&dir).join(name)).map(Some);
+        }
+        Ok(None)
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    std::fs::read_to_string(path)
+        .map(|text| Secret(text.trim_end_matches(['\r', '\n']).to_string()))
+        .map_err(|e| format!("cannot read the SMTP password file {}: {e}", path.display()))
+}
+
+/// `TOUCHPOINT_DATABASE__URL` -> `["database", "url"]`.
+fn env_key(var: &str) -> Option<Vec<String>> {
+    if ENV_NOT_KEYS.contains(&var) {
+        return None;
+    }
+    let rest = var.strip_prefix(ENV_PREFIX)?;
+    Some(rest.split("__").map(str::to_ascii_lowercase).collect())
+}
+
+/// Environment values are TOML values where they parse as one (`25`, `true`), else strings.
+fn parse_env_value(text: &str) -> toml::Value {
+    let wrapped = format!("v = {text}");
+    match toml::from_str::<toml::Table>(&wrapped) {
+        Ok(mut table) => table
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(text.into())),
+        Err(_) => toml::Value::String(text.into()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, key: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = key.split_last() else {
+        return Err("names no config key".into());
+    };
+    let mut current = table;
+    for part in parents {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is a value in the config file, not a table"))?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Which database, chosen once from the URL's scheme.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite(path) => write!(f, "Sqlite({})", path.display()),
+            DatabaseUrl::Postgres(_) => f.write_str("Postgres(***)"),
+        }
+    }
+}
+
+impl DatabaseUrl {
+    pub fn parse(url: &str, base_dir: &Path) -> Result<DatabaseUrl, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseUrl::Postgres(url.to_string()));
+        }
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            let path = rest.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err("sqlite: needs a file path, like sqlite:var/touchpoint.db".into());
+            }
+            let path = PathBuf::from(path);
+            return Ok(DatabaseUrl::Sqlite(if path.is_relative() {
+                normalize(&base_dir.join(path))
+            } else {
+                path
+            }));
+        }
+        Err("expected sqlite:PATH or postgres://USER@HOST/DATABASE".into())
+    }
+
+    /// Where the data lives, without credentials, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            DatabaseUrl::Sqlite(path) => format!("SQLite file {}", path.display()),
+            DatabaseUrl::Postgres(url) => {
+                let host = url.rsplit('@').next().unwrap_or(url);
+                let host = host
+                    .trim_start_matches("postgres://")
+                    .trim_start_matches("postgresql://");
+                format!("PostgreSQL {}", host.split('?').next().unwrap_or(host))
+            }
+        }
+    }
+}
+
+/// `config/../var/x` -> `var/x`, without touching the file system (the path may not exist yet).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        out
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<TimeDelta, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
+}
+
+fn timezone<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Tz, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    crate::calendar::parse_timezone(&text).map_err(serde::de::Error::custom)
+}
+
+impl FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "smtp" => Ok(TransportKind::Smtp),
+            "file" => Ok(TransportKind::File),
+            other => Err(format!(
+                "unknown transport {other:?}: expected \"smtp\" or \"file\""
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[sender]
+from = "Acme <hello@acme.example>"
+[business]
+name = "Acme"
+address = "1 Main St, Springfield"
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_source(Path::new("/etc/tp/touchpoint.toml"), text, env)
+    }
+
+    #[test]
+    fn defaults_resolve_relative_to_the_config_directory() {
+        let config = load(MINIMAL, &[]).unwrap();
+        assert_eq!(config.rules.dir, PathBuf::from("/etc/tp/rules"));
+        assert_eq!(
+            config.database_url(),
+            DatabaseUrl::Sqlite("/etc/tp/var/touchpoint.db".into())
+        );
+        assert_eq!(config.transport.kind, TransportKind::File);
+        assert_eq!(config.defaults.timezone, Tz::UTC);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_with_typed_values() {
+        let env = [
+            (
+                "TOUCHPOINT_DATABASE__URL",
+                "postgres://postgres@127.0.0.1/tp",
+            ),
+            ("TOUCHPOINT_TRANSPORT__SMTP__PORT", "2525"),
+            ("TOUCHPOINT_TRANSPORT__KIND", "smtp"),
+            ("TOUCHPOINT_CONFIG", "/ignored"),
+            ("HOME", "/root"),
+        ];
+        let config = load(MINIMAL, &env).unwrap();
+        assert_eq!(
+            config.database_url(),
+            DatabaseUrl::Postgres("postgres://postgres@127.0.0.1/tp".into())
+        );
+        assert_eq!(config.transport.smtp.port, 2525);
+        assert_eq!(config.transport.kind, TransportKind::Smtp);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_line_and_column() {
+        let text = format!("{MINIMAL}\n[transport]\nknd = \"smtp\"\n");
+        let error = load(&text, &[]).unwrap_err().to_string();
+        assert!(error.starts_with("/etc/tp/touchpoint.toml:9:1:"), "{error}");
+        assert!(error.contains("unknown field `knd`"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_environment_override_names_the_variable() {
+        let error = load(MINIMAL, &[("TOUCHPOINT_TRANSPORT__SMTP__PORT", "lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("TOUCHPOINT_TRANSPORT__SMTP__PORT"),
+            "{error}"
+        );
+        let error = load(MINIMAL, &[("TOUCHPOINT_NOPE", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("TOUCHPOINT_NOPE") && error.contains("unknown field `nope`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn bad_values_say_what_is_expected() {
+        let text = format!("{MINIMAL}\n[defaults]\ntimezone = \"Mars/Olympus\"\n");
+        let error = load(&text, &[]).unwrap_err().to_string();
+        assert!(error.contains("touchpoint.toml:9:"), "{error}");
+        let text = format!("{MINIMAL}\n[delivery]\nlease = \"2x\"\n");
+        let error = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("touchpoint.toml:9:9") && error.contains("\"2x\" is not a duration"),
+            "{error}"
+        );
+        let error = load(
+            &MINIMAL.replace("hello@acme.example", "not an address"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("sender.from"), "{error}");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let env = [("TOUCHPOINT_DATABASE__URL", "postgres://app:hunter2@db/tp")];
+        let config = load(MINIMAL, &env).unwrap();
+        let shown = format!("{config:?} {:?}", config.database_url());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(config.database_url().describe(), "PostgreSQL db/tp");
+    }
+}

@@ -1,0 +1,528 @@
+//! The daemon: planner, dispatcher and HTTP listener under one cancellation token and one task
+//! tracker. `run` takes its config, listeners and shutdown token, so tests start the real thing
+//! in-process on port 0, and `main` starts it with signals wired to the token.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::diag::Diagnostics;
+use crate::dispatch::{DispatchSettings, Dispatcher, backoff};
+use crate::plan::{PlanSettings, Planner};
+use crate::playbook::Playbook;
+use crate::store::{self, MessageState, Outcome, SharedStore, StoreError};
+use crate::transport::{self, Transport};
+
+/// Why the daemon could not start (or stopped with an error).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(String),
+    #[error("rules or templates have mistakes:\n{0}")]
+    Playbook(#[from] Diagnostics),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot serve HTTP: {0}")]
+    Http(std::io::Error),
+}
+
+/// Sockets the daemon serves on, bound by the caller (port 0 in tests, or from the config).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub http: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what the config asks for.
+    pub async fn bind(config: &Config) -> Result<Listeners, DaemonError> {
+        let address = config.http.listen.trim();
+        if address.is_empty() {
+            return Ok(Listeners::default());
+        }
+        let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
+            DaemonError::Config(format!("cannot listen on http.listen = {address:?}: {e} (set another address, or \"\" to turn HTTP off)"))
+        })?;
+        Ok(Listeners {
+            http: Some(listener),
+        })
+    }
+}
+
+/// What the daemon knows about its own health, for /healthz, /metrics and systemd's STATUS.
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    /// Milliseconds since `started` of the dispatcher's last loop turn.
+    dispatcher_seen: AtomicU64,
+    database_error: Mutex<Option<String>>,
+    pub database_errors: AtomicU64,
+    relay_error: Mutex<Option<(DateTime<Utc>, String)>>,
+    reload: Mutex<ReloadStatus>,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    outcomes: Mutex<BTreeMap<(String, MessageState), u64>>,
+    send_seconds: Mutex<Histogram>,
+    watchdog: Option<Duration>,
+    last_watchdog: AtomicU64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadStatus {
+    pub at: DateTime<Utc>,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// Latency buckets in seconds, Prometheus style (cumulative when written out).
+pub const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+#[derive(Debug, Default, Clone)]
+pub struct Histogram {
+    pub counts: [u64; LATENCY_BUCKETS.len()],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Health {
+    pub fn new() -> Health {
+        Health {
+            started: Instant::now(),
+            dispatcher_seen: AtomicU64::new(0),
+            database_error: Mutex::new(None),
+            database_errors: AtomicU64::new(0),
+            relay_error: Mutex::new(None),
+            reload: Mutex::new(ReloadStatus {
+                at: Utc::now(),
+                ok: true,
+                message: "rules and templates loaded".into(),
+            }),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+            outcomes: Mutex::new(BTreeMap::new()),
+            send_seconds: Mutex::new(Histogram::default()),
+            watchdog: crate::notify::watchdog_interval(),
+            last_watchdog: AtomicU64::new(0),
+        }
+    }
+
+    fn millis(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Called every turn of the dispatcher's loop; pets systemd's watchdog from there, so a
+    /// stuck loop gets the service restarted.
+    pub fn dispatcher_alive(&self) {
+        let now = self.millis();
+        self.dispatcher_seen.store(now, Ordering::Relaxed);
+        if let Some(interval) = self.watchdog {
+            let last = self.last_watchdog.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= (interval.as_millis() as u64) / 2 {
+                self.last_watchdog.store(now, Ordering::Relaxed);
+                crate::notify::watchdog();
+            }
+        }
+    }
+
+    /// How long ago the dispatcher's loop last turned.
+    pub fn dispatcher_idle_for(&self) -> Duration {
+        Duration::from_millis(
+            self.millis()
+                .saturating_sub(self.dispatcher_seen.load(Ordering::Relaxed)),
+        )
+    }
+
+    pub fn database_ok(&self) {
+        if let Ok(mut error) = self.database_error.lock() {
+            *error = None;
+        }
+    }
+
+    pub fn database_error(&self, error: &StoreError) {
+        self.database_errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.database_error.lock() {
+            *last = Some(error.to_string());
+        }
+    }
+
+    pub fn last_database_error(&self) -> Option<String> {
+        self.database_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    pub fn relay_trouble(&self, reason: &str) {
+        if let Ok(mut last) = self.relay_error.lock() {
+            *last = Some((Utc::now(), reason.to_string()));
+        }
+    }
+
+    pub fn last_relay_error(&self) -> Option<(DateTime<Utc>, String)> {
+        self.relay_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    pub fn reloaded(&self, status: ReloadStatus) {
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        if !status.ok {
+            self.reload_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut last) = self.reload.lock() {
+            *last = status;
+        }
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadStatus> {
+        self.reload.lock().ok().map(|r| r.clone())
+    }
+
+    pub fn record_outcome(&self, rule: &str, outcome: &Outcome, took: Duration) {
+        if let Ok(mut outcomes) = self.outcomes.lock() {
+            *outcomes
+                .entry((rule.to_string(), outcome.state()))
+                .or_default() += 1;
+        }
+        if matches!(
+            outcome,
+            Outcome::Sent { .. }
+                | Outcome::Retry { .. }
+                | Outcome::Failed { .. }
+                | Outcome::Unknown { .. }
+        ) && let Ok(mut histogram) = self.send_seconds.lock()
+        {
+            let seconds = took.as_secs_f64();
+            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                if seconds <= *bound {
+                    histogram.counts[i] += 1;
+                }
+            }
+            histogram.count += 1;
+            histogram.sum += seconds;
+        }
+    }
+
+    /// Outcomes recorded by this process since it started, by rule and state.
+    pub fn outcomes(&self) -> BTreeMap<(String, MessageState), u64> {
+        self.outcomes.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    pub fn send_latency(&self) -> Histogram {
+        self.send_seconds
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+/// Everything the HTTP handlers may look at.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: SharedStore,
+    pub health: Arc<Health>,
+    pub playbook: watch::Receiver<Arc<Playbook>>,
+}
+
+/// Opens the database, retrying while it is unavailable (it may still be starting).
+pub async fn open_store(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<SharedStore, DaemonError> {
+    let url = config.database_url();
+    let mut failures = 0;
+    loop {
+        let attempt = async {
+            let store = store::open(&url, config.database.max_connections).await?;
+            store.migrate().await?;
+            Ok::<_, StoreError>(store)
+        };
+        match attempt.await {
+            Ok(store) => return Ok(store),
+            Err(error) if error.is_unavailable() => {
+                failures += 1;
+                let delay = backoff(
+                    failures,
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                );
+                tracing::warn!(%error, database = %url.describe(), retry_in = ?delay, "database unavailable; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Err(DaemonError::Store(error)),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then drains in-flight sends within
+/// `delivery.shutdown_grace` and returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let store = open_store(&config, &shutdown).await?;
+    let playbook = Playbook::load(&config)?;
+    let transport = Arc::new(Transport::from_config(&config).map_err(DaemonError::Config)?);
+    let settings = dispatch_settings(&config)?;
+    let health = Arc::new(Health::new());
+    let (playbook_tx, playbook_rx) = watch::channel(Arc::new(playbook));
+    let wake = Arc::new(Notify::new());
+    let tracker = TaskTracker::new();
+    let hard_stop = CancellationToken::new();
+    let rules = playbook_rx.borrow().rules.rules.len();
+    tracing::info!(database = %config.database_url().describe(), rules, instance = %settings.instance, "touchpoint is running");
+
+    let planner = Planner {
+        store: store.clone(),
+        playbook: playbook_rx.clone(),
+        settings: PlanSettings {
+            default_timezone: config.defaults.timezone,
+            default_expire_after: config.defaults.expire_after,
+        },
+        interval: config
+            .planner
+            .interval
+            .to_std()
+            .unwrap_or(Duration::from_secs(2)),
+        reconcile_every: config
+            .planner
+            .reconcile_every
+            .to_std()
+            .unwrap_or(Duration::from_secs(300)),
+        wake_dispatcher: wake.clone(),
+        health: health.clone(),
+    };
+    tracker.spawn(planner.run(shutdown.clone()));
+    let dispatcher = Dispatcher {
+        store: store.clone(),
+        playbook: playbook_rx.clone(),
+        transport: transport.clone(),
+        settings: Arc::new(settings),
+        wake: wake.clone(),
+        health: health.clone(),
+    };
+    tracker.spawn(dispatcher.run(shutdown.clone(), hard_stop.clone(), tracker.clone()));
+    if let Some(listener) = listeners.http {
+        let shared = Shared {
+            store: store.clone(),
+            health: health.clone(),
+            playbook: playbook_rx.clone(),
+        };
+        let address = listener.local_addr().map_err(DaemonError::Http)?;
+        tracing::info!(%address, "HTTP listener ready (/healthz, /metrics)");
+        tracker.spawn(crate::http::serve(listener, shared, shutdown.clone()));
+    }
+    tracker.spawn(reload_on_hangup(
+        config.clone(),
+        playbook_tx,
+        health.clone(),
+        wake.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(status_reporter(
+        store.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    crate::notify::ready();
+
+    shutdown.cancelled().await;
+    crate::notify::stopping();
+    tracing::info!("stopping: no new claims; letting in-flight sends finish");
+    tracker.close();
+    let grace = config
+        .delivery
+        .shutdown_grace
+        .to_std()
+        .unwrap_or(Duration::from_secs(20));
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "in-flight sends did not finish in time; releasing what has not started"
+        );
+        hard_stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("some sends are still stuck; their claims will expire and be reaped");
+        }
+    }
+    transport.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn dispatch_settings(config: &Config) -> Result<DispatchSettings, DaemonError> {
+    let from = transport::parse_mailbox(&config.sender.from)
+        .map_err(|e| DaemonError::Config(format!("sender.from: {e}")))?;
+    let reply_to = match &config.sender.reply_to {
+        Some(text) => Some(
+            transport::parse_mailbox(text)
+                .map_err(|e| DaemonError::Config(format!("sender.reply_to: {e}")))?,
+        ),
+        None => None,
+    };
+    let message_id_domain = config
+        .sender
+        .message_id_domain
+        .clone()
+        .unwrap_or_else(|| from.email.domain().to_string());
+    let lease = config.delivery.lease;
+    let reap_every = (lease / 4)
+        .to_std()
+        .unwrap_or(Duration::from_secs(30))
+        .clamp(Duration::from_millis(200), Duration::from_secs(30));
+    Ok(DispatchSettings {
+        instance: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
+        batch_size: config.delivery.batch_size,
+        lease,
+        max_attempts: config.delivery.max_attempts,
+        retry_base: config
+            .delivery
+            .retry_base
+            .to_std()
+            .unwrap_or(Duration::from_secs(60)),
+        retry_max: config
+            .delivery
+            .retry_max
+            .to_std()
+            .unwrap_or(Duration::from_secs(3600)),
+        resend_unknown: config.delivery.resend_unknown,
+        from,
+        reply_to,
+        message_id_domain,
+        default_timezone: config.defaults.timezone,
+        reap_every,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "touchpoint".into())
+}
+
+/// SIGHUP: read the config file, rules and templates again and swap them in whole; on any
+/// mistake keep what runs and report every mistake.
+async fn reload_on_hangup(
+    config: Config,
+    playbook: watch::Sender<Arc<Playbook>>,
+    health: Arc<Health>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reloading is off");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        crate::notify::reloading();
+        let status = match reload(&config) {
+            Ok(next) => {
+                let rules = next.rules.rules.len();
+                playbook.send_replace(Arc::new(next));
+                wake.notify_one();
+                tracing::info!(rules, "reloaded rules and templates");
+                ReloadStatus {
+                    at: Utc::now(),
+                    ok: true,
+                    message: format!("reloaded {rules} rules"),
+                }
+            }
+            Err(message) => {
+                tracing::error!("reload failed; keeping the rules that were running:\n{message}");
+                ReloadStatus {
+                    at: Utc::now(),
+                    ok: false,
+                    message,
+                }
+            }
+        };
+        let ok = status.ok;
+        let summary = status
+            .message
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        health.reloaded(status);
+        crate::notify::ready();
+        crate::notify::status(&if ok {
+            summary
+        } else {
+            format!("reload failed, old rules kept: {summary}")
+        });
+    }
+}
+
+fn reload(running: &Config) -> Result<Playbook, String> {
+    let env: Vec<_> = std::env::vars().collect();
+    let fresh = Config::load(&running.path, env).map_err(|e| e.to_string())?;
+    if fresh.database.url != running.database.url || fresh.http.listen != running.http.listen {
+        tracing::warn!(
+            "database.url and http.listen changes take effect on restart, not on reload"
+        );
+    }
+    Playbook::load(&fresh).map_err(|e| e.to_string())
+}
+
+/// Keeps systemd's STATUS= line current: what is due, what went out today, the last error.
+async fn status_reporter(store: SharedStore, health: Arc<Health>, shutdown: CancellationToken) {
+    if !crate::notify::enabled() {
+        return;
+    }
+    loop {
+        let mut line = match store.counts().await {
+            Ok(counts) => {
+                let of = |state: MessageState| {
+                    counts
+                        .iter()
+                        .filter(|(_, s, _)| *s == state)
+                        .map(|(_, _, n)| n)
+                        .sum::<i64>()
+                };
+                format!(
+                    "{} waiting, {} sent, {} failed, {} unknown",
+                    of(MessageState::Scheduled) + of(MessageState::Retrying),
+                    of(MessageState::Sent),
+                    of(MessageState::Failed),
+                    of(MessageState::Unknown)
+                )
+            }
+            Err(error) => format!("database error: {error}"),
+        };
+        if let Some(reload) = health.last_reload().filter(|r| !r.ok) {
+            line.push_str(&format!(
+                "; last reload failed: {}",
+                reload.message.lines().next().unwrap_or_default()
+            ));
+        }
+        if let Some((_, relay)) = health.last_relay_error() {
+            line.push_str(&format!("; last relay error: {relay}"));
+        }
+        crate::notify::status(&line);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
+}

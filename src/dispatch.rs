@@ -1,0 +1,639 @@
+//! The dispatcher: sleep until the earliest message is due, claim a batch, and for each
+//! message guard (re-check the rule), render, send and record the outcome.
+//!
+//! Every write of an attempt carries the claim's token, so a process that stalled past its
+//! lease cannot overwrite what another did. The phase "the body is about to go out" is written
+//! before the body is sent: an expired claim that never reached it is simply rescheduled, one
+//! that did becomes `unknown` and is never resent behind the owner's back.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use chrono_tz::Tz;
+use lettre::message::Mailbox;
+use rand::Rng;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::daemon::Health;
+use crate::plan::{attributes_match, customer_timezone};
+use crate::playbook::Playbook;
+use crate::render::{MessageExtras, message_context};
+use crate::rules::{Rule, Unless};
+use crate::store::{ClaimedMessage, Delivery, Outcome, SharedStore, StoreError};
+use crate::transport::{self, SendError, Transport};
+
+/// What the dispatcher needs from the config.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub instance: String,
+    pub batch_size: u32,
+    pub lease: TimeDelta,
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub resend_unknown: bool,
+    pub from: Mailbox,
+    pub reply_to: Option<Mailbox>,
+    pub message_id_domain: String,
+    pub default_timezone: Tz,
+    /// How often expired claims are reaped and overdue messages expired.
+    pub reap_every: Duration,
+}
+
+/// `base * 2^(n-1)`, at most `max`, with +-25% jitter so retries of many messages spread out.
+pub fn backoff(failures: u32, base: Duration, max: Duration) -> Duration {
+    let exponent = failures.saturating_sub(1).min(20);
+    let raw = base.saturating_mul(1u32 << exponent).min(max);
+    let jitter = rand::rng().random_range(0.75..=1.25);
+    raw.mul_f64(jitter).min(max)
+}
+
+/// While the relay is unreachable, nobody sends: one failure pauses everyone, with backoff.
+#[derive(Debug, Default)]
+struct RelayGate {
+    state: Mutex<(u32, Option<Instant>)>,
+}
+
+impl RelayGate {
+    fn paused_until(&self) -> Option<Instant> {
+        let state = self.state.lock().ok()?;
+        state.1.filter(|until| *until > Instant::now())
+    }
+
+    fn failed(&self) -> Instant {
+        let Ok(mut state) = self.state.lock() else {
+            return Instant::now();
+        };
+        state.0 += 1;
+        let until =
+            Instant::now() + backoff(state.0, Duration::from_secs(1), Duration::from_secs(300));
+        state.1 = Some(until);
+        until
+    }
+
+    fn succeeded(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            *state = (0, None);
+        }
+    }
+}
+
+pub struct Dispatcher {
+    pub store: SharedStore,
+    pub playbook: watch::Receiver<Arc<Playbook>>,
+    pub transport: Arc<Transport>,
+    pub settings: Arc<DispatchSettings>,
+    pub wake: Arc<Notify>,
+    pub health: Arc<Health>,
+}
+
+/// What one send task needs, shared.
+struct Context {
+    store: SharedStore,
+    playbook: watch::Receiver<Arc<Playbook>>,
+    transport: Arc<Transport>,
+    settings: Arc<DispatchSettings>,
+    health: Arc<Health>,
+    relay: RelayGate,
+    /// Fires when the shutdown deadline passes: unsent messages are released, not sent.
+    hard_stop: CancellationToken,
+}
+
+impl Dispatcher {
+    /// Runs until `shutdown`; in-flight sends are spawned on `tracker` and finish on their own.
+    /// `hard_stop` tells them to give up what has not started sending.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.transport.parallelism()));
+        let context = Arc::new(Context {
+            store: self.store.clone(),
+            playbook: self.playbook.clone(),
+            transport: self.transport.clone(),
+            settings: self.settings.clone(),
+            health: self.health.clone(),
+            relay: RelayGate::default(),
+            hard_stop,
+        });
+        let mut last_reap: Option<Instant> = None;
+        let mut db_failures = 0u32;
+        while !shutdown.is_cancelled() {
+            self.health.dispatcher_alive();
+            if let Some(until) = context.relay.paused_until() {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep_until(until) => continue,
+                }
+            }
+            if last_reap.is_none_or(|at| at.elapsed() >= self.settings.reap_every) {
+                match self.housekeeping().await {
+                    Ok(()) => last_reap = Some(Instant::now()),
+                    Err(error) => {
+                        db_failures += 1;
+                        self.database_trouble(&error, db_failures, &shutdown).await;
+                        continue;
+                    }
+                }
+            }
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
+            };
+            let free = 1 + permits.available_permits() as u32;
+            let claims = match self
+                .store
+                .claim_due(
+                    &self.settings.instance,
+                    free.min(self.settings.batch_size),
+                    self.settings.lease,
+                )
+                .await
+            {
+                Ok(claims) => claims,
+                Err(error) => {
+                    db_failures += 1;
+                    drop(first);
+                    self.database_trouble(&error, db_failures, &shutdown).await;
+                    continue;
+                }
+            };
+            if db_failures > 0 {
+                tracing::info!("the database is reachable again; dispatching resumes");
+                db_failures = 0;
+            }
+            self.health.database_ok();
+            if claims.is_empty() {
+                drop(first);
+                self.sleep_until_due(&shutdown).await;
+                continue;
+            }
+            let mut first = Some(first);
+            for claim in claims {
+                let permit = match first.take() {
+                    Some(permit) => permit,
+                    None => match permits.clone().try_acquire_owned() {
+                        Ok(permit) => permit,
+                        // Cannot happen: we claimed no more than the free permits.
+                        Err(_) => match permits.clone().acquire_owned().await {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        },
+                    },
+                };
+                tracker.spawn(send_one(context.clone(), claim, permit));
+            }
+        }
+        tracing::debug!("dispatcher stopped claiming");
+    }
+
+    /// Reaps expired claims and expires overdue messages.
+    async fn housekeeping(&self) -> Result<(), StoreError> {
+        let reaped = self
+            .store
+            .reap_expired(self.settings.resend_unknown)
+            .await?;
+        if reaped.rescheduled > 0 {
+            tracing::warn!(
+                count = reaped.rescheduled,
+                "rescheduled messages whose claim expired before sending"
+            );
+        }
+        if reaped.unknown > 0 {
+            tracing::warn!(
+                count = reaped.unknown,
+                "messages whose claim expired after the body was handed over are now `unknown`"
+            );
+        }
+        let expired = self.store.expire_overdue().await?;
+        if !expired.is_empty() {
+            tracing::warn!(
+                count = expired.len(),
+                "skipped messages that expired before they could go out"
+            );
+        }
+        Ok(())
+    }
+
+    /// Sleeps until the next message is due, a wake-up (new plans, reload), the next
+    /// housekeeping, or shutdown, whichever is first.
+    async fn sleep_until_due(&self, shutdown: &CancellationToken) {
+        let heartbeat = self.settings.reap_every.min(Duration::from_secs(10));
+        let next = match self.store.next_due_in().await {
+            Ok(Some(delta)) => delta.to_std().unwrap_or_default().min(heartbeat),
+            Ok(None) => heartbeat,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the next due time");
+                heartbeat
+            }
+        };
+        if next.is_zero() {
+            return;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(next) => {}
+            () = self.wake.notified() => {}
+        }
+    }
+
+    async fn database_trouble(
+        &self,
+        error: &StoreError,
+        failures: u32,
+        shutdown: &CancellationToken,
+    ) {
+        self.health.database_error(error);
+        let delay = backoff(
+            failures,
+            Duration::from_millis(250),
+            Duration::from_secs(30),
+        );
+        tracing::warn!(%error, failures, retry_in = ?delay, "database error while dispatching; retrying");
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One message, from guard to recorded outcome. Holds a transport permit throughout.
+async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSemaphorePermit) {
+    let started = std::time::Instant::now();
+    let outcome = match attempt(&context, &claim).await {
+        Ok(Some(outcome)) => outcome,
+        Ok(None) => return,
+        Err(error) => {
+            // The guard could not read the database: try again soon, without counting it.
+            tracing::warn!(message_id = claim.id, %error, "database error before sending; released");
+            context.health.database_error(&error);
+            Outcome::Released {
+                at: Utc::now() + TimeDelta::seconds(5),
+                reason: format!("database error: {error}"),
+            }
+        }
+    };
+    record(&context, &claim, &outcome).await;
+    context
+        .health
+        .record_outcome(&claim.rule, &outcome, started.elapsed());
+}
+
+/// Writes the outcome, retrying while the database is away, until the hard stop.
+async fn record(context: &Context, claim: &ClaimedMessage, outcome: &Outcome) {
+    let mut failures = 0;
+    loop {
+        match context.store.finish(claim.id, &claim.token, outcome).await {
+            Ok(true) => {
+                tracing::info!(
+                    message_id = claim.id,
+                    rule = %claim.rule,
+                    customer = %claim.customer_id,
+                    state = %outcome.state(),
+                    attempt = claim.attempts,
+                    "{}",
+                    describe(outcome)
+                );
+                return;
+            }
+            Ok(false) => {
+                tracing::warn!(message_id = claim.id, state = %outcome.state(), "the claim was lost before the outcome was recorded; another process owns the message now");
+                return;
+            }
+            Err(error) if error.is_unavailable() && !context.hard_stop.is_cancelled() => {
+                failures += 1;
+                context.health.database_error(&error);
+                let delay = backoff(
+                    failures,
+                    Duration::from_millis(200),
+                    Duration::from_secs(10),
+                );
+                tracing::warn!(message_id = claim.id, %error, "cannot record the outcome yet; retrying");
+                tokio::select! {
+                    () = context.hard_stop.cancelled() => {}
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(error) => {
+                // The lease will expire and the reaper decides by the recorded phase.
+                tracing::error!(message_id = claim.id, %error, state = %outcome.state(), "could not record the outcome");
+                return;
+            }
+        }
+    }
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Sent { reply } => format!("sent: {reply}"),
+        Outcome::Retry { at, reply } => format!("will retry at {at}: {reply}"),
+        Outcome::Failed { reason, reply } => format!(
+            "failed: {reason}{}",
+            reply
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ),
+        Outcome::Skipped { reason } => format!("skipped: {reason}"),
+        Outcome::Unknown { reason } => format!("outcome unknown: {reason}"),
+        Outcome::Released { at, reason } => format!("not sent now ({reason}); due again at {at}"),
+    }
+}
+
+/// Guard, render and send. `Ok(None)`: the claim was lost and nothing may be written.
+async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Outcome>, StoreError> {
+    let settings = &context.settings;
+    let playbook = context.playbook.borrow().clone();
+    let Some(rule) = playbook.rule(&claim.rule) else {
+        return Ok(Some(Outcome::Skipped {
+            reason: format!("the rule {:?} no longer exists", claim.rule),
+        }));
+    };
+    if let Some(outcome) = guard(context, rule, claim).await? {
+        return Ok(Some(outcome));
+    }
+    // The guard found them; read again for the send (cheap, and the guard may have changed).
+    let Some(customer) = context.store.customer(&claim.customer_id).await? else {
+        return Ok(Some(Outcome::Skipped {
+            reason: "the customer no longer exists".into(),
+        }));
+    };
+    let event = match &claim.event_id {
+        Some(id) => context.store.event(id).await?,
+        None => None,
+    };
+    let tz = customer_timezone(&customer, settings.default_timezone);
+    let now = Utc::now();
+    if let Some(window) = &rule.send_window
+        && !window.contains(now, tz)
+    {
+        let at = window.next_open(now, tz);
+        if claim.expires_at.is_some_and(|expiry| at > expiry) {
+            return Ok(Some(Outcome::Skipped {
+                reason: "expired: the send window does not open again before expire_after runs out"
+                    .into(),
+            }));
+        }
+        return Ok(Some(Outcome::Released {
+            at,
+            reason: "outside the send window".into(),
+        }));
+    }
+    if context.hard_stop.is_cancelled() {
+        return Ok(Some(Outcome::Released {
+            at: now,
+            reason: "the daemon is shutting down".into(),
+        }));
+    }
+    if let Some(until) = context.relay.paused_until() {
+        return Ok(Some(Outcome::Released {
+            at: later(now, until),
+            reason: "the mail relay is paused".into(),
+        }));
+    }
+
+    let message_id = transport::message_id_for(claim.id, &rule.name, &settings.message_id_domain);
+    let extras = MessageExtras {
+        years: claim
+            .detail
+            .get("years")
+            .and_then(serde_json::Value::as_i64)
+            .map(|y| y as i32),
+        message_id: message_id.clone(),
+        unsubscribe_url: None,
+        timezone: tz.name().to_string(),
+    };
+    let template_context =
+        message_context(&customer, event.as_ref(), rule, &playbook.business, &extras);
+    let rendered = match playbook.templates.render(rule, &template_context) {
+        Ok(rendered) => rendered,
+        Err(error) => {
+            return Ok(Some(Outcome::Failed {
+                reply: None,
+                reason: format!("cannot render: {error}"),
+            }));
+        }
+    };
+    let email = transport::build_email(transport::EmailParts {
+        from: &settings.from,
+        reply_to: settings.reply_to.as_ref(),
+        to_name: customer.name.as_deref(),
+        to_email: &customer.email,
+        subject: &rendered.subject,
+        text: rendered.text,
+        html: rendered.html,
+        message_id: message_id.clone(),
+        headers: vec![("X-Touchpoint-Rule", rule.name.clone())],
+    });
+    let email = match email {
+        Ok(email) => email,
+        Err(reason) => {
+            return Ok(Some(Outcome::Failed {
+                reply: None,
+                reason,
+            }));
+        }
+    };
+    let delivery = Delivery {
+        email: customer.email.clone(),
+        subject: rendered.subject.clone(),
+        message_id,
+    };
+    let margin =
+        TimeDelta::from_std(context.transport.body_deadline()).unwrap_or(TimeDelta::seconds(30));
+    let store = &context.store;
+    let hard_stop = &context.hard_stop;
+    let result = context
+        .transport
+        .deliver(&email, || async move {
+            if hard_stop.is_cancelled() {
+                return false;
+            }
+            match store.begin_body(claim.id, &claim.token, &delivery, margin).await {
+                Ok(held) => held,
+                Err(error) => {
+                    tracing::warn!(message_id = claim.id, %error, "cannot record the send; not sending the body");
+                    false
+                }
+            }
+        })
+        .await;
+    Ok(match result {
+        Ok(reply) => {
+            context.relay.succeeded();
+            Some(Outcome::Sent { reply })
+        }
+        Err(SendError::Withdrawn) if context.hard_stop.is_cancelled() => Some(Outcome::Released {
+            at: Utc::now(),
+            reason: "the daemon is shutting down".into(),
+        }),
+        Err(SendError::Withdrawn) => None,
+        Err(SendError::RelayUnavailable(reason)) => {
+            let until = context.relay.failed();
+            tracing::warn!(%reason, "the mail relay is unavailable; pausing sending");
+            context.health.relay_trouble(&reason);
+            Some(Outcome::Released {
+                at: later(Utc::now(), until),
+                reason: format!("the mail relay is unavailable: {reason}"),
+            })
+        }
+        Err(SendError::Transient(reply)) => {
+            context.relay.succeeded();
+            Some(retry_or_fail(settings, rule, claim, tz, reply))
+        }
+        Err(SendError::Permanent { reply, bad_address }) => {
+            context.relay.succeeded();
+            if bad_address {
+                context
+                    .store
+                    .suppress(
+                        &customer.email,
+                        &format!("rejected at SMTP: {reply}"),
+                        "smtp",
+                    )
+                    .await?;
+            }
+            Some(Outcome::Failed {
+                reply: Some(reply),
+                reason: "the mail server refused the message permanently".into(),
+            })
+        }
+        Err(SendError::Ambiguous(reason)) if settings.resend_unknown => Some(retry_or_fail(
+            settings,
+            rule,
+            claim,
+            tz,
+            format!("no reply after the body: {reason}"),
+        )),
+        Err(SendError::Ambiguous(reason)) => Some(Outcome::Unknown { reason }),
+    })
+}
+
+/// Checks again, just before sending, everything that could have changed since planning.
+async fn guard(
+    context: &Context,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+) -> Result<Option<Outcome>, StoreError> {
+    let skip = |reason: String| Ok(Some(Outcome::Skipped { reason }));
+    if !rule.enabled {
+        return skip(format!("the rule {:?} is disabled", rule.name));
+    }
+    if claim.attempts > context.settings.max_attempts as i32 {
+        return Ok(Some(Outcome::Failed {
+            reply: None,
+            reason: format!("gave up after {} attempts", context.settings.max_attempts),
+        }));
+    }
+    let store = &context.store;
+    let Some(customer) = store.customer(&claim.customer_id).await? else {
+        return skip("the customer no longer exists".into());
+    };
+    let event = match &claim.event_id {
+        Some(id) => match store.event(id).await? {
+            Some(event) => Some(event),
+            None => return skip(format!("the triggering event {id:?} no longer exists")),
+        },
+        None => None,
+    };
+    if store.is_suppressed(&customer.email).await? {
+        return skip(format!("{} is on the suppression list", customer.email));
+    }
+    if !attributes_match(&rule.only_if, &customer.attributes) {
+        return skip("the customer no longer matches the rule's only_if conditions".into());
+    }
+    let now = Utc::now();
+    for condition in &rule.unless {
+        let (kind, after, why) = match condition {
+            Unless::SinceTrigger { event: kind } => {
+                let Some(trigger) = &event else { continue };
+                (kind, trigger.occurred_at, "since the triggering event")
+            }
+            Unless::Within {
+                event: kind,
+                within,
+            } => (kind, now - *within, "recently"),
+        };
+        if store.has_event_after(&customer.id, kind, after).await? {
+            return skip(format!("unless: the customer had a {kind:?} event {why}"));
+        }
+    }
+    Ok(None)
+}
+
+/// A transient failure: retry with backoff, or fail when attempts or time run out.
+fn retry_or_fail(
+    settings: &DispatchSettings,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+    tz: Tz,
+    reply: String,
+) -> Outcome {
+    if claim.attempts >= settings.max_attempts as i32 {
+        return Outcome::Failed {
+            reply: Some(reply),
+            reason: format!("gave up after {} attempts", claim.attempts),
+        };
+    }
+    let delay = backoff(
+        claim.attempts.max(1) as u32,
+        settings.retry_base,
+        settings.retry_max,
+    );
+    let mut at = Utc::now() + TimeDelta::from_std(delay).unwrap_or(TimeDelta::hours(1));
+    if let Some(window) = &rule.send_window {
+        at = window.next_open(at, tz);
+    }
+    if claim.expires_at.is_some_and(|expiry| at > expiry) {
+        return Outcome::Failed {
+            reply: Some(reply),
+            reason: "still not delivered when expire_after ran out".into(),
+        };
+    }
+    Outcome::Retry { at, reply }
+}
+
+/// A tokio instant as wall-clock time (for recording when a paused message is due again).
+fn later(now: DateTime<Utc>, until: Instant) -> DateTime<Utc> {
+    now + TimeDelta::from_std(until.saturating_duration_since(Instant::now())).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_bounded_jitter() {
+        let base = Duration::from_secs(60);
+        let max = Duration::from_secs(3600);
+        for _ in 0..100 {
+            let first = backoff(1, base, max);
+            assert!(
+                first >= Duration::from_secs(45) && first <= Duration::from_secs(75),
+                "{first:?}"
+            );
+            let third = backoff(3, base, max);
+            assert!(
+                third >= Duration::from_secs(180) && third <= Duration::from_secs(300),
+                "{third:?}"
+            );
+            assert!(backoff(30, base, max) <= max);
+        }
+    }
+
+    #[test]
+    fn the_relay_gate_pauses_after_a_failure_and_reopens_after_success() {
+        let gate = RelayGate::default();
+        assert!(gate.paused_until().is_none());
+        gate.failed();
+        assert!(gate.paused_until().is_some());
+        gate.succeeded();
+        assert!(gate.paused_until().is_none());
+    }
+}

@@ -1,0 +1,413 @@
+//! Customers and events from the command line and from CSV files. Every row is checked
+//! before anything is written, and a file is written in one transaction: all of it or none.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+use crate::store::{Customer, Event, SharedStore};
+
+/// A mistake in one CSV row (or in the header, line 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowError {
+    pub line: u64,
+    pub message: String,
+}
+
+/// Why an import wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{}", render_rows(.path, .errors))]
+    Rows { path: String, errors: Vec<RowError> },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+fn render_rows(path: &str, errors: &[RowError]) -> String {
+    let mut lines: Vec<String> = errors
+        .iter()
+        .take(50)
+        .map(|e| format!("{path}:{}: {}", e.line, e.message))
+        .collect();
+    if errors.len() > 50 {
+        lines.push(format!("... and {} more", errors.len() - 50));
+    }
+    lines.push("nothing was imported; fix these rows and run the import again".into());
+    lines.join("\n")
+}
+
+/// `"true"`, `"false"` and numbers that read back the same become JSON booleans and numbers;
+/// everything else (including `"01234"`) stays a string.
+pub fn typed_value(text: &str) -> serde_json::Value {
+    match text {
+        "true" => return serde_json::Value::Bool(true),
+        "false" => return serde_json::Value::Bool(false),
+        _ => {}
+    }
+    if let Ok(number) = text.parse::<i64>()
+        && number.to_string() == text
+    {
+        return number.into();
+    }
+    if let Ok(number) = text.parse::<f64>()
+        && number.is_finite()
+        && number.to_string() == text
+    {
+        return number.into();
+    }
+    serde_json::Value::String(text.to_string())
+}
+
+/// `["plan=gold", "n=3"]` into a JSON object.
+pub fn key_values(pairs: &[String], flag: &str) -> Result<serde_json::Value, String> {
+    let mut object = serde_json::Map::new();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(format!("{flag} {pair:?}: expected KEY=VALUE"));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("{flag} {pair:?}: the key is empty"));
+        }
+        object.insert(key.to_string(), typed_value(value));
+    }
+    Ok(serde_json::Value::Object(object))
+}
+
+/// RFC 3339 (`2026-11-23T09:00:00+01:00`), or a plain date (`2019-06-15`), kept as midnight
+/// UTC, which anniversaries read as that calendar date.
+pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        && let Some(midnight) = date.and_hms_opt(0, 0, 0)
+    {
+        return Ok(midnight.and_utc());
+    }
+    Err(format!(
+        "{text:?} is not a time: expected RFC 3339 like 2026-11-23T09:00:00Z, or a date like 2019-06-15"
+    ))
+}
+
+/// Checks an address the way the sender will.
+pub fn check_email(email: &str) -> Result<(), String> {
+    email
+        .trim()
+        .parse::<lettre::Address>()
+        .map(|_| ())
+        .map_err(|e| format!("{email:?} is not a valid email address ({e})"))
+}
+
+pub fn check_timezone(tz: &str) -> Result<(), String> {
+    crate::calendar::parse_timezone(tz).map(|_| ())
+}
+
+/// A customer from the command line or a row, checked.
+pub fn customer(
+    id: &str,
+    email: &str,
+    name: Option<&str>,
+    timezone: Option<&str>,
+    attributes: serde_json::Value,
+) -> Result<Customer, String> {
+    if id.trim().is_empty() {
+        return Err("the customer id is empty".into());
+    }
+    check_email(email)?;
+    let timezone = timezone.map(str::trim).filter(|t| !t.is_empty());
+    if let Some(tz) = timezone {
+        check_timezone(tz)?;
+    }
+    Ok(Customer {
+        id: id.trim().to_string(),
+        email: email.trim().to_string(),
+        name: name
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string),
+        timezone: timezone.map(str::to_string),
+        attributes,
+    })
+}
+
+struct Reader {
+    path: String,
+    headers: Vec<String>,
+    records: csv::StringRecordsIntoIter<std::fs::File>,
+}
+
+fn open_csv(file: &Path) -> Result<Reader, ImportError> {
+    let path = file.display().to_string();
+    let read_error = |message: String| ImportError::Read {
+        path: path.clone(),
+        message,
+    };
+    let handle = std::fs::File::open(file).map_err(|e| read_error(e.to_string()))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .trim(csv::Trim::Headers)
+        .from_reader(handle);
+    let headers = reader
+        .headers()
+        .map_err(|e| read_error(e.to_string()))?
+        .iter()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    Ok(Reader {
+        path,
+        headers,
+        records: reader.into_records(),
+    })
+}
+
+fn column(headers: &[String], names: &[&str]) -> Option<usize> {
+    headers.iter().position(|h| names.contains(&h.as_str()))
+}
+
+fn progress(total_bytes: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total_bytes),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Reads every row; returns the values or every row's mistakes.
+fn read_rows<T>(
+    reader: Reader,
+    total_bytes: u64,
+    required: &[(&str, &[&str])],
+    mut parse: impl FnMut(&[String], &csv::StringRecord, &[Option<usize>]) -> Result<T, String>,
+) -> Result<Vec<T>, ImportError> {
+    let mut errors = Vec::new();
+    let mut positions = Vec::new();
+    for (name, aliases) in required {
+        match column(&reader.headers, aliases) {
+            Some(i) => positions.push(Some(i)),
+            None if name.ends_with('?') => positions.push(None),
+            None => errors.push(RowError {
+                line: 1,
+                message: format!("the header has no `{name}` column"),
+            }),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ImportError::Rows {
+            path: reader.path,
+            errors,
+        });
+    }
+    let bar = progress(total_bytes);
+    bar.set_message("checking");
+    let mut values = Vec::new();
+    for record in reader.records {
+        let record = match record {
+            Ok(record) => record,
+            Err(error) => {
+                let line = error.position().map_or(0, |p| p.line());
+                errors.push(RowError {
+                    line,
+                    message: error.to_string(),
+                });
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| p.line());
+        bar.set_position(record.position().map_or(0, |p| p.byte()));
+        match parse(&reader.headers, &record, &positions) {
+            Ok(value) => values.push(value),
+            Err(message) => errors.push(RowError { line, message }),
+        }
+    }
+    bar.finish_and_clear();
+    if errors.is_empty() {
+        Ok(values)
+    } else {
+        Err(ImportError::Rows {
+            path: reader.path,
+            errors,
+        })
+    }
+}
+
+/// The columns not named in `known`, as a JSON object of typed values (empty cells left out).
+fn extra_columns(
+    headers: &[String],
+    record: &csv::StringRecord,
+    known: &[Option<usize>],
+) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    for (i, (header, cell)) in headers.iter().zip(record.iter()).enumerate() {
+        if known.contains(&Some(i)) || cell.is_empty() || header.is_empty() {
+            continue;
+        }
+        object.insert(header.clone(), typed_value(cell));
+    }
+    serde_json::Value::Object(object)
+}
+
+fn cell(record: &csv::StringRecord, position: Option<usize>) -> Option<&str> {
+    position
+        .and_then(|i| record.get(i))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+}
+
+/// Imports customers: `id`, `email`, optional `name` and `timezone`; other columns are
+/// attributes. Returns how many rows were written.
+pub async fn import_customers(store: &SharedStore, file: &Path) -> Result<usize, ImportError> {
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let reader = open_csv(file)?;
+    let path = reader.path.clone();
+    let mut seen = HashSet::new();
+    let customers = read_rows(
+        reader,
+        size,
+        &[
+            ("id", &["id", "customer_id"]),
+            ("email", &["email"]),
+            ("name?", &["name"]),
+            ("timezone?", &["timezone", "time_zone", "tz"]),
+        ],
+        |headers, record, at| {
+            let id = cell(record, at[0]).ok_or("the id is empty")?;
+            let email = cell(record, at[1]).ok_or("the email is empty")?;
+            if !seen.insert(id.to_string()) {
+                return Err(format!("the id {id:?} appears twice in this file"));
+            }
+            customer(
+                id,
+                email,
+                cell(record, at[2]),
+                cell(record, at[3]),
+                extra_columns(headers, record, at),
+            )
+        },
+    )?;
+    store
+        .upsert_customers(&customers)
+        .await
+        .map_err(ImportError::Store)?;
+    tracing::debug!(path, rows = customers.len(), "imported customers");
+    Ok(customers.len())
+}
+
+/// Imports events: `customer_id`, `kind`, `occurred_at`, optional `id`; other columns are
+/// event data. An event without an id gets `customer:kind:time`, so importing a file twice
+/// adds nothing the second time. Returns (rows read, events new).
+pub async fn import_events(store: &SharedStore, file: &Path) -> Result<(usize, u64), ImportError> {
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let reader = open_csv(file)?;
+    let path = reader.path.clone();
+    let mut lines = Vec::new();
+    let events = read_rows(
+        reader,
+        size,
+        &[
+            ("customer_id", &["customer_id", "customer"]),
+            ("kind", &["kind", "event"]),
+            ("occurred_at", &["occurred_at", "at", "time"]),
+            ("id?", &["id", "event_id"]),
+        ],
+        |headers, record, at| {
+            let customer_id = cell(record, at[0]).ok_or("the customer_id is empty")?;
+            let kind = cell(record, at[1]).ok_or("the kind is empty")?;
+            let occurred_at = parse_time(cell(record, at[2]).ok_or("occurred_at is empty")?)?;
+            let id = cell(record, at[3]).map_or_else(
+                || format!("{customer_id}:{kind}:{}", occurred_at.timestamp_millis()),
+                str::to_string,
+            );
+            lines.push(record.position().map_or(0, |p| p.line()));
+            Ok(Event {
+                id,
+                customer_id: customer_id.into(),
+                kind: kind.into(),
+                occurred_at,
+                data: extra_columns(headers, record, at),
+            })
+        },
+    )?;
+    // An unknown customer is a row mistake, found before anything is written.
+    let wanted: BTreeSet<&str> = events.iter().map(|e| e.customer_id.as_str()).collect();
+    let mut missing = HashSet::new();
+    for id in wanted {
+        if store.customer(id).await?.is_none() {
+            missing.insert(id.to_string());
+        }
+    }
+    if !missing.is_empty() {
+        let errors = events
+            .iter()
+            .zip(&lines)
+            .filter(|(e, _)| missing.contains(&e.customer_id))
+            .map(|(e, line)| RowError {
+                line: *line,
+                message: format!(
+                    "no customer with id {:?} (import customers first)",
+                    e.customer_id
+                ),
+            })
+            .collect();
+        return Err(ImportError::Rows { path, errors });
+    }
+    let new = store.insert_events(&events).await?;
+    Ok((events.len(), new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_keep_their_type_only_when_it_reads_back_the_same() {
+        assert_eq!(typed_value("true"), serde_json::json!(true));
+        assert_eq!(typed_value("42"), serde_json::json!(42));
+        assert_eq!(typed_value("99.5"), serde_json::json!(99.5));
+        assert_eq!(typed_value("01234"), serde_json::json!("01234"));
+        assert_eq!(typed_value("1e3"), serde_json::json!("1e3"));
+        assert_eq!(typed_value("gold"), serde_json::json!("gold"));
+    }
+
+    #[test]
+    fn times_and_dates() {
+        assert_eq!(
+            parse_time("2026-11-23T10:00:00+01:00")
+                .unwrap()
+                .to_rfc3339(),
+            "2026-11-23T09:00:00+00:00"
+        );
+        assert_eq!(
+            parse_time("2019-06-15").unwrap().to_rfc3339(),
+            "2019-06-15T00:00:00+00:00"
+        );
+        assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn key_value_pairs() {
+        let value = key_values(
+            &["plan=gold".into(), "n=3".into(), "note=a=b".into()],
+            "--attr",
+        )
+        .unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({ "plan": "gold", "n": 3, "note": "a=b" })
+        );
+        assert!(
+            key_values(&["novalue".into()], "--attr")
+                .unwrap_err()
+                .contains("KEY=VALUE")
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! The `touchpoint` binary: parse the command line, set up logging, load the config, dispatch.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use touchpoint::cli::{
+    Cli, Command, CustomerCommand, EventCommand, ImportCommand, SuppressCommand,
+};
+use touchpoint::{commands, import};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// journald with structured fields under systemd, readable text on a terminal otherwise.
+/// `TOUCHPOINT_LOG` (or `RUST_LOG`) sets the filter, e.g. `touchpoint=debug`.
+fn init_tracing() {
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("TOUCHPOINT_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let journald = if under_systemd {
+        tracing_journald::layer().ok()
+    } else {
+        None
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(layer) => registry.with(layer).init(),
+        None => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::DefaultConfig = cli.command {
+        print!("{}", include_str!("../config/touchpoint.toml"));
+        return Ok(());
+    }
+    let config_path = cli.config_path();
+    let config = commands::load_config(&config_path)?;
+    match &cli.command {
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            let listeners = touchpoint::Listeners::bind(&config).await?;
+            let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
+            let result = touchpoint::run(config, listeners, shutdown).await;
+            signals.abort();
+            result?;
+        }
+        Command::Check => println!("{}", commands::check(&config)?),
+        Command::Migrate => {
+            commands::open_store(&config).await?;
+            println!("migrations applied to {}", config.database_url().describe());
+        }
+        Command::Customer(CustomerCommand::Add(args)) => {
+            let attributes =
+                import::key_values(&args.attrs, "--attr").map_err(anyhow::Error::msg)?;
+            let customer = import::customer(
+                &args.id,
+                &args.email,
+                args.name.as_deref(),
+                args.timezone.as_deref(),
+                attributes,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let store = commands::open_store(&config).await?;
+            store
+                .upsert_customers(std::slice::from_ref(&customer))
+                .await?;
+            println!("customer {} saved", customer.id);
+        }
+        Command::Event(EventCommand::Add(args)) => {
+            let store = commands::open_store(&config).await?;
+            if store.customer(&args.customer).await?.is_none() {
+                anyhow::bail!(
+                    "no customer with id {:?}: add it first with `touchpoint customer add`",
+                    args.customer
+                );
+            }
+            let occurred_at = match &args.at {
+                Some(text) => import::parse_time(text).map_err(|e| anyhow::anyhow!("--at: {e}"))?,
+                None => chrono::Utc::now(),
+            };
+            let event = touchpoint::store::Event {
+                id: args
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                customer_id: args.customer.clone(),
+                kind: args.kind.trim().to_string(),
+                occurred_at,
+                data: import::key_values(&args.data, "--data").map_err(anyhow::Error::msg)?,
+            };
+            if event.kind.is_empty() {
+                anyhow::bail!("--kind is empty");
+            }
+            let new = store.insert_events(std::slice::from_ref(&event)).await?;
+            if new == 0 {
+                println!("event {} exists already; nothing changed", event.id);
+            } else {
+                println!("event {} saved", event.id);
+            }
+        }
+        Command::Import(ImportCommand::Customers { file }) => {
+            let store = commands::open_store(&config).await?;
+            let count = import::import_customers(&store, file).await?;
+            println!("imported {count} customers from {}", file.display());
+        }
+        Command::Import(ImportCommand::Events { file }) => {
+            let store = commands::open_store(&config).await?;
+            let (read, new) = import::import_events(&store, file).await?;
+            println!("imported {read} events from {} ({new} new)", file.display());
+        }
+        Command::Plan(args) => {
+            let store = commands::open_store(&config).await?;
+            print!("{}", commands::plan(&config, &store, args).await?);
+        }
+        Command::Preview(args) => {
+            let store = commands::open_store(&config).await?;
+            print!("{}", commands::preview(&config, &store, args).await?);
+        }
+        Command::Log(args) => {
+            let store = commands::open_store(&config).await?;
+            print!("{}", commands::log(&store, args).await?);
+        }
+        Command::Suppress(command) => {
+            let store = commands::open_store(&config).await?;
+            match command {
+                SuppressCommand::Add { email, reason } => {
+                    import::check_email(email).map_err(anyhow::Error::msg)?;
+                    store.suppress(email, reason, "operator").await?;
+                    println!("{email} will not be mailed again");
+                }
+                SuppressCommand::Remove { email } => {
+                    if store.unsuppress(email).await? {
+                        println!("{email} may be mailed again");
+                    } else {
+                        println!("{email} was not suppressed");
+                    }
+                }
+                SuppressCommand::List { format } => {
+                    print!("{}", commands::suppressions(&store, *format).await?)
+                }
+            }
+        }
+        Command::DefaultConfig => {}
+    }
+    Ok(())
+}
+
+/// SIGTERM and SIGINT (Ctrl-C) stop the daemon cleanly.
+async fn stop_on_signal(shutdown: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+    Ok(())
+}

@@ -1,0 +1,397 @@
+//! Planning: turning rules plus customers and events into `messages` rows.
+//!
+//! For each rule one set-based query selects the rows it may apply to and that have no message
+//! yet (an anti-join on the unique `dedupe_key`), page by page in `seq` order. The times are
+//! computed here, in Rust, because they need the customer's time zone (SQLite has no time zone
+//! database, and one implementation of DST keeps both backends identical). Inserting is
+//! idempotent, so a restart, a reload or a second replica never creates a second message.
+//!
+//! Two kinds of pass: an incremental one over rows whose `seq` is above the last pass's cursor
+//! (cheap, runs every few seconds), and a full reconciliation (at start, after a reload, and every
+//! `planner.reconcile_every`) that also plans the next occurrence of yearly and recurring rules
+//! and picks up edits to existing rows.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use chrono_tz::Tz;
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::calendar;
+use crate::playbook::Playbook;
+use crate::rules::{AttributeCondition, AttributeTest, Rule, Trigger, Unless};
+use crate::store::{
+    Candidate, CandidateQuery, CandidateSource, Customer, NewMessage, SharedStore, StoreResult,
+};
+
+/// Rows fetched per planning query.
+const PAGE: i64 = 5_000;
+
+/// What planning needs from the config.
+#[derive(Debug, Clone)]
+pub struct PlanSettings {
+    pub default_timezone: Tz,
+    pub default_expire_after: TimeDelta,
+}
+
+/// The effective time zone of a customer: theirs when it is a valid IANA name, else the default.
+pub fn customer_timezone(customer: &Customer, default: Tz) -> Tz {
+    customer
+        .timezone
+        .as_deref()
+        .and_then(|name| name.parse::<Tz>().ok())
+        .unwrap_or(default)
+}
+
+/// Whether every `only_if` condition holds for these attributes.
+pub fn attributes_match(conditions: &[AttributeCondition], attributes: &serde_json::Value) -> bool {
+    conditions.iter().all(|condition| {
+        let value = attributes
+            .get(&condition.attribute)
+            .filter(|v| !v.is_null());
+        match &condition.test {
+            AttributeTest::Exists(wanted) => value.is_some() == *wanted,
+            AttributeTest::Equals(expected) => value.is_some_and(|v| json_equal(v, expected)),
+            AttributeTest::In(options) => {
+                value.is_some_and(|v| options.iter().any(|o| json_equal(v, o)))
+            }
+        }
+    })
+}
+
+/// JSON equality where `1` equals `1.0`; a CSV import gives strings, so `"1"` equals `1` too.
+fn json_equal(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value::{Number, String};
+    match (a, b) {
+        (Number(x), Number(y)) => x.as_f64() == y.as_f64(),
+        (String(s), Number(n)) | (Number(n), String(s)) => {
+            s.trim().parse::<f64>().ok() == n.as_f64()
+        }
+        (String(s), serde_json::Value::Bool(b)) | (serde_json::Value::Bool(b), String(s)) => s
+            .trim()
+            .eq_ignore_ascii_case(if *b { "true" } else { "false" }),
+        _ => a == b,
+    }
+}
+
+/// The message a rule wants for one candidate row, if any, as of `now`.
+pub fn plan_candidate(
+    rule: &Rule,
+    candidate: &Candidate,
+    now: DateTime<Utc>,
+    settings: &PlanSettings,
+) -> Option<NewMessage> {
+    if !attributes_match(&rule.only_if, &candidate.customer.attributes) {
+        return None;
+    }
+    let tz = customer_timezone(&candidate.customer, settings.default_timezone);
+    let expire = rule.expire_after.unwrap_or(settings.default_expire_after);
+    // A new rule does not reach back further than its expiry.
+    let earliest = now - expire;
+    let (trigger_at, dedupe_key, detail) = match &rule.trigger {
+        Trigger::Event { after, .. } => {
+            let event = candidate.event.as_ref()?;
+            let trigger_at = event.occurred_at + *after;
+            (
+                trigger_at,
+                format!("{}:{}", rule.name, event.id),
+                serde_json::json!({}),
+            )
+        }
+        Trigger::Anniversary { at, .. } => {
+            let event = candidate.event.as_ref()?;
+            let date = calendar::anniversary_date(event.occurred_at, tz);
+            let not_before = after_last(earliest, candidate.last_trigger);
+            let next = calendar::next_anniversary(date, *at, tz, not_before)?;
+            let key = format!("{}:{}:{}", rule.name, event.id, next.year);
+            (next.at, key, serde_json::json!({ "years": next.years }))
+        }
+        Trigger::Schedule { cron, .. } => {
+            let after = after_last(earliest, candidate.last_trigger) - TimeDelta::milliseconds(1);
+            let at = calendar::next_cron(cron, tz, after)?;
+            let key = format!("{}:{}:{}", rule.name, candidate.customer.id, at.timestamp());
+            (at, key, serde_json::json!({}))
+        }
+    };
+    let due_at = match &rule.send_window {
+        Some(window) => window.next_open(trigger_at, tz),
+        None => trigger_at,
+    };
+    if due_at + expire < now {
+        return None;
+    }
+    Some(NewMessage {
+        rule: rule.name.clone(),
+        customer_id: candidate.customer.id.clone(),
+        event_id: candidate.event.as_ref().map(|e| e.id.clone()),
+        dedupe_key,
+        trigger_at,
+        due_at,
+        expires_at: Some(due_at + expire),
+        detail,
+    })
+}
+
+/// The first moment a recurring rule may fire again: after its last occurrence, and not
+/// before `earliest`.
+fn after_last(earliest: DateTime<Utc>, last: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    match last {
+        Some(last) => (last + TimeDelta::milliseconds(1)).max(earliest),
+        None => earliest,
+    }
+}
+
+/// The query that finds what `rule` may apply to.
+fn source_for(rule: &Rule, now: DateTime<Utc>, settings: &PlanSettings) -> CandidateSource {
+    match &rule.trigger {
+        Trigger::Event { kind, after } => {
+            let expire = rule.expire_after.unwrap_or(settings.default_expire_after);
+            // A send window can push the due time out by up to a week.
+            let slack = if rule.send_window.is_some() {
+                TimeDelta::days(8)
+            } else {
+                TimeDelta::zero()
+            };
+            let unless_since = rule
+                .unless
+                .iter()
+                .filter_map(|u| match u {
+                    Unless::SinceTrigger { event } => Some(event.clone()),
+                    Unless::Within { .. } => None,
+                })
+                .collect();
+            CandidateSource::NewEvents {
+                kind: kind.clone(),
+                occurred_from: now - *after - expire - slack,
+                unless_since,
+            }
+        }
+        Trigger::Anniversary { kind, .. } => {
+            CandidateSource::RecurringEvents { kind: kind.clone() }
+        }
+        Trigger::Schedule { .. } => CandidateSource::RecurringCustomers,
+    }
+}
+
+/// Plans `rule` over rows with `after_seq < seq <= up_to_seq`, page by page. Each page's
+/// messages and candidates go to `on_page`; with `insert` they are also written. Returns how
+/// many messages were new.
+#[allow(clippy::too_many_arguments)]
+pub async fn plan_rule(
+    store: &SharedStore,
+    rule: &Rule,
+    after_seq: i64,
+    up_to_seq: i64,
+    now: DateTime<Utc>,
+    settings: &PlanSettings,
+    insert: bool,
+    mut on_page: impl FnMut(&[NewMessage], &[Candidate]),
+) -> StoreResult<u64> {
+    let mut cursor = after_seq;
+    let mut inserted = 0;
+    loop {
+        let query = CandidateQuery {
+            rule: rule.name.clone(),
+            source: source_for(rule, now, settings),
+            after_seq: cursor,
+            up_to_seq,
+            now,
+            limit: PAGE,
+        };
+        let candidates = store.candidates(&query).await?;
+        let Some(last) = candidates.last() else {
+            return Ok(inserted);
+        };
+        cursor = last.seq;
+        let full_page = candidates.len() as i64 == PAGE;
+        let planned: Vec<NewMessage> = candidates
+            .iter()
+            .filter_map(|c| plan_candidate(rule, c, now, settings))
+            .collect();
+        on_page(&planned, &candidates);
+        if insert && !planned.is_empty() {
+            inserted += store.insert_messages(&planned).await?;
+        }
+        if !full_page {
+            return Ok(inserted);
+        }
+    }
+}
+
+/// What one planning pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PassReport {
+    pub inserted: u64,
+}
+
+/// Plans every enabled rule over rows above the cursors; returns the new cursors.
+pub async fn plan_pass(
+    store: &SharedStore,
+    playbook: &Playbook,
+    cursors: Cursors,
+    settings: &PlanSettings,
+) -> StoreResult<(Cursors, PassReport)> {
+    let (customers_hi, events_hi) = store.max_seqs().await?;
+    let now = Utc::now();
+    let mut report = PassReport::default();
+    for rule in playbook.rules.rules.iter().filter(|r| r.enabled) {
+        let (after, up_to) = match rule.trigger {
+            Trigger::Schedule { .. } => (cursors.customers, customers_hi),
+            _ => (cursors.events, events_hi),
+        };
+        if after >= up_to {
+            continue;
+        }
+        report.inserted +=
+            plan_rule(store, rule, after, up_to, now, settings, true, |_, _| {}).await?;
+    }
+    Ok((
+        Cursors {
+            customers: customers_hi,
+            events: events_hi,
+        },
+        report,
+    ))
+}
+
+/// The highest `seq` of customers and events already planned over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursors {
+    pub customers: i64,
+    pub events: i64,
+}
+
+/// The planner's loop: an incremental pass every `interval`, a full one every `reconcile_every`
+/// and whenever the rules change. Wakes the dispatcher when it created messages.
+pub struct Planner {
+    pub store: SharedStore,
+    pub playbook: watch::Receiver<Arc<Playbook>>,
+    pub settings: PlanSettings,
+    pub interval: std::time::Duration,
+    pub reconcile_every: std::time::Duration,
+    pub wake_dispatcher: Arc<Notify>,
+    pub health: Arc<crate::daemon::Health>,
+}
+
+impl Planner {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut cursors = Cursors::default();
+        let mut last_full = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        loop {
+            let playbook = self.playbook.borrow_and_update().clone();
+            let full = cursors == Cursors::default() || last_full.elapsed() >= self.reconcile_every;
+            let from = if full { Cursors::default() } else { cursors };
+            let delay = match plan_pass(&self.store, &playbook, from, &self.settings).await {
+                Ok((next, report)) => {
+                    if failures > 0 {
+                        tracing::info!("planning works again");
+                    }
+                    failures = 0;
+                    self.health.database_ok();
+                    cursors = next;
+                    if full {
+                        last_full = tokio::time::Instant::now();
+                    }
+                    if report.inserted > 0 {
+                        tracing::info!(messages = report.inserted, full, "planned new messages");
+                        self.wake_dispatcher.notify_one();
+                    }
+                    self.interval
+                }
+                Err(error) => {
+                    failures += 1;
+                    self.health.database_error(&error);
+                    tracing::warn!(%error, failures, "planning failed; will retry");
+                    crate::dispatch::backoff(
+                        failures,
+                        self.interval,
+                        std::time::Duration::from_secs(60),
+                    )
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+                changed = self.playbook.changed() => {
+                    if changed.is_err() { return; }
+                    // New rules: plan everything again against them.
+                    cursors = Cursors::default();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn attribute_conditions() {
+        let attrs = json!({ "plan": "gold", "orders": 3, "vip": true, "gone": null, "n": "7" });
+        let cond = |attribute: &str, test| {
+            vec![AttributeCondition {
+                attribute: attribute.into(),
+                test,
+            }]
+        };
+        assert!(attributes_match(
+            &cond("plan", AttributeTest::Equals(json!("gold"))),
+            &attrs
+        ));
+        assert!(!attributes_match(
+            &cond("plan", AttributeTest::Equals(json!("silver"))),
+            &attrs
+        ));
+        assert!(attributes_match(
+            &cond("orders", AttributeTest::Equals(json!(3.0))),
+            &attrs
+        ));
+        assert!(attributes_match(
+            &cond("n", AttributeTest::Equals(json!(7))),
+            &attrs
+        ));
+        assert!(attributes_match(
+            &cond("vip", AttributeTest::In(vec![json!(false), json!(true)])),
+            &attrs
+        ));
+        assert!(attributes_match(
+            &cond("missing", AttributeTest::Exists(false)),
+            &attrs
+        ));
+        assert!(attributes_match(
+            &cond("gone", AttributeTest::Exists(false)),
+            &attrs
+        ));
+        assert!(!attributes_match(
+            &cond("plan", AttributeTest::Exists(false)),
+            &attrs
+        ));
+        assert!(!attributes_match(
+            &cond("missing", AttributeTest::Equals(json!("x"))),
+            &attrs
+        ));
+        assert!(attributes_match(&[], &json!({})));
+    }
+
+    #[test]
+    fn invalid_customer_timezones_fall_back_to_the_default() {
+        let mut customer = Customer {
+            id: "c".into(),
+            email: "c@example.com".into(),
+            name: None,
+            timezone: Some("Europe/Berlin".into()),
+            attributes: json!({}),
+        };
+        assert_eq!(
+            customer_timezone(&customer, Tz::UTC),
+            chrono_tz::Europe::Berlin
+        );
+        customer.timezone = Some("Mars/Base".into());
+        assert_eq!(customer_timezone(&customer, Tz::UTC), Tz::UTC);
+    }
+}

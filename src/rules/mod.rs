@@ -1,0 +1,175 @@
+//! Rules: what to send, to whom and when, read from `*.toml` files in the rules directory.
+//!
+//! Loading reports every mistake at once, each with file, line and column, and never panics on
+//! what an operator wrote.
+
+mod duration;
+mod parse;
+#[cfg(test)]
+mod tests;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use chrono::{NaiveTime, TimeDelta};
+
+use crate::calendar::SendWindow;
+use crate::diag::{Diagnostic, Diagnostics};
+
+pub use duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
+
+/// All rules from a rules directory, in file-name order then file order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuleSet {
+    pub rules: Vec<Rule>,
+}
+
+/// Where something was written, for messages that point the operator at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub name: String,
+    pub description: Option<String>,
+    /// Base name of the template pair `<template>.html.hbs` / `<template>.txt.hbs`.
+    pub template: String,
+    /// A Handlebars template string (not HTML-escaped).
+    pub subject: String,
+    pub enabled: bool,
+    pub trigger: Trigger,
+    pub unless: Vec<Unless>,
+    pub only_if: Vec<AttributeCondition>,
+    pub send_window: Option<SendWindow>,
+    /// A message not sent within this of its due time is skipped as expired.
+    pub expire_after: Option<TimeDelta>,
+    /// Where the rule's `[[rule]]` table starts.
+    pub origin: Origin,
+    /// Where the `subject` value and the `template` value are written.
+    pub subject_origin: Origin,
+    pub template_origin: Origin,
+}
+
+// A schedule's parsed cron is large, but there is one trigger per rule, built once at loading.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trigger {
+    /// `when = { event = KIND, after = DURATION }`
+    Event { kind: String, after: TimeDelta },
+    /// `when = { anniversary_of = KIND, at = "HH:MM" }`: yearly, in the customer's time zone.
+    Anniversary { kind: String, at: NaiveTime },
+    /// `when = { schedule = CRON }`: recurring, stepped in each customer's time zone.
+    Schedule {
+        expression: String,
+        cron: croner::Cron,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unless {
+    /// `{ event = KIND, since = "trigger" }`: an event of KIND after the triggering event.
+    SinceTrigger { event: String },
+    /// `{ event = KIND, within = DURATION }`: an event of KIND in the DURATION before the check.
+    Within { event: String, within: TimeDelta },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttributeCondition {
+    pub attribute: String,
+    pub test: AttributeTest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttributeTest {
+    Equals(serde_json::Value),
+    In(Vec<serde_json::Value>),
+    /// `exists = true` requires the attribute, `exists = false` requires its absence.
+    Exists(bool),
+}
+
+/// Reads every `*.toml` in `dir` (sorted by file name; not recursive). `template_exists` says
+/// whether a template pair of that name exists.
+///
+/// Files whose name starts with `.` (editor lock and backup files) and directories are skipped.
+/// Every mistake in every file is returned at once, sorted by file, line and column; a directory
+/// without rules files is a mistake too.
+pub fn load_dir(
+    dir: &Path,
+    template_exists: &dyn Fn(&str) -> bool,
+) -> Result<RuleSet, Diagnostics> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            return Err(Diagnostics(vec![Diagnostic::whole_file(
+                dir,
+                format!("cannot read the rules directory: {e}"),
+            )]));
+        }
+    };
+    let mut problems = Vec::new();
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                problems.push(Diagnostic::whole_file(
+                    dir,
+                    format!("cannot list the rules directory: {e}"),
+                ));
+                continue;
+            }
+        };
+        let name = entry.file_name();
+        let path = entry.path();
+        let is_toml = path.extension().is_some_and(|ext| ext == "toml");
+        let hidden = name.to_string_lossy().starts_with('.');
+        if !is_toml || hidden {
+            continue;
+        }
+        // Follows symbolic links: a link to a rules file counts, a link to a directory does not.
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => files.push((name, path)),
+            Err(e) => problems.push(Diagnostic::whole_file(&path, format!("cannot read: {e}"))),
+        }
+    }
+    files.sort();
+
+    let mut loader = parse::Loader::new(template_exists);
+    for (_, path) in &files {
+        match fs::read_to_string(path) {
+            Ok(source) => loader.file(path, &source),
+            Err(e) => problems.push(Diagnostic::whole_file(path, format!("cannot read: {e}"))),
+        }
+    }
+    if files.is_empty() && problems.is_empty() {
+        problems.push(Diagnostic::whole_file(
+            dir,
+            "no rules files (*.toml) in the rules directory",
+        ));
+    }
+    let (rules, mut diagnostics) = loader.finish();
+    if problems.is_empty() && diagnostics.is_empty() {
+        return Ok(RuleSet { rules });
+    }
+    diagnostics.extend(problems);
+    diagnostics.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+    Err(Diagnostics(diagnostics))
+}
+
+/// Parses one file's text. Returns the rules that are valid and the mistakes found (sorted by
+/// line and column); never stops at the first mistake. Names are checked for uniqueness within
+/// this file only; [`load_dir`] checks them across files.
+pub fn parse_file(
+    path: &Path,
+    source: &str,
+    template_exists: &dyn Fn(&str) -> bool,
+) -> (Vec<Rule>, Vec<Diagnostic>) {
+    let mut loader = parse::Loader::new(template_exists);
+    loader.file(path, source);
+    loader.finish()
+}

@@ -1,0 +1,432 @@
+//! Storage: customers, events, the message outbox/log, message events and suppressions, behind
+//! one trait with a SQLite and a PostgreSQL implementation.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// A customer as the business keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Customer {
+    pub id: String,
+    pub email: String,
+    pub name: Option<String>,
+    /// IANA time zone name; `None` means the configured default.
+    pub timezone: Option<String>,
+    /// A JSON object of the business's own fields (plan, city, vip...).
+    pub attributes: serde_json::Value,
+}
+
+/// A lifecycle event: a purchase, a discovery call, a wedding.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    pub id: String,
+    pub customer_id: String,
+    pub kind: String,
+    pub occurred_at: DateTime<Utc>,
+    /// A JSON object of the event's own fields (order number, amount...).
+    pub data: serde_json::Value,
+}
+
+mod postgres;
+mod rows;
+mod sqlite;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::TimeDelta;
+
+use crate::config::DatabaseUrl;
+
+/// Where a message is in its life. `sending` is the only state held under a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageState {
+    Scheduled,
+    Sending,
+    Retrying,
+    Sent,
+    Failed,
+    Skipped,
+    /// The body was handed to the SMTP server but the reply was never recorded: it may or may
+    /// not have been delivered. Never resent unless the operator asked for that.
+    Unknown,
+}
+
+impl MessageState {
+    pub const ALL: [MessageState; 7] = [
+        MessageState::Scheduled,
+        MessageState::Sending,
+        MessageState::Retrying,
+        MessageState::Sent,
+        MessageState::Failed,
+        MessageState::Skipped,
+        MessageState::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Scheduled => "scheduled",
+            MessageState::Sending => "sending",
+            MessageState::Retrying => "retrying",
+            MessageState::Sent => "sent",
+            MessageState::Failed => "failed",
+            MessageState::Skipped => "skipped",
+            MessageState::Unknown => "unknown",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MessageState::Sent
+                | MessageState::Failed
+                | MessageState::Skipped
+                | MessageState::Unknown
+        )
+    }
+}
+
+impl fmt::Display for MessageState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MessageState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MessageState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = MessageState::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown state {s:?}: expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// A message the planner wants to exist. Inserting it twice is a no-op (unique `dedupe_key`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    pub rule: String,
+    pub customer_id: String,
+    pub event_id: Option<String>,
+    pub dedupe_key: String,
+    pub trigger_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Facts the template needs that are fixed at planning (e.g. `{"years": 5}`).
+    pub detail: serde_json::Value,
+}
+
+/// What a claim gives the dispatcher: the message and the token that fences its writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedMessage {
+    pub id: i64,
+    pub token: String,
+    pub rule: String,
+    pub customer_id: String,
+    pub event_id: Option<String>,
+    pub trigger_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Attempts so far, this one included.
+    pub attempts: i32,
+    pub detail: serde_json::Value,
+}
+
+/// The facts of a delivery attempt, written just before the body goes out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub email: String,
+    pub subject: String,
+    pub message_id: String,
+}
+
+/// How an attempt ended; every variant is written only while the claim is still ours.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Sent {
+        reply: String,
+    },
+    /// A transient fault: try again at `at` (state `retrying`).
+    Retry {
+        at: DateTime<Utc>,
+        reply: String,
+    },
+    Failed {
+        reply: Option<String>,
+        reason: String,
+    },
+    Skipped {
+        reason: String,
+    },
+    Unknown {
+        reason: String,
+    },
+    /// Not attempted after all (send window closed, relay down): back to `scheduled` at `at`,
+    /// and the attempt is not counted.
+    Released {
+        at: DateTime<Utc>,
+        reason: String,
+    },
+}
+
+impl Outcome {
+    pub fn state(&self) -> MessageState {
+        match self {
+            Outcome::Sent { .. } => MessageState::Sent,
+            Outcome::Retry { .. } => MessageState::Retrying,
+            Outcome::Failed { .. } => MessageState::Failed,
+            Outcome::Skipped { .. } => MessageState::Skipped,
+            Outcome::Unknown { .. } => MessageState::Unknown,
+            Outcome::Released { .. } => MessageState::Scheduled,
+        }
+    }
+}
+
+/// What the reaper did with claims whose lease ran out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// The body had not gone out: back to `scheduled`.
+    pub rescheduled: u64,
+    /// The body may have gone out: `unknown` (or `retrying` when resending is configured).
+    pub unknown: u64,
+}
+
+/// Which rows a planning query looks at.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CandidateSource {
+    /// Events of a kind with no message of this rule yet, occurred at or after `occurred_from`;
+    /// `unless_since` lists kinds of which no later event of the customer may exist.
+    NewEvents {
+        kind: String,
+        occurred_from: DateTime<Utc>,
+        unless_since: Vec<String>,
+    },
+    /// Events of a kind (anniversaries) with no occurrence of this rule still to come.
+    RecurringEvents { kind: String },
+    /// Customers with no occurrence of this (scheduled) rule still to come.
+    RecurringCustomers,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CandidateQuery {
+    pub rule: String,
+    pub source: CandidateSource,
+    /// Only rows with `after_seq < seq <= up_to_seq`: every rule of a pass sees the same rows.
+    pub after_seq: i64,
+    pub up_to_seq: i64,
+    pub now: DateTime<Utc>,
+    pub limit: i64,
+}
+
+/// One row a rule might apply to, with what the planner needs to compute its time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub seq: i64,
+    pub customer: Customer,
+    pub event: Option<Event>,
+    /// The latest occurrence of this rule already planned for this event or customer.
+    pub last_trigger: Option<DateTime<Utc>>,
+}
+
+/// The message log as the owner sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogEntry {
+    pub id: i64,
+    pub rule: String,
+    pub customer_id: String,
+    pub email: Option<String>,
+    pub subject: Option<String>,
+    pub state: MessageState,
+    pub event_id: Option<String>,
+    pub trigger_at: DateTime<Utc>,
+    pub due_at: DateTime<Utc>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub attempts: i32,
+    pub smtp_reply: Option<String>,
+    pub message_id: Option<String>,
+    pub reason: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogFilter {
+    /// Messages created or changed at or after this.
+    pub since: Option<DateTime<Utc>>,
+    pub rule: Option<String>,
+    pub state: Option<MessageState>,
+    pub customer_id: Option<String>,
+    /// Only waiting messages (scheduled or retrying) due no later than this, soonest first
+    /// (the upcoming plan).
+    pub due_before: Option<DateTime<Utc>>,
+    /// Only messages with an id below this (keyset pagination, newest first).
+    pub before_id: Option<i64>,
+    pub limit: Option<i64>,
+}
+
+/// One line of a message's history: a state change or a tracking event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MessageEvent {
+    pub kind: String,
+    pub at: DateTime<Utc>,
+    pub attempt: Option<i32>,
+    pub smtp_reply: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Suppression {
+    pub email: String,
+    pub reason: String,
+    pub source: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A failed database operation. `Unavailable` is worth retrying; the rest needs a person.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database is unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("cannot apply the database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
+            sqlx::Error::Database(db) => {
+                // PostgreSQL: 57P01 admin shutdown / terminated connection, 08xxx connection
+                // faults, 53xxx out of resources; SQLite: 5 busy, 6 locked.
+                let code = db.code().unwrap_or_default();
+                if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                    || code == "5"
+                    || code == "6"
+                {
+                    StoreError::Unavailable(error)
+                } else {
+                    StoreError::Query(error)
+                }
+            }
+            _ => StoreError::Query(error),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// All the daemon and the CLI need from a database. Every write that concerns a claimed message
+/// takes its token and changes nothing when the claim is no longer held (returns `false`).
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    async fn migrate(&self) -> StoreResult<()>;
+    async fn ping(&self) -> StoreResult<()>;
+    /// The database's clock, which judges leases and due times.
+    async fn now(&self) -> StoreResult<DateTime<Utc>>;
+
+    // --- customers and events -------------------------------------------------------------
+    /// Inserts or updates customers, all in one transaction.
+    async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()>;
+    /// Inserts events in one transaction; an event whose id exists already is left as it is.
+    /// Returns how many were new.
+    async fn insert_events(&self, events: &[Event]) -> StoreResult<u64>;
+    async fn customer(&self, id: &str) -> StoreResult<Option<Customer>>;
+    async fn event(&self, id: &str) -> StoreResult<Option<Event>>;
+    /// The customer's most recent event of `kind`.
+    async fn latest_event(&self, customer_id: &str, kind: &str) -> StoreResult<Option<Event>>;
+    /// Whether the customer has an event of `kind` that occurred strictly after `after`.
+    async fn has_event_after(
+        &self,
+        customer_id: &str,
+        kind: &str,
+        after: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+    /// The highest `seq` of customers and of events, for the planner's cursors.
+    async fn max_seqs(&self) -> StoreResult<(i64, i64)>;
+
+    // --- planning ---------------------------------------------------------------------------
+    async fn candidates(&self, query: &CandidateQuery) -> StoreResult<Vec<Candidate>>;
+    /// Inserts the messages that do not exist yet; returns how many were new.
+    async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64>;
+
+    // --- dispatch ---------------------------------------------------------------------------
+    /// Skips waiting messages whose `expires_at` has passed; returns their ids.
+    async fn expire_overdue(&self) -> StoreResult<Vec<i64>>;
+    /// Claims up to `limit` due messages for `lease`, moving them to `sending`.
+    async fn claim_due(
+        &self,
+        instance: &str,
+        limit: u32,
+        lease: TimeDelta,
+    ) -> StoreResult<Vec<ClaimedMessage>>;
+    /// How long until the earliest waiting message is due, by the database's clock; zero if
+    /// one is due now, `None` if nothing waits.
+    async fn next_due_in(&self) -> StoreResult<Option<TimeDelta>>;
+    /// Records that the body is about to go out. `false` if the claim was lost or has less than
+    /// `margin` of its lease left: then the body must not be sent.
+    async fn begin_body(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        margin: TimeDelta,
+    ) -> StoreResult<bool>;
+    /// Records how the attempt ended. `false` if the claim was lost (nothing written).
+    async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool>;
+    /// Returns expired claims: before the body to `scheduled`, after it to `unknown` (or to
+    /// `retrying` with `resend_unknown`).
+    async fn reap_expired(&self, resend_unknown: bool) -> StoreResult<Reaped>;
+
+    // --- suppressions -------------------------------------------------------------------------
+    async fn is_suppressed(&self, email: &str) -> StoreResult<bool>;
+    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<()>;
+    async fn unsuppress(&self, email: &str) -> StoreResult<bool>;
+    async fn suppressions(&self) -> StoreResult<Vec<Suppression>>;
+
+    // --- the log ------------------------------------------------------------------------------
+    async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>>;
+    async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>>;
+    /// Messages per (rule, state).
+    async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>>;
+}
+
+pub type SharedStore = Arc<dyn Store>;
+
+/// Opens the database named by the URL (creating a SQLite file and its directory if missing).
+pub async fn open(url: &DatabaseUrl, max_connections: u32) -> StoreResult<SharedStore> {
+    Ok(match url {
+        DatabaseUrl::Sqlite(path) => Arc::new(SqliteStore::open(path, max_connections).await?),
+        DatabaseUrl::Postgres(url) => Arc::new(PostgresStore::open(url, max_connections).await?),
+    })
+}
+
+/// Lower-cased address, the form suppressions are kept in.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}

@@ -1,0 +1,529 @@
+//! PostgreSQL, for a business that runs several replicas of the daemon: claims use
+//! `FOR UPDATE SKIP LOCKED`, so any number of processes share the work without waiting on each
+//! other, and every lease is judged by the server's clock.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, QueryBuilder};
+
+use super::rows::{
+    self, CandidateRow, ClaimRow, CustomerRow, EventRow, LogRow, MessageEventRow, SuppressionRow,
+};
+use super::sqlite::{EXPIRY_TRANSITIONS, reap_transitions};
+use super::*;
+
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    pub async fn open(url: &str, max_connections: u32) -> StoreResult<PostgresStore> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                StoreError::Invalid(format!("database.url is not a valid PostgreSQL URL: {e}"))
+            })?
+            .application_name("touchpoint");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(PostgresStore { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn millis(d: TimeDelta) -> f64 {
+    d.num_milliseconds() as f64
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn now(&self) -> StoreResult<DateTime<Utc>> {
+        Ok(sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in customers.chunks(500) {
+            let mut query = QueryBuilder::<Postgres>::new(
+                "INSERT INTO customers (id, email, name, timezone, attributes) ",
+            );
+            query.push_values(chunk, |mut row, c| {
+                row.push_bind(&c.id)
+                    .push_bind(&c.email)
+                    .push_bind(&c.name)
+                    .push_bind(&c.timezone)
+                    .push_bind(Json(&c.attributes));
+            });
+            query.push(
+                " ON CONFLICT (id) DO UPDATE SET email = excluded.email, name = excluded.name, \
+                 timezone = excluded.timezone, attributes = excluded.attributes, updated_at = now()",
+            );
+            query.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_events(&self, events: &[Event]) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        for chunk in events.chunks(500) {
+            let mut query = QueryBuilder::<Postgres>::new(
+                "INSERT INTO events (id, customer_id, kind, occurred_at, data) ",
+            );
+            query.push_values(chunk, |mut row, e| {
+                row.push_bind(&e.id)
+                    .push_bind(&e.customer_id)
+                    .push_bind(&e.kind)
+                    .push_bind(e.occurred_at)
+                    .push_bind(Json(&e.data));
+            });
+            query.push(" ON CONFLICT (id) DO NOTHING");
+            inserted += query.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn customer(&self, id: &str) -> StoreResult<Option<Customer>> {
+        let row: Option<CustomerRow> = sqlx::query_as(
+            "SELECT id, email, name, timezone, attributes FROM customers WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Customer::from))
+    }
+
+    async fn event(&self, id: &str) -> StoreResult<Option<Event>> {
+        let row: Option<EventRow> = sqlx::query_as(
+            "SELECT id, customer_id, kind, occurred_at, data FROM events WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Event::from))
+    }
+
+    async fn latest_event(&self, customer_id: &str, kind: &str) -> StoreResult<Option<Event>> {
+        let row: Option<EventRow> = sqlx::query_as(
+            "SELECT id, customer_id, kind, occurred_at, data FROM events WHERE customer_id = $1 AND kind = $2 \
+             ORDER BY occurred_at DESC LIMIT 1",
+        )
+        .bind(customer_id)
+        .bind(kind)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Event::from))
+    }
+
+    async fn has_event_after(
+        &self,
+        customer_id: &str,
+        kind: &str,
+        after: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM events WHERE customer_id = $1 AND kind = $2 AND occurred_at > $3 LIMIT 1",
+        )
+        .bind(customer_id)
+        .bind(kind)
+        .bind(after)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    async fn max_seqs(&self) -> StoreResult<(i64, i64)> {
+        let seqs: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COALESCE(MAX(seq), 0) FROM customers), (SELECT COALESCE(MAX(seq), 0) FROM events)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(seqs)
+    }
+
+    async fn candidates(&self, q: &CandidateQuery) -> StoreResult<Vec<Candidate>> {
+        let mut query = QueryBuilder::<Postgres>::new("");
+        match &q.source {
+            CandidateSource::NewEvents {
+                kind,
+                occurred_from,
+                unless_since,
+            } => {
+                query.push(
+                    "SELECT e.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+                     e.id AS event_id, e.kind, e.occurred_at, e.data, NULL::timestamptz AS last_trigger \
+                     FROM events e JOIN customers c ON c.id = e.customer_id WHERE e.kind = ",
+                );
+                query
+                    .push_bind(kind)
+                    .push(" AND e.seq > ")
+                    .push_bind(q.after_seq);
+                query.push(" AND e.seq <= ").push_bind(q.up_to_seq);
+                query
+                    .push(" AND e.occurred_at >= ")
+                    .push_bind(*occurred_from);
+                query.push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.dedupe_key = ");
+                query.push_bind(format!("{}:", q.rule)).push(" || e.id)");
+                for later in unless_since {
+                    query.push(
+                        " AND NOT EXISTS (SELECT 1 FROM events u WHERE u.customer_id = e.customer_id \
+                         AND u.occurred_at > e.occurred_at AND u.kind = ",
+                    );
+                    query.push_bind(later).push(")");
+                }
+                query.push(
+                    " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))",
+                );
+                query.push(" ORDER BY e.seq");
+            }
+            CandidateSource::RecurringEvents { kind } => {
+                query.push(
+                    "SELECT e.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+                     e.id AS event_id, e.kind, e.occurred_at, e.data, \
+                     (SELECT MAX(m.trigger_at) FROM messages m WHERE m.rule = ",
+                );
+                query
+                    .push_bind(&q.rule)
+                    .push(" AND m.event_id = e.id) AS last_trigger ");
+                query
+                    .push("FROM events e JOIN customers c ON c.id = e.customer_id WHERE e.kind = ");
+                query
+                    .push_bind(kind)
+                    .push(" AND e.seq > ")
+                    .push_bind(q.after_seq);
+                query.push(" AND e.seq <= ").push_bind(q.up_to_seq);
+                query
+                    .push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.rule = ")
+                    .push_bind(&q.rule);
+                query
+                    .push(" AND m.event_id = e.id AND m.trigger_at >= ")
+                    .push_bind(q.now)
+                    .push(")");
+                query.push(
+                    " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))",
+                );
+                query.push(" ORDER BY e.seq");
+            }
+            CandidateSource::RecurringCustomers => {
+                query.push(
+                    "SELECT c.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+                     NULL::text AS event_id, NULL::text AS kind, NULL::timestamptz AS occurred_at, \
+                     NULL::jsonb AS data, (SELECT MAX(m.trigger_at) FROM messages m WHERE m.rule = ",
+                );
+                query
+                    .push_bind(&q.rule)
+                    .push(" AND m.customer_id = c.id) AS last_trigger ");
+                query
+                    .push("FROM customers c WHERE c.seq > ")
+                    .push_bind(q.after_seq);
+                query.push(" AND c.seq <= ").push_bind(q.up_to_seq);
+                query
+                    .push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.rule = ")
+                    .push_bind(&q.rule);
+                query
+                    .push(" AND m.customer_id = c.id AND m.trigger_at >= ")
+                    .push_bind(q.now)
+                    .push(")");
+                query.push(
+                    " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))",
+                );
+                query.push(" ORDER BY c.seq");
+            }
+        }
+        query.push(" LIMIT ").push_bind(q.limit);
+        let rows: Vec<CandidateRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(Candidate::from).collect())
+    }
+
+    async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        for chunk in messages.chunks(500) {
+            let mut query = QueryBuilder::<Postgres>::new(
+                "INSERT INTO messages (rule, customer_id, event_id, dedupe_key, trigger_at, due_at, \
+                 expires_at, next_attempt_at, detail) ",
+            );
+            query.push_values(chunk, |mut row, m| {
+                row.push_bind(&m.rule)
+                    .push_bind(&m.customer_id)
+                    .push_bind(&m.event_id)
+                    .push_bind(&m.dedupe_key)
+                    .push_bind(m.trigger_at)
+                    .push_bind(m.due_at)
+                    .push_bind(m.expires_at)
+                    .push_bind(m.due_at)
+                    .push_bind(Json(&m.detail));
+            });
+            query.push(" ON CONFLICT (dedupe_key) DO NOTHING");
+            inserted += query.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn expire_overdue(&self) -> StoreResult<Vec<i64>> {
+        let mut tx = self.pool.begin().await?;
+        let mut ids = Vec::new();
+        for (from, to, reason) in EXPIRY_TRANSITIONS {
+            let rows: Vec<(i64,)> = sqlx::query_as(&format!(
+                "WITH expired AS ( \
+                   UPDATE messages SET state = '{to}', reason = $1, updated_at = now() \
+                   WHERE id IN (SELECT id FROM messages WHERE state = '{from}' AND expires_at < now() \
+                                FOR UPDATE SKIP LOCKED) \
+                   RETURNING id, attempts, smtp_reply) \
+                 INSERT INTO message_events (message_id, kind, attempt, smtp_reply, detail) \
+                 SELECT id, '{to}', attempts, smtp_reply, $2 FROM expired RETURNING message_id"
+            ))
+            .bind(reason)
+            .bind(Json(serde_json::json!({ "reason": reason })))
+            .fetch_all(&mut *tx)
+            .await?;
+            ids.extend(rows.into_iter().map(|(id,)| id));
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    async fn claim_due(
+        &self,
+        instance: &str,
+        limit: u32,
+        lease: TimeDelta,
+    ) -> StoreResult<Vec<ClaimedMessage>> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
+            "UPDATE messages SET state = 'sending', claim_token = $1, claimed_by = $2, \
+             lease_expires_at = now() + $3 * interval '1 millisecond', phase = 'claimed', \
+             attempts = attempts + 1, updated_at = now() \
+             WHERE id IN (SELECT id FROM messages WHERE state IN ('scheduled', 'retrying') \
+                          AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $4 \
+                          FOR UPDATE SKIP LOCKED) \
+             RETURNING {}",
+            rows::CLAIM_COLUMNS
+        ))
+        .bind(&token)
+        .bind(instance)
+        .bind(millis(lease))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut claims: Vec<_> = rows.into_iter().map(|row| row.into_claim(&token)).collect();
+        claims.sort_by_key(|c| (c.due_at, c.id));
+        Ok(claims)
+    }
+
+    async fn next_due_in(&self) -> StoreResult<Option<TimeDelta>> {
+        let millis: Option<f64> = sqlx::query_scalar(
+            "SELECT (EXTRACT(EPOCH FROM (MIN(next_attempt_at) - clock_timestamp())) * 1000)::float8 \
+             FROM messages WHERE state IN ('scheduled', 'retrying')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(millis.map(|ms| TimeDelta::milliseconds(ms.max(0.0).ceil() as i64)))
+    }
+
+    async fn begin_body(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        margin: TimeDelta,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE messages SET phase = 'body', email = $1, subject = $2, message_id = $3, updated_at = now() \
+             WHERE id = $4 AND claim_token = $5 AND state = 'sending' \
+             AND lease_expires_at > clock_timestamp() + $6 * interval '1 millisecond'",
+        )
+        .bind(&delivery.email)
+        .bind(&delivery.subject)
+        .bind(&delivery.message_id)
+        .bind(id)
+        .bind(token)
+        .bind(millis(margin))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool> {
+        let columns = rows::outcome_columns(outcome);
+        let (kind, reply, detail) = rows::outcome_event(outcome);
+        // One statement: the state change and its history line commit together.
+        let done: Option<i64> = sqlx::query_scalar(
+            "WITH changed AS ( \
+               UPDATE messages SET state = $1, next_attempt_at = COALESCE($2, next_attempt_at), \
+               smtp_reply = COALESCE($3, smtp_reply), reason = $4, \
+               sent_at = CASE WHEN $5 THEN now() ELSE sent_at END, attempts = attempts - $6, \
+               claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, phase = NULL, updated_at = now() \
+               WHERE id = $7 AND claim_token = $8 AND state = 'sending' RETURNING id, attempts) \
+             INSERT INTO message_events (message_id, kind, attempt, smtp_reply, detail) \
+             SELECT id, $9, attempts + $6, $10, $11 FROM changed RETURNING message_id",
+        )
+        .bind(columns.state)
+        .bind(columns.next_attempt_at)
+        .bind(columns.smtp_reply)
+        .bind(columns.reason)
+        .bind(columns.sent)
+        .bind(columns.uncount)
+        .bind(id)
+        .bind(token)
+        .bind(kind)
+        .bind(reply)
+        .bind(Json(detail))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(done.is_some())
+    }
+
+    async fn reap_expired(&self, resend_unknown: bool) -> StoreResult<Reaped> {
+        let mut reaped = Reaped::default();
+        for (phase, to, reason) in reap_transitions(resend_unknown) {
+            let rows: Vec<(i64,)> = sqlx::query_as(&format!(
+                "WITH reaped AS ( \
+                   UPDATE messages SET state = '{to}', reason = $1, next_attempt_at = now(), claim_token = NULL, \
+                   claimed_by = NULL, lease_expires_at = NULL, phase = NULL, updated_at = now() \
+                   WHERE id IN (SELECT id FROM messages WHERE state = 'sending' AND phase = '{phase}' \
+                                AND lease_expires_at < now() FOR UPDATE SKIP LOCKED) \
+                   RETURNING id, attempts) \
+                 INSERT INTO message_events (message_id, kind, attempt, detail) \
+                 SELECT id, '{to}', attempts, $2 FROM reaped RETURNING message_id"
+            ))
+            .bind(reason)
+            .bind(Json(serde_json::json!({ "reason": reason })))
+            .fetch_all(&self.pool)
+            .await?;
+            let count = rows.len() as u64;
+            if phase == "claimed" {
+                reaped.rescheduled += count
+            } else {
+                reaped.unknown += count
+            }
+        }
+        Ok(reaped)
+    }
+
+    async fn is_suppressed(&self, email: &str) -> StoreResult<bool> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM suppressions WHERE email = $1")
+            .bind(normalize_email(email))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO suppressions (email, reason, source) VALUES ($1, $2, $3) ON CONFLICT (email) DO NOTHING",
+        )
+        .bind(normalize_email(email))
+        .bind(reason)
+        .bind(source)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn unsuppress(&self, email: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM suppressions WHERE email = $1")
+            .bind(normalize_email(email))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn suppressions(&self) -> StoreResult<Vec<Suppression>> {
+        let rows: Vec<SuppressionRow> = sqlx::query_as(
+            "SELECT email, reason, source, created_at FROM suppressions ORDER BY created_at, email",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Suppression::from).collect())
+    }
+
+    async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {
+        let mut query = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {} FROM messages m LEFT JOIN customers c ON c.id = m.customer_id WHERE 1 = 1",
+            rows::LOG_COLUMNS
+        ));
+        if let Some(since) = filter.since {
+            query.push(" AND m.updated_at >= ").push_bind(since);
+        }
+        if let Some(rule) = &filter.rule {
+            query.push(" AND m.rule = ").push_bind(rule);
+        }
+        if let Some(state) = filter.state {
+            query.push(" AND m.state = ").push_bind(state.as_str());
+        }
+        if let Some(customer) = &filter.customer_id {
+            query.push(" AND m.customer_id = ").push_bind(customer);
+        }
+        if let Some(due_before) = filter.due_before {
+            query
+                .push(" AND m.state IN ('scheduled', 'retrying') AND m.next_attempt_at <= ")
+                .push_bind(due_before);
+        }
+        if let Some(before) = filter.before_id {
+            query.push(" AND m.id < ").push_bind(before);
+        }
+        if filter.due_before.is_some() {
+            query.push(" ORDER BY m.next_attempt_at, m.id");
+        } else {
+            query.push(" ORDER BY m.id DESC");
+        }
+        if let Some(limit) = filter.limit {
+            query.push(" LIMIT ").push_bind(limit);
+        }
+        let rows: Vec<LogRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(LogEntry::from).collect())
+    }
+
+    async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>> {
+        let rows: Vec<MessageEventRow> = sqlx::query_as(
+            "SELECT kind, at, attempt, smtp_reply, detail FROM message_events WHERE message_id = $1 ORDER BY id",
+        )
+        .bind(message_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(MessageEvent::from).collect())
+    }
+
+    async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT rule, state, COUNT(*) FROM messages GROUP BY rule, state ORDER BY rule, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(rule, state, n)| {
+                MessageState::from_str(&state).ok().map(|s| (rule, s, n))
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,616 @@
+//! The embedded default: one SQLite file in WAL mode, with a single writer connection (SQLite
+//! allows one writer at a time; queuing writers in the pool beats retrying on SQLITE_BUSY) and a
+//! few reader connections. Several processes on one file are safe: every claim is one UPDATE
+//! statement, serialised by SQLite's write lock, and fenced by its token like on PostgreSQL.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::types::Json;
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+
+use super::rows::{
+    self, CandidateRow, ClaimRow, CustomerRow, EventRow, LogRow, MessageEventRow, SuppressionRow,
+};
+use super::*;
+
+/// SQLite's clock, in the canonical text form all times are stored in.
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// Times are stored as text that sorts like the instants it names.
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A modifier for SQLite's date functions: `'+120.000 seconds'`.
+fn offset(d: TimeDelta) -> String {
+    format!("{:+.3} seconds", d.num_milliseconds() as f64 / 1000.0)
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, max_connections: u32) -> StoreResult<SqliteStore> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Invalid(format!(
+                    "cannot create the database directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options.read_only(false))
+            .await?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer,
+            reader,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn now(&self) -> StoreResult<DateTime<Utc>> {
+        let now: DateTime<Utc> = sqlx::query_scalar(&format!("SELECT {NOW}"))
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(now)
+    }
+
+    async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        for chunk in customers.chunks(500) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO customers (id, email, name, timezone, attributes) ",
+            );
+            query.push_values(chunk, |mut row, c| {
+                row.push_bind(&c.id)
+                    .push_bind(&c.email)
+                    .push_bind(&c.name)
+                    .push_bind(&c.timezone)
+                    .push_bind(Json(&c.attributes));
+            });
+            query.push(format!(
+                " ON CONFLICT (id) DO UPDATE SET email = excluded.email, name = excluded.name, \
+                 timezone = excluded.timezone, attributes = excluded.attributes, updated_at = {NOW}"
+            ));
+            query.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_events(&self, events: &[Event]) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await?;
+        let mut inserted = 0;
+        for chunk in events.chunks(500) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO events (id, customer_id, kind, occurred_at, data) ",
+            );
+            query.push_values(chunk, |mut row, e| {
+                row.push_bind(&e.id)
+                    .push_bind(&e.customer_id)
+                    .push_bind(&e.kind)
+                    .push_bind(ts(e.occurred_at))
+                    .push_bind(Json(&e.data));
+            });
+            query.push(" ON CONFLICT (id) DO NOTHING");
+            inserted += query.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn customer(&self, id: &str) -> StoreResult<Option<Customer>> {
+        let row: Option<CustomerRow> = sqlx::query_as(
+            "SELECT id, email, name, timezone, attributes FROM customers WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(Customer::from))
+    }
+
+    async fn event(&self, id: &str) -> StoreResult<Option<Event>> {
+        let row: Option<EventRow> = sqlx::query_as(
+            "SELECT id, customer_id, kind, occurred_at, data FROM events WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(Event::from))
+    }
+
+    async fn latest_event(&self, customer_id: &str, kind: &str) -> StoreResult<Option<Event>> {
+        let row: Option<EventRow> = sqlx::query_as(
+            "SELECT id, customer_id, kind, occurred_at, data FROM events WHERE customer_id = ? AND kind = ? \
+             ORDER BY occurred_at DESC LIMIT 1",
+        )
+        .bind(customer_id)
+        .bind(kind)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(Event::from))
+    }
+
+    async fn has_event_after(
+        &self,
+        customer_id: &str,
+        kind: &str,
+        after: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM events WHERE customer_id = ? AND kind = ? AND occurred_at > ? LIMIT 1",
+        )
+        .bind(customer_id)
+        .bind(kind)
+        .bind(ts(after))
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    async fn max_seqs(&self) -> StoreResult<(i64, i64)> {
+        let seqs: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COALESCE(MAX(seq), 0) FROM customers), (SELECT COALESCE(MAX(seq), 0) FROM events)",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(seqs)
+    }
+
+    async fn candidates(&self, q: &CandidateQuery) -> StoreResult<Vec<Candidate>> {
+        let mut query = QueryBuilder::<Sqlite>::new("");
+        match &q.source {
+            CandidateSource::NewEvents {
+                kind,
+                occurred_from,
+                unless_since,
+            } => {
+                query.push(
+                    "SELECT e.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+                     e.id AS event_id, e.kind, e.occurred_at, e.data, NULL AS last_trigger \
+                     FROM events e JOIN customers c ON c.id = e.customer_id WHERE e.kind = ",
+                );
+                query
+                    .push_bind(kind)
+                    .push(" AND e.seq > ")
+                    .push_bind(q.after_seq);
+                query.push(" AND e.seq <= ").push_bind(q.up_to_seq);
+                query
+                    .push(" AND e.occurred_at >= ")
+                    .push_bind(ts(*occurred_from));
+                query.push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.dedupe_key = ");
+                query.push_bind(format!("{}:", q.rule)).push(" || e.id)");
+                for later in unless_since {
+                    query.push(
+                        " AND NOT EXISTS (SELECT 1 FROM events u WHERE u.customer_id = e.customer_id \
+                         AND u.occurred_at > e.occurred_at AND u.kind = ",
+                    );
+                    query.push_bind(later).push(")");
+                }
+                query.push(
+                    " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))",
+                );
+                query.push(" ORDER BY e.seq");
+            }
+            CandidateSource::RecurringEvents { kind } => {
+                query.push(
+                    "SELECT e.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+                     e.id AS event_id, e.kind, e.occurred_at, e.data, \
+                     (SELECT MAX(m.trigger_at) FROM messages m WHERE m.rule = ",
+                );
+                query
+                    .push_bind(&q.rule)
+                    .push(" AND m.event_id = e.id) AS last_trigger ");
+                query
+                    .push("FROM events e JOIN customers c ON c.id = e.customer_id WHERE e.kind = ");
+                query
+                    .push_bind(kind)
+                    .push(" AND e.seq > ")
+                    .push_bind(q.after_seq);
+                query.push(" AND e.seq <= ").push_bind(q.up_to_seq);
+                query
+                    .push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.rule = ")
+                    .push_bind(&q.rule);
+                query
+                    .push(" AND m.event_id = e.id AND m.trigger_at >= ")
+                    .push_bind(ts(q.now))
+                    .push(")");
+                query.push(
+                    " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))",
+                );
+                query.push(" ORDER BY e.seq");
+            }
+            CandidateSource::RecurringCustomers => {
+                query.push(
+                    "SELECT c.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+                     NULL AS event_id, NULL AS kind, NULL AS occurred_at, NULL AS data, \
+                     (SELECT MAX(m.trigger_at) FROM messages m WHERE m.rule = ",
+                );
+                query
+                    .push_bind(&q.rule)
+                    .push(" AND m.customer_id = c.id) AS last_trigger ");
+                query
+                    .push("FROM customers c WHERE c.seq > ")
+                    .push_bind(q.after_seq);
+                query.push(" AND c.seq <= ").push_bind(q.up_to_seq);
+                query
+                    .push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.rule = ")
+                    .push_bind(&q.rule);
+                query
+                    .push(" AND m.customer_id = c.id AND m.trigger_at >= ")
+                    .push_bind(ts(q.now))
+                    .push(")");
+                query.push(
+                    " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))",
+                );
+                query.push(" ORDER BY c.seq");
+            }
+        }
+        query.push(" LIMIT ").push_bind(q.limit);
+        let rows: Vec<CandidateRow> = query.build_query_as().fetch_all(&self.reader).await?;
+        Ok(rows.into_iter().map(Candidate::from).collect())
+    }
+
+    async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await?;
+        let mut inserted = 0;
+        for chunk in messages.chunks(500) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO messages (rule, customer_id, event_id, dedupe_key, trigger_at, due_at, \
+                 expires_at, next_attempt_at, detail) ",
+            );
+            query.push_values(chunk, |mut row, m| {
+                row.push_bind(&m.rule)
+                    .push_bind(&m.customer_id)
+                    .push_bind(&m.event_id)
+                    .push_bind(&m.dedupe_key)
+                    .push_bind(ts(m.trigger_at))
+                    .push_bind(ts(m.due_at))
+                    .push_bind(m.expires_at.map(ts))
+                    .push_bind(ts(m.due_at))
+                    .push_bind(Json(&m.detail));
+            });
+            query.push(" ON CONFLICT (dedupe_key) DO NOTHING");
+            inserted += query.build().execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    async fn expire_overdue(&self) -> StoreResult<Vec<i64>> {
+        let mut tx = self.writer.begin().await?;
+        let mut ids = Vec::new();
+        for (from, to, reason) in EXPIRY_TRANSITIONS {
+            let rows: Vec<(i64, i32, Option<String>)> = sqlx::query_as(&format!(
+                "UPDATE messages SET state = '{to}', reason = ?, updated_at = {NOW} \
+                 WHERE state = '{from}' AND expires_at IS NOT NULL AND expires_at < {NOW} \
+                 RETURNING id, attempts, smtp_reply"
+            ))
+            .bind(reason)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (id, attempts, reply) in rows {
+                sqlx::query(
+                    "INSERT INTO message_events (message_id, kind, attempt, smtp_reply, detail) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(id)
+                .bind(to)
+                .bind(attempts)
+                .bind(reply)
+                .bind(Json(serde_json::json!({ "reason": reason })))
+                .execute(&mut *tx)
+                .await?;
+                ids.push(id);
+            }
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    async fn claim_due(
+        &self,
+        instance: &str,
+        limit: u32,
+        lease: TimeDelta,
+    ) -> StoreResult<Vec<ClaimedMessage>> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
+            "UPDATE messages SET state = 'sending', claim_token = ?, claimed_by = ?, \
+             lease_expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?), phase = 'claimed', \
+             attempts = attempts + 1, updated_at = {NOW} \
+             WHERE id IN (SELECT id FROM messages WHERE state IN ('scheduled', 'retrying') \
+                          AND next_attempt_at <= {NOW} ORDER BY next_attempt_at LIMIT ?) \
+             RETURNING {}",
+            rows::CLAIM_COLUMNS
+        ))
+        .bind(&token)
+        .bind(instance)
+        .bind(offset(lease))
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await?;
+        let mut claims: Vec<_> = rows.into_iter().map(|row| row.into_claim(&token)).collect();
+        claims.sort_by_key(|c| (c.due_at, c.id));
+        Ok(claims)
+    }
+
+    async fn next_due_in(&self) -> StoreResult<Option<TimeDelta>> {
+        let millis: Option<f64> = sqlx::query_scalar(&format!(
+            "SELECT (julianday(MIN(next_attempt_at)) - julianday({NOW})) * 86400000.0 \
+             FROM messages WHERE state IN ('scheduled', 'retrying')"
+        ))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(millis.map(|ms| TimeDelta::milliseconds(ms.max(0.0).ceil() as i64)))
+    }
+
+    async fn begin_body(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        margin: TimeDelta,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(&format!(
+            "UPDATE messages SET phase = 'body', email = ?, subject = ?, message_id = ?, updated_at = {NOW} \
+             WHERE id = ? AND claim_token = ? AND state = 'sending' \
+             AND lease_expires_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+        ))
+        .bind(&delivery.email)
+        .bind(&delivery.subject)
+        .bind(&delivery.message_id)
+        .bind(id)
+        .bind(token)
+        .bind(offset(margin))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool> {
+        let columns = rows::outcome_columns(outcome);
+        let mut tx = self.writer.begin().await?;
+        let attempts: Option<i32> = sqlx::query_scalar(&format!(
+            "UPDATE messages SET state = ?, next_attempt_at = COALESCE(?, next_attempt_at), \
+             smtp_reply = COALESCE(?, smtp_reply), reason = ?, \
+             sent_at = CASE WHEN ? THEN {NOW} ELSE sent_at END, attempts = attempts - ?, \
+             claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, phase = NULL, updated_at = {NOW} \
+             WHERE id = ? AND claim_token = ? AND state = 'sending' RETURNING attempts"
+        ))
+        .bind(columns.state)
+        .bind(columns.next_attempt_at.map(ts))
+        .bind(columns.smtp_reply)
+        .bind(columns.reason)
+        .bind(columns.sent)
+        .bind(columns.uncount)
+        .bind(id)
+        .bind(token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(attempts) = attempts else {
+            return Ok(false);
+        };
+        let (kind, reply, detail) = rows::outcome_event(outcome);
+        sqlx::query("INSERT INTO message_events (message_id, kind, attempt, smtp_reply, detail) VALUES (?, ?, ?, ?, ?)")
+            .bind(id)
+            .bind(kind)
+            .bind(attempts + columns.uncount)
+            .bind(reply)
+            .bind(Json(detail))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn reap_expired(&self, resend_unknown: bool) -> StoreResult<Reaped> {
+        let mut tx = self.writer.begin().await?;
+        let mut reaped = Reaped::default();
+        for (phase, to, reason) in reap_transitions(resend_unknown) {
+            let rows: Vec<(i64, i32)> = sqlx::query_as(&format!(
+                "UPDATE messages SET state = '{to}', reason = ?, next_attempt_at = {NOW}, claim_token = NULL, \
+                 claimed_by = NULL, lease_expires_at = NULL, phase = NULL, updated_at = {NOW} \
+                 WHERE state = 'sending' AND phase = '{phase}' AND lease_expires_at < {NOW} \
+                 RETURNING id, attempts"
+            ))
+            .bind(reason)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (id, attempts) in &rows {
+                sqlx::query("INSERT INTO message_events (message_id, kind, attempt, detail) VALUES (?, ?, ?, ?)")
+                    .bind(id)
+                    .bind(to)
+                    .bind(attempts)
+                    .bind(Json(serde_json::json!({ "reason": reason })))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let count = rows.len() as u64;
+            if phase == "claimed" {
+                reaped.rescheduled += count
+            } else {
+                reaped.unknown += count
+            }
+        }
+        tx.commit().await?;
+        Ok(reaped)
+    }
+
+    async fn is_suppressed(&self, email: &str) -> StoreResult<bool> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM suppressions WHERE email = ?")
+            .bind(normalize_email(email))
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<()> {
+        sqlx::query("INSERT INTO suppressions (email, reason, source) VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING")
+            .bind(normalize_email(email))
+            .bind(reason)
+            .bind(source)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn unsuppress(&self, email: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM suppressions WHERE email = ?")
+            .bind(normalize_email(email))
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn suppressions(&self) -> StoreResult<Vec<Suppression>> {
+        let rows: Vec<SuppressionRow> = sqlx::query_as(
+            "SELECT email, reason, source, created_at FROM suppressions ORDER BY created_at, email",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(Suppression::from).collect())
+    }
+
+    async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {} FROM messages m LEFT JOIN customers c ON c.id = m.customer_id WHERE 1 = 1",
+            rows::LOG_COLUMNS
+        ));
+        if let Some(since) = filter.since {
+            query.push(" AND m.updated_at >= ").push_bind(ts(since));
+        }
+        if let Some(rule) = &filter.rule {
+            query.push(" AND m.rule = ").push_bind(rule);
+        }
+        if let Some(state) = filter.state {
+            query.push(" AND m.state = ").push_bind(state.as_str());
+        }
+        if let Some(customer) = &filter.customer_id {
+            query.push(" AND m.customer_id = ").push_bind(customer);
+        }
+        if let Some(due_before) = filter.due_before {
+            query
+                .push(" AND m.state IN ('scheduled', 'retrying') AND m.next_attempt_at <= ")
+                .push_bind(ts(due_before));
+        }
+        if let Some(before) = filter.before_id {
+            query.push(" AND m.id < ").push_bind(before);
+        }
+        if filter.due_before.is_some() {
+            query.push(" ORDER BY m.next_attempt_at, m.id");
+        } else {
+            query.push(" ORDER BY m.id DESC");
+        }
+        if let Some(limit) = filter.limit {
+            query.push(" LIMIT ").push_bind(limit);
+        }
+        let rows: Vec<LogRow> = query.build_query_as().fetch_all(&self.reader).await?;
+        Ok(rows.into_iter().map(LogEntry::from).collect())
+    }
+
+    async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>> {
+        let rows: Vec<MessageEventRow> = sqlx::query_as(
+            "SELECT kind, at, attempt, smtp_reply, detail FROM message_events WHERE message_id = ? ORDER BY id",
+        )
+        .bind(message_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(MessageEvent::from).collect())
+    }
+
+    async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT rule, state, COUNT(*) FROM messages GROUP BY rule, state ORDER BY rule, state",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(rule, state, n)| {
+                MessageState::from_str(&state).ok().map(|s| (rule, s, n))
+            })
+            .collect())
+    }
+}
+
+/// Waiting messages past `expires_at`: never attempted ones are skipped; ones that were tried
+/// and are waiting to retry have failed (their last reply is kept).
+pub(super) const EXPIRY_TRANSITIONS: [(&str, &str, &str); 2] = [
+    (
+        "scheduled",
+        "skipped",
+        "expired: could not go out within expire_after of its due time",
+    ),
+    (
+        "retrying",
+        "failed",
+        "expired while retrying: still not delivered at the end of expire_after",
+    ),
+];
+
+/// What happens to a claim whose lease ran out, by the phase its attempt reached.
+pub(super) fn reap_transitions(
+    resend_unknown: bool,
+) -> [(&'static str, &'static str, &'static str); 2] {
+    [
+        (
+            "claimed",
+            "scheduled",
+            "claim expired before the body was sent; rescheduled",
+        ),
+        if resend_unknown {
+            (
+                "body",
+                "retrying",
+                "claim expired after the body was handed over; resending as configured",
+            )
+        } else {
+            (
+                "body",
+                "unknown",
+                "claim expired after the body was handed to the SMTP server; it may or may not have been delivered",
+            )
+        },
+    ]
+}
