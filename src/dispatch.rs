@@ -142,8 +142,10 @@ impl Dispatcher {
                     }
                 }
             }
+            // While every connection is busy, keep turning the loop (health, watchdog).
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(5)) => continue,
                 permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
             };
             let free = 1 + permits.available_permits() as u32;
@@ -524,6 +526,19 @@ async fn guard(
     let skip = |reason: String| Ok(Some(Outcome::Skipped { reason }));
     if !rule.enabled {
         return skip(format!("the rule {:?} is disabled", rule.name));
+    }
+    if claim.expires_at.is_some_and(|expiry| Utc::now() > expiry) {
+        // Never sent late: the same verdict the periodic expiry sweep would give.
+        return Ok(Some(if claim.attempts > 1 {
+            Outcome::Failed {
+                reply: None,
+                reason: "expired while retrying: not delivered within expire_after".into(),
+            }
+        } else {
+            Outcome::Skipped {
+                reason: "expired: could not go out within expire_after of its due time".into(),
+            }
+        }));
     }
     if claim.attempts > context.settings.max_attempts as i32 {
         return Ok(Some(Outcome::Failed {
