@@ -54,6 +54,14 @@ pub enum Command {
     /// The addresses that are never mailed.
     #[command(subcommand)]
     Suppress(SuppressCommand),
+    /// Read one bounce (RFC 3464 delivery status notification) or complaint (ARF) from
+    /// standard input, as an MTA pipe alias hands it, and record it against its message.
+    Bounce {
+        /// The address the report was delivered to (for VERP) [default: $ORIGINAL_RECIPIENT or
+        /// $RECIPIENT, as Postfix's local delivery sets them]
+        #[arg(long)]
+        recipient: Option<String>,
+    },
     /// Print the example config file, to start from.
     DefaultConfig,
 }

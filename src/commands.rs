@@ -22,9 +22,24 @@ pub fn check(config: &Config) -> Result<String> {
     Transport::from_config(config)
         .map_err(anyhow::Error::msg)
         .context("the transport settings are wrong")?;
+    let dkim = match &config.dkim {
+        Some(dkim) => {
+            crate::transport::dkim::load(dkim).map_err(|e| anyhow::anyhow!("dkim: {e}"))?;
+            format!(
+                "; DKIM key loads ({}._domainkey.{}, {:?})",
+                dkim.selector, dkim.domain, dkim.algorithm
+            )
+        }
+        None => String::new(),
+    };
+    config
+        .link_secret_source()
+        .read("links.secret")
+        .map_err(anyhow::Error::msg)?;
+    config.bounce_webhook_secret().map_err(anyhow::Error::msg)?;
     let enabled = playbook.rules.rules.iter().filter(|r| r.enabled).count();
     Ok(format!(
-        "{}: OK ({} rules, {} enabled; {} templates; database {})",
+        "{}: OK ({} rules, {} enabled; {} templates; database {}{dkim})",
         config.path.display(),
         playbook.rules.rules.len(),
         enabled,
@@ -265,6 +280,13 @@ pub fn log_row(e: &LogEntry) -> Vec<String> {
         e.reason.clone().unwrap_or_default(),
         e.event_id.clone().unwrap_or_default(),
         when(Some(e.updated_at)),
+        when(e.opened_at),
+        e.opens.to_string(),
+        when(e.clicked_at),
+        e.clicks.to_string(),
+        when(e.bounced_at),
+        when(e.complained_at),
+        when(e.unsubscribed_at),
     ]
 }
 

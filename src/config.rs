@@ -40,6 +40,12 @@ pub struct Config {
     pub planner: PlannerConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    #[serde(default)]
+    pub links: LinksConfig,
+    #[serde(default)]
+    pub bounces: BouncesConfig,
+    #[serde(default)]
+    pub dkim: Option<DkimConfig>,
     /// The directory of the config file; relative paths were resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -234,6 +240,10 @@ pub struct SenderConfig {
     /// The domain in generated Message-IDs; defaults to the From address's domain.
     #[serde(default)]
     pub message_id_domain: Option<String>,
+    /// Envelope sender for bounces, e.g. `bounces@acme.example`: each message goes out as
+    /// `bounces+ID@acme.example` (VERP), so a bounce names its message even without headers.
+    #[serde(default)]
+    pub bounce_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -363,6 +373,115 @@ fn default_listen() -> String {
     "127.0.0.1:8025".into()
 }
 
+/// Links in messages: one-click unsubscribe, open pixel, click tracking.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinksConfig {
+    /// Where customers reach this daemon's HTTP listener (usually through a reverse proxy),
+    /// e.g. `https://mail.acme.example`. Default: `http://` + `http.listen`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The secret that signs links, from one of these; without one, a secret is generated once
+    /// and kept in the database (shared by every replica).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub secret_credential: Option<String>,
+    /// Also offer unsubscribing by mail: `List-Unsubscribe: <mailto:...>`.
+    #[serde(default)]
+    pub unsubscribe_mailto: Option<String>,
+}
+
+/// Bounces and complaints that arrive after sending.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BouncesConfig {
+    /// Soft bounces (4.x.x in a report) an address may collect before it is suppressed.
+    #[serde(default = "default_soft_bounce_limit")]
+    pub soft_bounce_limit: i64,
+    /// The bearer token `POST /hooks/bounce` requires, from one of these; without one the
+    /// hook is off.
+    #[serde(default)]
+    pub webhook_secret_env: Option<String>,
+    #[serde(default)]
+    pub webhook_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub webhook_secret_credential: Option<String>,
+}
+impl Default for BouncesConfig {
+    fn default() -> Self {
+        BouncesConfig {
+            soft_bounce_limit: default_soft_bounce_limit(),
+            webhook_secret_env: None,
+            webhook_secret_file: None,
+            webhook_secret_credential: None,
+        }
+    }
+}
+fn default_soft_bounce_limit() -> i64 {
+    3
+}
+
+/// DKIM signing of every message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimConfig {
+    pub selector: String,
+    pub domain: String,
+    /// `"rsa"` or `"ed25519"`; the key must be of this kind.
+    pub algorithm: DkimAlgorithm,
+    /// The private key (PEM: PKCS#1 or PKCS#8 for RSA, PKCS#8 for Ed25519), from one of these.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_credential: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DkimAlgorithm {
+    Rsa,
+    Ed25519,
+}
+
+/// Where a secret comes from: an environment variable, a file, or a systemd credential
+/// (`LoadCredential=`, read from `$CREDENTIALS_DIRECTORY`).
+#[derive(Debug, Clone, Default)]
+pub struct SecretSource {
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+    pub credential: Option<String>,
+}
+
+impl SecretSource {
+    /// The secret, if a source is configured; `what` names it in errors.
+    pub fn read(&self, what: &str) -> Result<Option<Secret>, String> {
+        if let Some(var) = &self.env {
+            return std::env::var(var)
+                .map(|v| Some(Secret(v)))
+                .map_err(|_| format!("{what}: the environment variable {var} is not set"));
+        }
+        if let Some(file) = &self.file {
+            return read_secret_file(file)
+                .map(Some)
+                .map_err(|e| format!("{what}: {e}"));
+        }
+        if let Some(name) = &self.credential {
+            let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
+                format!("{what}: the credential {name:?} needs CREDENTIALS_DIRECTORY (is the unit's LoadCredential= in place?)")
+            })?;
+            return read_secret_file(&Path::new(&dir).join(name))
+                .map(Some)
+                .map_err(|e| format!("{what}: {e}"));
+        }
+        Ok(None)
+    }
+}
+
 /// A value that must not appear in logs or `Debug` output (passwords, database URLs).
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -465,6 +584,17 @@ impl Config {
         if let Some(file) = &mut self.transport.smtp.password_file {
             resolve(file);
         }
+        let dkim_key = self.dkim.as_mut().and_then(|d| d.key_file.as_mut());
+        for file in [
+            self.links.secret_file.as_mut(),
+            self.bounces.webhook_secret_file.as_mut(),
+            dkim_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(file);
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -512,24 +642,41 @@ impl Config {
     /// The SMTP password from the environment, a file or a systemd credential, if configured.
     pub fn smtp_password(&self) -> Result<Option<Secret>, String> {
         let smtp = &self.transport.smtp;
-        if let Some(var) = &smtp.password_env {
-            return std::env::var(var)
-                .map(|v| Some(Secret(v)))
-                .map_err(|_| format!("transport.smtp.password_env names {var}, which is not set"));
+        let source = SecretSource {
+            env: smtp.password_env.clone(),
+            file: smtp.password_file.clone(),
+            credential: smtp.password_credential.clone(),
+        };
+        source.read("the SMTP password")
+    }
+
+    pub fn link_secret_source(&self) -> SecretSource {
+        let l = &self.links;
+        SecretSource {
+            env: l.secret_env.clone(),
+            file: l.secret_file.clone(),
+            credential: l.secret_credential.clone(),
         }
-        if let Some(file) = &smtp.password_file {
-            return read_secret_file(file).map(Some);
+    }
+
+    pub fn bounce_webhook_secret(&self) -> Result<Option<Secret>, String> {
+        let b = &self.bounces;
+        let source = SecretSource {
+            env: b.webhook_secret_env.clone(),
+            file: b.webhook_secret_file.clone(),
+            credential: b.webhook_secret_credential.clone(),
+        };
+        source.read("bounces.webhook_secret")
+    }
+
+    /// Where customers reach the HTTP listener, for links in messages; `None` when neither
+    /// `links.base_url` nor `http.listen` is set.
+    pub fn links_base_url(&self) -> Option<String> {
+        match &self.links.base_url {
+            Some(url) => Some(url.trim_end_matches('/').to_string()),
+            None if self.http.listen.trim().is_empty() => None,
+            None => Some(format!("http://{}", self.http.listen.trim())),
         }
-        if let Some(name) = &smtp.password_credential {
-            let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
-                format!(
-                    "transport.smtp.password_credential is {name:?} but CREDENTIALS_DIRECTORY is not set \
-                     (is the unit's LoadCredential= in place?)"
-                )
-            })?;
-            return read_secret_file(&Path::new(&dir).join(name)).map(Some);
-        }
-        Ok(None)
     }
 }
 

@@ -69,8 +69,8 @@ pub struct Health {
     pub reload_failures: AtomicU64,
     outcomes: Mutex<BTreeMap<(String, MessageState), u64>>,
     send_seconds: Mutex<Histogram>,
-    watchdog: Option<Duration>,
-    last_watchdog: AtomicU64,
+    /// `WatchdogSec=` as systemd passed it (WATCHDOG_USEC), if it is on for this process.
+    pub watchdog: Option<Duration>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -108,7 +108,6 @@ impl Health {
             outcomes: Mutex::new(BTreeMap::new()),
             send_seconds: Mutex::new(Histogram::default()),
             watchdog: crate::notify::watchdog_interval(),
-            last_watchdog: AtomicU64::new(0),
         }
     }
 
@@ -116,18 +115,10 @@ impl Health {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Called every turn of the dispatcher's loop; pets systemd's watchdog from there, so a
-    /// stuck loop gets the service restarted.
+    /// Called every turn of the dispatcher's loop; `watchdog` pets systemd's watchdog only while
+    /// the loop keeps turning, so a stuck loop gets the service restarted.
     pub fn dispatcher_alive(&self) {
-        let now = self.millis();
-        self.dispatcher_seen.store(now, Ordering::Relaxed);
-        if let Some(interval) = self.watchdog {
-            let last = self.last_watchdog.load(Ordering::Relaxed);
-            if now.saturating_sub(last) >= (interval.as_millis() as u64) / 2 {
-                self.last_watchdog.store(now, Ordering::Relaxed);
-                crate::notify::watchdog();
-            }
-        }
+        self.dispatcher_seen.store(self.millis(), Ordering::Relaxed);
     }
 
     /// How long ago the dispatcher's loop last turned.
@@ -229,6 +220,10 @@ pub struct Shared {
     pub store: SharedStore,
     pub health: Arc<Health>,
     pub playbook: watch::Receiver<Arc<Playbook>>,
+    pub links: Option<crate::links::LinkSigner>,
+    /// The bearer token of `POST /hooks/bounce`; `None` turns the hook off.
+    pub bounce_webhook_secret: Option<crate::config::Secret>,
+    pub soft_bounce_limit: i64,
 }
 
 /// Opens the database, retrying while it is unavailable (it may still be starting).
@@ -274,7 +269,11 @@ pub async fn run(
     let store = open_store(&config, &shutdown).await?;
     let playbook = Playbook::load(&config)?;
     let transport = Arc::new(Transport::from_config(&config).map_err(DaemonError::Config)?);
-    let settings = dispatch_settings(&config)?;
+    let links = link_signer(&config, &store).await?;
+    let settings = dispatch_settings(&config, links.clone())?;
+    let bounce_webhook_secret = config
+        .bounce_webhook_secret()
+        .map_err(DaemonError::Config)?;
     let health = Arc::new(Health::new());
     let (playbook_tx, playbook_rx) = watch::channel(Arc::new(playbook));
     let wake = Arc::new(Notify::new());
@@ -318,9 +317,12 @@ pub async fn run(
             store: store.clone(),
             health: health.clone(),
             playbook: playbook_rx.clone(),
+            links,
+            bounce_webhook_secret,
+            soft_bounce_limit: config.bounces.soft_bounce_limit,
         };
         let address = listener.local_addr().map_err(DaemonError::Http)?;
-        tracing::info!(%address, "HTTP listener ready (/healthz, /metrics)");
+        tracing::info!(%address, "HTTP listener ready (/healthz, /metrics, /u, /o, /c, /hooks/bounce)");
         tracker.spawn(crate::http::serve(listener, shared, shutdown.clone()));
     }
     tracker.spawn(reload_on_hangup(
@@ -335,6 +337,9 @@ pub async fn run(
         health.clone(),
         shutdown.clone(),
     ));
+    if let Some(interval) = health.watchdog {
+        tracker.spawn(watchdog(health.clone(), interval, shutdown.clone()));
+    }
     crate::notify::ready();
 
     shutdown.cancelled().await;
@@ -359,12 +364,50 @@ pub async fn run(
             tracing::error!("some sends are still stuck; their claims will expire and be reaped");
         }
     }
-    transport.close().await;
+    // QUIT on pooled connections; a relay that does not answer must not hold up the exit.
+    if tokio::time::timeout(Duration::from_secs(2), transport.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the mail relay did not answer QUIT within 2s; closing anyway");
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-fn dispatch_settings(config: &Config) -> Result<DispatchSettings, DaemonError> {
+/// The key that signs links: from the config, else generated once and kept in the database.
+pub async fn link_signer(
+    config: &Config,
+    store: &SharedStore,
+) -> Result<Option<crate::links::LinkSigner>, DaemonError> {
+    let Some(base_url) = config.links_base_url() else {
+        tracing::warn!(
+            "no links.base_url and no http.listen: messages go out without unsubscribe links"
+        );
+        return Ok(None);
+    };
+    let secret = match config
+        .link_secret_source()
+        .read("links.secret")
+        .map_err(DaemonError::Config)?
+    {
+        Some(secret) => secret.expose().to_string(),
+        None => {
+            store
+                .setting_or_insert("link_secret", &crate::links::new_secret())
+                .await?
+        }
+    };
+    Ok(Some(crate::links::LinkSigner::new(
+        secret.as_bytes(),
+        &base_url,
+    )))
+}
+
+fn dispatch_settings(
+    config: &Config,
+    links: Option<crate::links::LinkSigner>,
+) -> Result<DispatchSettings, DaemonError> {
     let from = transport::parse_mailbox(&config.sender.from)
         .map_err(|e| DaemonError::Config(format!("sender.from: {e}")))?;
     let reply_to = match &config.sender.reply_to {
@@ -384,7 +427,25 @@ fn dispatch_settings(config: &Config) -> Result<DispatchSettings, DaemonError> {
         .to_std()
         .unwrap_or(Duration::from_secs(30))
         .clamp(Duration::from_millis(200), Duration::from_secs(30));
+    let dkim = match &config.dkim {
+        Some(dkim) => Some(Arc::new(
+            transport::dkim::load(dkim).map_err(|e| DaemonError::Config(format!("dkim: {e}")))?,
+        )),
+        None => None,
+    };
+    let bounce_address = match &config.sender.bounce_address {
+        Some(text) => Some(text.trim().parse::<lettre::Address>().map_err(|e| {
+            DaemonError::Config(format!(
+                "sender.bounce_address {text:?} is not an address: {e}"
+            ))
+        })?),
+        None => None,
+    };
     Ok(DispatchSettings {
+        links,
+        unsubscribe_mailto: config.links.unsubscribe_mailto.clone(),
+        dkim,
+        bounce_address,
         instance: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
         batch_size: config.delivery.batch_size,
         lease,
@@ -412,6 +473,36 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "touchpoint".into())
+}
+
+/// The dispatcher's loop may rest this long (back-off while the database is away, up to 30s,
+/// plus a database call that times out) before the watchdog gives up on it.
+const WATCHDOG_STALL: Duration = Duration::from_secs(120);
+
+/// Pets systemd's watchdog every half `WatchdogSec=`, on its own timer (the dispatcher's loop may
+/// rest longer than a short watchdog interval), as long as the dispatcher's loop turned within
+/// `WATCHDOG_STALL`. A stuck loop or a wedged runtime stops the pings and systemd restarts us.
+async fn watchdog(health: Arc<Health>, interval: Duration, shutdown: CancellationToken) {
+    let every = (interval / 2).max(Duration::from_millis(100));
+    let stall = WATCHDOG_STALL.max(interval);
+    let mut warned = false;
+    loop {
+        let idle = health.dispatcher_idle_for();
+        if idle < stall {
+            crate::notify::watchdog();
+            warned = false;
+        } else if !warned {
+            tracing::error!(
+                ?idle,
+                "the dispatcher's loop has not turned; no longer petting systemd's watchdog"
+            );
+            warned = true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// SIGHUP: read the config file, rules and templates again and swap them in whole; on any

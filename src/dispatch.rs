@@ -19,11 +19,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::daemon::Health;
+use crate::links::{self, Link, LinkSigner};
 use crate::plan::{attributes_match, customer_timezone};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, message_context};
 use crate::rules::{Rule, Unless};
 use crate::store::{ClaimedMessage, Delivery, Outcome, SharedStore, StoreError};
+use crate::transport::dkim::Dkim;
 use crate::transport::{self, SendError, Transport};
 
 /// What the dispatcher needs from the config.
@@ -42,6 +44,13 @@ pub struct DispatchSettings {
     pub default_timezone: Tz,
     /// How often expired claims are reaped and overdue messages expired.
     pub reap_every: Duration,
+    /// Signs unsubscribe, open and click links; `None` when there is no URL to reach us at.
+    pub links: Option<LinkSigner>,
+    /// `List-Unsubscribe: <mailto:...>` as well, when configured.
+    pub unsubscribe_mailto: Option<String>,
+    pub dkim: Option<Arc<Dkim>>,
+    /// VERP: with `bounces+ID@domain` as the envelope sender, a bounce names its message.
+    pub bounce_address: Option<lettre::Address>,
 }
 
 /// `base * 2^(n-1)`, at most `max`, with +-25% jitter so retries of many messages spread out.
@@ -401,6 +410,10 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
     }
 
     let message_id = transport::message_id_for(claim.id, &rule.name, &settings.message_id_domain);
+    let unsubscribe_url = settings
+        .links
+        .as_ref()
+        .map(|l| l.url(&Link::Unsubscribe { message: claim.id }));
     let extras = MessageExtras {
         years: claim
             .detail
@@ -408,7 +421,7 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
             .and_then(serde_json::Value::as_i64)
             .map(|y| y as i32),
         message_id: message_id.clone(),
-        unsubscribe_url: None,
+        unsubscribe_url: unsubscribe_url.clone(),
         timezone: tz.name().to_string(),
     };
     let template_context =
@@ -422,6 +435,13 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
             }));
         }
     };
+    let html = tracked_html(
+        settings,
+        rule,
+        claim.id,
+        rendered.html,
+        unsubscribe_url.as_deref(),
+    );
     let email = transport::build_email(transport::EmailParts {
         from: &settings.from,
         reply_to: settings.reply_to.as_ref(),
@@ -429,9 +449,14 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
         to_email: &customer.email,
         subject: &rendered.subject,
         text: rendered.text,
-        html: rendered.html,
+        html,
         message_id: message_id.clone(),
-        headers: vec![("X-Touchpoint-Rule", rule.name.clone())],
+        headers: extra_headers(settings, rule, unsubscribe_url.as_deref()),
+        dkim: settings.dkim.as_deref(),
+        envelope_from: settings
+            .bounce_address
+            .as_ref()
+            .and_then(|a| verp(a, claim.id)),
     });
     let email = match email {
         Ok(email) => email,
@@ -515,6 +540,66 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
         )),
         Err(SendError::Ambiguous(reason)) => Some(Outcome::Unknown { reason }),
     })
+}
+
+/// Click tracking and the open pixel, where the rule asks for them.
+fn tracked_html(
+    settings: &DispatchSettings,
+    rule: &Rule,
+    message: i64,
+    html: String,
+    keep: Option<&str>,
+) -> String {
+    let Some(signer) = &settings.links else {
+        return html;
+    };
+    let mut html = html;
+    if rule.track_clicks {
+        html = links::track_clicks(&html, keep, |url| {
+            signer.url(&Link::Click {
+                message,
+                url: url.to_string(),
+            })
+        });
+    }
+    if rule.track_opens {
+        html = links::add_open_pixel(&html, &signer.url(&Link::Open { message }));
+    }
+    html
+}
+
+/// `List-Unsubscribe` (RFC 2369) with one-click `List-Unsubscribe-Post` (RFC 8058).
+fn extra_headers(
+    settings: &DispatchSettings,
+    rule: &Rule,
+    unsubscribe_url: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("X-Touchpoint-Rule", rule.name.clone())];
+    let mut targets = Vec::new();
+    if let Some(url) = unsubscribe_url {
+        targets.push(format!("<{url}>"));
+    }
+    if let Some(mailto) = &settings.unsubscribe_mailto {
+        targets.push(format!("<mailto:{mailto}?subject=unsubscribe>"));
+    }
+    if !targets.is_empty() {
+        headers.push(("List-Unsubscribe", targets.join(", ")));
+    }
+    if unsubscribe_url.is_some() {
+        headers.push(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click".into()));
+    }
+    headers
+}
+
+/// `bounces@acme.example` -> `bounces+42@acme.example`.
+pub fn verp(bounce_address: &lettre::Address, message: i64) -> Option<lettre::Address> {
+    format!(
+        "{}+{message}@{}",
+        bounce_address.user(),
+        bounce_address.domain()
+    )
+    .parse()
+    .ok()
 }
 
 /// Checks again, just before sending, everything that could have changed since planning.

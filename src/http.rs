@@ -1,16 +1,21 @@
-//! The HTTP listener: `/healthz` for load balancers and monitors, `/metrics` for Prometheus.
+//! The HTTP listener: `/healthz` for load balancers and monitors, `/metrics` for Prometheus,
+//! the links in messages (`/u/{token}` unsubscribe, `/o/{token}.gif` opens, `/c/{token}`
+//! clicks) and `POST /hooks/bounce` for providers' bounce webhooks.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::bounce::BounceReport;
 use crate::daemon::{LATENCY_BUCKETS, Shared};
+use crate::links::Link;
+use crate::store::LogEntry;
 use crate::store::MessageState;
 
 /// The dispatcher turns its loop at least every 10 s; three missed turns mean it is stuck.
@@ -20,6 +25,10 @@ pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        .route("/o/{file}", get(open_pixel))
+        .route("/c/{token}", get(click))
+        .route("/hooks/bounce", axum::routing::post(bounce_hook))
         .with_state(shared)
 }
 
@@ -81,44 +90,33 @@ async fn healthz(State(shared): State<Shared>) -> Response {
     (status, axum::Json(report)).into_response()
 }
 
+/// Always 200 with what is known: when the database does not answer, the per-state gauges are
+/// left out and `touchpoint_database_up` is 0, so the error counters stay visible in an outage.
 async fn metrics(State(shared): State<Shared>) -> Response {
-    match render_metrics(&shared).await {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("database error: {error}\n"),
-        )
-            .into_response(),
-    }
+    let text = render_metrics(&shared).await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn render_metrics(shared: &Shared) -> Result<String, crate::store::StoreError> {
-    let counts = shared.store.counts().await?;
+async fn render_metrics(shared: &Shared) -> String {
+    let counts = match tokio::time::timeout(Duration::from_secs(3), shared.store.counts()).await {
+        Ok(Ok(counts)) => Some(counts),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "/metrics: cannot count messages");
+            None
+        }
+        Err(_) => None,
+    };
     let mut out = String::new();
     let health = &shared.health;
     let _ = writeln!(
         out,
-        "# HELP touchpoint_messages Messages in the database by rule and state."
+        "# HELP touchpoint_database_up Whether the database answered the count for this scrape."
     );
-    let _ = writeln!(out, "# TYPE touchpoint_messages gauge");
-    for (rule, state, n) in &counts {
-        let _ = writeln!(
-            out,
-            "touchpoint_messages{{rule=\"{}\",state=\"{state}\"}} {n}",
-            escape(rule)
-        );
+    let _ = writeln!(out, "# TYPE touchpoint_database_up gauge");
+    let _ = writeln!(out, "touchpoint_database_up {}", u8::from(counts.is_some()));
+    if let Some(counts) = &counts {
+        render_counts(&mut out, counts);
     }
-    let waiting: i64 = counts
-        .iter()
-        .filter(|(_, s, _)| matches!(s, MessageState::Scheduled | MessageState::Retrying))
-        .map(|(_, _, n)| n)
-        .sum();
-    let _ = writeln!(
-        out,
-        "# HELP touchpoint_queue_depth Messages waiting to be sent (scheduled or retrying)."
-    );
-    let _ = writeln!(out, "# TYPE touchpoint_queue_depth gauge");
-    let _ = writeln!(out, "touchpoint_queue_depth {waiting}");
     let _ = writeln!(
         out,
         "# HELP touchpoint_outcomes_total Attempt outcomes recorded by this process."
@@ -169,7 +167,33 @@ async fn render_metrics(shared: &Shared) -> Result<String, crate::store::StoreEr
         "touchpoint_database_errors_total {}",
         health.database_errors.load(ordering)
     );
-    Ok(out)
+    out
+}
+
+fn render_counts(out: &mut String, counts: &[(String, MessageState, i64)]) {
+    let _ = writeln!(
+        out,
+        "# HELP touchpoint_messages Messages in the database by rule and state."
+    );
+    let _ = writeln!(out, "# TYPE touchpoint_messages gauge");
+    for (rule, state, n) in counts {
+        let _ = writeln!(
+            out,
+            "touchpoint_messages{{rule=\"{}\",state=\"{state}\"}} {n}",
+            escape(rule)
+        );
+    }
+    let waiting: i64 = counts
+        .iter()
+        .filter(|(_, s, _)| matches!(s, MessageState::Scheduled | MessageState::Retrying))
+        .map(|(_, _, n)| n)
+        .sum();
+    let _ = writeln!(
+        out,
+        "# HELP touchpoint_queue_depth Messages waiting to be sent (scheduled or retrying)."
+    );
+    let _ = writeln!(out, "# TYPE touchpoint_queue_depth gauge");
+    let _ = writeln!(out, "touchpoint_queue_depth {waiting}");
 }
 
 /// Prometheus label values escape backslash, quote and newline.
@@ -178,4 +202,212 @@ fn escape(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// A 1x1 transparent GIF.
+const PIXEL: [u8; 43] = [
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+const NO_STORE: (header::HeaderName, &str) = (
+    header::CACHE_CONTROL,
+    "no-store, no-cache, must-revalidate, private",
+);
+
+/// The same answer for a tampered token, an unknown message and a missing page.
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, [NO_STORE], "not found\n").into_response()
+}
+
+/// The message a token of the expected kind is for.
+async fn verified(shared: &Shared, token: &str) -> Option<(Link, LogEntry)> {
+    let link = shared.links.as_ref()?.verify(token)?;
+    let entry = shared.store.message(link.message()).await.ok()??;
+    Some((link, entry))
+}
+
+fn page(title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
+         <title>{title}</title><style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#222}}\
+         button{{font-size:1rem;padding:.6rem 1.2rem}}</style></head><body>{body}</body></html>"
+    );
+    (
+        [NO_STORE, (header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        html,
+    )
+        .into_response()
+}
+
+fn business_name(shared: &Shared) -> String {
+    escape_html(&shared.playbook.borrow().business.name)
+}
+
+/// GET shows a button; it never unsubscribes by itself (link scanners follow GET links).
+async fn unsubscribe_page(State(shared): State<Shared>, Path(token): Path<String>) -> Response {
+    let Some((Link::Unsubscribe { .. }, entry)) = verified(&shared, &token).await else {
+        return not_found();
+    };
+    let email = escape_html(&mask(entry.email.as_deref().unwrap_or_default()));
+    let body = format!(
+        "<h1>Unsubscribe</h1><p>Stop all emails from {} to {email}?</p>\
+         <form method=\"post\" action=\"/u/{}\"><button type=\"submit\">Unsubscribe</button></form>",
+        business_name(&shared),
+        escape_html(&token)
+    );
+    page("Unsubscribe", &body)
+}
+
+/// One-click unsubscribe (RFC 8058): takes effect at once, idempotently, with no cookies or
+/// redirects; the form on the GET page posts here too.
+async fn unsubscribe(State(shared): State<Shared>, Path(token): Path<String>) -> Response {
+    let Some((Link::Unsubscribe { message }, entry)) = verified(&shared, &token).await else {
+        return not_found();
+    };
+    let Some(email) = entry.email.filter(|e| !e.is_empty()) else {
+        return not_found();
+    };
+    let done = async {
+        if !shared.store.is_suppressed(&email).await? {
+            let reason = format!("unsubscribed with the link in message {message}");
+            shared
+                .store
+                .suppress(&email, &reason, "unsubscribe")
+                .await?;
+            shared
+                .store
+                .add_message_event(message, "unsubscribed", &serde_json::json!({}))
+                .await?;
+            tracing::info!(message_id = message, "unsubscribed");
+        }
+        Ok::<_, crate::store::StoreError>(())
+    };
+    if let Err(error) = done.await {
+        tracing::warn!(%error, "cannot record an unsubscribe");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [NO_STORE],
+            "please try again in a minute\n",
+        )
+            .into_response();
+    }
+    let body = format!(
+        "<h1>You are unsubscribed</h1><p>{} will not email {} again.</p>",
+        business_name(&shared),
+        escape_html(&mask(&email))
+    );
+    page("Unsubscribed", &body)
+}
+
+async fn open_pixel(State(shared): State<Shared>, Path(file): Path<String>) -> Response {
+    let Some(token) = file.strip_suffix(".gif") else {
+        return not_found();
+    };
+    let Some((Link::Open { message }, _)) = verified(&shared, token).await else {
+        return not_found();
+    };
+    if let Err(error) = shared
+        .store
+        .add_message_event(message, "opened", &serde_json::json!({}))
+        .await
+    {
+        tracing::warn!(%error, "cannot record an open");
+    }
+    (
+        [NO_STORE, (header::CONTENT_TYPE, "image/gif")],
+        PIXEL.as_slice(),
+    )
+        .into_response()
+}
+
+/// Redirects only to the URL inside the signed token.
+async fn click(State(shared): State<Shared>, Path(token): Path<String>) -> Response {
+    let Some((Link::Click { message, url }, _)) = verified(&shared, &token).await else {
+        return not_found();
+    };
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return not_found();
+    }
+    if let Err(error) = shared
+        .store
+        .add_message_event(message, "clicked", &serde_json::json!({ "url": url }))
+        .await
+    {
+        tracing::warn!(%error, "cannot record a click");
+    }
+    (
+        StatusCode::FOUND,
+        [NO_STORE, (header::LOCATION, url.as_str())],
+    )
+        .into_response()
+}
+
+/// `POST /hooks/bounce` with `Authorization: Bearer <bounces.webhook_secret>` and a JSON body
+/// `{"type": "hard"|"soft"|"complaint", "message_id": "...", "email": "...", "status": "5.1.1",
+/// "detail": "..."}` (`message_id` or `email` required).
+async fn bounce_hook(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(secret) = &shared.bounce_webhook_secret else {
+        return not_found();
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !constant_time_eq(presented.as_bytes(), secret.expose().as_bytes()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "a valid Authorization: Bearer token is required\n",
+        )
+            .into_response();
+    }
+    let report: BounceReport = match serde_json::from_slice(&body) {
+        Ok(report) => report,
+        Err(error) => {
+            return (StatusCode::BAD_REQUEST, format!("bad JSON body: {error}\n")).into_response();
+        }
+    };
+    match crate::bounce::apply(&shared.store, &report, shared.soft_bounce_limit).await {
+        Ok(applied) => axum::Json(applied).into_response(),
+        Err(error @ crate::bounce::BounceError::UnknownMessage { .. }) => {
+            (StatusCode::NOT_FOUND, format!("{error}\n")).into_response()
+        }
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response(),
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a secret matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `ada@example.com` -> `a**@example.com`: enough for its owner to recognise.
+fn mask(email: &str) -> String {
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            let first: String = local.chars().take(1).collect();
+            format!(
+                "{first}{}@{domain}",
+                "*".repeat(local.chars().count().saturating_sub(1).min(6))
+            )
+        }
+        None => email.to_string(),
+    }
+}
+
+pub fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }

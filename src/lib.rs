@@ -7,6 +7,7 @@
 //! runs it all under one cancellation token.
 #![forbid(unsafe_code)]
 
+pub mod bounce;
 pub mod calendar;
 pub mod cli;
 pub mod commands;
@@ -16,6 +17,7 @@ pub mod diag;
 pub mod dispatch;
 pub mod http;
 pub mod import;
+pub mod links;
 pub mod notify;
 pub mod output;
 pub mod plan;

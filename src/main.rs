@@ -166,7 +166,61 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Bounce { recipient } => bounce(&config, recipient.clone()).await?,
         Command::DefaultConfig => {}
+    }
+    Ok(())
+}
+
+/// What a pipe alias expects: exit 0 when the report was handled or is not one (nothing to
+/// retry), 75 (EX_TEMPFAIL) when the database is unavailable, so the MTA tries again later.
+async fn bounce(config: &touchpoint::config::Config, recipient: Option<String>) -> Result<()> {
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut raw)
+        .context("cannot read the report from standard input")?;
+    let recipients: Vec<String> = recipient
+        .into_iter()
+        .chain(
+            ["ORIGINAL_RECIPIENT", "RECIPIENT"]
+                .iter()
+                .filter_map(|v| std::env::var(v).ok()),
+        )
+        .collect();
+    let report = match touchpoint::bounce::parse_report(&raw, &recipients) {
+        Ok(report) => report,
+        Err(error) => {
+            println!("ignored: {error}");
+            return Ok(());
+        }
+    };
+    let store = match commands::open_store(config).await {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::exit(75);
+        }
+    };
+    match touchpoint::bounce::apply(&store, &report, config.bounces.soft_bounce_limit).await {
+        Ok(applied) => println!(
+            "recorded {} for message {} ({}){}",
+            applied.kind.event(),
+            applied
+                .message
+                .map_or_else(|| "-".into(), |m| m.to_string()),
+            applied.email.unwrap_or_default(),
+            if applied.suppressed {
+                "; the address is suppressed"
+            } else {
+                ""
+            }
+        ),
+        Err(touchpoint::bounce::BounceError::Store(error)) => {
+            eprintln!("error: {error}");
+            std::process::exit(75);
+        }
+        Err(error) => println!("ignored: {error}"),
     }
     Ok(())
 }

@@ -1251,6 +1251,8 @@ mod tests {
             only_if: Vec::new(),
             send_window: None,
             expire_after: None,
+            track_opens: false,
+            track_clicks: false,
             origin: origin(1, 1),
             subject_origin: origin(4, 11),
             template_origin: origin(3, 12),

@@ -47,6 +47,10 @@ pub struct Rule {
     pub send_window: Option<SendWindow>,
     /// A message not sent within this of its due time is skipped as expired.
     pub expire_after: Option<TimeDelta>,
+    /// Count opens with a tracking pixel (off by default, for the customer's privacy).
+    pub track_opens: bool,
+    /// Send links through the daemon to count clicks (off by default).
+    pub track_clicks: bool,
     /// Where the rule's `[[rule]]` table starts.
     pub origin: Origin,
     /// Where the `subject` value and the `template` value are written.

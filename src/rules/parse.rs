@@ -28,6 +28,8 @@ const RULE_KEYS: &[&str] = &[
     "only_if",
     "send_window",
     "expire_after",
+    "track_opens",
+    "track_clicks",
 ];
 const WHEN_KEYS: &[&str] = &["event", "after", "anniversary_of", "at", "schedule"];
 const UNLESS_KEYS: &[&str] = &["event", "since", "within"];
@@ -436,6 +438,14 @@ impl Cx<'_> {
             Some(e) => self.positive_duration(e).map(Some),
             None => Some(None),
         };
+        let track_opens = match f.get("track_opens") {
+            Some(e) => self.boolean(e),
+            None => Some(false),
+        };
+        let track_clicks = match f.get("track_clicks") {
+            Some(e) => self.boolean(e),
+            None => Some(false),
+        };
 
         if self.diags.len() != before {
             return None;
@@ -451,6 +461,8 @@ impl Cx<'_> {
             Some(only_if),
             Some(send_window),
             Some(expire_after),
+            Some(track_opens),
+            Some(track_clicks),
         ) = (
             name,
             description,
@@ -462,6 +474,8 @@ impl Cx<'_> {
             only_if,
             send_window,
             expire_after,
+            track_opens,
+            track_clicks,
         )
         else {
             return None;
@@ -477,6 +491,8 @@ impl Cx<'_> {
             only_if,
             send_window,
             expire_after,
+            track_opens,
+            track_clicks,
             origin: self.origin(header),
             subject_origin,
             template_origin,

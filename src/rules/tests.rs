@@ -540,7 +540,7 @@ fn unknown_keys_at_every_level_name_the_place_and_the_expected_keys() {
     ));
     assert_eq!(
         err,
-        "5:1: unknown key `tempalte` in rule (did you mean `template`?); expected one of: name, description, template, subject, enabled, when, unless, only_if, send_window, expire_after"
+        "5:1: unknown key `tempalte` in rule (did you mean `template`?); expected one of: name, description, template, subject, enabled, when, unless, only_if, send_window, expire_after, track_opens, track_clicks"
     );
     let (_, errors) = check(&format!(
         "{HEAD}when = {{ event = \"e\", after = \"1h\", delay = \"2h\" }}\n"

@@ -256,6 +256,14 @@ pub struct LogEntry {
     pub message_id: Option<String>,
     pub reason: Option<String>,
     pub updated_at: DateTime<Utc>,
+    /// What the recipient did, from `message_events` (first time and count).
+    pub opened_at: Option<DateTime<Utc>>,
+    pub opens: i64,
+    pub clicked_at: Option<DateTime<Utc>>,
+    pub clicks: i64,
+    pub bounced_at: Option<DateTime<Utc>>,
+    pub complained_at: Option<DateTime<Utc>>,
+    pub unsubscribed_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -408,6 +416,24 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<()>;
     async fn unsuppress(&self, email: &str) -> StoreResult<bool>;
     async fn suppressions(&self) -> StoreResult<Vec<Suppression>>;
+
+    // --- tracking -----------------------------------------------------------------------------
+    /// The stored value of a setting, creating it with `value` if it has none yet. Every
+    /// process gets the same value.
+    async fn setting_or_insert(&self, key: &str, value: &str) -> StoreResult<String>;
+    /// One message of the log.
+    async fn message(&self, id: i64) -> StoreResult<Option<LogEntry>>;
+    /// The message that went out with this Message-ID (with or without angle brackets).
+    async fn message_by_message_id(&self, message_id: &str) -> StoreResult<Option<LogEntry>>;
+    /// Adds a line to a message's history (opened, clicked, bounced, unsubscribed...).
+    async fn add_message_event(
+        &self,
+        message_id: i64,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()>;
+    /// How many events of `kind` the messages sent to `email` have had.
+    async fn events_for_address(&self, email: &str, kind: &str) -> StoreResult<i64>;
 
     // --- the log ------------------------------------------------------------------------------
     async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>>;

@@ -466,6 +466,72 @@ impl Store for PostgresStore {
         Ok(rows.into_iter().map(Suppression::from).collect())
     }
 
+    async fn setting_or_insert(&self, key: &str, value: &str) -> StoreResult<String> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+                .bind(key)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn message(&self, id: i64) -> StoreResult<Option<LogEntry>> {
+        let row: Option<LogRow> = sqlx::query_as(&format!(
+            "SELECT {} FROM messages m LEFT JOIN customers c ON c.id = m.customer_id WHERE m.id = $1",
+            rows::LOG_COLUMNS
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(LogEntry::from))
+    }
+
+    async fn message_by_message_id(&self, message_id: &str) -> StoreResult<Option<LogEntry>> {
+        let wanted = format!("<{}>", message_id.trim().trim_matches(['<', '>']));
+        let row: Option<LogRow> = sqlx::query_as(&format!(
+            "SELECT {} FROM messages m LEFT JOIN customers c ON c.id = m.customer_id WHERE m.message_id = $1 \
+             ORDER BY m.id DESC LIMIT 1",
+            rows::LOG_COLUMNS
+        ))
+        .bind(wanted)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(LogEntry::from))
+    }
+
+    async fn add_message_event(
+        &self,
+        message_id: i64,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO message_events (message_id, kind, detail) VALUES ($1, $2, $3)")
+            .bind(message_id)
+            .bind(kind)
+            .bind(Json(detail))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn events_for_address(&self, email: &str, kind: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM message_events e JOIN messages m ON m.id = e.message_id \
+             WHERE lower(m.email) = $1 AND e.kind = $2",
+        )
+        .bind(normalize_email(email))
+        .bind(kind)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {
         let mut query = QueryBuilder::<Postgres>::new(format!(
             "SELECT {} FROM messages m LEFT JOIN customers c ON c.id = m.customer_id WHERE 1 = 1",

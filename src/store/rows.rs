@@ -141,6 +141,13 @@ pub(super) struct LogRow {
     message_id: Option<String>,
     reason: Option<String>,
     updated_at: DateTime<Utc>,
+    opened_at: Option<DateTime<Utc>>,
+    opens: i64,
+    clicked_at: Option<DateTime<Utc>>,
+    clicks: i64,
+    bounced_at: Option<DateTime<Utc>>,
+    complained_at: Option<DateTime<Utc>>,
+    unsubscribed_at: Option<DateTime<Utc>>,
 }
 
 impl From<LogRow> for LogEntry {
@@ -163,6 +170,13 @@ impl From<LogRow> for LogEntry {
             message_id: row.message_id,
             reason: row.reason,
             updated_at: row.updated_at,
+            opened_at: row.opened_at,
+            opens: row.opens,
+            clicked_at: row.clicked_at,
+            clicks: row.clicks,
+            bounced_at: row.bounced_at,
+            complained_at: row.complained_at,
+            unsubscribed_at: row.unsubscribed_at,
         }
     }
 }
@@ -210,7 +224,14 @@ impl From<SuppressionRow> for Suppression {
 /// The columns of a log row, for both backends' SELECTs (messages `m`, customers `c`).
 pub(super) const LOG_COLUMNS: &str = "m.id, m.rule, m.customer_id, COALESCE(m.email, c.email) AS email, m.subject, \
      m.state, m.event_id, m.trigger_at, m.due_at, m.next_attempt_at, m.sent_at, m.attempts, m.smtp_reply, \
-     m.message_id, m.reason, m.updated_at";
+     m.message_id, m.reason, m.updated_at, \
+     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'opened') AS opened_at, \
+     (SELECT COUNT(*) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'opened') AS opens, \
+     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'clicked') AS clicked_at, \
+     (SELECT COUNT(*) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'clicked') AS clicks, \
+     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind IN ('bounced', 'soft_bounced')) AS bounced_at, \
+     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'complained') AS complained_at, \
+     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'unsubscribed') AS unsubscribed_at";
 
 /// The columns a claim returns.
 pub(super) const CLAIM_COLUMNS: &str =

@@ -78,9 +78,17 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
+        // sqlx takes no lock for SQLite: two processes starting on a fresh file would both
+        // read "nothing applied" and the second would fail on `CREATE TABLE`. Holding the write
+        // lock (BEGIN IMMEDIATE, waiting out busy_timeout) across the whole run serialises them;
+        // sqlx's per-migration transactions become savepoints inside this one.
+        let mut connection = self.writer.acquire().await?;
+        let mut tx = sqlx::Connection::begin_with(&mut *connection, "BEGIN IMMEDIATE").await?;
+        // `run_direct`: `run(&mut *tx)` hits sqlx's "Acquire is not general enough" in async-trait.
         sqlx::migrate!("./migrations/sqlite")
-            .run(&self.writer)
+            .run_direct(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -510,6 +518,70 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         Ok(rows.into_iter().map(Suppression::from).collect())
+    }
+
+    async fn setting_or_insert(&self, key: &str, value: &str) -> StoreResult<String> {
+        sqlx::query("INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&self.writer)
+            .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+                .bind(key)
+                .fetch_one(&self.writer)
+                .await?,
+        )
+    }
+
+    async fn message(&self, id: i64) -> StoreResult<Option<LogEntry>> {
+        let row: Option<LogRow> = sqlx::query_as(&format!(
+            "SELECT {} FROM messages m LEFT JOIN customers c ON c.id = m.customer_id WHERE m.id = ?",
+            rows::LOG_COLUMNS
+        ))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(LogEntry::from))
+    }
+
+    async fn message_by_message_id(&self, message_id: &str) -> StoreResult<Option<LogEntry>> {
+        let wanted = format!("<{}>", message_id.trim().trim_matches(['<', '>']));
+        let row: Option<LogRow> = sqlx::query_as(&format!(
+            "SELECT {} FROM messages m LEFT JOIN customers c ON c.id = m.customer_id WHERE m.message_id = ? \
+             ORDER BY m.id DESC LIMIT 1",
+            rows::LOG_COLUMNS
+        ))
+        .bind(wanted)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(LogEntry::from))
+    }
+
+    async fn add_message_event(
+        &self,
+        message_id: i64,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO message_events (message_id, kind, detail) VALUES (?, ?, ?)")
+            .bind(message_id)
+            .bind(kind)
+            .bind(Json(detail))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn events_for_address(&self, email: &str, kind: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM message_events e JOIN messages m ON m.id = e.message_id \
+             WHERE lower(m.email) = ? AND e.kind = ?",
+        )
+        .bind(normalize_email(email))
+        .bind(kind)
+        .fetch_one(&self.reader)
+        .await?)
     }
 
     async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {

@@ -40,6 +40,10 @@ pub struct EmailParts<'a> {
     pub message_id: String,
     /// Further headers (List-Unsubscribe...), name and value.
     pub headers: Vec<(&'static str, String)>,
+    /// Sign with DKIM, after every header is in place.
+    pub dkim: Option<&'a super::dkim::Dkim>,
+    /// The envelope sender (MAIL FROM), when it is not the From address (VERP bounces).
+    pub envelope_from: Option<Address>,
 }
 
 /// Builds the message; fails only on a recipient address that is not valid.
@@ -100,6 +104,8 @@ mod tests {
             html: "<p>Rich</p>".into(),
             message_id: message_id_for(42, "thank-you", "acme.example"),
             headers: vec![("X-Touchpoint-Rule", "thank-you".into())],
+            dkim: None,
+            envelope_from: None,
         })
         .unwrap();
         let text = String::from_utf8(email.bytes).unwrap();
@@ -130,6 +136,8 @@ mod tests {
             html: String::new(),
             message_id: "<1.r@x>".into(),
             headers: vec![],
+            dkim: None,
+            envelope_from: None,
         })
         .unwrap_err();
         assert!(error.contains("not valid"), "{error}");

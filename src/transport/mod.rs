@@ -2,6 +2,7 @@
 //! so the dispatcher can record "the body is about to go out" between DATA and the body) or as
 //! `.eml` files in a directory.
 
+pub mod dkim;
 mod email;
 mod file;
 mod smtp;

@@ -129,24 +129,29 @@ impl SmtpTransport {
             None => self.connect().await?,
         };
         if let Err(error) = self.envelope(&mut connection, email).await {
-            connection.abort().await;
+            self.discard(connection, !matches!(error, StepError::TimedOut))
+                .await;
             // A pooled connection the server closed while idle is not the message's fault.
             if !(reused && is_connection_fault(&error)) {
                 return Err(classify_step(&error, Stage::Envelope));
             }
             connection = self.connect().await?;
             if let Err(error) = self.envelope(&mut connection, email).await {
-                connection.abort().await;
+                self.discard(connection, !matches!(error, StepError::TimedOut))
+                    .await;
                 return Err(classify_step(&error, Stage::Envelope));
             }
         }
         if !before_body().await {
-            connection.abort().await;
+            // The server is reading the body now: a QUIT would be taken as message text and
+            // never answered. Closing the socket without the final dot delivers nothing.
+            self.discard(connection, false).await;
             return Err(SendError::Withdrawn);
         }
         match tokio::time::timeout(self.settings.timeout, connection.message(&email.bytes)).await {
             Err(_elapsed) => {
-                connection.abort().await;
+                // A silent server would not answer a QUIT either.
+                self.discard(connection, false).await;
                 Err(SendError::Ambiguous(format!(
                     "the server did not answer within {:?} after the final dot",
                     self.settings.timeout
@@ -160,7 +165,7 @@ impl SmtpTransport {
                 if error.status().is_some() && !connection.has_broken() {
                     self.put_idle(connection);
                 } else {
-                    connection.abort().await;
+                    self.discard(connection, true).await;
                 }
                 Err(classify(&error, Stage::Body))
             }
@@ -260,6 +265,16 @@ impl SmtpTransport {
                 .map_err(unavailable)?;
         }
         Ok(connection)
+    }
+
+    /// Gives up a connection. With `quit`, says QUIT first (lettre's `abort`, which waits for
+    /// the reply without a deadline, so within the step timeout here); without, just closes
+    /// the socket: for a server that stopped answering, or one waiting for the body.
+    async fn discard(&self, mut connection: AsyncSmtpConnection, quit: bool) {
+        if quit {
+            let _ = tokio::time::timeout(self.settings.timeout, connection.abort()).await;
+        }
+        drop(connection);
     }
 
     fn take_idle(&self) -> Option<AsyncSmtpConnection> {
