@@ -86,6 +86,7 @@ pub fn parse_report(raw: &[u8], recipients: &[String]) -> Result<BounceReport, B
     let mut recipient = None;
     let mut diagnostic = None;
     let mut original_id = None;
+    let mut report_verp = None;
     for part in message.parts.iter().skip(1) {
         let content_type = part
             .content_type()
@@ -118,6 +119,9 @@ pub fn parse_report(raw: &[u8], recipients: &[String]) -> Result<BounceReport, B
                 kind = Some(BounceKind::Complaint);
                 diagnostic = field(&body, "feedback-type").map(|t| format!("feedback type: {t}"));
                 recipient = recipient.or_else(|| field(&body, "original-rcpt-to"));
+                // The envelope sender of the reported message: its VERP address.
+                report_verp = field(&body, "original-mail-from")
+                    .and_then(|from| verp_id(from.trim_matches(['<', '>', ' '])));
             }
             "message/rfc822" | "message/global" => {
                 if let PartType::Message(inner) = &part.body {
@@ -134,15 +138,19 @@ pub fn parse_report(raw: &[u8], recipients: &[String]) -> Result<BounceReport, B
     let kind = kind.ok_or_else(|| {
         BounceError::NotAReport("no message/delivery-status or message/feedback-report part".into())
     })?;
-    let verp_message = recipients.iter().find_map(|r| verp_id(r)).or_else(|| {
-        ["X-Original-To", "Delivered-To", "To"]
-            .iter()
-            .find_map(|h| {
-                message
-                    .header_raw(*h)
-                    .and_then(|value| value.split([',', '<', '>', ' ']).find_map(verp_id))
-            })
-    });
+    let verp_message = recipients
+        .iter()
+        .find_map(|r| verp_id(r))
+        .or(report_verp)
+        .or_else(|| {
+            ["X-Original-To", "Delivered-To", "To"]
+                .iter()
+                .find_map(|h| {
+                    message
+                        .header_raw(*h)
+                        .and_then(|value| value.split([',', '<', '>', ' ']).find_map(verp_id))
+                })
+        });
     Ok(BounceReport {
         kind,
         message_id: original_id.map(|id| id.trim().trim_matches(['<', '>']).to_string()),

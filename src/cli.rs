@@ -64,6 +64,9 @@ pub enum Command {
     },
     /// Print the example config file, to start from.
     DefaultConfig,
+    /// Read a password from standard input (never from the command line) and print its hash
+    /// for `web.password_hash`.
+    HashPassword,
 }
 
 #[derive(Debug, Subcommand)]

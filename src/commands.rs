@@ -65,8 +65,49 @@ pub async fn open_store(config: &Config) -> Result<SharedStore> {
 /// scheduled and those the rules would create now.
 pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Result<String> {
     let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
+    let settings = PlanSettings {
+        default_timezone: config.defaults.timezone,
+        default_expire_after: config.defaults.expire_after,
+    };
+    let rows = upcoming(&playbook, &settings, store, args.days).await?;
+    Ok(match args.format {
+        PlanFormat::Json => serde_json::to_string_pretty(&rows)? + "\n",
+        PlanFormat::Table if rows.is_empty() => {
+            format!("nothing to send in the next {} days\n", args.days)
+        }
+        PlanFormat::Table => {
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        when(Some(r.due_at)),
+                        r.rule.clone(),
+                        r.customer_id.clone(),
+                        r.email.clone(),
+                        r.status.clone(),
+                        r.why.clone(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &["due (UTC)", "rule", "customer", "email", "status", "why"],
+                &table,
+                60,
+            )
+        }
+    })
+}
+
+/// What `plan` lists (and the web page's Upcoming): the messages due within `days` days, those
+/// already scheduled and those the rules would create now, soonest first.
+pub async fn upcoming(
+    playbook: &Playbook,
+    settings: &PlanSettings,
+    store: &SharedStore,
+    days: u32,
+) -> Result<Vec<PlannedRow>> {
     let now = Utc::now();
-    let until = now + TimeDelta::days(i64::from(args.days));
+    let until = now + TimeDelta::days(i64::from(days));
     let mut rows = Vec::new();
     let waiting = store
         .log(&LogFilter {
@@ -92,10 +133,6 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
             message_id: Some(entry.id),
         });
     }
-    let settings = PlanSettings {
-        default_timezone: config.defaults.timezone,
-        default_expire_after: config.defaults.expire_after,
-    };
     let (customers_hi, events_hi) = store.max_seqs().await?;
     for rule in playbook.rules.rules.iter().filter(|r| r.enabled) {
         let up_to = if matches!(rule.trigger, Trigger::Schedule { .. }) {
@@ -110,7 +147,7 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
             0,
             up_to,
             now,
-            &settings,
+            settings,
             false,
             |planned, candidates| {
                 for message in planned.iter().filter(|m| m.due_at <= until).cloned() {
@@ -144,43 +181,21 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
     rows.sort_by(|a, b| {
         (a.due_at, &a.rule, &a.customer_id).cmp(&(b.due_at, &b.rule, &b.customer_id))
     });
-    Ok(match args.format {
-        PlanFormat::Json => serde_json::to_string_pretty(&rows)? + "\n",
-        PlanFormat::Table if rows.is_empty() => {
-            format!("nothing to send in the next {} days\n", args.days)
-        }
-        PlanFormat::Table => {
-            let table: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| {
-                    vec![
-                        when(Some(r.due_at)),
-                        r.rule.clone(),
-                        r.customer_id.clone(),
-                        r.email.clone(),
-                        r.status.clone(),
-                        r.why.clone(),
-                    ]
-                })
-                .collect();
-            output::table(
-                &["due (UTC)", "rule", "customer", "email", "status", "why"],
-                &table,
-                60,
-            )
-        }
-    })
+    Ok(rows)
 }
 
-#[derive(Debug, serde::Serialize)]
-struct PlannedRow {
-    due_at: chrono::DateTime<Utc>,
-    rule: String,
-    customer_id: String,
-    email: String,
-    status: String,
-    why: String,
-    message_id: Option<i64>,
+/// One message `plan` expects to go out.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedRow {
+    pub due_at: chrono::DateTime<Utc>,
+    pub rule: String,
+    pub customer_id: String,
+    pub email: String,
+    /// The message's state, or "not yet planned".
+    pub status: String,
+    /// The triggering event ("purchase p1 at ...") or "schedule".
+    pub why: String,
+    pub message_id: Option<i64>,
 }
 
 fn why_event(event: &Event) -> String {
@@ -247,7 +262,8 @@ pub async fn preview(config: &Config, store: &SharedStore, args: &PreviewArgs) -
     ))
 }
 
-pub const LOG_HEADERS: [&str; 14] = [
+/// One per value of [`log_row`], in the same order.
+pub const LOG_HEADERS: [&str; 21] = [
     "id",
     "rule",
     "customer_id",
@@ -262,10 +278,35 @@ pub const LOG_HEADERS: [&str; 14] = [
     "reason",
     "event_id",
     "updated_at",
+    "opened_at",
+    "opens",
+    "clicked_at",
+    "clicks",
+    "bounced_at",
+    "complained_at",
+    "unsubscribed_at",
 ];
 
-pub fn log_row(e: &LogEntry) -> Vec<String> {
-    vec![
+/// What the recipient did, in a few words for the table: `opened 2x, clicked, unsubscribed`.
+pub fn activity(e: &LogEntry) -> String {
+    let times = |n: i64| if n > 1 { format!(" {n}x") } else { String::new() };
+    let mut parts = Vec::new();
+    if e.opens > 0 {
+        parts.push(format!("opened{}", times(e.opens)));
+    }
+    if e.clicks > 0 {
+        parts.push(format!("clicked{}", times(e.clicks)));
+    }
+    for (at, what) in [(e.bounced_at, "bounced"), (e.complained_at, "complained"), (e.unsubscribed_at, "unsubscribed")] {
+        if at.is_some() {
+            parts.push(what.to_string());
+        }
+    }
+    parts.join(", ")
+}
+
+pub fn log_row(e: &LogEntry) -> [String; LOG_HEADERS.len()] {
+    [
         e.id.to_string(),
         e.rule.clone(),
         e.customer_id.clone(),
@@ -314,7 +355,7 @@ pub async fn log(store: &SharedStore, args: &LogArgs) -> Result<String> {
         ..LogFilter::default()
     };
     let entries = store.log(&filter).await?;
-    let rows: Vec<Vec<String>> = entries.iter().map(log_row).collect();
+    let rows: Vec<Vec<String>> = entries.iter().map(|e| log_row(e).to_vec()).collect();
     Ok(match args.format {
         LogFormat::Json => serde_json::to_string_pretty(&entries)? + "\n",
         LogFormat::Csv => output::csv(&LOG_HEADERS, &rows)?,
@@ -322,10 +363,12 @@ pub async fn log(store: &SharedStore, args: &LogArgs) -> Result<String> {
         LogFormat::Table => {
             // The table shows what fits a terminal; CSV and JSON carry every column.
             let picked = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
-            let headers: Vec<&str> = picked.iter().map(|&i| LOG_HEADERS[i]).collect();
+            let mut headers: Vec<&str> = picked.iter().map(|&i| LOG_HEADERS[i]).collect();
+            headers.push("activity");
             let rows: Vec<Vec<String>> = rows
                 .iter()
-                .map(|r| picked.iter().map(|&i| r[i].clone()).collect())
+                .zip(&entries)
+                .map(|(r, e)| picked.iter().map(|&i| r[i].clone()).chain([activity(e)]).collect())
                 .collect();
             output::table(&headers, &rows, 40)
         }

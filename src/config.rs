@@ -46,6 +46,8 @@ pub struct Config {
     pub bounces: BouncesConfig,
     #[serde(default)]
     pub dkim: Option<DkimConfig>,
+    #[serde(default)]
+    pub web: WebConfig,
     /// The directory of the config file; relative paths were resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -448,6 +450,43 @@ pub enum DkimAlgorithm {
     Ed25519,
 }
 
+/// The owner's web page on the HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// Serve the page at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The owner's password as an Argon2 PHC string (`touchpoint hash-password` prints one).
+    /// Without it the page is served only to browsers on this machine (loopback), without login;
+    /// with it, everyone logs in.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// Mark the session cookie `Secure`. Default: when `links.base_url` is https or the request
+    /// came through a proxy that says `X-Forwarded-Proto: https`.
+    #[serde(default)]
+    pub secure_cookies: Option<bool>,
+    /// How long a login lasts.
+    #[serde(default = "default_session_lifetime", deserialize_with = "duration")]
+    pub session_lifetime: TimeDelta,
+}
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            enabled: true,
+            password_hash: None,
+            secure_cookies: None,
+            session_lifetime: default_session_lifetime(),
+        }
+    }
+}
+fn default_true() -> bool {
+    true
+}
+fn default_session_lifetime() -> TimeDelta {
+    TimeDelta::hours(12)
+}
+
 /// Where a secret comes from: an environment variable, a file, or a systemd credential
 /// (`LoadCredential=`, read from `$CREDENTIALS_DIRECTORY`).
 #[derive(Debug, Clone, Default)]
@@ -556,8 +595,12 @@ impl Config {
         let mut config = match Config::deserialize(toml::Value::Table(table)) {
             Ok(config) => config,
             Err(merged_error) => {
-                // Blame the file (with line and column) when the file alone is wrong too.
-                toml::from_str::<Config>(source).map_err(diagnostic)?;
+                // Blame the file (every mistake, with line and column) when the file alone is
+                // wrong too.
+                let mistakes = file_mistakes(path, source);
+                if !mistakes.is_empty() {
+                    return Err(ConfigError::Invalid(Diagnostics(mistakes)));
+                }
                 return Err(ConfigError::Environment {
                     var: overridden.join(", "),
                     message: merged_error.message().trim().to_string(),
@@ -611,13 +654,24 @@ impl Config {
         if self.delivery.max_attempts == 0 {
             problems.push("delivery.max_attempts: expected at least 1".into());
         }
-        if self.delivery.lease <= self.transport.smtp.timeout * 2 {
+        // Only SMTP sends can stall for the SMTP timeout; the file transport has none.
+        if self.transport.kind == TransportKind::Smtp
+            && self.delivery.lease <= self.transport.smtp.timeout * 2
+        {
             problems.push(format!(
                 "delivery.lease ({}) must be longer than twice transport.smtp.timeout ({}), so a claim \
                  cannot expire while its message is being sent",
                 crate::rules::format_duration(self.delivery.lease),
                 crate::rules::format_duration(self.transport.smtp.timeout)
             ));
+        }
+        if let Some(hash) = &self.web.password_hash
+            && let Err(message) = crate::web::auth::check_hash(hash)
+        {
+            problems.push(format!("web.password_hash: {message}"));
+        }
+        if self.web.session_lifetime <= TimeDelta::zero() {
+            problems.push("web.session_lifetime: expected more than 0s".into());
         }
         if let Err(message) = DatabaseUrl::parse(self.database.url.expose(), &self.base_dir) {
             problems.push(format!("database.url: {message}"));
@@ -684,6 +738,56 @@ fn read_secret_file(path: &Path) -> Result<Secret, String> {
     std::fs::read_to_string(path)
         .map(|text| Secret(text.trim_end_matches(['\r', '\n']).to_string()))
         .map_err(|e| format!("cannot read the SMTP password file {}: {e}", path.display()))
+}
+
+/// Every mistake serde finds in the config text, not only the first: each one found is
+/// commented out (byte offsets kept) and the text read again, until it reads or a mistake could
+/// be a consequence of the commenting (a required key now missing, a broken multi-line value).
+fn file_mistakes(path: &Path, source: &str) -> Vec<Diagnostic> {
+    let mut masked = source.to_string();
+    let mut found: Vec<Diagnostic> = Vec::new();
+    for _ in 0..100 {
+        if !found.is_empty() && toml::from_str::<toml::Table>(&masked).is_err() {
+            break;
+        }
+        let Err(error) = toml::from_str::<Config>(&masked) else {
+            break;
+        };
+        let message = error.message().trim().to_string();
+        let Some(span) = error.span() else {
+            if found.is_empty() {
+                found.push(Diagnostic::at_offset(path, source, 0, message));
+            }
+            break;
+        };
+        let diagnostic = Diagnostic::at_offset(path, source, span.start, message);
+        let repeated = found.iter().any(|d| d.line == diagnostic.line);
+        if !found.is_empty() && (diagnostic.message.starts_with("missing field") || repeated) {
+            break;
+        }
+        found.push(diagnostic);
+        // Comment out the line; a table header takes its keys with it, so that they are not
+        // read as keys of the table above.
+        let start = masked[..span.start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = |from: usize| masked[from..].find('\n').map_or(masked.len(), |i| from + i);
+        let mut end = line_end(span.start);
+        if masked[start..end].trim_start().starts_with('[') {
+            while end < masked.len() && !masked[end + 1..].trim_start().starts_with('[') {
+                end = line_end(end + 1);
+            }
+        }
+        let blank: String = masked[start..end]
+            .char_indices()
+            .map(|(i, c)| match c {
+                '\n' => "\n".to_string(),
+                _ if i == 0 => format!("#{}", " ".repeat(c.len_utf8() - 1)),
+                _ => " ".repeat(c.len_utf8()),
+            })
+            .collect();
+        masked.replace_range(start..end, &blank);
+    }
+    found.sort_by_key(|d| (d.line, d.column));
+    found
 }
 
 /// `TOUCHPOINT_DATABASE__URL` -> `["database", "url"]`.

@@ -224,6 +224,8 @@ pub struct Shared {
     /// The bearer token of `POST /hooks/bounce`; `None` turns the hook off.
     pub bounce_webhook_secret: Option<crate::config::Secret>,
     pub soft_bounce_limit: i64,
+    /// The owner's web page; `None` when `web.enabled` is false.
+    pub web: Option<Arc<crate::web::Web>>,
 }
 
 /// Opens the database, retrying while it is unavailable (it may still be starting).
@@ -320,16 +322,27 @@ pub async fn run(
             links,
             bounce_webhook_secret,
             soft_bounce_limit: config.bounces.soft_bounce_limit,
+            web: crate::web::Web::setup(&config, &store).await?,
         };
         let address = listener.local_addr().map_err(DaemonError::Http)?;
-        tracing::info!(%address, "HTTP listener ready (/healthz, /metrics, /u, /o, /c, /hooks/bounce)");
+        tracing::info!(%address, "HTTP listener ready (the owner's page at /, /healthz, /metrics, /u, /o, /c, /hooks/bounce)");
         tracker.spawn(crate::http::serve(listener, shared, shutdown.clone()));
     }
+    // Listen for SIGHUP here, not in the task: READY=1 below lets systemd send it at once, and
+    // SIGHUP's default action would end the process.
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reloading is off");
+            None
+        }
+    };
     tracker.spawn(reload_on_hangup(
         config.clone(),
         playbook_tx,
         health.clone(),
         wake.clone(),
+        hangups,
         shutdown.clone(),
     ));
     tracker.spawn(status_reporter(
@@ -512,15 +525,10 @@ async fn reload_on_hangup(
     playbook: watch::Sender<Arc<Playbook>>,
     health: Arc<Health>,
     wake: Arc<Notify>,
+    hangups: Option<tokio::signal::unix::Signal>,
     shutdown: CancellationToken,
 ) {
-    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(signal) => signal,
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGHUP; reloading is off");
-            return;
-        }
-    };
+    let Some(mut hangups) = hangups else { return };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -24,7 +24,7 @@ use crate::plan::{attributes_match, customer_timezone};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, message_context};
 use crate::rules::{Rule, Unless};
-use crate::store::{ClaimedMessage, Delivery, Outcome, SharedStore, StoreError};
+use crate::store::{ClaimedMessage, Delivery, Outcome, SentContent, SharedStore, StoreError};
 use crate::transport::dkim::Dkim;
 use crate::transport::{self, SendError, Transport};
 
@@ -110,6 +110,8 @@ struct Context {
     relay: RelayGate,
     /// Fires when the shutdown deadline passes: unsent messages are released, not sent.
     hard_stop: CancellationToken,
+    /// Wakes the dispatcher when an outcome makes a message due again (retry, release).
+    wake: Arc<Notify>,
 }
 
 impl Dispatcher {
@@ -130,6 +132,7 @@ impl Dispatcher {
             health: self.health.clone(),
             relay: RelayGate::default(),
             hard_stop,
+            wake: self.wake.clone(),
         });
         let mut last_reap: Option<Instant> = None;
         let mut db_failures = 0u32;
@@ -291,6 +294,10 @@ async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSe
         }
     };
     record(&context, &claim, &outcome).await;
+    if matches!(outcome, Outcome::Retry { .. } | Outcome::Released { .. }) {
+        // Due again soon: the dispatcher may be asleep until its heartbeat.
+        context.wake.notify_one();
+    }
     context
         .health
         .record_outcome(&claim.rule, &outcome, started.elapsed());
@@ -442,6 +449,12 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
         rendered.html,
         unsubscribe_url.as_deref(),
     );
+    // Kept with the message for the owner: what went out, and why it was allowed to.
+    let content = SentContent {
+        text: rendered.text.clone(),
+        html: html.clone(),
+        checks: crate::web::why::checks_passed(rule, &customer, event.as_ref(), claim, tz, now),
+    };
     let email = transport::build_email(transport::EmailParts {
         from: &settings.from,
         reply_to: settings.reply_to.as_ref(),
@@ -476,21 +489,37 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
         TimeDelta::from_std(context.transport.body_deadline()).unwrap_or(TimeDelta::seconds(30));
     let store = &context.store;
     let hard_stop = &context.hard_stop;
-    let result = context
-        .transport
-        .deliver(&email, || async move {
-            if hard_stop.is_cancelled() {
-                return false;
+    // Set once the body may be going out; from then on the send must be seen through.
+    let body_started = std::sync::atomic::AtomicBool::new(false);
+    let started = &body_started;
+    let delivering = context.transport.deliver(&email, || async move {
+        if hard_stop.is_cancelled() {
+            return false;
+        }
+        match store.begin_body_with(claim.id, &claim.token, &delivery, &content, margin).await {
+            Ok(held) => {
+                started.store(held, std::sync::atomic::Ordering::SeqCst);
+                held
             }
-            match store.begin_body(claim.id, &claim.token, &delivery, margin).await {
-                Ok(held) => held,
-                Err(error) => {
-                    tracing::warn!(message_id = claim.id, %error, "cannot record the send; not sending the body");
-                    false
-                }
+            Err(error) => {
+                tracing::warn!(message_id = claim.id, %error, "cannot record the send; not sending the body");
+                false
             }
-        })
-        .await;
+        }
+    });
+    tokio::pin!(delivering);
+    let result = tokio::select! {
+        result = &mut delivering => result,
+        () = hard_stop.cancelled() => {
+            if body_started.load(std::sync::atomic::Ordering::SeqCst) {
+                delivering.await
+            } else {
+                // Still at MAIL/RCPT/DATA: dropping the send closes the connection and
+                // delivers nothing, so the message can wait for the next start.
+                return Ok(Some(Outcome::Released { at: Utc::now(), reason: "the daemon is shutting down".into() }));
+            }
+        }
+    };
     Ok(match result {
         Ok(reply) => {
             context.relay.succeeded();

@@ -1,6 +1,7 @@
 //! The HTTP listener: `/healthz` for load balancers and monitors, `/metrics` for Prometheus,
 //! the links in messages (`/u/{token}` unsubscribe, `/o/{token}.gif` opens, `/c/{token}`
-//! clicks) and `POST /hooks/bounce` for providers' bounce webhooks.
+//! clicks) and `POST /hooks/bounce` for providers' bounce webhooks; the owner's page
+//! ([`crate::web`]) is merged into the same router.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -29,13 +30,15 @@ pub fn router(shared: Shared) -> Router {
         .route("/o/{file}", get(open_pixel))
         .route("/c/{token}", get(click))
         .route("/hooks/bounce", axum::routing::post(bounce_hook))
+        .merge(crate::web::router())
         .with_state(shared)
 }
 
 /// Serves until `shutdown`.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Shared, shutdown: CancellationToken) {
-    let server =
-        axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown.cancelled_owned());
+    // The peer's address tells the owner's page whether a visitor is on this machine.
+    let service = router(shared).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(shutdown.cancelled_owned());
     if let Err(error) = server.await {
         tracing::error!(%error, "the HTTP listener stopped");
     }
@@ -245,7 +248,9 @@ fn business_name(shared: &Shared) -> String {
     escape_html(&shared.playbook.borrow().business.name)
 }
 
-/// GET shows a button; it never unsubscribes by itself (link scanners follow GET links).
+/// GET shows a button; it never unsubscribes by itself (link scanners follow GET links). The
+/// form has no `action`, so it posts to the URL the customer opened, whatever path prefix a
+/// reverse proxy puts before `/u/`.
 async fn unsubscribe_page(State(shared): State<Shared>, Path(token): Path<String>) -> Response {
     let Some((Link::Unsubscribe { .. }, entry)) = verified(&shared, &token).await else {
         return not_found();
@@ -253,9 +258,8 @@ async fn unsubscribe_page(State(shared): State<Shared>, Path(token): Path<String
     let email = escape_html(&mask(entry.email.as_deref().unwrap_or_default()));
     let body = format!(
         "<h1>Unsubscribe</h1><p>Stop all emails from {} to {email}?</p>\
-         <form method=\"post\" action=\"/u/{}\"><button type=\"submit\">Unsubscribe</button></form>",
+         <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form>",
         business_name(&shared),
-        escape_html(&token)
     );
     page("Unsubscribe", &body)
 }
@@ -270,12 +274,13 @@ async fn unsubscribe(State(shared): State<Shared>, Path(token): Path<String>) ->
         return not_found();
     };
     let done = async {
-        if !shared.store.is_suppressed(&email).await? {
-            let reason = format!("unsubscribed with the link in message {message}");
-            shared
-                .store
-                .suppress(&email, &reason, "unsubscribe")
-                .await?;
+        let reason = format!("unsubscribed with the link in message {message}");
+        // Whoever inserts the suppression records the event: concurrent POSTs record one.
+        if shared
+            .store
+            .suppress(&email, &reason, "unsubscribe")
+            .await?
+        {
             shared
                 .store
                 .add_message_event(message, "unsubscribed", &serde_json::json!({}))
@@ -339,9 +344,23 @@ async fn click(State(shared): State<Shared>, Path(token): Path<String>) -> Respo
     }
     (
         StatusCode::FOUND,
-        [NO_STORE, (header::LOCATION, url.as_str())],
+        [NO_STORE, (header::LOCATION, location(&url).as_str())],
     )
         .into_response()
+}
+
+/// A URL as a `Location` value: ASCII only (RFC 9110), so bytes outside printable ASCII (an
+/// `été` in a path) are percent-encoded; everything else is left exactly as written.
+fn location(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    for byte in url.bytes() {
+        if byte.is_ascii_graphic() {
+            out.push(byte as char);
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
 }
 
 /// `POST /hooks/bounce` with `Authorization: Bearer <bounces.webhook_secret>` and a JSON body

@@ -182,13 +182,14 @@ fn progress(total_bytes: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// Reads every row; returns the values or every row's mistakes.
+/// Reads every row; returns the good rows' values and every bad row's mistake (a header
+/// without a required column is an error at once).
 fn read_rows<T>(
     reader: Reader,
     total_bytes: u64,
     required: &[(&str, &[&str])],
     mut parse: impl FnMut(&[String], &csv::StringRecord, &[Option<usize>]) -> Result<T, String>,
-) -> Result<Vec<T>, ImportError> {
+) -> Result<(Vec<T>, Vec<RowError>), ImportError> {
     let mut errors = Vec::new();
     let mut positions = Vec::new();
     for (name, aliases) in required {
@@ -230,14 +231,7 @@ fn read_rows<T>(
         }
     }
     bar.finish_and_clear();
-    if errors.is_empty() {
-        Ok(values)
-    } else {
-        Err(ImportError::Rows {
-            path: reader.path,
-            errors,
-        })
-    }
+    Ok((values, errors))
 }
 
 /// The columns not named in `known`, as a JSON object of typed values (empty cells left out).
@@ -270,7 +264,7 @@ pub async fn import_customers(store: &SharedStore, file: &Path) -> Result<usize,
     let reader = open_csv(file)?;
     let path = reader.path.clone();
     let mut seen = HashSet::new();
-    let customers = read_rows(
+    let (customers, errors) = read_rows(
         reader,
         size,
         &[
@@ -294,6 +288,9 @@ pub async fn import_customers(store: &SharedStore, file: &Path) -> Result<usize,
             )
         },
     )?;
+    if !errors.is_empty() {
+        return Err(ImportError::Rows { path, errors });
+    }
     store
         .upsert_customers(&customers)
         .await
@@ -310,7 +307,7 @@ pub async fn import_events(store: &SharedStore, file: &Path) -> Result<(usize, u
     let reader = open_csv(file)?;
     let path = reader.path.clone();
     let mut lines = Vec::new();
-    let events = read_rows(
+    let (events, mut errors) = read_rows(
         reader,
         size,
         &[
@@ -337,7 +334,8 @@ pub async fn import_events(store: &SharedStore, file: &Path) -> Result<(usize, u
             })
         },
     )?;
-    // An unknown customer is a row mistake, found before anything is written.
+    // An unknown customer is a row mistake too, reported with the others before anything is
+    // written.
     let wanted: BTreeSet<&str> = events.iter().map(|e| e.customer_id.as_str()).collect();
     let mut missing = HashSet::new();
     for id in wanted {
@@ -345,8 +343,8 @@ pub async fn import_events(store: &SharedStore, file: &Path) -> Result<(usize, u
             missing.insert(id.to_string());
         }
     }
-    if !missing.is_empty() {
-        let errors = events
+    errors.extend(
+        events
             .iter()
             .zip(&lines)
             .filter(|(e, _)| missing.contains(&e.customer_id))
@@ -356,8 +354,10 @@ pub async fn import_events(store: &SharedStore, file: &Path) -> Result<(usize, u
                     "no customer with id {:?} (import customers first)",
                     e.customer_id
                 ),
-            })
-            .collect();
+            }),
+    );
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.line);
         return Err(ImportError::Rows { path, errors });
     }
     let new = store.insert_events(&events).await?;

@@ -3,7 +3,8 @@
 //! The flow of one message, module by module: [`rules`] say what to send and when;
 //! [`plan`] turns rules plus customers and events into `messages` rows; [`dispatch`] claims
 //! due rows, re-checks them, [`render`]s them and hands them to a [`transport`]; [`store`]
-//! keeps everything in SQLite or PostgreSQL; [`http`] serves health and metrics; [`daemon`]
+//! keeps everything in SQLite or PostgreSQL; [`http`] serves health and metrics, and [`web`] the
+//! owner's page; [`daemon`]
 //! runs it all under one cancellation token.
 #![forbid(unsafe_code)]
 
@@ -26,5 +27,6 @@ pub mod render;
 pub mod rules;
 pub mod store;
 pub mod transport;
+pub mod web;
 
 pub use daemon::{Listeners, run};

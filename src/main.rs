@@ -49,7 +49,12 @@ fn init_tracing() {
     match journald {
         Some(layer) => registry.with(layer).init(),
         None => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // No colour codes in files and pipes.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .init(),
     }
 }
@@ -59,13 +64,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
         print!("{}", include_str!("../config/touchpoint.toml"));
         return Ok(());
     }
+    if let Command::HashPassword = cli.command {
+        return hash_password();
+    }
     let config_path = cli.config_path();
     let config = commands::load_config(&config_path)?;
     match &cli.command {
         Command::Run => {
             let shutdown = CancellationToken::new();
             let listeners = touchpoint::Listeners::bind(&config).await?;
-            let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
+            // Listening starts here, before the daemon can tell systemd it is ready.
+            let signals = tokio::spawn(stop_on_signal(stop_signals()?, shutdown.clone()));
             let result = touchpoint::run(config, listeners, shutdown).await;
             signals.abort();
             result?;
@@ -167,7 +176,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Command::Bounce { recipient } => bounce(&config, recipient.clone()).await?,
-        Command::DefaultConfig => {}
+        Command::DefaultConfig | Command::HashPassword => {}
     }
     Ok(())
 }
@@ -225,15 +234,75 @@ async fn bounce(config: &touchpoint::config::Config, recipient: Option<String>) 
     Ok(())
 }
 
-/// SIGTERM and SIGINT (Ctrl-C) stop the daemon cleanly.
-async fn stop_on_signal(shutdown: CancellationToken) -> Result<()> {
+/// `touchpoint hash-password`: the password from standard input (asked for twice, without echo,
+/// on a terminal; the first line of piped input otherwise), its Argon2id hash on standard output.
+fn hash_password() -> Result<()> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    let read = |prompt: &str| -> Result<String> {
+        if terminal {
+            eprint!("{prompt}");
+            std::io::stderr().flush().ok();
+        }
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from standard input")?;
+        if terminal {
+            eprintln!();
+        }
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    };
+    // No echo while typing on a terminal; `stty` is on every system with a terminal.
+    let echo = |on: bool| {
+        if terminal {
+            let _ = std::process::Command::new("stty")
+                .arg(if on { "echo" } else { "-echo" })
+                .stdin(std::process::Stdio::inherit())
+                .status();
+        }
+    };
+    echo(false);
+    let password = read("Password: ");
+    let again = if terminal {
+        read("Again: ")
+    } else {
+        Ok(String::new())
+    };
+    echo(true);
+    let password = password?;
+    if terminal && again? != password {
+        anyhow::bail!("the two passwords differ; nothing printed");
+    }
+    if password.is_empty() {
+        anyhow::bail!("the password is empty (pipe it in, or type it when asked)");
+    }
+    if password.chars().count() < 8 {
+        eprintln!("warning: a password this short is easy to guess");
+    }
+    let hash = touchpoint::web::auth::hash_password(&password).map_err(anyhow::Error::msg)?;
+    println!("{hash}");
+    Ok(())
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), listened for from the moment this returns.
+fn stop_signals() -> Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok((terminate, interrupt))
+}
+
+/// SIGTERM and SIGINT (Ctrl-C) stop the daemon cleanly.
+async fn stop_on_signal(
+    (mut terminate, mut interrupt): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
+    shutdown: CancellationToken,
+) {
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
     }
     shutdown.cancel();
-    Ok(())
 }

@@ -277,13 +277,13 @@ pub struct Planner {
 
 impl Planner {
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut cursors = Cursors::default();
+        let mut cursors = CursorHistory::default();
         let mut last_full = tokio::time::Instant::now();
         let mut failures = 0u32;
         loop {
             let playbook = self.playbook.borrow_and_update().clone();
-            let full = cursors == Cursors::default() || last_full.elapsed() >= self.reconcile_every;
-            let from = if full { Cursors::default() } else { cursors };
+            let full = cursors.is_empty() || last_full.elapsed() >= self.reconcile_every;
+            let from = if full { Cursors::default() } else { cursors.rescan_from() };
             let delay = match plan_pass(&self.store, &playbook, from, &self.settings).await {
                 Ok((next, report)) => {
                     if failures > 0 {
@@ -291,7 +291,7 @@ impl Planner {
                     }
                     failures = 0;
                     self.health.database_ok();
-                    cursors = next;
+                    cursors.push(next);
                     if full {
                         last_full = tokio::time::Instant::now();
                     }
@@ -305,11 +305,7 @@ impl Planner {
                     failures += 1;
                     self.health.database_error(&error);
                     tracing::warn!(%error, failures, "planning failed; will retry");
-                    crate::dispatch::backoff(
-                        failures,
-                        self.interval,
-                        std::time::Duration::from_secs(60),
-                    )
+                    crate::dispatch::backoff(failures, self.interval, std::time::Duration::from_secs(60))
                 }
             };
             tokio::select! {
@@ -318,10 +314,41 @@ impl Planner {
                 changed = self.playbook.changed() => {
                     if changed.is_err() { return; }
                     // New rules: plan everything again against them.
-                    cursors = Cursors::default();
+                    cursors = CursorHistory::default();
                 }
             }
         }
+    }
+}
+
+/// How far back incremental passes look again. On PostgreSQL a row can become visible after a
+/// row with a higher `seq` (its transaction took the number first and committed later); such a
+/// row is below the cursor when it appears. Rescanning what arrived in the last minute finds
+/// it; rows already planned cost one index lookup each (the anti-join on `dedupe_key`).
+const RESCAN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The cursors of recent passes, to rescan from the one at least `RESCAN` old.
+#[derive(Debug, Default)]
+struct CursorHistory {
+    passes: std::collections::VecDeque<(tokio::time::Instant, Cursors)>,
+}
+
+impl CursorHistory {
+    fn is_empty(&self) -> bool {
+        self.passes.is_empty()
+    }
+
+    fn push(&mut self, cursors: Cursors) {
+        let now = tokio::time::Instant::now();
+        self.passes.push_back((now, cursors));
+        // Keep the newest pass that is at least RESCAN old, and everything after it.
+        while self.passes.len() >= 2 && now.duration_since(self.passes[1].0) >= RESCAN {
+            self.passes.pop_front();
+        }
+    }
+
+    fn rescan_from(&self) -> Cursors {
+        self.passes.front().map(|(_, c)| *c).unwrap_or_default()
     }
 }
 

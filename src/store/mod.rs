@@ -149,6 +149,35 @@ pub struct Delivery {
     pub message_id: String,
 }
 
+/// What went out, kept with the message for the owner: the rendered bodies exactly as sent and
+/// the checks that passed just before sending.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SentContent {
+    pub text: String,
+    pub html: String,
+    /// The dispatcher's checks, in words ("customer is not on the suppression list", ...).
+    pub checks: Vec<String>,
+}
+
+/// Messages of one rule that reached a state (or had an open or a click) within one UTC hour.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActivityCount {
+    /// The start of the hour.
+    pub hour: DateTime<Utc>,
+    pub rule: String,
+    /// A final state (`sent`, `failed`, `skipped`, `unknown`).
+    pub state: MessageState,
+    pub count: i64,
+}
+
+/// One line of a customer's history that belongs to one of their messages.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CustomerMessageEvent {
+    pub message: i64,
+    pub rule: String,
+    pub event: MessageEvent,
+}
+
 /// How an attempt ended; every variant is written only while the claim is still ours.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -278,6 +307,13 @@ pub struct LogFilter {
     pub due_before: Option<DateTime<Utc>>,
     /// Only messages with an id below this (keyset pagination, newest first).
     pub before_id: Option<i64>,
+    /// Only messages to customers whose id is this, or whose name or email contains it
+    /// (case-insensitive).
+    pub customer_search: Option<String>,
+    /// Only messages sent (or, when not sent, due) at or after this...
+    pub from: Option<DateTime<Utc>>,
+    /// ...and before this.
+    pub until: Option<DateTime<Utc>>,
     pub limit: Option<i64>,
 }
 
@@ -405,6 +441,16 @@ pub trait Store: Send + Sync + fmt::Debug {
         delivery: &Delivery,
         margin: TimeDelta,
     ) -> StoreResult<bool>;
+    /// `begin_body` that also keeps what is about to go out (bodies and checks), in the same
+    /// write.
+    async fn begin_body_with(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: &SentContent,
+        margin: TimeDelta,
+    ) -> StoreResult<bool>;
     /// Records how the attempt ended. `false` if the claim was lost (nothing written).
     async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool>;
     /// Returns expired claims: before the body to `scheduled`, after it to `unknown` (or to
@@ -413,7 +459,8 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     // --- suppressions -------------------------------------------------------------------------
     async fn is_suppressed(&self, email: &str) -> StoreResult<bool>;
-    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<()>;
+    /// Adds the address; `false` if it was suppressed already (the first reason is kept).
+    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<bool>;
     async fn unsuppress(&self, email: &str) -> StoreResult<bool>;
     async fn suppressions(&self) -> StoreResult<Vec<Suppression>>;
 
@@ -440,6 +487,24 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>>;
     /// Messages per (rule, state).
     async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>>;
+
+    // --- the owner's web page ---------------------------------------------------------------
+    /// What a message looked like when it went out; `None` if nothing was kept (not sent yet,
+    /// or sent before the bodies were kept).
+    async fn sent_content(&self, message_id: i64) -> StoreResult<Option<SentContent>>;
+    /// Messages that reached a final state at or after `since`, per hour, rule and state.
+    async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>>;
+    /// How many messages of each rule were opened and clicked (kinds `opened`, `clicked`) at or
+    /// after `since`: (rule, kind, distinct messages).
+    async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>>;
+    /// A customer's latest events, newest first.
+    async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>>;
+    /// The latest history lines of a customer's messages, newest first.
+    async fn customer_message_events(
+        &self,
+        customer_id: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<CustomerMessageEvent>>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

@@ -12,9 +12,10 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::rows::{
-    self, CandidateRow, ClaimRow, CustomerRow, EventRow, LogRow, MessageEventRow, SuppressionRow,
+    self, CandidateRow, ClaimRow, CustomerMessageEventRow, CustomerRow, EventRow, LogRow,
+    MessageEventRow, SentContentRow, SuppressionRow,
 };
-use super::sqlite::{EXPIRY_TRANSITIONS, reap_transitions};
+use super::sqlite::{EXPIRY_TRANSITIONS, like_pattern, reap_transitions};
 use super::*;
 
 #[derive(Debug, Clone)]
@@ -28,7 +29,10 @@ impl PostgresStore {
             .map_err(|e| {
                 StoreError::Invalid(format!("database.url is not a valid PostgreSQL URL: {e}"))
             })?
-            .application_name("touchpoint");
+            .application_name("touchpoint")
+            // Keep server NOTICEs ("relation ... already exists, skipping" on every migrate)
+            // out of the operator's terminal; warnings and errors still come through.
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .acquire_timeout(Duration::from_secs(10))
@@ -39,6 +43,35 @@ impl PostgresStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    async fn begin_body_keeping(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: Option<&SentContent>,
+        margin: TimeDelta,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE messages SET phase = 'body', email = $1, subject = $2, message_id = $3, \
+             body_text = COALESCE($7, body_text), body_html = COALESCE($8, body_html), \
+             checks = COALESCE($9, checks), updated_at = now() \
+             WHERE id = $4 AND claim_token = $5 AND state = 'sending' \
+             AND lease_expires_at > clock_timestamp() + $6 * interval '1 millisecond'",
+        )
+        .bind(&delivery.email)
+        .bind(&delivery.subject)
+        .bind(&delivery.message_id)
+        .bind(id)
+        .bind(token)
+        .bind(millis(margin))
+        .bind(content.map(|c| &c.text))
+        .bind(content.map(|c| &c.html))
+        .bind(content.map(|c| Json(&c.checks)))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
 
@@ -356,20 +389,20 @@ impl Store for PostgresStore {
         delivery: &Delivery,
         margin: TimeDelta,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE messages SET phase = 'body', email = $1, subject = $2, message_id = $3, updated_at = now() \
-             WHERE id = $4 AND claim_token = $5 AND state = 'sending' \
-             AND lease_expires_at > clock_timestamp() + $6 * interval '1 millisecond'",
-        )
-        .bind(&delivery.email)
-        .bind(&delivery.subject)
-        .bind(&delivery.message_id)
-        .bind(id)
-        .bind(token)
-        .bind(millis(margin))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        self.begin_body_keeping(id, token, delivery, None, margin)
+            .await
+    }
+
+    async fn begin_body_with(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: &SentContent,
+        margin: TimeDelta,
+    ) -> StoreResult<bool> {
+        self.begin_body_keeping(id, token, delivery, Some(content), margin)
+            .await
     }
 
     async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool> {
@@ -407,7 +440,7 @@ impl Store for PostgresStore {
         for (phase, to, reason) in reap_transitions(resend_unknown) {
             let rows: Vec<(i64,)> = sqlx::query_as(&format!(
                 "WITH reaped AS ( \
-                   UPDATE messages SET state = '{to}', reason = $1, next_attempt_at = now(), claim_token = NULL, \
+                   UPDATE messages SET state = '{to}', reason = $1, claim_token = NULL, \
                    claimed_by = NULL, lease_expires_at = NULL, phase = NULL, updated_at = now() \
                    WHERE id IN (SELECT id FROM messages WHERE state = 'sending' AND phase = '{phase}' \
                                 AND lease_expires_at < now() FOR UPDATE SKIP LOCKED) \
@@ -437,8 +470,8 @@ impl Store for PostgresStore {
         Ok(found.is_some())
     }
 
-    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<()> {
-        sqlx::query(
+    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<bool> {
+        let done = sqlx::query(
             "INSERT INTO suppressions (email, reason, source) VALUES ($1, $2, $3) ON CONFLICT (email) DO NOTHING",
         )
         .bind(normalize_email(email))
@@ -446,7 +479,7 @@ impl Store for PostgresStore {
         .bind(source)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     async fn unsuppress(&self, email: &str) -> StoreResult<bool> {
@@ -557,6 +590,30 @@ impl Store for PostgresStore {
         if let Some(before) = filter.before_id {
             query.push(" AND m.id < ").push_bind(before);
         }
+        if let Some(search) = filter.customer_search.as_deref() {
+            let pattern = like_pattern(search);
+            query
+                .push(" AND m.customer_id IN (SELECT s.id FROM customers s WHERE s.id = ")
+                .push_bind(search.to_string());
+            query
+                .push(" OR lower(s.email) LIKE ")
+                .push_bind(pattern.clone())
+                .push(" ESCAPE '\\'");
+            query
+                .push(" OR lower(s.name) LIKE ")
+                .push_bind(pattern)
+                .push(" ESCAPE '\\')");
+        }
+        if let Some(from) = filter.from {
+            query
+                .push(" AND COALESCE(m.sent_at, m.due_at) >= ")
+                .push_bind(from);
+        }
+        if let Some(until) = filter.until {
+            query
+                .push(" AND COALESCE(m.sent_at, m.due_at) < ")
+                .push_bind(until);
+        }
         if filter.due_before.is_some() {
             query.push(" ORDER BY m.next_attempt_at, m.id");
         } else {
@@ -591,5 +648,76 @@ impl Store for PostgresStore {
                 MessageState::from_str(&state).ok().map(|s| (rule, s, n))
             })
             .collect())
+    }
+
+    async fn sent_content(&self, message_id: i64) -> StoreResult<Option<SentContent>> {
+        let row: Option<SentContentRow> =
+            sqlx::query_as("SELECT body_text, body_html, checks FROM messages WHERE id = $1")
+                .bind(message_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(SentContentRow::into_content))
+    }
+
+    async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>> {
+        let rows: Vec<(DateTime<Utc>, String, String, i64)> = sqlx::query_as(
+            "SELECT date_trunc('hour', updated_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour, rule, state, COUNT(*) FROM messages \
+             WHERE state IN ('sent', 'failed', 'skipped', 'unknown') AND updated_at >= $1 \
+             GROUP BY hour, rule, state ORDER BY hour, rule, state",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(hour, rule, state, count)| {
+                Some(ActivityCount {
+                    hour,
+                    rule,
+                    state: state.parse().ok()?,
+                    count,
+                })
+            })
+            .collect())
+    }
+
+    async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT m.rule, e.kind, COUNT(DISTINCT e.message_id) FROM message_events e \
+             JOIN messages m ON m.id = e.message_id \
+             WHERE e.kind IN ('opened', 'clicked') AND e.at >= $1 GROUP BY m.rule, e.kind ORDER BY m.rule, e.kind",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT id, customer_id, kind, occurred_at, data FROM events WHERE customer_id = $1 \
+             ORDER BY occurred_at DESC, seq DESC LIMIT $2",
+        )
+        .bind(customer_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Event::from).collect())
+    }
+
+    async fn customer_message_events(
+        &self,
+        customer_id: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<CustomerMessageEvent>> {
+        let rows: Vec<CustomerMessageEventRow> = sqlx::query_as(
+            "SELECT e.message_id, m.rule, e.kind, e.at, e.attempt, e.smtp_reply, e.detail \
+             FROM message_events e JOIN messages m ON m.id = e.message_id \
+             WHERE m.customer_id = $1 ORDER BY e.at DESC, e.id DESC LIMIT $2",
+        )
+        .bind(customer_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(CustomerMessageEvent::from).collect())
     }
 }

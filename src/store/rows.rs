@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::{
-    Candidate, ClaimedMessage, Customer, Event, LogEntry, MessageEvent, MessageState, Suppression,
+    Candidate, ClaimedMessage, Customer, CustomerMessageEvent, Event, LogEntry, MessageEvent,
+    MessageState, SentContent, Suppression,
 };
 
 #[derive(sqlx::FromRow)]
@@ -199,6 +200,54 @@ impl From<MessageEventRow> for MessageEvent {
             smtp_reply: row.smtp_reply,
             detail: row.detail.0,
         }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct CustomerMessageEventRow {
+    message_id: i64,
+    rule: String,
+    kind: String,
+    at: DateTime<Utc>,
+    attempt: Option<i32>,
+    smtp_reply: Option<String>,
+    detail: Json<serde_json::Value>,
+}
+
+impl From<CustomerMessageEventRow> for CustomerMessageEvent {
+    fn from(row: CustomerMessageEventRow) -> Self {
+        CustomerMessageEvent {
+            message: row.message_id,
+            rule: row.rule,
+            event: MessageEvent {
+                kind: row.kind,
+                at: row.at,
+                attempt: row.attempt,
+                smtp_reply: row.smtp_reply,
+                detail: row.detail.0,
+            },
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct SentContentRow {
+    body_text: Option<String>,
+    body_html: Option<String>,
+    checks: Option<Json<Vec<String>>>,
+}
+
+impl SentContentRow {
+    /// `None` when nothing was kept for the message.
+    pub(super) fn into_content(self) -> Option<SentContent> {
+        if self.body_text.is_none() && self.body_html.is_none() && self.checks.is_none() {
+            return None;
+        }
+        Some(SentContent {
+            text: self.body_text.unwrap_or_default(),
+            html: self.body_html.unwrap_or_default(),
+            checks: self.checks.map(|c| c.0).unwrap_or_default(),
+        })
     }
 }
 

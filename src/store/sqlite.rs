@@ -14,7 +14,8 @@ use sqlx::types::Json;
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::rows::{
-    self, CandidateRow, ClaimRow, CustomerRow, EventRow, LogRow, MessageEventRow, SuppressionRow,
+    self, CandidateRow, ClaimRow, CustomerMessageEventRow, CustomerRow, EventRow, LogRow,
+    MessageEventRow, SentContentRow, SuppressionRow,
 };
 use super::*;
 
@@ -72,6 +73,35 @@ impl SqliteStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    async fn begin_body_keeping(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: Option<&SentContent>,
+        margin: TimeDelta,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(&format!(
+            "UPDATE messages SET phase = 'body', email = ?, subject = ?, message_id = ?, \
+             body_text = COALESCE(?, body_text), body_html = COALESCE(?, body_html), \
+             checks = COALESCE(?, checks), updated_at = {NOW} \
+             WHERE id = ? AND claim_token = ? AND state = 'sending' \
+             AND lease_expires_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+        ))
+        .bind(&delivery.email)
+        .bind(&delivery.subject)
+        .bind(&delivery.message_id)
+        .bind(content.map(|c| &c.text))
+        .bind(content.map(|c| &c.html))
+        .bind(content.map(|c| Json(&c.checks)))
+        .bind(id)
+        .bind(token)
+        .bind(offset(margin))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
 
@@ -400,20 +430,20 @@ impl Store for SqliteStore {
         delivery: &Delivery,
         margin: TimeDelta,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(&format!(
-            "UPDATE messages SET phase = 'body', email = ?, subject = ?, message_id = ?, updated_at = {NOW} \
-             WHERE id = ? AND claim_token = ? AND state = 'sending' \
-             AND lease_expires_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
-        ))
-        .bind(&delivery.email)
-        .bind(&delivery.subject)
-        .bind(&delivery.message_id)
-        .bind(id)
-        .bind(token)
-        .bind(offset(margin))
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        self.begin_body_keeping(id, token, delivery, None, margin)
+            .await
+    }
+
+    async fn begin_body_with(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: &SentContent,
+        margin: TimeDelta,
+    ) -> StoreResult<bool> {
+        self.begin_body_keeping(id, token, delivery, Some(content), margin)
+            .await
     }
 
     async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool> {
@@ -457,7 +487,7 @@ impl Store for SqliteStore {
         let mut reaped = Reaped::default();
         for (phase, to, reason) in reap_transitions(resend_unknown) {
             let rows: Vec<(i64, i32)> = sqlx::query_as(&format!(
-                "UPDATE messages SET state = '{to}', reason = ?, next_attempt_at = {NOW}, claim_token = NULL, \
+                "UPDATE messages SET state = '{to}', reason = ?, claim_token = NULL, \
                  claimed_by = NULL, lease_expires_at = NULL, phase = NULL, updated_at = {NOW} \
                  WHERE state = 'sending' AND phase = '{phase}' AND lease_expires_at < {NOW} \
                  RETURNING id, attempts"
@@ -493,14 +523,14 @@ impl Store for SqliteStore {
         Ok(found.is_some())
     }
 
-    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<()> {
-        sqlx::query("INSERT INTO suppressions (email, reason, source) VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING")
+    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<bool> {
+        let done = sqlx::query("INSERT INTO suppressions (email, reason, source) VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING")
             .bind(normalize_email(email))
             .bind(reason)
             .bind(source)
             .execute(&self.writer)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     async fn unsuppress(&self, email: &str) -> StoreResult<bool> {
@@ -609,6 +639,30 @@ impl Store for SqliteStore {
         if let Some(before) = filter.before_id {
             query.push(" AND m.id < ").push_bind(before);
         }
+        if let Some(search) = filter.customer_search.as_deref() {
+            let pattern = like_pattern(search);
+            query
+                .push(" AND m.customer_id IN (SELECT s.id FROM customers s WHERE s.id = ")
+                .push_bind(search.to_string());
+            query
+                .push(" OR lower(s.email) LIKE ")
+                .push_bind(pattern.clone())
+                .push(" ESCAPE '\\'");
+            query
+                .push(" OR lower(s.name) LIKE ")
+                .push_bind(pattern)
+                .push(" ESCAPE '\\')");
+        }
+        if let Some(from) = filter.from {
+            query
+                .push(" AND COALESCE(m.sent_at, m.due_at) >= ")
+                .push_bind(ts(from));
+        }
+        if let Some(until) = filter.until {
+            query
+                .push(" AND COALESCE(m.sent_at, m.due_at) < ")
+                .push_bind(ts(until));
+        }
         if filter.due_before.is_some() {
             query.push(" ORDER BY m.next_attempt_at, m.id");
         } else {
@@ -644,6 +698,90 @@ impl Store for SqliteStore {
             })
             .collect())
     }
+
+    async fn sent_content(&self, message_id: i64) -> StoreResult<Option<SentContent>> {
+        let row: Option<SentContentRow> =
+            sqlx::query_as("SELECT body_text, body_html, checks FROM messages WHERE id = ?")
+                .bind(message_id)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(row.and_then(SentContentRow::into_content))
+    }
+
+    async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT substr(updated_at, 1, 13) || ':00:00Z' AS hour, rule, state, COUNT(*) FROM messages \
+             WHERE state IN ('sent', 'failed', 'skipped', 'unknown') AND updated_at >= ? \
+             GROUP BY hour, rule, state ORDER BY hour, rule, state",
+        )
+        .bind(ts(since))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(hour, rule, state, count)| {
+                Some(ActivityCount {
+                    hour: DateTime::parse_from_rfc3339(&hour)
+                        .ok()?
+                        .with_timezone(&Utc),
+                    rule,
+                    state: state.parse().ok()?,
+                    count,
+                })
+            })
+            .collect())
+    }
+
+    async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT m.rule, e.kind, COUNT(DISTINCT e.message_id) FROM message_events e \
+             JOIN messages m ON m.id = e.message_id \
+             WHERE e.kind IN ('opened', 'clicked') AND e.at >= ? GROUP BY m.rule, e.kind ORDER BY m.rule, e.kind",
+        )
+        .bind(ts(since))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT id, customer_id, kind, occurred_at, data FROM events WHERE customer_id = ? \
+             ORDER BY occurred_at DESC, seq DESC LIMIT ?",
+        )
+        .bind(customer_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(Event::from).collect())
+    }
+
+    async fn customer_message_events(
+        &self,
+        customer_id: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<CustomerMessageEvent>> {
+        let rows: Vec<CustomerMessageEventRow> = sqlx::query_as(
+            "SELECT e.message_id, m.rule, e.kind, e.at, e.attempt, e.smtp_reply, e.detail \
+             FROM message_events e JOIN messages m ON m.id = e.message_id \
+             WHERE m.customer_id = ? ORDER BY e.at DESC, e.id DESC LIMIT ?",
+        )
+        .bind(customer_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(CustomerMessageEvent::from).collect())
+    }
+}
+
+/// `%text%` for LIKE, lower-cased, with LIKE's own wildcards escaped by `\`.
+pub(super) fn like_pattern(text: &str) -> String {
+    let escaped = text
+        .trim()
+        .to_lowercase()
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
 }
 
 /// Waiting messages past `expires_at`: never attempted ones are skipped; ones that were tried

@@ -79,8 +79,14 @@ pub fn build_email(parts: EmailParts<'_>) -> Result<OutgoingEmail, String> {
             value,
         ));
     }
+    // Signed last, over the headers as they go out (List-Unsubscribe included).
+    if let Some(dkim) = parts.dkim {
+        message.sign(&dkim.config);
+    }
     Ok(OutgoingEmail {
-        envelope_from: parts.from.email.clone(),
+        envelope_from: parts
+            .envelope_from
+            .unwrap_or_else(|| parts.from.email.clone()),
         to: to_address,
         message_id: parts.message_id,
         bytes: message.formatted(),

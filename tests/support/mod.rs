@@ -188,6 +188,8 @@ listen = ""
             .arg("--config")
             .arg(&self.config_path)
             .env_remove("NOTIFY_SOCKET")
+            // The harness's own variable is not a config key; the binary would reject it.
+            .env_remove("TOUCHPOINT_TEST_POSTGRES")
             .env("TOUCHPOINT_LOG", "info");
         command
     }

@@ -1,0 +1,482 @@
+//! The business owner's web page, served by the daemon's HTTP listener: an overview, the message
+//! log (filters, keyset pages, CSV), one message (as sent, its history and why it was sent), one
+//! customer's timeline, what is coming up, and the suppression list.
+//!
+//! Server-rendered HTML from Handlebars templates compiled into the binary (the registry escapes
+//! every value), one stylesheet, no JavaScript. Every page only reads, except adding and removing
+//! suppressions.
+//!
+//! Who may look (see [`auth`] for the mechanics):
+//! - without `web.password_hash`, only browsers on this machine: a request from a loopback peer
+//!   that did not come through a proxy (no `Forwarded`, `X-Forwarded-For` or `X-Real-IP`), no
+//!   login; anyone else gets a 403 that says to set a password;
+//! - with `web.password_hash`, everyone logs in, on loopback too (a reverse proxy on the same
+//!   machine makes every visitor look local).
+
+pub mod auth;
+mod pages;
+pub mod why;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, TimeDelta, Utc};
+use chrono_tz::Tz;
+use handlebars::Handlebars;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::daemon::Shared;
+use crate::plan::PlanSettings;
+use crate::store::{SharedStore, StoreError};
+
+/// The web page's own state, made once when the daemon starts.
+pub struct Web {
+    keys: auth::Keys,
+    password_hash: Option<String>,
+    secure_cookies: Option<bool>,
+    https_base: bool,
+    session_lifetime: TimeDelta,
+    /// Times on the page are shown in this zone (`defaults.timezone`).
+    timezone: Tz,
+    plan: PlanSettings,
+    templates: Handlebars<'static>,
+}
+
+impl std::fmt::Debug for Web {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Web")
+            .field("login", &self.password_hash.is_some())
+            .finish()
+    }
+}
+
+const TEMPLATES: [(&str, &str); 9] = [
+    ("layout", include_str!("templates/layout.hbs")),
+    ("overview", include_str!("templates/overview.hbs")),
+    ("log", include_str!("templates/log.hbs")),
+    ("message", include_str!("templates/message.hbs")),
+    ("customer", include_str!("templates/customer.hbs")),
+    ("upcoming", include_str!("templates/upcoming.hbs")),
+    ("suppressions", include_str!("templates/suppressions.hbs")),
+    ("login", include_str!("templates/login.hbs")),
+    ("problem", include_str!("templates/problem.hbs")),
+];
+
+const RULE_TABLE: &str = include_str!("templates/rule_table.hbs");
+
+const STYLESHEET: &str = include_str!("templates/style.css");
+
+/// The templates, in strict mode (a misspelt name is an error, not a blank), escaping HTML.
+fn templates() -> Handlebars<'static> {
+    let mut registry = Handlebars::new();
+    registry.set_strict_mode(true);
+    for (name, text) in TEMPLATES {
+        // Compiled into the binary and covered by the tests: a mistake here is a bug.
+        if let Err(error) = registry.register_template_string(name, text) {
+            panic!("web template {name} does not compile: {error}");
+        }
+    }
+    for (name, text) in [("layout", TEMPLATES[0].1), ("rule_table", RULE_TABLE)] {
+        if let Err(error) = registry.register_partial(name, text) {
+            panic!("web partial {name} does not compile: {error}");
+        }
+    }
+    registry
+}
+
+impl Web {
+    /// The page's state, or `None` when `web.enabled` is false. The key that signs sessions is
+    /// generated once and kept in the database.
+    pub async fn setup(
+        config: &Config,
+        store: &SharedStore,
+    ) -> Result<Option<Arc<Web>>, StoreError> {
+        if !config.web.enabled {
+            return Ok(None);
+        }
+        let key = store
+            .setting_or_insert("web_session_key", &auth::random_token())
+            .await?;
+        let password_hash = config
+            .web
+            .password_hash
+            .as_ref()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty());
+        Ok(Some(Arc::new(Web {
+            keys: auth::Keys::new(key.as_bytes(), password_hash.as_deref()),
+            password_hash,
+            secure_cookies: config.web.secure_cookies,
+            https_base: config
+                .links
+                .base_url
+                .as_deref()
+                .is_some_and(|u| u.trim().starts_with("https://")),
+            session_lifetime: config.web.session_lifetime,
+            timezone: config.defaults.timezone,
+            plan: PlanSettings {
+                default_timezone: config.defaults.timezone,
+                default_expire_after: config.defaults.expire_after,
+            },
+            templates: templates(),
+        })))
+    }
+
+    /// Whether cookies get `Secure`.
+    fn secure(&self, headers: &HeaderMap) -> bool {
+        self.secure_cookies.unwrap_or_else(|| {
+            self.https_base
+                || headers
+                    .get("x-forwarded-proto")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+        })
+    }
+
+    fn cookie(&self, name: &str, value: &str, max_age: Option<i64>, secure: bool) -> String {
+        let mut cookie = format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax");
+        if let Some(age) = max_age {
+            cookie.push_str(&format!("; Max-Age={age}"));
+        }
+        if secure {
+            cookie.push_str("; Secure");
+        }
+        cookie
+    }
+
+    /// A time on the page: `2026-11-23 09:00 CET`.
+    fn time(&self, t: DateTime<Utc>) -> String {
+        t.with_timezone(&self.timezone)
+            .format("%Y-%m-%d %H:%M %Z")
+            .to_string()
+    }
+
+    fn render(&self, template: &str, data: &serde_json::Value) -> Response {
+        match self.templates.render(template, data) {
+            Ok(html) => html_response(StatusCode::OK, html),
+            Err(error) => {
+                tracing::error!(%error, template, "cannot render a web page");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the page cannot be shown\n",
+                )
+                    .into_response()
+            }
+        }
+    }
+}
+
+/// The routes of the page. Each handler finds out through [`Owner`] whether the visitor may see
+/// it; with `web.enabled = false` they are all 404.
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/", get(pages::overview))
+        .route("/log", get(pages::log))
+        .route("/log.csv", get(pages::log_csv))
+        .route("/messages/{id}", get(pages::message))
+        .route("/messages/{id}/body.html", get(pages::message_html))
+        .route("/customers/{id}", get(pages::customer))
+        .route("/upcoming", get(pages::upcoming))
+        .route(
+            "/suppressions",
+            get(pages::suppressions).post(pages::suppress),
+        )
+        .route("/suppressions/remove", post(pages::unsuppress))
+        .route("/login", get(pages::login_page).post(pages::login))
+        .route("/logout", post(pages::logout))
+        .route("/assets/touchpoint.css", get(stylesheet))
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        STYLESHEET,
+    )
+        .into_response()
+}
+
+/// Headers every page carries: no caching of customer data, no framing, no scripts at all.
+fn html_response(status: StatusCode, html: String) -> Response {
+    let mut response = (status, html).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "same-origin"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; frame-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// A value of the request's `Cookie` header.
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim())
+        .filter(|v| !v.is_empty())
+}
+
+fn proxied(headers: &HeaderMap) -> bool {
+    ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|name| headers.contains_key(*name))
+}
+
+/// Whether the request comes from a browser on this machine, not through a proxy.
+fn is_local(peer: Option<SocketAddr>, headers: &HeaderMap) -> bool {
+    peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) && !proxied(headers)
+}
+
+/// The address failed logins are counted for: the peer, or, behind a proxy on this machine,
+/// the address the proxy appended to `X-Forwarded-For`.
+fn client_ip(peer: Option<SocketAddr>, headers: &HeaderMap) -> IpAddr {
+    let peer_ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip().to_canonical());
+    if peer_ip.is_loopback()
+        && let Some(forwarded) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|v| v.trim().parse::<IpAddr>().ok())
+    {
+        return forwarded;
+    }
+    peer_ip
+}
+
+/// A visitor allowed to see the page. Extracting it answers everyone else: 404 when the page is
+/// off, a redirect to the login form (or 403 for a form post) without a session, 403 from
+/// elsewhere while no password is set.
+pub struct Owner {
+    web: Arc<Web>,
+    session: Option<auth::Session>,
+    /// What CSRF tokens of this visitor are tied to.
+    binding: String,
+    /// A `tp_csrf` cookie to set with the response (a new local visitor).
+    set_cookie: Option<String>,
+}
+
+impl Owner {
+    fn csrf(&self) -> String {
+        self.web.keys.csrf_token(&self.binding)
+    }
+
+    fn csrf_ok(&self, presented: &str) -> bool {
+        self.web.keys.csrf_ok(&self.binding, presented)
+    }
+
+    /// The values every page's layout uses.
+    fn page(&self, title: &str, nav: &str) -> serde_json::Value {
+        json!({
+            "title": title,
+            "nav": nav,
+            "csrf": self.csrf(),
+            "logged_in": self.session.is_some(),
+        })
+    }
+
+    /// A rendered page, with the CSRF cookie when this visitor needs one.
+    fn render(&self, template: &str, data: &serde_json::Value) -> Response {
+        let response = self.web.render(template, data);
+        self.with_cookie(response)
+    }
+
+    fn with_cookie(&self, mut response: Response) -> Response {
+        if let Some(cookie) = &self.set_cookie
+            && let Ok(value) = HeaderValue::from_str(cookie)
+        {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
+        response
+    }
+}
+
+impl FromRequestParts<Shared> for Owner {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Shared) -> Result<Self, Response> {
+        let Some(web) = shared.web.clone() else {
+            return Err((StatusCode::NOT_FOUND, "not found\n").into_response());
+        };
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        let headers = &parts.headers;
+        if web.password_hash.is_none() {
+            if !is_local(peer, headers) {
+                return Err(problem(
+                    &web,
+                    StatusCode::FORBIDDEN,
+                    "Not from here",
+                    "This page is shown only to a browser on the machine touchpoint runs on until a password is set. \
+                     Run `touchpoint hash-password`, put what it prints in web.password_hash, and restart.",
+                ));
+            }
+            let (binding, set_cookie) = match cookie_value(headers, auth::CSRF_COOKIE) {
+                Some(value) => (value.to_string(), None),
+                None => {
+                    let value = auth::random_token();
+                    let cookie = web.cookie(auth::CSRF_COOKIE, &value, None, web.secure(headers));
+                    (value, Some(cookie))
+                }
+            };
+            return Ok(Owner {
+                web,
+                session: None,
+                binding,
+                set_cookie,
+            });
+        }
+        let session = cookie_value(headers, auth::SESSION_COOKIE)
+            .and_then(|cookie| web.keys.session(cookie, Utc::now()));
+        match session {
+            Some(session) => Ok(Owner {
+                binding: session.nonce.clone(),
+                session: Some(session),
+                web,
+                set_cookie: None,
+            }),
+            None if parts.method == axum::http::Method::GET => {
+                let next = parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                let location = format!("/login?next={}", encode_query(&next));
+                Err(redirect(&location))
+            }
+            None => Err(problem(
+                &web,
+                StatusCode::FORBIDDEN,
+                "Please log in again",
+                "Your session has ended, so nothing was changed. Log in and try again.",
+            )),
+        }
+    }
+}
+
+/// A short page that says what went wrong and what to do.
+fn problem(web: &Web, status: StatusCode, title: &str, detail: &str) -> Response {
+    let data = json!({
+        "page": { "title": title, "nav": "", "csrf": "", "logged_in": false },
+        "detail": detail,
+    });
+    let mut response = web.render("problem", &data);
+    *response.status_mut() = status;
+    response
+}
+
+/// 303 See Other to a path on this site.
+fn redirect(location: &str) -> Response {
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+pub fn encode_query(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// Where to go after logging in: only a path on this site.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(next) if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') => {
+            next.to_string()
+        }
+        _ => "/".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_template_compiles() {
+        let registry = templates();
+        for (name, _) in TEMPLATES {
+            assert!(registry.has_template(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_unproxied_loopback_peers_are_local() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let none = HeaderMap::new();
+        assert!(is_local(Some(local), &none));
+        assert!(is_local(Some(mapped), &none));
+        assert!(is_local(Some("[::1]:1".parse().unwrap()), &none));
+        assert!(!is_local(Some(remote), &none));
+        assert!(!is_local(None, &none));
+        let mut forwarded = HeaderMap::new();
+        forwarded.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        assert!(!is_local(Some(local), &forwarded));
+        assert_eq!(
+            client_ip(Some(local), &forwarded),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(Some(remote), &forwarded), remote.ip());
+    }
+
+    #[test]
+    fn after_login_only_paths_on_this_site() {
+        assert_eq!(safe_next(Some("/log?state=failed")), "/log?state=failed");
+        assert_eq!(safe_next(Some("//evil.example/")), "/");
+        assert_eq!(safe_next(Some("https://evil.example/")), "/");
+        assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn cookies_are_read_from_every_cookie_header() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; tp_session=xyz"),
+        );
+        headers.append(header::COOKIE, HeaderValue::from_static("tp_csrf=abc"));
+        assert_eq!(cookie_value(&headers, "tp_session"), Some("xyz"));
+        assert_eq!(cookie_value(&headers, "tp_csrf"), Some("abc"));
+        assert_eq!(cookie_value(&headers, "nope"), None);
+    }
+}

@@ -1,0 +1,553 @@
+//! The owner's web page in a real browser: headless Chromium (Debian's `chromium` and
+//! `chromium-driver` packages) driven through chromedriver's W3C WebDriver API, with JavaScript
+//! turned off (the page needs none). Logs in, opens the log, filters it by a rule, opens one
+//! message, downloads the CSV and checks its rows against the database, and saves a screenshot
+//! of every page (laptop and phone sizes) under `target/screenshots/`.
+
+mod support;
+mod web_support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use support::{Backend, Sink, TestEnv};
+use touchpoint::store::LogFilter;
+use web_support::*;
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+fn find_program(names: &[&str]) -> PathBuf {
+    for name in names {
+        for dir in ["/usr/bin", "/usr/lib/chromium", "/usr/local/bin"] {
+            let path = Path::new(dir).join(name);
+            if path.exists() {
+                return path;
+            }
+        }
+    }
+    panic!(
+        "none of {names:?} is installed: the browser tests need Debian's `chromium` and \
+         `chromium-driver` packages (apt-get install chromium chromium-driver)"
+    );
+}
+
+/// Where screenshots go: `target/screenshots/` (or under `CARGO_TARGET_DIR`).
+fn screenshot_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target.join("screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+/// chromedriver, stopped (with its browser) when dropped.
+struct Driver {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_driver(log: &Path) -> Driver {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new(find_program(&["chromedriver"]))
+        .arg(format!("--port={port}"))
+        .arg(format!("--log-path={}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let driver = Driver {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    let ready = support::eventually(Duration::from_secs(20), || async {
+        match tokio::net::TcpStream::connect(driver.addr).await {
+            Ok(_) => {
+                let status = get(driver.addr, "/status", &[]).await;
+                serde_json::from_slice::<Value>(&status.body)
+                    .ok()
+                    .and_then(|v| v["value"]["ready"].as_bool())
+                    .unwrap_or(false)
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(ready, "chromedriver did not become ready");
+    driver
+}
+
+/// One WebDriver session; deleted (closing the browser) when dropped.
+struct Browser {
+    driver: SocketAddr,
+    session: String,
+    base: String,
+    shots: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Blocking on purpose: Drop cannot await, and the browser must not outlive the test.
+        use std::io::{Read as _, Write as _};
+        if let Ok(mut stream) = std::net::TcpStream::connect(self.driver) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                stream,
+                "DELETE /session/{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.session, self.driver
+            );
+            let _ = stream.read_to_end(&mut Vec::new());
+        }
+    }
+}
+
+async fn webdriver(driver: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Value {
+    let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
+    let response = request(driver, method, path, &[], body).await;
+    let value: Value = serde_json::from_slice(&response.body)
+        .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {}", response.text()));
+    assert_eq!(response.status, 200, "{method} {path}: {value}");
+    value["value"].clone()
+}
+
+impl Browser {
+    async fn open(driver: &Driver, base: &str, downloads: &Path, profile: &Path) -> Browser {
+        let capabilities = json!({
+            "capabilities": { "alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": find_program(&["chromium", "chromium-browser"]),
+                    "args": [
+                        "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                        "--no-first-run", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync",
+                        "--window-size=1280,900", "--hide-scrollbars",
+                        format!("--user-data-dir={}", profile.display()),
+                    ],
+                    "prefs": {
+                        "download.default_directory": downloads,
+                        "download.prompt_for_download": false,
+                        // The page must work without JavaScript: the browser runs none.
+                        "profile.managed_default_content_settings.javascript": 2,
+                    },
+                },
+            }},
+        });
+        let created = webdriver(driver.addr, "POST", "/session", Some(capabilities)).await;
+        let session = created["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
+        let browser = Browser {
+            driver: driver.addr,
+            session,
+            base: base.to_string(),
+            shots: screenshot_dir(),
+        };
+        browser
+            .cdp(
+                "Browser.setDownloadBehavior",
+                json!({ "behavior": "allow", "downloadPath": downloads }),
+            )
+            .await;
+        browser
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let path = format!("/session/{}{path}", self.session);
+        webdriver(self.driver, method, &path, body).await
+    }
+
+    /// A Chrome DevTools command through chromedriver.
+    async fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.call(
+            "POST",
+            "/goog/cdp/execute",
+            Some(json!({ "cmd": cmd, "params": params })),
+        )
+        .await
+    }
+
+    async fn go(&self, path: &str) {
+        let url = format!("{}{path}", self.base);
+        self.call("POST", "/url", Some(json!({ "url": url }))).await;
+    }
+
+    async fn path(&self) -> String {
+        let url = self.call("GET", "/url", None).await;
+        let url = url.as_str().unwrap_or_default();
+        url.strip_prefix(&self.base).unwrap_or(url).to_string()
+    }
+
+    async fn find_all(&self, css: &str) -> Vec<String> {
+        let found = self
+            .call(
+                "POST",
+                "/elements",
+                Some(json!({ "using": "css selector", "value": css })),
+            )
+            .await;
+        found
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|e| e[ELEMENT].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let found = self.find_all(css).await;
+        found
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no element matches {css:?} on {}", "the page"))
+    }
+
+    async fn click(&self, css: &str) {
+        let element = self.find(css).await;
+        self.call(
+            "POST",
+            &format!("/element/{element}/click"),
+            Some(json!({})),
+        )
+        .await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let element = self.find(css).await;
+        self.call(
+            "POST",
+            &format!("/element/{element}/value"),
+            Some(json!({ "text": text })),
+        )
+        .await;
+    }
+
+    async fn text_of(&self, element: &str) -> String {
+        self.call("GET", &format!("/element/{element}/text"), None)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let element = self.find(css).await;
+        self.text_of(&element).await
+    }
+
+    async fn wait_for_path(&self, wanted: impl Fn(&str) -> bool) -> String {
+        for _ in 0..100 {
+            let path = self.path().await;
+            if wanted(&path) {
+                return path;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the browser stayed at {}", self.path().await);
+    }
+
+    /// Saves the whole page (not just the window) as `<name>.png`.
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        self.capture(name, true).await
+    }
+
+    /// Saves what fits the screen (a phone's first view) as `<name>.png`.
+    async fn screenshot_screen(&self, name: &str) -> PathBuf {
+        self.capture(name, false).await
+    }
+
+    async fn capture(&self, name: &str, whole_page: bool) -> PathBuf {
+        let shot = self
+            .cdp(
+                "Page.captureScreenshot",
+                json!({ "format": "png", "captureBeyondViewport": whole_page }),
+            )
+            .await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("screenshot data"))
+            .expect("base64 PNG");
+        assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+        let path = self.shots.join(format!("{name}.png"));
+        std::fs::write(&path, bytes).expect("write screenshot");
+        path
+    }
+
+    /// A phone (390 x 844 CSS pixels) or, with `None`, back to the laptop window.
+    async fn phone(&self, on: bool) {
+        if on {
+            self.cdp(
+                "Emulation.setDeviceMetricsOverride",
+                json!({ "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true }),
+            )
+            .await;
+        } else {
+            self.cdp("Emulation.clearDeviceMetricsOverride", json!({}))
+                .await;
+        }
+    }
+}
+
+#[test]
+fn the_owner_logs_in_filters_the_log_opens_a_message_and_downloads_the_csv() {
+    // The scenario's poll function needs more stack than a test thread's 2 MiB in debug builds:
+    // run it on a thread (and a runtime) with room.
+    const STACK: usize = 16 << 20;
+    let scenario = std::thread::Builder::new()
+        .name("browser-scenario".into())
+        .stack_size(STACK)
+        .spawn(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_stack_size(STACK)
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(owner_scenario())
+        })
+        .expect("a thread");
+    if let Err(panic) = scenario.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn owner_scenario() {
+    let hash = password_hash();
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        Sink::Files,
+        &[("rules.toml", RULES)],
+        &web_config(Some(&hash)),
+    )
+    .await;
+    let store = env.store().await;
+    let seeded = seed(&store, 60).await;
+    let daemon = env.start().await;
+    let base = format!("http://{}", daemon.http);
+    let downloads = env.path().join("downloads");
+    let profile = env.path().join("chromium-profile");
+    std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::create_dir_all(&profile).unwrap();
+    let driver = start_driver(&env.path().join("chromedriver.log")).await;
+    let browser = Browser::open(&driver, &base, &downloads, &profile).await;
+
+    // Not logged in: the login form.
+    browser.go("/log").await;
+    let at = browser.wait_for_path(|p| p.starts_with("/login")).await;
+    assert_eq!(at, "/login?next=%2Flog");
+    assert_eq!(browser.text("h1").await, "Log in");
+    browser.screenshot("01-login").await;
+
+    // A wrong password first, then the right one.
+    browser.type_into("#password", "not it").await;
+    browser.click("form button[type=submit]").await;
+    assert_eq!(browser.text("p.alert").await, "That password is not right.");
+    browser.type_into("#password", PASSWORD).await;
+    browser.click("form button[type=submit]").await;
+    browser.wait_for_path(|p| p == "/log").await;
+    let cookies = browser.call("GET", "/cookie", None).await;
+    let session = cookies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tp_session")
+        .expect("a session cookie");
+    assert_eq!(session["httpOnly"], true);
+    assert_eq!(session["sameSite"], "Lax");
+
+    // The overview: what needs attention on top, the chart, the numbers per rule.
+    browser.go("/").await;
+    assert_eq!(browser.text("h1").await, "Overview");
+    let attention = browser.text("section.attention").await;
+    assert!(
+        attention.contains("may or may not have been delivered"),
+        "{attention}"
+    );
+    assert!(
+        attention.contains("failed in the last 7 days"),
+        "{attention}"
+    );
+    assert!(!browser.find_all("svg.chart rect.sent").await.is_empty());
+    browser.screenshot("02-overview").await;
+
+    // The log, then filtered by a rule with the form (no JavaScript: a plain GET form).
+    browser.go("/log").await;
+    assert_eq!(browser.find_all("table.log tbody tr").await.len(), 50);
+    browser.screenshot("03-log").await;
+    browser
+        .click("#rule option[value=\"thank-you-after-purchase\"]")
+        .await;
+    browser.click("form.filters button[type=submit]").await;
+    let filtered = browser
+        .wait_for_path(|p| p.contains("rule=thank-you-after-purchase"))
+        .await;
+    let rows = browser.find_all("table.log tbody tr").await;
+    let expected = store
+        .log(&LogFilter {
+            rule: Some("thank-you-after-purchase".into()),
+            ..LogFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), expected.len());
+    for cell in browser.find_all("table.log tbody tr td:nth-child(4)").await {
+        assert_eq!(browser.text_of(&cell).await, "thank-you-after-purchase");
+    }
+    browser.screenshot("04-log-filtered").await;
+
+    // One message: the newest of the rule.
+    browser.click("table.log tbody tr td a").await;
+    let newest = &expected[0];
+    browser
+        .wait_for_path(|p| p == format!("/messages/{}", newest.id))
+        .await;
+    let heading = browser.text("h1").await;
+    assert_eq!(
+        heading,
+        newest
+            .subject
+            .clone()
+            .unwrap_or(format!("Message {}", newest.id))
+    );
+    let page = browser.text("main").await;
+    assert!(page.contains("Why it was sent"), "{page}");
+    assert!(page.contains("History"), "{page}");
+    browser.screenshot("05-message").await;
+    // A sent one, with its bodies, opens and the click.
+    browser.go(&format!("/messages/{}", seeded.sent[0])).await;
+    let page = browser.text("main").await;
+    assert!(page.contains("250 2.0.0 Ok: queued as 4XYZ"), "{page}");
+    assert!(page.contains("Checked just before sending"), "{page}");
+    // The HTML body, as sent, inside its sandboxed frame.
+    let frame = browser.find("iframe.body").await;
+    browser
+        .call("POST", "/frame", Some(json!({ "id": { ELEMENT: frame } })))
+        .await;
+    let source = browser.call("GET", "/source", None).await;
+    browser.call("POST", "/frame/parent", Some(json!({}))).await;
+    let source = source.as_str().unwrap_or_default();
+    assert!(source.contains("Hello Ada,"), "the frame shows: {source}");
+    browser.screenshot("06-message-sent").await;
+
+    // The CSV of the filtered log, downloaded by the browser, against the database.
+    browser.go(&filtered).await;
+    browser.click("a.download").await;
+    let file = downloads.join("touchpoint-log.csv");
+    let arrived = support::eventually(Duration::from_secs(20), || async {
+        file.exists()
+            && std::fs::read_dir(&downloads)
+                .map(|d| {
+                    d.flatten()
+                        .all(|e| !e.file_name().to_string_lossy().ends_with(".crdownload"))
+                })
+                .unwrap_or(false)
+    })
+    .await;
+    assert!(
+        arrived,
+        "the CSV was not downloaded: {:?}",
+        std::fs::read_dir(&downloads)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    let mut reader = csv::Reader::from_path(&file).expect("the CSV");
+    let headers: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(headers, touchpoint::commands::LOG_HEADERS);
+    let rows: Vec<Vec<String>> = reader
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_string).collect())
+        .collect();
+    let wanted: Vec<Vec<String>> = expected
+        .iter()
+        .map(|e| touchpoint::commands::log_row(e).to_vec())
+        .collect();
+    assert_eq!(rows, wanted);
+
+    // The other pages.
+    browser.go("/customers/ada").await;
+    assert_eq!(browser.text("h1").await, "Ada Lovelace");
+    assert!(
+        browser
+            .text("ol.timeline")
+            .await
+            .contains("purchase (event p-ada)")
+    );
+    browser.screenshot("07-customer").await;
+    browser.go("/upcoming").await;
+    assert!(
+        browser
+            .text("table.log")
+            .await
+            .contains("future@example.com")
+    );
+    browser.screenshot("08-upcoming").await;
+    // Suppress an address with the form, then see it listed.
+    browser.go("/suppressions").await;
+    browser.type_into("#email", "nomore@example.com").await;
+    browser.type_into("#reason", "asked by phone").await;
+    browser.click("form.inline button[type=submit]").await;
+    browser.wait_for_path(|p| p == "/suppressions").await;
+    assert!(
+        browser
+            .text("table.log")
+            .await
+            .contains("nomore@example.com")
+    );
+    assert!(store.is_suppressed("nomore@example.com").await.unwrap());
+    browser.screenshot("09-suppressions").await;
+    browser.go(&format!("/customers/evil")).await;
+    assert!(
+        browser.text("h1").await.contains("<script>"),
+        "the name, as text"
+    );
+    browser.screenshot("10-customer-escaped").await;
+
+    // On a phone.
+    browser.phone(true).await;
+    for (path, name) in [
+        ("/", "11-phone-overview"),
+        ("/log", "12-phone-log"),
+        (
+            format!("/messages/{}", seeded.sent[0]).as_str(),
+            "13-phone-message",
+        ),
+    ] {
+        browser.go(path).await;
+        let overflow = browser.cdp("Page.getLayoutMetrics", json!({})).await;
+        let width = overflow["cssContentSize"]["width"].as_f64().unwrap_or(0.0);
+        assert!(width <= 391.0, "{path} is {width}px wide on a 390px phone");
+        browser.screenshot_screen(name).await;
+    }
+    browser.phone(false).await;
+
+    // Logging out.
+    browser.go("/").await;
+    browser.click("form.logout button").await;
+    browser.wait_for_path(|p| p == "/login").await;
+    browser.go("/").await;
+    browser.wait_for_path(|p| p.starts_with("/login")).await;
+
+    drop(browser);
+    drop(driver);
+    daemon.stop().await;
+}

@@ -1,0 +1,545 @@
+//! Support for the web page's tests (`tests/web.rs`, `tests/browser.rs`): a small HTTP/1.1
+//! client (the tests need to see every header and cookie exactly as sent), form helpers, and a
+//! database seeded with messages in every state through the store's own API.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use touchpoint::store::{Customer, Delivery, Event, NewMessage, Outcome, SentContent, SharedStore};
+
+/// A response as it came over the wire.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `Set-Cookie` header for `name`, whole (value and attributes).
+    pub fn set_cookie(&self, name: &str) -> Option<String> {
+        self.all("set-cookie")
+            .into_iter()
+            .find(|c| c.starts_with(&format!("{name}=")))
+            .map(str::to_string)
+    }
+
+    /// The value a `Set-Cookie` gives `name`.
+    pub fn cookie_value(&self, name: &str) -> Option<String> {
+        let cookie = self.set_cookie(name)?;
+        let pair = cookie.split(';').next()?;
+        Some(pair.split_once('=')?.1.to_string())
+    }
+}
+
+/// One request with `Connection: close`; `headers` are added as given.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, Vec<u8>)>,
+) -> HttpResponse {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if let Some((content_type, bytes)) = &body {
+            head.push_str(&format!(
+                "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+                bytes.len()
+            ));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).await?;
+        if let Some((_, bytes)) = &body {
+            stream.write_all(bytes).await?;
+        }
+        // Read until the message is complete (by Content-Length or the last chunk): some
+        // servers (chromedriver) keep the connection open despite `Connection: close`.
+        let mut raw = Vec::new();
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            if message_complete(&raw) {
+                break;
+            }
+            let n = stream.read(&mut buffer).await?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buffer[..n]);
+        }
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(30), attempt)
+        .await
+        .expect("HTTP answer within 30s")
+        .expect("HTTP request");
+    parse_response(&raw)
+}
+
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    request(addr, "GET", path, headers, None).await
+}
+
+/// POSTs a form (`application/x-www-form-urlencoded`).
+pub async fn post_form(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    fields: &[(&str, &str)],
+) -> HttpResponse {
+    let body = form_body(fields);
+    request(
+        addr,
+        "POST",
+        path,
+        headers,
+        Some(("application/x-www-form-urlencoded", body.into_bytes())),
+    )
+    .await
+}
+
+pub fn form_body(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+pub fn encode(value: &str) -> String {
+    let mut out = String::new();
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// Whether `raw` holds a whole response (head and body).
+fn message_complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = &raw[split + 4..];
+    if let Some(length) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= length;
+    }
+    if head.contains("transfer-encoding: chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    // Neither: the body ends when the server closes the connection.
+    false
+}
+
+fn parse_response(raw: &[u8]) -> HttpResponse {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete HTTP head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        body = dechunk(&body);
+    }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size_text = String::from_utf8_lossy(&data[..end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+            .expect("chunk size");
+        data = &data[end + 2..];
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+    out
+}
+
+/// The `value` of the first `<input name="NAME" value="...">` in a page, HTML entities decoded.
+pub fn input_value(html: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker)? + marker.len();
+    let end = html[start..].find('"')? + start;
+    Some(unescape(&html[start..end]))
+}
+
+pub fn unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#x27;", "'")
+        .replace("&#39;", "'")
+        .replace("&#x3D;", "=")
+        .replace("&#x60;", "`")
+        .replace("&#x2F;", "/")
+        .replace("&amp;", "&")
+}
+
+/// A password hash that is quick to check (the tests log in many times); the daemon reads its
+/// cost from the PHC string, so the same code checks it.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+pub fn password_hash() -> String {
+    touchpoint::web::auth::hash_password(PASSWORD).expect("hash")
+}
+
+/// The rules the web tests run with: both planned far enough ahead that the daemon never sends
+/// during a test, so every message is one the test made.
+pub const RULES: &str = r#"
+[[rule]]
+name = "thank-you-after-purchase"
+description = "Thank the customer for their order."
+template = "thank-you"
+subject = "Thank you for your order, {{customer.first_name}}"
+when = { event = "purchase", after = "2d" }
+expire_after = "30d"
+track_opens = true
+track_clicks = true
+
+[[rule]]
+name = "discovery-call-follow-up"
+template = "follow-up"
+subject = "As promised: next steps"
+when = { event = "discovery_call", after = "3d" }
+unless = [{ event = "purchase", since = "trigger" }]
+expire_after = "30d"
+"#;
+
+/// What `seed` made, for the assertions.
+#[derive(Debug, Clone)]
+pub struct Seeded {
+    pub sent: Vec<i64>,
+    pub failed: i64,
+    pub skipped: i64,
+    pub unknown: i64,
+    /// Waiting, due in two days.
+    pub upcoming: i64,
+    /// Messages of the bulk rule (a rule no longer in the rules directory).
+    pub bulk: Vec<i64>,
+    pub evil_message: i64,
+}
+
+pub const EVIL_NAME: &str = "<script>alert('name')</script> & \"Eve\" <img src=x onerror=alert(1)>";
+
+/// Customers, events, and messages in every final state (through the store's own claim and
+/// finish, as the dispatcher would), with opens and clicks, plus `bulk` messages of a rule that
+/// is gone, and one message still to come.
+pub async fn seed(store: &SharedStore, bulk: usize) -> Seeded {
+    let now = Utc::now();
+    let customers = vec![
+        customer("ada", "ada@example.com", "Ada Lovelace", "Europe/London"),
+        customer(
+            "grace",
+            "grace@example.com",
+            "Grace Hopper",
+            "America/New_York",
+        ),
+        customer(
+            "linus",
+            "linus@example.com",
+            "Linus Torvalds",
+            "Europe/Helsinki",
+        ),
+        customer("evil", "eve@example.com", EVIL_NAME, "UTC"),
+        customer("future", "future@example.com", "Fiona Future", "UTC"),
+    ];
+    let mut customers = customers;
+    customers[3].attributes = serde_json::json!({ "note": "<b>bold</b> & <i>more</i>" });
+    for i in 0..bulk {
+        customers.push(customer(
+            &format!("bulk{i:03}"),
+            &format!("bulk{i:03}@example.com"),
+            &format!("Bulk Customer {i:03}"),
+            "UTC",
+        ));
+    }
+    store.upsert_customers(&customers).await.expect("customers");
+    let event = |id: &str, customer: &str, kind: &str, ago: TimeDelta| Event {
+        id: id.into(),
+        customer_id: customer.into(),
+        kind: kind.into(),
+        occurred_at: now - ago,
+        data: serde_json::json!({ "order": format!("<order {id}>") }),
+    };
+    let events = vec![
+        event("p-ada", "ada", "purchase", TimeDelta::days(3)),
+        event("p-grace", "grace", "purchase", TimeDelta::days(4)),
+        event("p-linus", "linus", "purchase", TimeDelta::days(5)),
+        event("p-evil", "evil", "purchase", TimeDelta::days(3)),
+        event("call-ada", "ada", "discovery_call", TimeDelta::days(6)),
+        event("p-future", "future", "purchase", TimeDelta::hours(1)),
+    ];
+    store.insert_events(&events).await.expect("events");
+
+    // (rule, customer, event, outcome)
+    let thanks = "thank-you-after-purchase";
+    let plans: Vec<(&str, &str, Option<&str>)> = vec![
+        (thanks, "ada", Some("p-ada")),
+        (thanks, "grace", Some("p-grace")),
+        (thanks, "linus", Some("p-linus")),
+        (thanks, "evil", Some("p-evil")),
+        ("discovery-call-follow-up", "ada", Some("call-ada")),
+    ];
+    let mut messages: Vec<NewMessage> = plans
+        .iter()
+        .map(|(rule, customer, event)| NewMessage {
+            rule: rule.to_string(),
+            customer_id: customer.to_string(),
+            event_id: event.map(str::to_string),
+            dedupe_key: format!("{rule}:{}", event.unwrap_or(customer)),
+            trigger_at: now - TimeDelta::minutes(10),
+            due_at: now - TimeDelta::minutes(10),
+            expires_at: Some(now + TimeDelta::days(1)),
+            detail: serde_json::json!({}),
+        })
+        .collect();
+    for i in 0..bulk {
+        messages.push(NewMessage {
+            rule: "monthly-newsletter".into(),
+            customer_id: format!("bulk{i:03}"),
+            event_id: None,
+            dedupe_key: format!("monthly-newsletter:bulk{i:03}"),
+            trigger_at: now - TimeDelta::minutes(20),
+            due_at: now - TimeDelta::minutes(20),
+            expires_at: None,
+            detail: serde_json::json!({}),
+        });
+    }
+    store.insert_messages(&messages).await.expect("messages");
+    let mut sent = Vec::new();
+    let mut bulk_ids = Vec::new();
+    let (mut failed, mut skipped, mut unknown, mut evil_message) = (0, 0, 0, 0);
+    loop {
+        let claims = store
+            .claim_due("web-test", 100, TimeDelta::minutes(5))
+            .await
+            .expect("claim");
+        if claims.is_empty() {
+            break;
+        }
+        for claim in claims {
+            let customer = store
+                .customer(&claim.customer_id)
+                .await
+                .expect("customer")
+                .expect("the customer exists");
+            let first = customer
+                .name
+                .clone()
+                .unwrap_or_default()
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let subject = if claim.rule == thanks {
+                format!("Thank you for your order, {first}")
+            } else if claim.rule == "monthly-newsletter" {
+                "News from Acme Flowers".to_string()
+            } else {
+                "As promised: next steps".to_string()
+            };
+            let delivery = Delivery {
+                email: customer.email.clone(),
+                subject,
+                message_id: format!("<{}.{}@acme.example>", claim.id, claim.rule),
+            };
+            let content = SentContent {
+                text: format!("Hello {first},\n\nThank you! <not html> & more.\n"),
+                html: format!(
+                    "<html><body><p>Hello {},</p><p><a href=\"https://acme.example/shop\">Shop</a></p>\
+                     <img src=\"http://127.0.0.1:1/o/pixel.gif\"></body></html>",
+                    html_escape(&first)
+                ),
+                checks: vec![
+                    format!("{} is not on the suppression list", customer.email),
+                    "attempt 1".into(),
+                ],
+            };
+            let outcome = match (claim.rule.as_str(), claim.customer_id.as_str()) {
+                (_, "grace") => Outcome::Failed {
+                    reply: Some("550 5.1.1 <grace@example.com>: no such user".into()),
+                    reason: "the server refused the address".into(),
+                },
+                (_, "linus") => Outcome::Unknown {
+                    reason: "the connection dropped after the body".into(),
+                },
+                ("discovery-call-follow-up", _) => Outcome::Skipped {
+                    reason:
+                        "unless: the customer had a \"purchase\" event since the triggering event"
+                            .into(),
+                },
+                _ => Outcome::Sent {
+                    reply: "250 2.0.0 Ok: queued as 4XYZ".into(),
+                },
+            };
+            if !matches!(outcome, Outcome::Skipped { .. }) {
+                assert!(
+                    store
+                        .begin_body_with(
+                            claim.id,
+                            &claim.token,
+                            &delivery,
+                            &content,
+                            TimeDelta::seconds(1)
+                        )
+                        .await
+                        .expect("begin body"),
+                    "the claim is held"
+                );
+            }
+            match &outcome {
+                Outcome::Failed { .. } => failed = claim.id,
+                Outcome::Skipped { .. } => skipped = claim.id,
+                Outcome::Unknown { .. } => unknown = claim.id,
+                _ if claim.rule == "monthly-newsletter" => bulk_ids.push(claim.id),
+                _ => sent.push(claim.id),
+            }
+            if claim.customer_id == "evil" {
+                evil_message = claim.id;
+            }
+            assert!(
+                store
+                    .finish(claim.id, &claim.token, &outcome)
+                    .await
+                    .expect("finish"),
+                "the claim is held"
+            );
+        }
+    }
+    // What the recipients did.
+    for id in &sent {
+        store
+            .add_message_event(*id, "opened", &serde_json::json!({}))
+            .await
+            .expect("open");
+    }
+    if let Some(first) = sent.first() {
+        store
+            .add_message_event(
+                *first,
+                "clicked",
+                &serde_json::json!({ "url": "https://acme.example/shop?a=1&b=<2>" }),
+            )
+            .await
+            .expect("click");
+    }
+    // One still to come.
+    store
+        .insert_messages(&[NewMessage {
+            rule: thanks.into(),
+            customer_id: "future".into(),
+            event_id: Some("p-future".into()),
+            dedupe_key: format!("{thanks}:p-future"),
+            trigger_at: now + TimeDelta::days(2),
+            due_at: now + TimeDelta::days(2),
+            expires_at: Some(now + TimeDelta::days(30)),
+            detail: serde_json::json!({}),
+        }])
+        .await
+        .expect("future message");
+    let upcoming = store
+        .log(&touchpoint::store::LogFilter {
+            customer_id: Some("future".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("log")[0]
+        .id;
+    sent.sort();
+    bulk_ids.sort();
+    Seeded {
+        sent,
+        failed,
+        skipped,
+        unknown,
+        upcoming,
+        bulk: bulk_ids,
+        evil_message,
+    }
+}
+
+fn customer(id: &str, email: &str, name: &str, tz: &str) -> Customer {
+    Customer {
+        id: id.into(),
+        email: email.into(),
+        name: Some(name.into()),
+        timezone: Some(tz.into()),
+        attributes: serde_json::json!({}),
+    }
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The `[web]` section for a config.
+pub fn web_config(hash: Option<&str>) -> String {
+    match hash {
+        Some(hash) => format!("[web]\npassword_hash = \"{hash}\"\n"),
+        None => "[web]\nenabled = true\n".into(),
+    }
+}
