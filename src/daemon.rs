@@ -69,6 +69,7 @@ pub struct Health {
     pub reload_failures: AtomicU64,
     outcomes: Mutex<BTreeMap<(String, MessageState), u64>>,
     send_seconds: Mutex<Histogram>,
+    lateness_seconds: Mutex<Histogram>,
     /// `WatchdogSec=` as systemd passed it (WATCHDOG_USEC), if it is on for this process.
     pub watchdog: Option<Duration>,
 }
@@ -80,14 +81,34 @@ pub struct ReloadStatus {
     pub message: String,
 }
 
-/// Latency buckets in seconds, Prometheus style (cumulative when written out).
+/// Send latency buckets in seconds (claim to outcome).
 pub const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+/// Lateness buckets in seconds (due time to sent).
+pub const LATENESS_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0];
 
-#[derive(Debug, Default, Clone)]
+/// A Prometheus-style histogram (counts per upper bound; cumulative when written out).
+#[derive(Debug, Clone)]
 pub struct Histogram {
-    pub counts: [u64; LATENCY_BUCKETS.len()],
+    pub bounds: &'static [f64],
+    pub counts: Vec<u64>,
     pub count: u64,
     pub sum: f64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram { bounds, counts: vec![0; bounds.len()], count: 0, sum: 0.0 }
+    }
+
+    pub fn observe(&mut self, value: f64) {
+        for (count, bound) in self.counts.iter_mut().zip(self.bounds) {
+            if value <= *bound {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += value;
+    }
 }
 
 impl Health {
@@ -106,7 +127,8 @@ impl Health {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             outcomes: Mutex::new(BTreeMap::new()),
-            send_seconds: Mutex::new(Histogram::default()),
+            send_seconds: Mutex::new(Histogram::new(&LATENCY_BUCKETS)),
+            lateness_seconds: Mutex::new(Histogram::new(&LATENESS_BUCKETS)),
             watchdog: crate::notify::watchdog_interval(),
         }
     }
@@ -184,15 +206,19 @@ impl Health {
                 | Outcome::Unknown { .. }
         ) && let Ok(mut histogram) = self.send_seconds.lock()
         {
-            let seconds = took.as_secs_f64();
-            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-                if seconds <= *bound {
-                    histogram.counts[i] += 1;
-                }
-            }
-            histogram.count += 1;
-            histogram.sum += seconds;
+            histogram.observe(took.as_secs_f64());
         }
+    }
+
+    /// How late a sent message went out, after its due time.
+    pub fn record_lateness(&self, seconds: f64) {
+        if let Ok(mut histogram) = self.lateness_seconds.lock() {
+            histogram.observe(seconds.max(0.0));
+        }
+    }
+
+    pub fn lateness(&self) -> Histogram {
+        self.lateness_seconds.lock().map(|h| h.clone()).unwrap_or_else(|_| Histogram::new(&LATENESS_BUCKETS))
     }
 
     /// Outcomes recorded by this process since it started, by rule and state.
@@ -201,10 +227,7 @@ impl Health {
     }
 
     pub fn send_latency(&self) -> Histogram {
-        self.send_seconds
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_default()
+        self.send_seconds.lock().map(|h| h.clone()).unwrap_or_else(|_| Histogram::new(&LATENCY_BUCKETS))
     }
 }
 

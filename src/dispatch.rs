@@ -298,9 +298,11 @@ async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSe
         // Due again soon: the dispatcher may be asleep until its heartbeat.
         context.wake.notify_one();
     }
-    context
-        .health
-        .record_outcome(&claim.rule, &outcome, started.elapsed());
+    context.health.record_outcome(&claim.rule, &outcome, started.elapsed());
+    if matches!(outcome, Outcome::Sent { .. }) {
+        let late = (Utc::now() - claim.due_at).num_milliseconds() as f64 / 1000.0;
+        context.health.record_lateness(late);
+    }
 }
 
 /// Writes the outcome, retrying while the database is away, until the hard stop.
@@ -672,7 +674,7 @@ async fn guard(
         None => None,
     };
     if store.is_suppressed(&customer.email).await? {
-        return skip(format!("{} is on the suppression list", customer.email));
+        return skip("the address is on the suppression list".into());
     }
     if !attributes_match(&rule.only_if, &customer.attributes) {
         return skip("the customer no longer matches the rule's only_if conditions".into());

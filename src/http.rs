@@ -14,7 +14,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::bounce::BounceReport;
-use crate::daemon::{LATENCY_BUCKETS, Shared};
+use crate::daemon::Shared;
 use crate::links::Link;
 use crate::store::LogEntry;
 use crate::store::MessageState;
@@ -132,25 +132,16 @@ async fn render_metrics(shared: &Shared) -> String {
             escape(&rule)
         );
     }
-    let latency = health.send_latency();
-    let _ = writeln!(
-        out,
-        "# HELP touchpoint_send_seconds Time from claim to outcome of a send attempt."
-    );
-    let _ = writeln!(out, "# TYPE touchpoint_send_seconds histogram");
-    for (bound, count) in LATENCY_BUCKETS.iter().zip(latency.counts) {
-        let _ = writeln!(
-            out,
-            "touchpoint_send_seconds_bucket{{le=\"{bound}\"}} {count}"
-        );
+    histogram(&mut out, "touchpoint_send_seconds", "Time from claim to outcome of a send attempt.", &health.send_latency());
+    histogram(&mut out, "touchpoint_lateness_seconds", "How long after its due time a sent message went out.", &health.lateness());
+    if let Ok((due, oldest)) = shared.store.due_backlog().await {
+        let _ = writeln!(out, "# HELP touchpoint_due_messages Waiting messages already due (late if this stays above zero).");
+        let _ = writeln!(out, "# TYPE touchpoint_due_messages gauge");
+        let _ = writeln!(out, "touchpoint_due_messages {due}");
+        let _ = writeln!(out, "# HELP touchpoint_oldest_due_seconds How long the oldest due message has been waiting.");
+        let _ = writeln!(out, "# TYPE touchpoint_oldest_due_seconds gauge");
+        let _ = writeln!(out, "touchpoint_oldest_due_seconds {}", oldest.unwrap_or(0.0).max(0.0));
     }
-    let _ = writeln!(
-        out,
-        "touchpoint_send_seconds_bucket{{le=\"+Inf\"}} {}",
-        latency.count
-    );
-    let _ = writeln!(out, "touchpoint_send_seconds_sum {}", latency.sum);
-    let _ = writeln!(out, "touchpoint_send_seconds_count {}", latency.count);
     let ordering = std::sync::atomic::Ordering::Relaxed;
     let _ = writeln!(out, "# TYPE touchpoint_reloads_total counter");
     let _ = writeln!(
@@ -197,6 +188,17 @@ fn render_counts(out: &mut String, counts: &[(String, MessageState, i64)]) {
     );
     let _ = writeln!(out, "# TYPE touchpoint_queue_depth gauge");
     let _ = writeln!(out, "touchpoint_queue_depth {waiting}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &crate::daemon::Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (bound, count) in h.bounds.iter().zip(&h.counts) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum);
+    let _ = writeln!(out, "{name}_count {}", h.count);
 }
 
 /// Prometheus label values escape backslash, quote and newline.

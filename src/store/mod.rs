@@ -487,6 +487,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>>;
     /// Messages per (rule, state).
     async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>>;
+    /// Waiting messages already due (by the database's clock), and how late the oldest is.
+    async fn due_backlog(&self) -> StoreResult<(i64, Option<f64>)>;
 
     // --- the owner's web page ---------------------------------------------------------------
     /// What a message looked like when it went out; `None` if nothing was kept (not sent yet,

@@ -636,6 +636,12 @@ impl Store for PostgresStore {
         Ok(rows.into_iter().map(MessageEvent::from).collect())
     }
 
+    async fn due_backlog(&self) -> StoreResult<(i64, Option<f64>)> {
+        let row: (i64, Option<f64>) = sqlx::query_as("SELECT COUNT(*), EXTRACT(EPOCH FROM now() - MIN(next_attempt_at))::float8 FROM messages \
+             WHERE state IN ('scheduled', 'retrying') AND next_attempt_at <= now()").fetch_one(&self.pool).await?;
+        Ok(row)
+    }
+
     async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>> {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT rule, state, COUNT(*) FROM messages GROUP BY rule, state ORDER BY rule, state",

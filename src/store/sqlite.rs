@@ -639,29 +639,65 @@ impl Store for SqliteStore {
         if let Some(before) = filter.before_id {
             query.push(" AND m.id < ").push_bind(before);
         }
+        // SQLite keeps no statistics unless told to, so it cannot tell a selective customer or
+        // date filter from one that matches half the log, and for the latter it would sort
+        // every match to return one page. Look first (cheaply, capped), then either let the
+        // filter's index find the few matches, or walk ids newest first and stop at LIMIT
+        // (a unary `+` keeps SQLite off the filter's index).
         if let Some(search) = filter.customer_search.as_deref() {
             let pattern = like_pattern(search);
-            query
-                .push(" AND m.customer_id IN (SELECT s.id FROM customers s WHERE s.id = ")
-                .push_bind(search.to_string());
-            query
-                .push(" OR lower(s.email) LIKE ")
-                .push_bind(pattern.clone())
-                .push(" ESCAPE '\\'");
-            query
-                .push(" OR lower(s.name) LIKE ")
-                .push_bind(pattern)
-                .push(" ESCAPE '\\')");
+            let ids: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM customers WHERE id = ? OR lower(email) LIKE ? ESCAPE '\\' \
+                 OR lower(name) LIKE ? ESCAPE '\\' LIMIT {}",
+                FEW_CUSTOMERS + 1
+            ))
+            .bind(search)
+            .bind(&pattern)
+            .bind(&pattern)
+            .fetch_all(&self.reader)
+            .await?;
+            if ids.len() <= FEW_CUSTOMERS {
+                query.push(" AND m.customer_id IN (");
+                let mut list = query.separated(", ");
+                // Never matches; keeps the list valid when nobody matched.
+                list.push("NULL");
+                for id in ids {
+                    list.push_bind(id);
+                }
+                query.push(")");
+            } else {
+                query
+                    .push(" AND +m.customer_id IN (SELECT s.id FROM customers s WHERE s.id = ")
+                    .push_bind(search.to_string());
+                query
+                    .push(" OR lower(s.email) LIKE ")
+                    .push_bind(pattern.clone())
+                    .push(" ESCAPE '\\'");
+                query
+                    .push(" OR lower(s.name) LIKE ")
+                    .push_bind(pattern)
+                    .push(" ESCAPE '\\')");
+            }
         }
-        if let Some(from) = filter.from {
+        if filter.from.is_some() || filter.until.is_some() {
+            let from = filter.from.map(ts).unwrap_or_default();
+            let until = filter.until.map_or_else(|| "9999".to_string(), ts);
+            let matches: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
+                 WHERE COALESCE(sent_at, due_at) >= ? AND COALESCE(sent_at, due_at) < ? LIMIT {})",
+                MANY_ROWS
+            ))
+            .bind(&from)
+            .bind(&until)
+            .fetch_one(&self.reader)
+            .await?;
+            let by_index = if matches < MANY_ROWS { "" } else { "+" };
             query
-                .push(" AND COALESCE(m.sent_at, m.due_at) >= ")
-                .push_bind(ts(from));
-        }
-        if let Some(until) = filter.until {
+                .push(format!(" AND {by_index}COALESCE(m.sent_at, m.due_at) >= "))
+                .push_bind(from);
             query
-                .push(" AND COALESCE(m.sent_at, m.due_at) < ")
-                .push_bind(ts(until));
+                .push(format!(" AND {by_index}COALESCE(m.sent_at, m.due_at) < "))
+                .push_bind(until);
         }
         if filter.due_before.is_some() {
             query.push(" ORDER BY m.next_attempt_at, m.id");
@@ -683,6 +719,12 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         Ok(rows.into_iter().map(MessageEvent::from).collect())
+    }
+
+    async fn due_backlog(&self) -> StoreResult<(i64, Option<f64>)> {
+        let row: (i64, Option<f64>) = sqlx::query_as(&format!("SELECT COUNT(*), MAX((julianday({NOW}) - julianday(next_attempt_at)) * 86400.0) FROM messages \
+             WHERE state IN ('scheduled', 'retrying') AND next_attempt_at <= {NOW}")).fetch_one(&self.reader).await?;
+        Ok(row)
     }
 
     async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>> {
@@ -772,6 +814,11 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().map(CustomerMessageEvent::from).collect())
     }
 }
+
+/// A customer search matching at most this many customers looks up their messages by index.
+const FEW_CUSTOMERS: usize = 500;
+/// A date range matching at least this many messages is walked in id order instead.
+const MANY_ROWS: i64 = 5000;
 
 /// `%text%` for LIKE, lower-cased, with LIKE's own wildcards escaped by `\`.
 pub(super) fn like_pattern(text: &str) -> String {
