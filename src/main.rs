@@ -87,7 +87,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Customer(CustomerCommand::Add(args)) => {
             let attributes =
                 import::key_values(&args.attrs, "--attr").map_err(anyhow::Error::msg)?;
-            let customer = import::customer(
+            let mut customer = import::customer(
                 &args.id,
                 &args.email,
                 args.name.as_deref(),
@@ -96,10 +96,23 @@ async fn dispatch(cli: Cli) -> Result<()> {
             )
             .map_err(anyhow::Error::msg)?;
             let store = commands::open_store(&config).await?;
+            // Updating keeps what the command does not mention: a name, a time zone, and
+            // attributes not named by --attr.
+            let existing = store.customer(&customer.id).await?;
+            if let Some(existing) = &existing {
+                customer.name = customer.name.or_else(|| existing.name.clone());
+                customer.timezone = customer.timezone.or_else(|| existing.timezone.clone());
+                if let (Some(old), Some(new)) = (existing.attributes.as_object(), customer.attributes.as_object()) {
+                    let mut merged = old.clone();
+                    merged.extend(new.clone());
+                    customer.attributes = serde_json::Value::Object(merged);
+                }
+            }
             store
                 .upsert_customers(std::slice::from_ref(&customer))
                 .await?;
-            println!("customer {} saved", customer.id);
+            let verb = if existing.is_some() { "updated" } else { "saved" };
+            println!("customer {} {verb}", customer.id);
         }
         Command::Event(EventCommand::Add(args)) => {
             let store = commands::open_store(&config).await?;
