@@ -104,6 +104,13 @@ pub fn parse_report(raw: &[u8], recipients: &[String]) -> Result<BounceReport, B
             "message/delivery-status" | "message/global-delivery-status" => {
                 let fields = failed_recipient_fields(&body);
                 let code = fields.status.clone().unwrap_or_default();
+                let failed = matches!(fields.action.as_deref(), Some("failed" | "delayed"))
+                    || code.starts_with('4')
+                    || code.starts_with('5');
+                if !failed {
+                    // "delivered", "relayed", "expanded", 2.x.x: news of success, not a bounce.
+                    continue;
+                }
                 kind = Some(
                     if code.starts_with('4') || fields.action.as_deref() == Some("delayed") {
                         BounceKind::Soft
@@ -238,18 +245,38 @@ fn strip_address_type(value: &str) -> String {
 }
 
 /// Records a report against its message and suppresses the address where it must.
+///
+/// `address_only` allows a report that names no message we sent (the authenticated webhook).
+/// Reports piped in by the MTA may come from anyone who can mail the bounce address, so they
+/// must match a message that actually went out, to that address, before anyone is suppressed.
 pub async fn apply(
     store: &SharedStore,
     report: &BounceReport,
     soft_limit: i64,
+    address_only: bool,
 ) -> Result<Applied, BounceError> {
-    let entry = match (&report.message_id, report.verp_message) {
-        (Some(id), _) if store.message_by_message_id(id).await?.is_some() => {
-            store.message_by_message_id(id).await?
-        }
-        (_, Some(id)) => store.message(id).await?,
-        _ => None,
+    let by_message_id = match &report.message_id {
+        Some(id) => store.message_by_message_id(id).await?,
+        None => None,
     };
+    let entry = match (by_message_id, report.verp_message) {
+        (Some(entry), _) => Some(entry),
+        (None, Some(id)) => store.message(id).await?,
+        (None, None) => None,
+    };
+    let sent = entry.as_ref().is_some_and(|e| {
+        e.message_id.is_some()
+            && matches!(
+                e.state,
+                crate::store::MessageState::Sent | crate::store::MessageState::Unknown
+            )
+    });
+    if !address_only && !sent {
+        return Err(BounceError::UnknownMessage {
+            message_id: report.message_id.clone(),
+            verp: report.verp_message,
+        });
+    }
     let email = entry
         .as_ref()
         .and_then(|e| e.email.clone())

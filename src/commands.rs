@@ -32,10 +32,7 @@ pub fn check(config: &Config) -> Result<String> {
         }
         None => String::new(),
     };
-    config
-        .link_secret_source()
-        .read("links.secret")
-        .map_err(anyhow::Error::msg)?;
+    config.link_secret().map_err(anyhow::Error::msg)?;
     config.bounce_webhook_secret().map_err(anyhow::Error::msg)?;
     let enabled = playbook.rules.rules.iter().filter(|r| r.enabled).count();
     Ok(format!(
@@ -289,7 +286,13 @@ pub const LOG_HEADERS: [&str; 21] = [
 
 /// What the recipient did, in a few words for the table: `opened 2x, clicked, unsubscribed`.
 pub fn activity(e: &LogEntry) -> String {
-    let times = |n: i64| if n > 1 { format!(" {n}x") } else { String::new() };
+    let times = |n: i64| {
+        if n > 1 {
+            format!(" {n}x")
+        } else {
+            String::new()
+        }
+    };
     let mut parts = Vec::new();
     if e.opens > 0 {
         parts.push(format!("opened{}", times(e.opens)));
@@ -297,7 +300,11 @@ pub fn activity(e: &LogEntry) -> String {
     if e.clicks > 0 {
         parts.push(format!("clicked{}", times(e.clicks)));
     }
-    for (at, what) in [(e.bounced_at, "bounced"), (e.complained_at, "complained"), (e.unsubscribed_at, "unsubscribed")] {
+    for (at, what) in [
+        (e.bounced_at, "bounced"),
+        (e.complained_at, "complained"),
+        (e.unsubscribed_at, "unsubscribed"),
+    ] {
         if at.is_some() {
             parts.push(what.to_string());
         }
@@ -368,7 +375,13 @@ pub async fn log(store: &SharedStore, args: &LogArgs) -> Result<String> {
             let rows: Vec<Vec<String>> = rows
                 .iter()
                 .zip(&entries)
-                .map(|(r, e)| picked.iter().map(|&i| r[i].clone()).chain([activity(e)]).collect())
+                .map(|(r, e)| {
+                    picked
+                        .iter()
+                        .map(|&i| r[i].clone())
+                        .chain([activity(e)])
+                        .collect()
+                })
                 .collect();
             output::table(&headers, &rows, 40)
         }

@@ -713,6 +713,14 @@ impl Config {
         }
     }
 
+    /// The configured secret that signs links, if any (at least 16 bytes).
+    pub fn link_secret(&self) -> Result<Option<Secret>, String> {
+        long_enough(
+            self.link_secret_source().read("links.secret")?,
+            "links.secret",
+        )
+    }
+
     pub fn bounce_webhook_secret(&self) -> Result<Option<Secret>, String> {
         let b = &self.bounces;
         let source = SecretSource {
@@ -720,7 +728,10 @@ impl Config {
             file: b.webhook_secret_file.clone(),
             credential: b.webhook_secret_credential.clone(),
         };
-        source.read("bounces.webhook_secret")
+        long_enough(
+            source.read("bounces.webhook_secret")?,
+            "bounces.webhook_secret",
+        )
     }
 
     /// Where customers reach the HTTP listener, for links in messages; `None` when neither
@@ -737,7 +748,21 @@ impl Config {
 fn read_secret_file(path: &Path) -> Result<Secret, String> {
     std::fs::read_to_string(path)
         .map(|text| Secret(text.trim_end_matches(['\r', '\n']).to_string()))
-        .map_err(|e| format!("cannot read the SMTP password file {}: {e}", path.display()))
+        .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))
+}
+
+/// Signing and bearer secrets: an empty or short one (an unset variable exported as "", a
+/// truncated file) would let anyone forge links or call the webhook.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+fn long_enough(secret: Option<Secret>, what: &str) -> Result<Option<Secret>, String> {
+    match secret {
+        Some(secret) if secret.expose().trim().len() < MIN_SECRET_BYTES => Err(format!(
+            "{what} is {} bytes long; it must be at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)",
+            secret.expose().trim().len()
+        )),
+        other => Ok(other),
+    }
 }
 
 /// Every mistake serde finds in the config text, not only the first: each one found is

@@ -97,7 +97,12 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram { bounds, counts: vec![0; bounds.len()], count: 0, sum: 0.0 }
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            count: 0,
+            sum: 0.0,
+        }
     }
 
     pub fn observe(&mut self, value: f64) {
@@ -218,7 +223,10 @@ impl Health {
     }
 
     pub fn lateness(&self) -> Histogram {
-        self.lateness_seconds.lock().map(|h| h.clone()).unwrap_or_else(|_| Histogram::new(&LATENESS_BUCKETS))
+        self.lateness_seconds
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| Histogram::new(&LATENESS_BUCKETS))
     }
 
     /// Outcomes recorded by this process since it started, by rule and state.
@@ -227,7 +235,10 @@ impl Health {
     }
 
     pub fn send_latency(&self) -> Histogram {
-        self.send_seconds.lock().map(|h| h.clone()).unwrap_or_else(|_| Histogram::new(&LATENCY_BUCKETS))
+        self.send_seconds
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| Histogram::new(&LATENCY_BUCKETS))
     }
 }
 
@@ -422,11 +433,7 @@ pub async fn link_signer(
         );
         return Ok(None);
     };
-    let secret = match config
-        .link_secret_source()
-        .read("links.secret")
-        .map_err(DaemonError::Config)?
-    {
+    let secret = match config.link_secret().map_err(DaemonError::Config)? {
         Some(secret) => secret.expose().to_string(),
         None => {
             store

@@ -298,7 +298,9 @@ async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSe
         // Due again soon: the dispatcher may be asleep until its heartbeat.
         context.wake.notify_one();
     }
-    context.health.record_outcome(&claim.rule, &outcome, started.elapsed());
+    context
+        .health
+        .record_outcome(&claim.rule, &outcome, started.elapsed());
     if matches!(outcome, Outcome::Sent { .. }) {
         let late = (Utc::now() - claim.due_at).num_milliseconds() as f64 / 1000.0;
         context.health.record_lateness(late);
@@ -531,7 +533,9 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
             at: Utc::now(),
             reason: "the daemon is shutting down".into(),
         }),
-        Err(SendError::Withdrawn) => None,
+        // begin_body said no: the claim was lost (then the fenced write below changes nothing),
+        // or the message expired or its address was suppressed at the last moment.
+        Err(SendError::Withdrawn) => Some(withdrawn(context, claim, &customer.email).await),
         Err(SendError::RelayUnavailable(reason)) => {
             let until = context.relay.failed();
             tracing::warn!(%reason, "the mail relay is unavailable; pausing sending");
@@ -555,7 +559,12 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
                         &format!("rejected at SMTP: {reply}"),
                         "smtp",
                     )
-                    .await?;
+                    .await
+                    .unwrap_or_else(|error| {
+                        // The refusal is recorded below either way; the next refusal suppresses.
+                        tracing::warn!(message_id = claim.id, %error, "cannot add the refused address to the suppressions");
+                        false
+                    });
             }
             Some(Outcome::Failed {
                 reply: Some(reply),
@@ -571,6 +580,31 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
         )),
         Err(SendError::Ambiguous(reason)) => Some(Outcome::Unknown { reason }),
     })
+}
+
+/// Why the body was not sent after all, as a fenced outcome.
+async fn withdrawn(context: &Context, claim: &ClaimedMessage, email: &str) -> Outcome {
+    if claim.expires_at.is_some_and(|expiry| Utc::now() >= expiry) {
+        return if claim.attempts > 1 {
+            Outcome::Failed {
+                reply: None,
+                reason: "expired while retrying: not delivered within expire_after".into(),
+            }
+        } else {
+            Outcome::Skipped {
+                reason: "expired: could not go out within expire_after of its due time".into(),
+            }
+        };
+    }
+    if matches!(context.store.is_suppressed(email).await, Ok(true)) {
+        return Outcome::Skipped {
+            reason: "the address was suppressed just before sending".into(),
+        };
+    }
+    Outcome::Released {
+        at: Utc::now() + TimeDelta::seconds(5),
+        reason: "not sent: the send could not be recorded before the body went out".into(),
+    }
 }
 
 /// Click tracking and the open pixel, where the rule asks for them.

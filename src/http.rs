@@ -132,15 +132,35 @@ async fn render_metrics(shared: &Shared) -> String {
             escape(&rule)
         );
     }
-    histogram(&mut out, "touchpoint_send_seconds", "Time from claim to outcome of a send attempt.", &health.send_latency());
-    histogram(&mut out, "touchpoint_lateness_seconds", "How long after its due time a sent message went out.", &health.lateness());
+    histogram(
+        &mut out,
+        "touchpoint_send_seconds",
+        "Time from claim to outcome of a send attempt.",
+        &health.send_latency(),
+    );
+    histogram(
+        &mut out,
+        "touchpoint_lateness_seconds",
+        "How long after its due time a sent message went out.",
+        &health.lateness(),
+    );
     if let Ok((due, oldest)) = shared.store.due_backlog().await {
-        let _ = writeln!(out, "# HELP touchpoint_due_messages Waiting messages already due (late if this stays above zero).");
+        let _ = writeln!(
+            out,
+            "# HELP touchpoint_due_messages Waiting messages already due (late if this stays above zero)."
+        );
         let _ = writeln!(out, "# TYPE touchpoint_due_messages gauge");
         let _ = writeln!(out, "touchpoint_due_messages {due}");
-        let _ = writeln!(out, "# HELP touchpoint_oldest_due_seconds How long the oldest due message has been waiting.");
+        let _ = writeln!(
+            out,
+            "# HELP touchpoint_oldest_due_seconds How long the oldest due message has been waiting."
+        );
         let _ = writeln!(out, "# TYPE touchpoint_oldest_due_seconds gauge");
-        let _ = writeln!(out, "touchpoint_oldest_due_seconds {}", oldest.unwrap_or(0.0).max(0.0));
+        let _ = writeln!(
+            out,
+            "touchpoint_oldest_due_seconds {}",
+            oldest.unwrap_or(0.0).max(0.0)
+        );
     }
     let ordering = std::sync::atomic::Ordering::Relaxed;
     let _ = writeln!(out, "# TYPE touchpoint_reloads_total counter");
@@ -226,11 +246,26 @@ fn not_found() -> Response {
     (StatusCode::NOT_FOUND, [NO_STORE], "not found\n").into_response()
 }
 
-/// The message a token of the expected kind is for.
-async fn verified(shared: &Shared, token: &str) -> Option<(Link, LogEntry)> {
-    let link = shared.links.as_ref()?.verify(token)?;
-    let entry = shared.store.message(link.message()).await.ok()??;
-    Some((link, entry))
+/// The link a valid token stands for and its message: 404 for a bad token or an unknown
+/// message, 503 while the database is unavailable (so a provider's one-click POST is retried
+/// rather than lost).
+async fn verified(shared: &Shared, token: &str) -> Result<(Link, LogEntry), Response> {
+    let Some(link) = shared.links.as_ref().and_then(|links| links.verify(token)) else {
+        return Err(not_found());
+    };
+    match shared.store.message(link.message()).await {
+        Ok(Some(entry)) => Ok((link, entry)),
+        Ok(None) => Err(not_found()),
+        Err(error) => {
+            tracing::warn!(%error, "cannot look up the message of a link");
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                [NO_STORE],
+                "please try again in a minute\n",
+            )
+                .into_response())
+        }
+    }
 }
 
 fn page(title: &str, body: &str) -> Response {
@@ -254,7 +289,11 @@ fn business_name(shared: &Shared) -> String {
 /// form has no `action`, so it posts to the URL the customer opened, whatever path prefix a
 /// reverse proxy puts before `/u/`.
 async fn unsubscribe_page(State(shared): State<Shared>, Path(token): Path<String>) -> Response {
-    let Some((Link::Unsubscribe { .. }, entry)) = verified(&shared, &token).await else {
+    let (link, entry) = match verified(&shared, &token).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let Link::Unsubscribe { .. } = link else {
         return not_found();
     };
     let email = escape_html(&mask(entry.email.as_deref().unwrap_or_default()));
@@ -269,7 +308,11 @@ async fn unsubscribe_page(State(shared): State<Shared>, Path(token): Path<String
 /// One-click unsubscribe (RFC 8058): takes effect at once, idempotently, with no cookies or
 /// redirects; the form on the GET page posts here too.
 async fn unsubscribe(State(shared): State<Shared>, Path(token): Path<String>) -> Response {
-    let Some((Link::Unsubscribe { message }, entry)) = verified(&shared, &token).await else {
+    let (link, entry) = match verified(&shared, &token).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let Link::Unsubscribe { message } = link else {
         return not_found();
     };
     let Some(email) = entry.email.filter(|e| !e.is_empty()) else {
@@ -312,7 +355,7 @@ async fn open_pixel(State(shared): State<Shared>, Path(file): Path<String>) -> R
     let Some(token) = file.strip_suffix(".gif") else {
         return not_found();
     };
-    let Some((Link::Open { message }, _)) = verified(&shared, token).await else {
+    let Ok((Link::Open { message }, _)) = verified(&shared, token).await else {
         return not_found();
     };
     if let Err(error) = shared
@@ -329,9 +372,12 @@ async fn open_pixel(State(shared): State<Shared>, Path(file): Path<String>) -> R
         .into_response()
 }
 
-/// Redirects only to the URL inside the signed token.
+/// Redirects only to the URL inside the signed token. The token alone decides, so a click
+/// still works while the database is away; recording it is best effort.
 async fn click(State(shared): State<Shared>, Path(token): Path<String>) -> Response {
-    let Some((Link::Click { message, url }, _)) = verified(&shared, &token).await else {
+    let Some(Link::Click { message, url }) =
+        shared.links.as_ref().and_then(|links| links.verify(&token))
+    else {
         return not_found();
     };
     if !(url.starts_with("https://") || url.starts_with("http://")) {
@@ -394,7 +440,7 @@ async fn bounce_hook(
             return (StatusCode::BAD_REQUEST, format!("bad JSON body: {error}\n")).into_response();
         }
     };
-    match crate::bounce::apply(&shared.store, &report, shared.soft_bounce_limit).await {
+    match crate::bounce::apply(&shared.store, &report, shared.soft_bounce_limit, true).await {
         Ok(applied) => axum::Json(applied).into_response(),
         Err(error @ crate::bounce::BounceError::UnknownMessage { .. }) => {
             (StatusCode::NOT_FOUND, format!("{error}\n")).into_response()

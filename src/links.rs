@@ -144,7 +144,7 @@ pub fn track_clicks(
         rest = &rest[value_start..];
         let Some(end) = rest.find('"') else { break };
         let escaped = &rest[..end];
-        let target = escaped.replace("&amp;", "&");
+        let target = decode_html_references(escaped);
         let is_web = target.starts_with("http://") || target.starts_with("https://");
         if is_web && Some(target.as_str()) != keep {
             out.push_str(&rewrite(&target));
@@ -152,6 +152,48 @@ pub fn track_clicks(
             out.push_str(escaped);
         }
         rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The text an attribute value stands for: `&amp;`, `&quot;`, `&#39;`, `&#x3D;` (Handlebars
+/// escapes `=`, `'` and backticks this way) and the other numeric references, decoded.
+fn decode_html_references(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let decoded = rest.find(';').filter(|end| *end <= 10).and_then(|end| {
+            let name = &rest[1..end];
+            let c = match name {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                _ => {
+                    let number = name.strip_prefix('#')?;
+                    let code = match number.strip_prefix(['x', 'X']) {
+                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                        None => number.parse().ok()?,
+                    };
+                    char::from_u32(code)
+                }
+            }?;
+            Some((c, end + 1))
+        });
+        match decoded {
+            Some((c, used)) => {
+                out.push(c);
+                rest = &rest[used..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
     }
     out.push_str(rest);
     out

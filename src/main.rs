@@ -102,7 +102,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             if let Some(existing) = &existing {
                 customer.name = customer.name.or_else(|| existing.name.clone());
                 customer.timezone = customer.timezone.or_else(|| existing.timezone.clone());
-                if let (Some(old), Some(new)) = (existing.attributes.as_object(), customer.attributes.as_object()) {
+                if let (Some(old), Some(new)) = (
+                    existing.attributes.as_object(),
+                    customer.attributes.as_object(),
+                ) {
                     let mut merged = old.clone();
                     merged.extend(new.clone());
                     customer.attributes = serde_json::Value::Object(merged);
@@ -111,7 +114,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
             store
                 .upsert_customers(std::slice::from_ref(&customer))
                 .await?;
-            let verb = if existing.is_some() { "updated" } else { "saved" };
+            let verb = if existing.is_some() {
+                "updated"
+            } else {
+                "saved"
+            };
             println!("customer {} {verb}", customer.id);
         }
         Command::Event(EventCommand::Add(args)) => {
@@ -224,7 +231,8 @@ async fn bounce(config: &touchpoint::config::Config, recipient: Option<String>) 
             std::process::exit(75);
         }
     };
-    match touchpoint::bounce::apply(&store, &report, config.bounces.soft_bounce_limit).await {
+    match touchpoint::bounce::apply(&store, &report, config.bounces.soft_bounce_limit, false).await
+    {
         Ok(applied) => println!(
             "recorded {} for message {} ({}){}",
             applied.kind.event(),

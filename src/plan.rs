@@ -111,7 +111,10 @@ pub fn plan_candidate(
         Trigger::Schedule { cron, .. } => {
             let after = after_last(earliest, candidate.last_trigger) - TimeDelta::milliseconds(1);
             let at = calendar::next_cron(cron, tz, after)?;
-            let key = format!("{}:{}:{}", rule.name, candidate.customer.id, at.timestamp());
+            // The local slot, not the instant: a customer who moves to another time zone (or a
+            // changed defaults.timezone) must not get the same occurrence twice.
+            let slot = at.with_timezone(&tz).format("%Y-%m-%dT%H:%M");
+            let key = format!("{}:{}:{slot}", rule.name, candidate.customer.id);
             (at, key, serde_json::json!({}))
         }
     };
@@ -283,7 +286,11 @@ impl Planner {
         loop {
             let playbook = self.playbook.borrow_and_update().clone();
             let full = cursors.is_empty() || last_full.elapsed() >= self.reconcile_every;
-            let from = if full { Cursors::default() } else { cursors.rescan_from() };
+            let from = if full {
+                Cursors::default()
+            } else {
+                cursors.rescan_from()
+            };
             let delay = match plan_pass(&self.store, &playbook, from, &self.settings).await {
                 Ok((next, report)) => {
                     if failures > 0 {
@@ -305,7 +312,11 @@ impl Planner {
                     failures += 1;
                     self.health.database_error(&error);
                     tracing::warn!(%error, failures, "planning failed; will retry");
-                    crate::dispatch::backoff(failures, self.interval, std::time::Duration::from_secs(60))
+                    crate::dispatch::backoff(
+                        failures,
+                        self.interval,
+                        std::time::Duration::from_secs(60),
+                    )
                 }
             };
             tokio::select! {

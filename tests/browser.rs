@@ -443,7 +443,15 @@ async fn owner_scenario() {
     browser.call("POST", "/frame/parent", Some(json!({}))).await;
     let source = source.as_str().unwrap_or_default();
     assert!(source.contains("Hello Ada,"), "the frame shows: {source}");
+    let shot = browser
+        .call("GET", &format!("/element/{frame}/screenshot"), None)
+        .await;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot.as_str().expect("element screenshot"))
+        .expect("base64 PNG");
+    std::fs::write(screenshot_dir().join("06-message-html-body.png"), png).unwrap();
     browser.screenshot("06-message-sent").await;
+    browser.screenshot_screen("06-message-sent-screen").await;
 
     // The CSV of the filtered log, downloaded by the browser, against the database.
     browser.go(&filtered).await;

@@ -936,13 +936,6 @@ async fn tampered_and_foreign_tokens_are_plain_404s(backend: Backend) {
         format!(
             "/c/{}",
             signer.token(&Link::Click {
-                message: 987_654,
-                url: SHOP_URL.into()
-            })
-        ),
-        format!(
-            "/c/{}",
-            signer.token(&Link::Click {
                 message: id,
                 url: "javascript:alert(document.cookie)".into()
             })
@@ -961,6 +954,15 @@ async fn tampered_and_foreign_tokens_are_plain_404s(backend: Backend) {
         assert_eq!(response.body, reference.body, "GET {path}");
         assert!(response.header("location").is_none(), "GET {path}");
     }
+    // A click token we signed still leads where it says after its message is gone (only our
+    // secret can make one, so this is no open redirect); nothing is recorded for it.
+    let orphan = signer.token(&Link::Click {
+        message: 987_654,
+        url: SHOP_URL.into(),
+    });
+    let response = http(world.addr(), "GET", &format!("/c/{orphan}"), &[], b"").await;
+    assert_eq!(response.status, 302, "{response:?}");
+    assert_eq!(response.header("location"), Some(SHOP_URL));
     // The webhook is off without a secret.
     let hook = http(
         world.addr(),

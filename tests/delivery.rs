@@ -18,10 +18,11 @@
 //! | `5xx` at MAIL / RCPT / DATA / after the dot    | `failed`                                                   | 1              | the 5xx reply                  | 0                 |
 //! | `550 5.1.1` at RCPT                            | `failed`, address added to the suppression list            | 1              | the 550 reply                  | 0                 |
 //! | hang-up at RCPT, or after RCPT (at DATA)       | `retrying` (body never sent), `sent` once the fault clears | 1, then 2      | "connection lost before the body was sent" | 0, then 1 |
-//! | hang-up after the final dot (not taken)        | `unknown`, never resent                                    | 1              | reason "no reply after the body" | 0 (stays 0)     |
-//! | server takes it, hangs up before its 250       | `unknown`, never resent                                    | 1              | reason                         | 1 (stays 1)       |
+//! | hang-up after the final dot (not taken)        | `unknown`, never resent                                    | 1              | reason: "incomplete response"  | 0 (stays 0)       |
+//! | server takes it, hangs up before its 250       | `unknown`, never resent                                    | 1              | reason: "incomplete response"  | 1 (stays 1)       |
 //! | no reply after the dot until `smtp.timeout`    | `unknown` within the timeout, never resent                 | 1              | reason "did not answer within" | 0 (stays 0)       |
 //! | every reply slow, but within `smtp.timeout`    | `sent`                                                     | 1              | the 250 reply                  | 1                 |
+//! | shutdown deadline passes before the body       | `scheduled` (released, not counted), body never sent       | 0              | reason "shutting down"         | 0                 |
 //! | hang-up after the dot, `resend_unknown = true` | `retrying`, then `sent` (documented duplicate risk)        | 1, then 2      | "no reply after the body: ..." | 0, then 1         |
 //! | server took it, hung up, `resend_unknown = true` | `retrying`, then `sent`: the customer gets it **twice** | 1, then 2      | the 250 reply                  | 1, then 2         |
 //!
@@ -975,9 +976,12 @@ pub mod model {
                         TimeDelta::seconds(1)
                     };
                     let m = &self.messages[&id];
+                    // begin_body also refuses a message whose expires_at has passed (the
+                    // database's last word before the body goes out).
                     let expect = m.token.as_deref() == Some(token.as_str())
                         && !m.lease_expired
-                        && !wide_margin;
+                        && !wide_margin
+                        && !m.expires.is_some_and(|e| e <= self.now);
                     let delivery = Delivery {
                         email: format!("customer-{id}@example.com"),
                         subject: "Hello".into(),

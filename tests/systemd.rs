@@ -853,10 +853,25 @@ when = { event = "purchase", after = "1h" }
     assert_eq!(metrics.get("touchpoint_queue_depth"), Some(&3.0), "{text}");
     // Due but not sent, and how late: the same as the database says.
     let (due, _) = store.due_backlog().await.expect("due backlog");
-    assert_eq!(metrics.get("touchpoint_due_messages"), Some(&(due as f64)), "{text}");
-    assert!(metrics.contains_key("touchpoint_oldest_due_seconds"), "{text}");
-    let sent = expected.iter().filter(|((_, state), _)| state == "sent").map(|(_, n)| *n).sum::<usize>();
-    assert_eq!(metrics.get("touchpoint_lateness_seconds_count"), Some(&(sent as f64)), "{text}");
+    assert_eq!(
+        metrics.get("touchpoint_due_messages"),
+        Some(&(due as f64)),
+        "{text}"
+    );
+    assert!(
+        metrics.contains_key("touchpoint_oldest_due_seconds"),
+        "{text}"
+    );
+    let sent = expected
+        .iter()
+        .filter(|((_, state), _)| state == "sent")
+        .map(|(_, n)| *n)
+        .sum::<usize>();
+    assert_eq!(
+        metrics.get("touchpoint_lateness_seconds_count"),
+        Some(&(sent as f64)),
+        "{text}"
+    );
     assert_eq!(
         metrics.get("touchpoint_send_seconds_count"),
         Some(&3.0),

@@ -365,13 +365,14 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
             sqlx::Error::Database(db) => {
                 // PostgreSQL: 57P01 admin shutdown / terminated connection, 08xxx connection
-                // faults, 53xxx out of resources; SQLite: 5 busy, 6 locked.
+                // faults, 53xxx out of resources. SQLite: 5 busy, 6 locked, also as extended
+                // codes (517 BUSY_SNAPSHOT, 261 BUSY_RECOVERY...) whose low byte is the primary.
                 let code = db.code().unwrap_or_default();
+                let sqlite_primary = code.parse::<i32>().ok().map(|c| c & 0xff);
                 if code.starts_with("08")
                     || code.starts_with("57P")
                     || code.starts_with("53")
-                    || code == "5"
-                    || code == "6"
+                    || matches!(sqlite_primary, Some(5 | 6))
                 {
                     StoreError::Unavailable(error)
                 } else {
@@ -432,8 +433,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// How long until the earliest waiting message is due, by the database's clock; zero if
     /// one is due now, `None` if nothing waits.
     async fn next_due_in(&self) -> StoreResult<Option<TimeDelta>>;
-    /// Records that the body is about to go out. `false` if the claim was lost or has less than
-    /// `margin` of its lease left: then the body must not be sent.
+    /// Records that the body is about to go out. `false` if the claim was lost, has less than
+    /// `margin` of its lease left, the message has expired, or the address has been suppressed
+    /// meanwhile (all judged in this one statement, by the database): then the body must not be
+    /// sent.
     async fn begin_body(
         &self,
         id: i64,
@@ -499,6 +502,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// How many messages of each rule were opened and clicked (kinds `opened`, `clicked`) at or
     /// after `since`: (rule, kind, distinct messages).
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>>;
+    /// How many messages are in this state (by the state index; cheap for rare states).
+    async fn count_state(&self, state: MessageState) -> StoreResult<i64>;
     /// A customer's latest events, newest first.
     async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>>;
     /// The latest history lines of a customer's messages, newest first.

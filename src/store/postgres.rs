@@ -58,7 +58,9 @@ impl PostgresStore {
              body_text = COALESCE($7, body_text), body_html = COALESCE($8, body_html), \
              checks = COALESCE($9, checks), updated_at = now() \
              WHERE id = $4 AND claim_token = $5 AND state = 'sending' \
-             AND lease_expires_at > clock_timestamp() + $6 * interval '1 millisecond'",
+             AND lease_expires_at > clock_timestamp() + $6 * interval '1 millisecond' \
+             AND (expires_at IS NULL OR expires_at > clock_timestamp()) \
+             AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = $10)",
         )
         .bind(&delivery.email)
         .bind(&delivery.subject)
@@ -69,6 +71,7 @@ impl PostgresStore {
         .bind(content.map(|c| &c.text))
         .bind(content.map(|c| &c.html))
         .bind(content.map(|c| Json(&c.checks)))
+        .bind(normalize_email(&delivery.email))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -78,6 +81,11 @@ impl PostgresStore {
 fn millis(d: TimeDelta) -> f64 {
     d.num_milliseconds() as f64
 }
+
+/// A customer search matching at most this many customers looks up their messages by index.
+const FEW_CUSTOMERS: usize = 500;
+/// A date range matching fewer messages than this bounds the ids the log walks.
+const MANY_ROWS: i64 = 5000;
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -590,26 +598,67 @@ impl Store for PostgresStore {
         if let Some(before) = filter.before_id {
             query.push(" AND m.id < ").push_bind(before);
         }
+        // The planner misjudges substring searches and date ranges (it expects few matches
+        // spread evenly over the ids), so it either sorts every match or walks the whole log.
+        // A capped look first: a few matching customers are looked up by index; many are
+        // checked row by row while walking ids newest first (a scalar subquery, which the
+        // planner keeps as a per-row check). A narrow date range bounds the ids to walk.
         if let Some(search) = filter.customer_search.as_deref() {
             let pattern = like_pattern(search);
-            query
-                .push(" AND m.customer_id IN (SELECT s.id FROM customers s WHERE s.id = ")
-                .push_bind(search.to_string());
-            query
-                .push(" OR lower(s.email) LIKE ")
-                .push_bind(pattern.clone())
-                .push(" ESCAPE '\\'");
-            query
-                .push(" OR lower(s.name) LIKE ")
-                .push_bind(pattern)
-                .push(" ESCAPE '\\')");
+            let ids: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM customers WHERE id = $1 OR lower(email) LIKE $2 ESCAPE '\\' \
+                 OR lower(name) LIKE $2 ESCAPE '\\' LIMIT {}",
+                FEW_CUSTOMERS + 1
+            ))
+            .bind(search)
+            .bind(&pattern)
+            .fetch_all(&self.pool)
+            .await?;
+            if ids.len() <= FEW_CUSTOMERS {
+                query.push(" AND m.customer_id = ANY(").push_bind(ids).push(")");
+            } else {
+                query
+                    .push(" AND COALESCE((SELECT TRUE FROM customers s WHERE s.id = m.customer_id AND (s.id = ")
+                    .push_bind(search.to_string());
+                query
+                    .push(" OR lower(s.email) LIKE ")
+                    .push_bind(pattern.clone())
+                    .push(" ESCAPE '\\'");
+                query
+                    .push(" OR lower(s.name) LIKE ")
+                    .push_bind(pattern)
+                    .push(" ESCAPE '\\')), FALSE)");
+            }
         }
-        if let Some(from) = filter.from {
+        if filter.from.is_some() || filter.until.is_some() {
+            let from = filter.from.unwrap_or(DateTime::<Utc>::MIN_UTC);
+            let until = filter.until.unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let range = "COALESCE(sent_at, due_at) >= $1 AND COALESCE(sent_at, due_at) < $2";
+            let matches: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE {range} LIMIT {MANY_ROWS}) t"
+            ))
+            .bind(from)
+            .bind(until)
+            .fetch_one(&self.pool)
+            .await?;
+            if matches < MANY_ROWS {
+                // OFFSET 0 keeps the planner from turning MIN/MAX into walks of the id index.
+                let (low, high): (Option<i64>, Option<i64>) = sqlx::query_as(&format!(
+                    "SELECT MIN(id), MAX(id) FROM (SELECT id FROM messages WHERE {range} OFFSET 0) t"
+                ))
+                .bind(from)
+                .bind(until)
+                .fetch_one(&self.pool)
+                .await?;
+                query
+                    .push(" AND m.id >= ")
+                    .push_bind(low.unwrap_or(0))
+                    .push(" AND m.id <= ")
+                    .push_bind(high.unwrap_or(-1));
+            }
             query
                 .push(" AND COALESCE(m.sent_at, m.due_at) >= ")
                 .push_bind(from);
-        }
-        if let Some(until) = filter.until {
             query
                 .push(" AND COALESCE(m.sent_at, m.due_at) < ")
                 .push_bind(until);
@@ -696,6 +745,15 @@ impl Store for PostgresStore {
         .bind(since)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    async fn count_state(&self, state: MessageState) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE state = $1")
+                .bind(state.as_str())
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>> {

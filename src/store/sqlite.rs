@@ -75,6 +75,58 @@ impl SqliteStore {
         &self.path
     }
 
+    /// How the log's query should find its rows. SQLite keeps no statistics unless ANALYZE
+    /// ran, so it cannot tell a customer or date filter that matches a handful of messages from
+    /// one that matches half the log, and for the latter it would sort every match to return
+    /// one page. A capped look first decides: a few matching customers or dates drive the
+    /// search through their index; many are checked while walking ids newest first, which
+    /// stops at LIMIT (starting at the newest message in the date range).
+    async fn log_access_path(&self, filter: &LogFilter) -> StoreResult<LogPath> {
+        if filter.due_before.is_some() || filter.customer_id.is_some() {
+            return Ok(LogPath::Plain);
+        }
+        if let Some(search) = filter.customer_search.as_deref() {
+            let pattern = like_pattern(search);
+            let ids: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM customers WHERE id = ? OR lower(email) LIKE ? ESCAPE '\\' \
+                 OR lower(name) LIKE ? ESCAPE '\\' LIMIT {}",
+                FEW_CUSTOMERS + 1
+            ))
+            .bind(search)
+            .bind(&pattern)
+            .bind(&pattern)
+            .fetch_all(&self.reader)
+            .await?;
+            if ids.len() <= FEW_CUSTOMERS {
+                return Ok(LogPath::Customers(ids));
+            }
+        }
+        if filter.from.is_none() && filter.until.is_none() {
+            return Ok(LogPath::Plain);
+        }
+        let (from, until) = date_bounds(filter);
+        let matches: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
+             WHERE COALESCE(sent_at, due_at) >= ? AND COALESCE(sent_at, due_at) < ? LIMIT {MANY_ROWS})"
+        ))
+        .bind(&from)
+        .bind(&until)
+        .fetch_one(&self.reader)
+        .await?;
+        if matches < MANY_ROWS {
+            return Ok(LogPath::Dates);
+        }
+        // Read from the date index alone (it holds the rowid).
+        let newest: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(id) FROM messages WHERE COALESCE(sent_at, due_at) >= ? AND COALESCE(sent_at, due_at) < ?",
+        )
+        .bind(&from)
+        .bind(&until)
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(LogPath::IdsFrom(newest))
+    }
+
     async fn begin_body_keeping(
         &self,
         id: i64,
@@ -88,7 +140,9 @@ impl SqliteStore {
              body_text = COALESCE(?, body_text), body_html = COALESCE(?, body_html), \
              checks = COALESCE(?, checks), updated_at = {NOW} \
              WHERE id = ? AND claim_token = ? AND state = 'sending' \
-             AND lease_expires_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)"
+             AND lease_expires_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) \
+             AND (expires_at IS NULL OR expires_at > {NOW}) \
+             AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = ?)"
         ))
         .bind(&delivery.email)
         .bind(&delivery.subject)
@@ -99,6 +153,7 @@ impl SqliteStore {
         .bind(id)
         .bind(token)
         .bind(offset(margin))
+        .bind(normalize_email(&delivery.email))
         .execute(&self.writer)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -615,6 +670,9 @@ impl Store for SqliteStore {
     }
 
     async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {
+        let path = self.log_access_path(filter).await?;
+        // `+` keeps SQLite off a column's index when another filter drives the search.
+        let other = if path.drives() { "+" } else { "" };
         let mut query = QueryBuilder::<Sqlite>::new(format!(
             "SELECT {} FROM messages m LEFT JOIN customers c ON c.id = m.customer_id WHERE 1 = 1",
             rows::LOG_COLUMNS
@@ -623,10 +681,12 @@ impl Store for SqliteStore {
             query.push(" AND m.updated_at >= ").push_bind(ts(since));
         }
         if let Some(rule) = &filter.rule {
-            query.push(" AND m.rule = ").push_bind(rule);
+            query.push(format!(" AND {other}m.rule = ")).push_bind(rule);
         }
         if let Some(state) = filter.state {
-            query.push(" AND m.state = ").push_bind(state.as_str());
+            query
+                .push(format!(" AND {other}m.state = "))
+                .push_bind(state.as_str());
         }
         if let Some(customer) = &filter.customer_id {
             query.push(" AND m.customer_id = ").push_bind(customer);
@@ -639,65 +699,50 @@ impl Store for SqliteStore {
         if let Some(before) = filter.before_id {
             query.push(" AND m.id < ").push_bind(before);
         }
-        // SQLite keeps no statistics unless told to, so it cannot tell a selective customer or
-        // date filter from one that matches half the log, and for the latter it would sort
-        // every match to return one page. Look first (cheaply, capped), then either let the
-        // filter's index find the few matches, or walk ids newest first and stop at LIMIT
-        // (a unary `+` keeps SQLite off the filter's index).
         if let Some(search) = filter.customer_search.as_deref() {
-            let pattern = like_pattern(search);
-            let ids: Vec<String> = sqlx::query_scalar(&format!(
-                "SELECT id FROM customers WHERE id = ? OR lower(email) LIKE ? ESCAPE '\\' \
-                 OR lower(name) LIKE ? ESCAPE '\\' LIMIT {}",
-                FEW_CUSTOMERS + 1
-            ))
-            .bind(search)
-            .bind(&pattern)
-            .bind(&pattern)
-            .fetch_all(&self.reader)
-            .await?;
-            if ids.len() <= FEW_CUSTOMERS {
-                query.push(" AND m.customer_id IN (");
-                let mut list = query.separated(", ");
-                // Never matches; keeps the list valid when nobody matched.
-                list.push("NULL");
-                for id in ids {
-                    list.push_bind(id);
+            match &path {
+                LogPath::Customers(ids) => {
+                    query.push(" AND m.customer_id IN (");
+                    let mut list = query.separated(", ");
+                    // Never matches; keeps the list valid when nobody matched.
+                    list.push("NULL");
+                    for id in ids {
+                        list.push_bind(id.clone());
+                    }
+                    query.push(")");
                 }
-                query.push(")");
-            } else {
-                query
-                    .push(" AND +m.customer_id IN (SELECT s.id FROM customers s WHERE s.id = ")
-                    .push_bind(search.to_string());
-                query
-                    .push(" OR lower(s.email) LIKE ")
-                    .push_bind(pattern.clone())
-                    .push(" ESCAPE '\\'");
-                query
-                    .push(" OR lower(s.name) LIKE ")
-                    .push_bind(pattern)
-                    .push(" ESCAPE '\\')");
+                _ => {
+                    let pattern = like_pattern(search);
+                    query
+                        .push(" AND +m.customer_id IN (SELECT s.id FROM customers s WHERE s.id = ")
+                        .push_bind(search.to_string());
+                    query
+                        .push(" OR lower(s.email) LIKE ")
+                        .push_bind(pattern.clone())
+                        .push(" ESCAPE '\\'");
+                    query
+                        .push(" OR lower(s.name) LIKE ")
+                        .push_bind(pattern)
+                        .push(" ESCAPE '\\')");
+                }
             }
         }
         if filter.from.is_some() || filter.until.is_some() {
-            let from = filter.from.map(ts).unwrap_or_default();
-            let until = filter.until.map_or_else(|| "9999".to_string(), ts);
-            let matches: i64 = sqlx::query_scalar(&format!(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
-                 WHERE COALESCE(sent_at, due_at) >= ? AND COALESCE(sent_at, due_at) < ? LIMIT {})",
-                MANY_ROWS
-            ))
-            .bind(&from)
-            .bind(&until)
-            .fetch_one(&self.reader)
-            .await?;
-            let by_index = if matches < MANY_ROWS { "" } else { "+" };
+            let (from, until) = date_bounds(filter);
+            let by_index = if matches!(path, LogPath::Dates) {
+                ""
+            } else {
+                "+"
+            };
             query
                 .push(format!(" AND {by_index}COALESCE(m.sent_at, m.due_at) >= "))
                 .push_bind(from);
             query
                 .push(format!(" AND {by_index}COALESCE(m.sent_at, m.due_at) < "))
                 .push_bind(until);
+        }
+        if let LogPath::IdsFrom(Some(newest)) = path {
+            query.push(" AND m.id <= ").push_bind(newest);
         }
         if filter.due_before.is_some() {
             query.push(" ORDER BY m.next_attempt_at, m.id");
@@ -753,7 +798,7 @@ impl Store for SqliteStore {
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>> {
         let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
             "SELECT substr(updated_at, 1, 13) || ':00:00Z' AS hour, rule, state, COUNT(*) FROM messages \
-             WHERE state IN ('sent', 'failed', 'skipped', 'unknown') AND updated_at >= ? \
+             WHERE +state IN ('sent', 'failed', 'skipped', 'unknown') AND updated_at >= ? \
              GROUP BY hour, rule, state ORDER BY hour, rule, state",
         )
         .bind(ts(since))
@@ -785,6 +830,15 @@ impl Store for SqliteStore {
         .await?)
     }
 
+    async fn count_state(&self, state: MessageState) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM messages WHERE state = ?")
+                .bind(state.as_str())
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
     async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>> {
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT id, customer_id, kind, occurred_at, data FROM events WHERE customer_id = ? \
@@ -813,6 +867,34 @@ impl Store for SqliteStore {
         .await?;
         Ok(rows.into_iter().map(CustomerMessageEvent::from).collect())
     }
+}
+
+/// How `log` finds its rows (see `log_access_path`).
+#[derive(Debug)]
+enum LogPath {
+    /// As SQLite's planner sees fit (filters without such trouble).
+    Plain,
+    /// These customers' messages, by the customer index.
+    Customers(Vec<String>),
+    /// The messages of a narrow date range, by the date index.
+    Dates,
+    /// Ids newest first, from the newest message of a wide date range (none: no match).
+    IdsFrom(Option<i64>),
+}
+
+impl LogPath {
+    /// Whether a filter other than rule and state drives the search.
+    fn drives(&self) -> bool {
+        matches!(self, LogPath::Customers(_) | LogPath::Dates)
+    }
+}
+
+/// The date range of a log filter as stored text; open ends reach past every time.
+fn date_bounds(filter: &LogFilter) -> (String, String) {
+    (
+        filter.from.map(ts).unwrap_or_default(),
+        filter.until.map_or_else(|| "9999".to_string(), ts),
+    )
 }
 
 /// A customer search matching at most this many customers looks up their messages by index.

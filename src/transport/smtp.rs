@@ -86,7 +86,10 @@ impl std::fmt::Debug for SmtpTransport {
 /// Whether the body had been handed over when a step failed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    Envelope,
+    Mail,
+    Rcpt,
+    Data,
+    /// The body and the final dot.
     Body,
 }
 
@@ -133,13 +136,13 @@ impl SmtpTransport {
                 .await;
             // A pooled connection the server closed while idle is not the message's fault.
             if !(reused && is_connection_fault(&error)) {
-                return Err(classify_step(&error, Stage::Envelope));
+                return Err(classify_step(&error));
             }
             connection = self.connect().await?;
             if let Err(error) = self.envelope(&mut connection, email).await {
                 self.discard(connection, !matches!(error, StepError::TimedOut))
                     .await;
-                return Err(classify_step(&error, Stage::Envelope));
+                return Err(classify_step(&error));
             }
         }
         if !before_body().await {
@@ -179,21 +182,41 @@ impl SmtpTransport {
         email: &OutgoingEmail,
     ) -> Result<(), StepError> {
         let step = self.settings.timeout;
+        let failed = |stage: Stage| move |error: SmtpError| StepError::Smtp(error, stage);
         let mail = Mail::new(Some(email.envelope_from.clone()), vec![]);
         tokio::time::timeout(step, connection.command(mail))
             .await
-            .map_err(|_| StepError::TimedOut)??;
+            .map_err(|_| StepError::TimedOut)?
+            .map_err(failed(Stage::Mail))?;
         let rcpt = Rcpt::new(email.to.clone(), vec![]);
         tokio::time::timeout(step, connection.command(rcpt))
             .await
-            .map_err(|_| StepError::TimedOut)??;
+            .map_err(|_| StepError::TimedOut)?
+            .map_err(failed(Stage::Rcpt))?;
         tokio::time::timeout(step, connection.command(Data))
             .await
-            .map_err(|_| StepError::TimedOut)??;
+            .map_err(|_| StepError::TimedOut)?
+            .map_err(failed(Stage::Data))?;
         Ok(())
     }
 
+    /// Connects, greets, and does STARTTLS and AUTH, all within a bound: lettre times out only
+    /// the TCP connect, and a relay stalled in TLS or AUTH must not hold a connection forever.
     async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let s = &self.settings;
+        tokio::time::timeout(s.timeout * 4, self.open_connection())
+            .await
+            .unwrap_or_else(|_| {
+                Err(SendError::RelayUnavailable(format!(
+                    "{}:{}: no working session within {:?} (greeting, TLS and login)",
+                    s.host,
+                    s.port,
+                    s.timeout * 4
+                )))
+            })
+    }
+
+    async fn open_connection(&self) -> Result<AsyncSmtpConnection, SendError> {
         let s = &self.settings;
         let hello = s
             .helo_name
@@ -300,21 +323,15 @@ impl SmtpTransport {
     }
 }
 
-/// A failed SMTP step: the server's answer, or no answer in time.
+/// A failed SMTP step: the server's answer (and to which command), or no answer in time.
 enum StepError {
-    Smtp(SmtpError),
+    Smtp(SmtpError, Stage),
     TimedOut,
-}
-
-impl From<SmtpError> for StepError {
-    fn from(error: SmtpError) -> Self {
-        StepError::Smtp(error)
-    }
 }
 
 fn is_connection_fault(error: &StepError) -> bool {
     match error {
-        StepError::Smtp(error) => error.status().is_none(),
+        StepError::Smtp(error, _) => error.status().is_none(),
         StepError::TimedOut => true,
     }
 }
@@ -336,9 +353,9 @@ fn describe(error: &SmtpError) -> String {
 }
 
 /// Maps a failed step to what the dispatcher does next.
-fn classify_step(error: &StepError, stage: Stage) -> SendError {
+fn classify_step(error: &StepError) -> SendError {
     match error {
-        StepError::Smtp(error) => classify(error, stage),
+        StepError::Smtp(error, stage) => classify(error, *stage),
         StepError::TimedOut => SendError::Transient(
             "the server did not answer in time before the body was sent".into(),
         ),
@@ -349,15 +366,25 @@ fn classify_step(error: &StepError, stage: Stage) -> SendError {
 fn classify(error: &SmtpError, stage: Stage) -> SendError {
     let reply = describe(error);
     match error.status().map(u16::from) {
-        Some(421) if stage == Stage::Envelope => SendError::RelayUnavailable(reply),
+        Some(421) if stage != Stage::Body => SendError::RelayUnavailable(reply),
         Some(code) if (400..500).contains(&code) => SendError::Transient(reply),
         Some(_) if error.is_permanent() => {
-            let bad_address = enhanced_status(&reply).is_some_and(|s| s.starts_with("5.1."));
+            // Only a refusal of the recipient says the customer's address is bad; a 5.1.x at
+            // MAIL FROM is about our own sender address and must not suppress anyone.
+            let about_recipient = matches!(stage, Stage::Rcpt | Stage::Body);
+            let bad_address =
+                about_recipient && enhanced_status(&reply).is_some_and(is_bad_mailbox_status);
             SendError::Permanent { reply, bad_address }
         }
         _ if stage == Stage::Body => SendError::Ambiguous(reply),
         _ => SendError::Transient(format!("connection lost before the body was sent: {reply}")),
     }
+}
+
+/// RFC 3463 statuses that mean the destination mailbox does not exist or cannot be: bad
+/// mailbox (5.1.1), bad system (5.1.2), bad syntax (5.1.3), moved (5.1.6), null MX (5.1.10).
+fn is_bad_mailbox_status(status: &str) -> bool {
+    matches!(status, "5.1.1" | "5.1.2" | "5.1.3" | "5.1.6" | "5.1.10")
 }
 
 /// The RFC 3463 enhanced status code after the basic code: `"550 5.1.1 ..."` -> `"5.1.1"`.
