@@ -523,7 +523,7 @@ async fn owner_scenario() {
     );
     assert!(store.is_suppressed("nomore@example.com").await.unwrap());
     browser.screenshot("09-suppressions").await;
-    browser.go(&format!("/customers/evil")).await;
+    browser.go("/customers/evil").await;
     assert!(
         browser.text("h1").await.contains("<script>"),
         "the name, as text"
@@ -532,19 +532,18 @@ async fn owner_scenario() {
 
     // On a phone.
     browser.phone(true).await;
-    for (path, name) in [
-        ("/", "11-phone-overview"),
-        ("/log", "12-phone-log"),
-        (
-            format!("/messages/{}", seeded.sent[0]).as_str(),
-            "13-phone-message",
-        ),
+    let message = format!("/messages/{}", seeded.sent[0]);
+    // (page, screenshot, whole page or the first screen)
+    for (path, name, whole) in [
+        ("/", "11-phone-overview", true),
+        ("/log", "12-phone-log", false),
+        (message.as_str(), "13-phone-message", false),
     ] {
         browser.go(path).await;
         let overflow = browser.cdp("Page.getLayoutMetrics", json!({})).await;
         let width = overflow["cssContentSize"]["width"].as_f64().unwrap_or(0.0);
         assert!(width <= 391.0, "{path} is {width}px wide on a 390px phone");
-        browser.screenshot_screen(name).await;
+        browser.capture(name, whole).await;
     }
     browser.phone(false).await;
 

@@ -981,7 +981,7 @@ pub mod model {
                     let expect = m.token.as_deref() == Some(token.as_str())
                         && !m.lease_expired
                         && !wide_margin
-                        && !m.expires.is_some_and(|e| e <= self.now);
+                        && m.expires.is_none_or(|e| e > self.now);
                     let delivery = Delivery {
                         email: format!("customer-{id}@example.com"),
                         subject: "Hello".into(),

@@ -752,9 +752,10 @@ fn table_row(html: &str, rule: &str) -> Vec<String> {
         .unwrap_or_else(|| panic!("no row for {rule}"));
     let row = &html[at..];
     let row = &row[..row.find("</tr>").unwrap()];
-    row.split("<td>")
+    row.split("<td")
         .skip(1)
         .map(|cell| {
+            let cell = &cell[cell.find('>').map_or(0, |i| i + 1)..];
             let mut text = String::new();
             let mut in_tag = false;
             for c in cell.chars() {
@@ -881,3 +882,76 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
 }
 
 on_both_backends!(log_filters_agree_with_a_plain_scan);
+
+/// The dispatcher keeps what it sent (bodies exactly as they went out, and its checks), and the
+/// message page shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_keeps_what_it_sent() {
+    const NOW_RULE: &str = r#"
+[[rule]]
+name = "thank-you-now"
+template = "thank-you"
+subject = "Thank you for your order, {{customer.first_name}}"
+when = { event = "purchase", after = "0s" }
+track_opens = true
+"#;
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        Sink::Files,
+        &[("rules.toml", NOW_RULE)],
+        &web_config(None),
+    )
+    .await;
+    let store = env.store().await;
+    env.add_customer(&store, "ada", "ada@example.com", "Ada <Lovelace>", None)
+        .await;
+    env.add_event(&store, "p1", "ada", "purchase", chrono::Utc::now())
+        .await;
+    let daemon = env.start().await;
+    let sent = support::eventually(std::time::Duration::from_secs(20), || async {
+        support::states(&store).await.get("sent") == Some(&1)
+    })
+    .await;
+    assert!(sent, "{:?}", support::states(&store).await);
+    let entry = store.log(&LogFilter::default()).await.unwrap().remove(0);
+    let content = store.sent_content(entry.id).await.unwrap().expect("kept");
+    assert!(content.text.starts_with("Hi Ada,"), "{}", content.text);
+    assert!(
+        content.html.contains("Ada") && content.html.contains("</p>"),
+        "{}",
+        content.html
+    );
+    assert!(
+        content
+            .checks
+            .iter()
+            .any(|c| c == "the rule \"thank-you-now\" is enabled"),
+        "{:?}",
+        content.checks
+    );
+    assert!(
+        content
+            .checks
+            .iter()
+            .any(|c| c.contains("\"purchase\" event \"p1\" still exists"))
+    );
+    // The .eml the transport wrote carries the same text.
+    let outbox = env.path().join("outbox");
+    let eml = std::fs::read_dir(&outbox)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .next()
+        .expect("an .eml file");
+    let first_line = content.text.lines().nth(2).unwrap();
+    assert!(
+        eml.replace("=\r\n", "").contains(&first_line[..20]),
+        "{first_line:?} in {eml}"
+    );
+    let page = get(daemon.http, &format!("/messages/{}", entry.id), &[]).await;
+    let page = unescape(&page.text());
+    assert!(page.contains("Checked just before sending"), "{page}");
+    assert!(page.contains("the address is not on the suppression list"));
+    assert!(page.contains(content.text.lines().next().unwrap()));
+    daemon.stop().await;
+}

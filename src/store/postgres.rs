@@ -615,7 +615,10 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await?;
             if ids.len() <= FEW_CUSTOMERS {
-                query.push(" AND m.customer_id = ANY(").push_bind(ids).push(")");
+                query
+                    .push(" AND m.customer_id = ANY(")
+                    .push_bind(ids)
+                    .push(")");
             } else {
                 query
                     .push(" AND COALESCE((SELECT TRUE FROM customers s WHERE s.id = m.customer_id AND (s.id = ")
@@ -631,8 +634,11 @@ impl Store for PostgresStore {
             }
         }
         if filter.from.is_some() || filter.until.is_some() {
-            let from = filter.from.unwrap_or(DateTime::<Utc>::MIN_UTC);
-            let until = filter.until.unwrap_or(DateTime::<Utc>::MAX_UTC);
+            // Open ends as times far outside any message's (and inside PostgreSQL's range).
+            let from = filter.from.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
+            let until = filter
+                .until
+                .unwrap_or(DateTime::<Utc>::UNIX_EPOCH + chrono::TimeDelta::days(365 * 8000));
             let range = "COALESCE(sent_at, due_at) >= $1 AND COALESCE(sent_at, due_at) < $2";
             let matches: i64 = sqlx::query_scalar(&format!(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE {range} LIMIT {MANY_ROWS}) t"

@@ -343,7 +343,7 @@ fn chart(
     const WIDTH: f64 = 640.0;
     const TOP: f64 = 14.0;
     const PLOT: f64 = 150.0;
-    const LEFT: f64 = 34.0;
+    const LEFT: f64 = 48.0;
     let days: Vec<NaiveDate> = first.iter_days().take_while(|d| *d <= last).collect();
     let max = by_day
         .values()
@@ -403,15 +403,17 @@ fn chart(
     for (i, day) in days.iter().enumerate() {
         // Every 7th day counting back from today, so today always has its label.
         if (days.len() - 1 - i) % 7 == 0 {
+            let last = i + 1 == days.len();
             ticks.push(json!({
-                "x": round(LEFT + i as f64 * slot + slot / 2.0),
+                "x": if last { WIDTH } else { round(LEFT + i as f64 * slot + slot / 2.0) },
+                "anchor": if last { "end" } else { "middle" },
                 "label": day.format("%b %-d").to_string(),
             }));
         }
     }
     json!({
-        "width": WIDTH, "height": TOP + PLOT + 22.0,
-        "left": LEFT, "top": TOP, "bottom": TOP + PLOT, "label_y": TOP + PLOT + 16.0,
+        "width": WIDTH, "height": TOP + PLOT + 30.0,
+        "left": LEFT, "top": TOP, "bottom": TOP + PLOT, "label_y": TOP + PLOT + 22.0,
         "mid": round(TOP + PLOT / 2.0), "mid_label": if top % 2 == 0 { (top / 2).to_string() } else { String::new() },
         "max_label": top.to_string(),
         "bars": bars, "ticks": ticks,
@@ -674,9 +676,7 @@ pub async fn log_csv(
                 return Some((Err(std::io::Error::other(error.to_string())), cursor));
             }
         };
-        let Some(last) = entries.last() else {
-            return None;
-        };
+        let last = entries.last()?;
         cursor.filter.before_id = Some(last.id);
         cursor.done = (entries.len() as i64) < CSV_BATCH;
         for entry in &entries {
@@ -970,7 +970,7 @@ pub async fn customer(
             }),
         ));
     }
-    timeline.sort_by(|a, b| b.0.cmp(&a.0));
+    timeline.sort_by_key(|line| std::cmp::Reverse(line.0));
     let names = HashMap::from([(
         customer.id.clone(),
         customer.name.clone().unwrap_or_default(),
