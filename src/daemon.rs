@@ -384,10 +384,11 @@ pub async fn run(
         health.clone(),
         shutdown.clone(),
     ));
+    // READY before the first WATCHDOG: the pinger below may run on another thread at once.
+    crate::notify::ready();
     if let Some(interval) = health.watchdog {
         tracker.spawn(watchdog(health.clone(), interval, shutdown.clone()));
     }
-    crate::notify::ready();
 
     shutdown.cancelled().await;
     crate::notify::stopping();

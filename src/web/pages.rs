@@ -1128,7 +1128,9 @@ pub async fn suppress(
     if let Err(error) = shared.store.suppress(email, reason, "owner").await {
         return owner.with_cookie(unavailable(&owner.web, &error));
     }
-    tracing::info!(email, "suppressed from the web page");
+    // Addresses only at debug level, like everywhere else in the logs.
+    tracing::info!("an address was suppressed from the web page");
+    tracing::debug!(email, "suppressed from the web page");
     owner.with_cookie(redirect(&safe_next(
         form.back.as_deref().or(Some("/suppressions")),
     )))
@@ -1145,7 +1147,8 @@ pub async fn unsuppress(
     if let Err(error) = shared.store.unsuppress(form.email.trim()).await {
         return owner.with_cookie(unavailable(&owner.web, &error));
     }
-    tracing::info!(email = form.email.trim(), "unsuppressed from the web page");
+    tracing::info!("an address was removed from the suppressions from the web page");
+    tracing::debug!(email = form.email.trim(), "unsuppressed from the web page");
     owner.with_cookie(redirect(&safe_next(
         form.back.as_deref().or(Some("/suppressions")),
     )))
