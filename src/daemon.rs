@@ -31,6 +31,10 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("cannot serve HTTP: {0}")]
     Http(std::io::Error),
+    /// The planner or the dispatcher ended on its own (a bug: it panicked). The daemon stops
+    /// with an error so that the service manager restarts it, rather than running on half.
+    #[error("the {0} stopped unexpectedly ({1}); see the log above")]
+    Stopped(&'static str, &'static str),
 }
 
 /// Sockets the daemon serves on, bound by the caller (port 0 in tests, or from the config).
@@ -338,7 +342,7 @@ pub async fn run(
         wake_dispatcher: wake.clone(),
         health: health.clone(),
     };
-    tracker.spawn(planner.run(shutdown.clone()));
+    let planner_task = tracker.spawn(planner.run(shutdown.clone()));
     let dispatcher = Dispatcher {
         store: store.clone(),
         playbook: playbook_rx.clone(),
@@ -347,7 +351,8 @@ pub async fn run(
         wake: wake.clone(),
         health: health.clone(),
     };
-    tracker.spawn(dispatcher.run(shutdown.clone(), hard_stop.clone(), tracker.clone()));
+    let dispatcher_task =
+        tracker.spawn(dispatcher.run(shutdown.clone(), hard_stop.clone(), tracker.clone()));
     if let Some(listener) = listeners.http {
         let shared = Shared {
             store: store.clone(),
@@ -390,7 +395,9 @@ pub async fn run(
         tracker.spawn(watchdog(health.clone(), interval, shutdown.clone()));
     }
 
-    shutdown.cancelled().await;
+    // Send tasks are isolated (a panic loses one claim, which the reaper hands back), but the
+    // planner and the dispatcher must never end before shutdown.
+    let stopped_early = supervise(&shutdown, planner_task, dispatcher_task).await;
     crate::notify::stopping();
     tracing::info!("stopping: no new claims; letting in-flight sends finish");
     tracker.close();
@@ -420,7 +427,10 @@ pub async fn run(
         tracing::warn!("the mail relay did not answer QUIT within 2s; closing anyway");
     }
     tracing::info!("stopped");
-    Ok(())
+    match stopped_early {
+        Some((component, how)) => Err(DaemonError::Stopped(component, how)),
+        None => Ok(()),
+    }
 }
 
 /// The key that signs links: from the config, else generated once and kept in the database.
@@ -549,6 +559,34 @@ async fn watchdog(health: Arc<Health>, interval: Duration, shutdown: Cancellatio
     }
 }
 
+/// Waits for shutdown. If the planner or the dispatcher ends first (a panic), logs it, starts
+/// the shutdown and says which and how.
+async fn supervise(
+    shutdown: &CancellationToken,
+    planner: tokio::task::JoinHandle<()>,
+    dispatcher: tokio::task::JoinHandle<()>,
+) -> Option<(&'static str, &'static str)> {
+    let (component, ended) = tokio::select! {
+        // A shutdown ends both tasks too: look at it first.
+        biased;
+        () = shutdown.cancelled() => return None,
+        ended = planner => ("planner", ended),
+        ended = dispatcher => ("dispatcher", ended),
+    };
+    let how = if ended.as_ref().is_err_and(|e| e.is_panic()) {
+        "it panicked"
+    } else {
+        "it returned"
+    };
+    tracing::error!(
+        component,
+        how,
+        "a core task stopped before shutdown; stopping the daemon"
+    );
+    shutdown.cancel();
+    Some((component, how))
+}
+
 /// SIGHUP: read the config file, rules and templates again and swap them in whole; on any
 /// mistake keep what runs and report every mistake.
 async fn reload_on_hangup(
@@ -654,5 +692,30 @@ async fn status_reporter(store: SharedStore, health: Arc<Health>, shutdown: Canc
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_core_task_that_panics_stops_the_daemon() {
+        let shutdown = CancellationToken::new();
+        let planner = tokio::spawn(std::future::pending::<()>());
+        let dispatcher = tokio::spawn(async { panic!("a bug") });
+        let stopped = supervise(&shutdown, planner, dispatcher).await;
+        assert_eq!(stopped, Some(("dispatcher", "it panicked")));
+        assert!(shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_is_not_taken_for_a_failure() {
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let planner = tokio::spawn(async {});
+        let dispatcher = tokio::spawn(async {});
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(supervise(&shutdown, planner, dispatcher).await, None);
     }
 }
