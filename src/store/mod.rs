@@ -392,8 +392,6 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Store: Send + Sync + fmt::Debug {
     async fn migrate(&self) -> StoreResult<()>;
     async fn ping(&self) -> StoreResult<()>;
-    /// The database's clock, which judges leases and due times.
-    async fn now(&self) -> StoreResult<DateTime<Utc>>;
 
     // --- customers and events -------------------------------------------------------------
     /// Inserts or updates customers, all in one transaction.

@@ -101,12 +101,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn now(&self) -> StoreResult<DateTime<Utc>> {
-        Ok(sqlx::query_scalar("SELECT now()")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
     async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         for chunk in customers.chunks(500) {

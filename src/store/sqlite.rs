@@ -62,7 +62,7 @@ impl SqliteStore {
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
-            .connect_with(options.read_only(false))
+            .connect_with(options)
             .await?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
@@ -180,13 +180,6 @@ impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
-    }
-
-    async fn now(&self) -> StoreResult<DateTime<Utc>> {
-        let now: DateTime<Utc> = sqlx::query_scalar(&format!("SELECT {NOW}"))
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(now)
     }
 
     async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()> {

@@ -235,7 +235,7 @@ impl SmtpTransport {
         let no_greeting = || {
             SendError::RelayUnavailable(format!(
                 "{}:{}: no greeting within {:?}",
-                s.host, s.port, s.timeout
+                s.host, s.port, greeting_deadline
             ))
         };
         let mut connection = if s.tls == TlsMode::Tls {
