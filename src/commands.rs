@@ -16,8 +16,9 @@ use crate::rules::{Trigger, parse_duration};
 use crate::store::{Event, LogEntry, LogFilter, MessageState, SharedStore};
 use crate::transport::Transport;
 
-/// `touchpoint check`: the config, rules and templates, and the transport's settings.
-pub fn check(config: &Config) -> Result<String> {
+/// `touchpoint check`: the config, rules and templates, the transport's settings, and each
+/// source's queries (run once with a zero-width window).
+pub async fn check(config: &Config) -> Result<String> {
     let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
     Transport::from_config(config)
         .map_err(anyhow::Error::msg)
@@ -34,15 +35,26 @@ pub fn check(config: &Config) -> Result<String> {
     };
     config.link_secret().map_err(anyhow::Error::msg)?;
     config.bounce_webhook_secret().map_err(anyhow::Error::msg)?;
+    let sources = crate::sources::Sources::from_config(&config.sources, &config.base_dir)
+        .map_err(anyhow::Error::msg)?;
+    let source_lines = sources
+        .check()
+        .await
+        .map_err(|problems| anyhow::anyhow!("sources have mistakes:\n{}", problems.join("\n")))?;
     let enabled = playbook.rules.rules.iter().filter(|r| r.enabled).count();
-    Ok(format!(
+    let mut report = format!(
         "{}: OK ({} rules, {} enabled; {} templates; database {}{dkim})",
         config.path.display(),
         playbook.rules.rules.len(),
         enabled,
         playbook.templates.names().len(),
         config.database_url().describe()
-    ))
+    );
+    for line in source_lines {
+        report.push('\n');
+        report.push_str(&line);
+    }
+    Ok(report)
 }
 
 /// Opens the configured database and applies migrations.

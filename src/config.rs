@@ -48,6 +48,9 @@ pub struct Config {
     pub dkim: Option<DkimConfig>,
     #[serde(default)]
     pub web: WebConfig,
+    /// The business's own databases, read where they live (`[sources.NAME]`).
+    #[serde(default)]
+    pub sources: std::collections::BTreeMap<String, crate::sources::SourceConfig>,
     /// The directory of the config file; relative paths were resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -676,6 +679,7 @@ impl Config {
         if let Err(message) = DatabaseUrl::parse(self.database.url.expose(), &self.base_dir) {
             problems.push(format!("database.url: {message}"));
         }
+        problems.extend(crate::sources::validate(&self.sources, &self.base_dir));
         if problems.is_empty() {
             return Ok(());
         }
@@ -926,7 +930,7 @@ fn normalize(path: &Path) -> PathBuf {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<TimeDelta, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<TimeDelta, D::Error> {
     let text = String::deserialize(deserializer)?;
     parse_duration(&text)
         .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))

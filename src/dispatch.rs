@@ -24,7 +24,10 @@ use crate::plan::{attributes_match, customer_timezone};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, message_context};
 use crate::rules::{Rule, Unless};
-use crate::store::{ClaimedMessage, Delivery, Outcome, SentContent, SharedStore, StoreError};
+use crate::sources::{SourceError, Sources};
+use crate::store::{
+    ClaimedMessage, Customer, Delivery, Event, Outcome, SentContent, SharedStore, StoreError,
+};
 use crate::transport::dkim::Dkim;
 use crate::transport::{self, SendError, Transport};
 
@@ -98,11 +101,13 @@ pub struct Dispatcher {
     pub settings: Arc<DispatchSettings>,
     pub wake: Arc<Notify>,
     pub health: Arc<Health>,
+    pub sources: Arc<Sources>,
 }
 
 /// What one send task needs, shared.
 struct Context {
     store: SharedStore,
+    sources: Arc<Sources>,
     playbook: watch::Receiver<Arc<Playbook>>,
     transport: Arc<Transport>,
     settings: Arc<DispatchSettings>,
@@ -126,6 +131,7 @@ impl Dispatcher {
         let permits = Arc::new(Semaphore::new(self.transport.parallelism()));
         let context = Arc::new(Context {
             store: self.store.clone(),
+            sources: self.sources.clone(),
             playbook: self.playbook.clone(),
             transport: self.transport.clone(),
             settings: self.settings.clone(),
@@ -283,13 +289,22 @@ async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSe
     let outcome = match attempt(&context, &claim).await {
         Ok(Some(outcome)) => outcome,
         Ok(None) => return,
-        Err(error) => {
+        Err(LookupError::Store(error)) => {
             // The guard could not read the database: try again soon, without counting it.
             tracing::warn!(message_id = claim.id, %error, "database error before sending; released");
             context.health.database_error(&error);
             Outcome::Released {
                 at: Utc::now() + TimeDelta::seconds(5),
                 reason: format!("database error: {error}"),
+            }
+        }
+        Err(LookupError::Source(error)) => {
+            // The business's database is away or its query broke: the message waits (until it
+            // expires), the other rules go on.
+            tracing::warn!(message_id = claim.id, %error, "cannot read the source before sending; released");
+            Outcome::Released {
+                at: Utc::now() + SOURCE_RETRY,
+                reason: error.to_string(),
             }
         }
     };
@@ -368,8 +383,23 @@ fn describe(outcome: &Outcome) -> String {
     }
 }
 
+/// How long a message waits when its source cannot be read.
+const SOURCE_RETRY: TimeDelta = TimeDelta::seconds(30);
+
+/// A read before sending failed: touchpoint's own database, or a source.
+#[derive(Debug, thiserror::Error)]
+enum LookupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
 /// Guard, render and send. `Ok(None)`: the claim was lost and nothing may be written.
-async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Outcome>, StoreError> {
+async fn attempt(
+    context: &Context,
+    claim: &ClaimedMessage,
+) -> Result<Option<Outcome>, LookupError> {
     let settings = &context.settings;
     let playbook = context.playbook.borrow().clone();
     let Some(rule) = playbook.rule(&claim.rule) else {
@@ -377,18 +407,9 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
             reason: format!("the rule {:?} no longer exists", claim.rule),
         }));
     };
-    if let Some(outcome) = guard(context, rule, claim).await? {
-        return Ok(Some(outcome));
-    }
-    // The guard found them; read again for the send (cheap, and the guard may have changed).
-    let Some(customer) = context.store.customer(&claim.customer_id).await? else {
-        return Ok(Some(Outcome::Skipped {
-            reason: "the customer no longer exists".into(),
-        }));
-    };
-    let event = match &claim.event_id {
-        Some(id) => context.store.event(id).await?,
-        None => None,
+    let (customer, event) = match guard(context, rule, claim).await? {
+        Guarded::Send { customer, event } => (customer, event),
+        Guarded::Stop(outcome) => return Ok(Some(outcome)),
     };
     let tz = customer_timezone(&customer, settings.default_timezone);
     let now = Utc::now();
@@ -672,14 +693,15 @@ async fn guard(
     context: &Context,
     rule: &Rule,
     claim: &ClaimedMessage,
-) -> Result<Option<Outcome>, StoreError> {
-    let skip = |reason: String| Ok(Some(Outcome::Skipped { reason }));
+) -> Result<Guarded, LookupError> {
+    let stop = |outcome| Ok(Guarded::Stop(outcome));
+    let skip = |reason: String| Ok(Guarded::Stop(Outcome::Skipped { reason }));
     if !rule.enabled {
         return skip(format!("the rule {:?} is disabled", rule.name));
     }
     if claim.expires_at.is_some_and(|expiry| Utc::now() > expiry) {
         // Never sent late: the same verdict the periodic expiry sweep would give.
-        return Ok(Some(if claim.attempts > 1 {
+        return stop(if claim.attempts > 1 {
             Outcome::Failed {
                 reply: None,
                 reason: "expired while retrying: not delivered within expire_after".into(),
@@ -688,25 +710,19 @@ async fn guard(
             Outcome::Skipped {
                 reason: "expired: could not go out within expire_after of its due time".into(),
             }
-        }));
+        });
     }
     if claim.attempts > context.settings.max_attempts as i32 {
-        return Ok(Some(Outcome::Failed {
+        return stop(Outcome::Failed {
             reply: None,
             reason: format!("gave up after {} attempts", context.settings.max_attempts),
-        }));
+        });
     }
+    let (customer, event) = match subject(context, claim).await? {
+        Ok(found) => found,
+        Err(reason) => return skip(reason),
+    };
     let store = &context.store;
-    let Some(customer) = store.customer(&claim.customer_id).await? else {
-        return skip("the customer no longer exists".into());
-    };
-    let event = match &claim.event_id {
-        Some(id) => match store.event(id).await? {
-            Some(event) => Some(event),
-            None => return skip(format!("the triggering event {id:?} no longer exists")),
-        },
-        None => None,
-    };
     if store.is_suppressed(&customer.email).await? {
         return skip("the address is on the suppression list".into());
     }
@@ -725,11 +741,86 @@ async fn guard(
                 within,
             } => (kind, now - *within, "recently"),
         };
-        if store.has_event_after(&customer.id, kind, after).await? {
+        if store.has_event_after(&customer.id, kind, after).await?
+            || context
+                .sources
+                .has_event_after(&customer.id, kind, after)
+                .await?
+        {
             return skip(format!("unless: the customer had a {kind:?} event {why}"));
         }
     }
-    Ok(None)
+    Ok(Guarded::Send { customer, event })
+}
+
+/// What the guard decided: send to this customer about this event, or stop with an outcome.
+enum Guarded {
+    Send {
+        customer: Customer,
+        event: Option<Event>,
+    },
+    Stop(Outcome),
+}
+
+/// The message's customer and event, read now: from touchpoint's own tables, or from the
+/// source the message was planned from (its detail says which). `Err(reason)` when either is
+/// gone, so the message is skipped with that reason.
+async fn subject(
+    context: &Context,
+    claim: &ClaimedMessage,
+) -> Result<Result<(Customer, Option<Event>), String>, LookupError> {
+    let Some(source_name) = claim.detail.get("source").and_then(|v| v.as_str()) else {
+        let store = &context.store;
+        let Some(customer) = store.customer(&claim.customer_id).await? else {
+            return Ok(Err("the customer no longer exists".into()));
+        };
+        let event = match &claim.event_id {
+            Some(id) => match store.event(id).await? {
+                Some(event) => Some(event),
+                None => return Ok(Err(format!("the triggering event {id:?} no longer exists"))),
+            },
+            None => None,
+        };
+        return Ok(Ok((customer, event)));
+    };
+    let Some(source) = context.sources.source(source_name) else {
+        return Ok(Err(format!(
+            "the source {source_name:?} is no longer configured"
+        )));
+    };
+    let query_name = claim
+        .detail
+        .get("query")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let Some(query) = source.events.iter().find(|q| q.name == query_name) else {
+        return Ok(Err(format!(
+            "the source {source_name:?} no longer has the query {query_name:?}"
+        )));
+    };
+    let occurred_at = claim
+        .detail
+        .get("occurred_at")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or(claim.trigger_at);
+    let id = claim.event_id.as_deref().unwrap_or_default();
+    let Some(event) = source.event(query, id, occurred_at).await? else {
+        return Ok(Err(format!(
+            "the triggering event {id:?} is no longer in the source {source_name:?}"
+        )));
+    };
+    let customer = if source.has_customers() {
+        source.customer(&claim.customer_id).await?
+    } else {
+        context.store.customer(&claim.customer_id).await?
+    };
+    let Some(customer) = customer else {
+        return Ok(Err(format!(
+            "the customer {:?} is no longer in the source {source_name:?}",
+            claim.customer_id
+        )));
+    };
+    Ok(Ok((customer, Some(event))))
 }
 
 /// A transient failure: retry with backoff, or fail when attempts or time run out.

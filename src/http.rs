@@ -50,6 +50,17 @@ struct HealthReport {
     database: Check,
     dispatcher: Check,
     last_reload: Option<crate::daemon::ReloadStatus>,
+    /// Each source's latest use. A failing source does not make the daemon unhealthy: only its
+    /// rules wait, and restarting touchpoint would not help.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    sources: Vec<SourceCheck>,
+}
+
+#[derive(serde::Serialize)]
+struct SourceCheck {
+    name: String,
+    ok: bool,
+    detail: String,
 }
 
 #[derive(serde::Serialize)]
@@ -84,6 +95,7 @@ async fn healthz(State(shared): State<Shared>) -> Response {
         database,
         dispatcher,
         last_reload: shared.health.last_reload(),
+        sources: source_checks(&shared.sources),
     };
     let status = if healthy {
         StatusCode::OK
@@ -91,6 +103,21 @@ async fn healthz(State(shared): State<Shared>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(report)).into_response()
+}
+
+fn source_checks(sources: &crate::sources::Sources) -> Vec<SourceCheck> {
+    sources
+        .sources
+        .iter()
+        .map(|source| {
+            let error = source.last_error();
+            SourceCheck {
+                name: source.name.clone(),
+                ok: error.is_none(),
+                detail: error.unwrap_or_else(|| "the latest query worked".into()),
+            }
+        })
+        .collect()
 }
 
 /// Always 200 with what is known: when the database does not answer, the per-state gauges are
@@ -181,7 +208,50 @@ async fn render_metrics(shared: &Shared) -> String {
         "touchpoint_database_errors_total {}",
         health.database_errors.load(ordering)
     );
+    render_sources(&mut out, &shared.sources);
     out
+}
+
+fn render_sources(out: &mut String, sources: &crate::sources::Sources) {
+    if sources.is_empty() {
+        return;
+    }
+    let ordering = std::sync::atomic::Ordering::Relaxed;
+    let _ = writeln!(
+        out,
+        "# HELP touchpoint_source_up Whether the source's latest query worked."
+    );
+    let _ = writeln!(out, "# TYPE touchpoint_source_up gauge");
+    for source in &sources.sources {
+        let up = u8::from(source.last_error().is_none());
+        let _ = writeln!(
+            out,
+            "touchpoint_source_up{{source=\"{}\"}} {up}",
+            escape(&source.name)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP touchpoint_source_rows_read_total Rows read from the source (planning reads only the window that can become due)."
+    );
+    let _ = writeln!(out, "# TYPE touchpoint_source_rows_read_total counter");
+    for source in &sources.sources {
+        let _ = writeln!(
+            out,
+            "touchpoint_source_rows_read_total{{source=\"{}\"}} {}",
+            escape(&source.name),
+            source.rows_read.load(ordering)
+        );
+    }
+    let _ = writeln!(out, "# TYPE touchpoint_source_errors_total counter");
+    for source in &sources.sources {
+        let _ = writeln!(
+            out,
+            "touchpoint_source_errors_total{{source=\"{}\"}} {}",
+            escape(&source.name),
+            source.errors.load(ordering)
+        );
+    }
 }
 
 fn render_counts(out: &mut String, counts: &[(String, MessageState, i64)]) {

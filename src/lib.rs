@@ -25,6 +25,7 @@ pub mod plan;
 pub mod playbook;
 pub mod render;
 pub mod rules;
+pub mod sources;
 pub mod store;
 pub mod transport;
 pub mod web;

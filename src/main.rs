@@ -79,7 +79,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             signals.abort();
             result?;
         }
-        Command::Check => println!("{}", commands::check(&config)?),
+        Command::Check => println!("{}", commands::check(&config).await?),
         Command::Migrate => {
             commands::open_store(&config).await?;
             println!("migrations applied to {}", config.database_url().describe());

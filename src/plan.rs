@@ -22,8 +22,10 @@ use tokio_util::sync::CancellationToken;
 use crate::calendar;
 use crate::playbook::Playbook;
 use crate::rules::{AttributeCondition, AttributeTest, Rule, Trigger, Unless};
+use crate::sources::{EventQuery, Source, SourceError, Sources};
 use crate::store::{
-    Candidate, CandidateQuery, CandidateSource, Customer, NewMessage, SharedStore, StoreResult,
+    Candidate, CandidateQuery, CandidateSource, Customer, Event, NewMessage, SharedStore,
+    StoreError, StoreResult,
 };
 
 /// Rows fetched per planning query.
@@ -276,6 +278,7 @@ pub struct Planner {
     pub reconcile_every: std::time::Duration,
     pub wake_dispatcher: Arc<Notify>,
     pub health: Arc<crate::daemon::Health>,
+    pub sources: Arc<Sources>,
 }
 
 impl Planner {
@@ -283,6 +286,8 @@ impl Planner {
         let mut cursors = CursorHistory::default();
         let mut last_full = tokio::time::Instant::now();
         let mut failures = 0u32;
+        // Where the next incremental pass over the sources starts; `None`: the whole window.
+        let mut source_since: Option<DateTime<Utc>> = None;
         loop {
             let playbook = self.playbook.borrow_and_update().clone();
             let full = cursors.is_empty() || last_full.elapsed() >= self.reconcile_every;
@@ -302,8 +307,10 @@ impl Planner {
                     if full {
                         last_full = tokio::time::Instant::now();
                     }
-                    if report.inserted > 0 {
-                        tracing::info!(messages = report.inserted, full, "planned new messages");
+                    let from_sources = self.plan_sources(&playbook, full, &mut source_since).await;
+                    let inserted = report.inserted + from_sources;
+                    if inserted > 0 {
+                        tracing::info!(messages = inserted, full, "planned new messages");
                         self.wake_dispatcher.notify_one();
                     }
                     self.interval
@@ -326,9 +333,228 @@ impl Planner {
                     if changed.is_err() { return; }
                     // New rules: plan everything again against them.
                     cursors = CursorHistory::default();
+                    source_since = None;
                 }
             }
         }
+    }
+}
+
+impl Planner {
+    /// One pass over the sources: the whole window when `full` (or after a failure), else what
+    /// occurred since the last pass (less `RESCAN`, for rows committed late). A source that
+    /// fails is logged and shown in /healthz; it does not stop the other rules.
+    async fn plan_sources(
+        &self,
+        playbook: &Playbook,
+        full: bool,
+        since: &mut Option<DateTime<Utc>>,
+    ) -> u64 {
+        if self.sources.is_empty() {
+            return 0;
+        }
+        let now = Utc::now();
+        let from = if full { None } else { *since };
+        let report = plan_sources(
+            &self.store,
+            &self.sources,
+            playbook,
+            from,
+            now,
+            &self.settings,
+        )
+        .await;
+        for failure in &report.failures {
+            tracing::warn!(error = %failure, "cannot plan from a source; its rules wait, the others go on");
+        }
+        *since = if report.failures.is_empty() {
+            let rescan = TimeDelta::from_std(RESCAN).unwrap_or(TimeDelta::minutes(1));
+            Some(now - rescan)
+        } else {
+            None
+        };
+        report.inserted
+    }
+}
+
+/// What a pass over the sources did.
+#[derive(Debug, Default)]
+pub struct SourcePassReport {
+    pub inserted: u64,
+    /// Events read from the sources.
+    pub events_read: u64,
+    /// What went wrong, one line per failed query (the other queries went on).
+    pub failures: Vec<String>,
+}
+
+/// Plans every enabled event rule over the source events of its kind that occurred in the
+/// rule's window (no earlier than `since`, when given). Each query is run once per pass, with
+/// the widest window its rules need.
+pub async fn plan_sources(
+    store: &SharedStore,
+    sources: &Sources,
+    playbook: &Playbook,
+    since: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    settings: &PlanSettings,
+) -> SourcePassReport {
+    let mut report = SourcePassReport::default();
+    let mut customers = CustomerCache::default();
+    for source in &sources.sources {
+        for query in &source.events {
+            let rules: Vec<(&Rule, DateTime<Utc>)> = playbook
+                .rules
+                .rules
+                .iter()
+                .filter(|r| r.enabled)
+                .filter_map(|rule| {
+                    let from = source_window_start(rule, query, now, settings)?;
+                    Some((rule, since.map_or(from, |s| s.max(from))))
+                })
+                .collect();
+            let Some(from) = rules.iter().map(|(_, from)| *from).min() else {
+                continue;
+            };
+            let planned = plan_source_query(
+                store,
+                source,
+                query,
+                &rules,
+                from,
+                now,
+                settings,
+                &mut customers,
+            )
+            .await;
+            match planned {
+                Ok((read, inserted)) => {
+                    report.events_read += read;
+                    report.inserted += inserted;
+                }
+                Err(error) => report.failures.push(error.to_string()),
+            }
+        }
+    }
+    report
+}
+
+/// The earliest `occurred_at` that can still give `rule` a message, if `rule` reads `query`.
+fn source_window_start(
+    rule: &Rule,
+    query: &EventQuery,
+    now: DateTime<Utc>,
+    settings: &PlanSettings,
+) -> Option<DateTime<Utc>> {
+    let Trigger::Event { kind, .. } = &rule.trigger else {
+        return None;
+    };
+    if !query.kinds.contains(kind) {
+        return None;
+    }
+    match source_for(rule, now, settings) {
+        CandidateSource::NewEvents { occurred_from, .. } => Some(occurred_from),
+        _ => None,
+    }
+}
+
+/// Why a source query could not be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum SourcePlanError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("source events: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Reads one query's window and plans its events for each rule; returns (events read, new
+/// messages).
+#[allow(clippy::too_many_arguments)]
+async fn plan_source_query(
+    store: &SharedStore,
+    source: &Source,
+    query: &EventQuery,
+    rules: &[(&Rule, DateTime<Utc>)],
+    from: DateTime<Utc>,
+    now: DateTime<Utc>,
+    settings: &PlanSettings,
+    customers: &mut CustomerCache,
+) -> Result<(u64, u64), SourcePlanError> {
+    let events = source.events_in(query, from, now).await?;
+    let mut planned = Vec::new();
+    for event in &events {
+        for (rule, rule_from) in rules {
+            let Trigger::Event { kind, .. } = &rule.trigger else {
+                continue;
+            };
+            if &event.kind != kind || event.occurred_at < *rule_from {
+                continue;
+            }
+            let Some(customer) = customers.get(store, source, &event.customer_id).await? else {
+                tracing::debug!(source = %source.name, event = %event.id, "no such customer; not planned");
+                continue;
+            };
+            let candidate = Candidate {
+                seq: 0,
+                customer,
+                event: Some(event.clone()),
+                last_trigger: None,
+            };
+            if let Some(message) = plan_candidate(rule, &candidate, now, settings) {
+                planned.push(from_source(message, source, query, event));
+            }
+        }
+    }
+    let inserted = if planned.is_empty() {
+        0
+    } else {
+        store.insert_messages(&planned).await?
+    };
+    Ok((events.len() as u64, inserted))
+}
+
+/// A message planned from a source event: its dedupe key names the source (ids of different
+/// databases may collide), and its detail says where to read the event again at send time.
+fn from_source(
+    mut message: NewMessage,
+    source: &Source,
+    query: &EventQuery,
+    event: &Event,
+) -> NewMessage {
+    message.dedupe_key = format!("{}:{}/{}", message.rule, source.name, event.id);
+    message.detail = serde_json::json!({
+        "source": source.name,
+        "query": query.name,
+        "occurred_at": event.occurred_at,
+    });
+    message
+}
+
+/// Customers looked up during one pass, so each is read once.
+#[derive(Default)]
+struct CustomerCache {
+    known: std::collections::HashMap<(String, String), Option<Customer>>,
+}
+
+impl CustomerCache {
+    /// The customer from the source's customers query, or touchpoint's own table when the
+    /// source has none.
+    async fn get(
+        &mut self,
+        store: &SharedStore,
+        source: &Source,
+        id: &str,
+    ) -> Result<Option<Customer>, SourcePlanError> {
+        let key = (source.name.clone(), id.to_string());
+        if let Some(known) = self.known.get(&key) {
+            return Ok(known.clone());
+        }
+        let customer = if source.has_customers() {
+            source.customer(id).await?
+        } else {
+            store.customer(id).await?
+        };
+        self.known.insert(key, customer.clone());
+        Ok(customer)
     }
 }
 

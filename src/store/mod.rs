@@ -354,15 +354,21 @@ impl StoreError {
     }
 }
 
-impl From<sqlx::Error> for StoreError {
-    fn from(error: sqlx::Error) -> Self {
-        match &error {
+impl StoreError {
+    /// Whether a database error is a connection or resource fault, worth retrying, rather than
+    /// a mistake in a query or in the data.
+    pub fn is_transient(error: &sqlx::Error) -> bool {
+        matches!(StoreError::from_kind(error), Kind::Unavailable)
+    }
+
+    fn from_kind(error: &sqlx::Error) -> Kind {
+        match error {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
+            | sqlx::Error::WorkerCrashed => Kind::Unavailable,
             sqlx::Error::Database(db) => {
                 // PostgreSQL: 57P01 admin shutdown / terminated connection, 08xxx connection
                 // faults, 53xxx out of resources. SQLite: 5 busy, 6 locked, also as extended
@@ -374,12 +380,26 @@ impl From<sqlx::Error> for StoreError {
                     || code.starts_with("53")
                     || matches!(sqlite_primary, Some(5 | 6))
                 {
-                    StoreError::Unavailable(error)
+                    Kind::Unavailable
                 } else {
-                    StoreError::Query(error)
+                    Kind::Query
                 }
             }
-            _ => StoreError::Query(error),
+            _ => Kind::Query,
+        }
+    }
+}
+
+enum Kind {
+    Unavailable,
+    Query,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match StoreError::from_kind(&error) {
+            Kind::Unavailable => StoreError::Unavailable(error),
+            Kind::Query => StoreError::Query(error),
         }
     }
 }

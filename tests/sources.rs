@@ -1,0 +1,659 @@
+//! Sources: the business's own database (a shop's `clients`, `orders` and `bookings`), read
+//! where it lives, on both backends: rules driven by its rows without a copy, customer details
+//! read again at send time, a broken source that stops nothing else, planning that reads only
+//! the window that can become due, and `touchpoint check` on the queries.
+
+mod support;
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use support::smtp::SmtpPeer;
+use support::{Backend, Sink, TestEnv, eventually, postgres_admin_url};
+use touchpoint::store::{LogEntry, LogFilter, MessageState, SharedStore};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+const RULES: &str = r#"
+[[rule]]
+name = "thank-you"
+template = "thank-you"
+subject = "Thank you for your order, {{customer.first_name}}"
+when = { event = "purchase", after = "1s" }
+
+[[rule]]
+name = "follow-up"
+template = "follow-up"
+subject = "As promised: next steps"
+when = { event = "discovery_call", after = "1s" }
+unless = [{ event = "purchase", since = "trigger" }]
+"#;
+
+/// A shop's database of its own, beside touchpoint's: a SQLite file or a PostgreSQL database.
+struct Shop {
+    backend: Backend,
+    /// The URL as the source config names it.
+    url: String,
+    postgres_database: Option<String>,
+}
+
+impl Shop {
+    async fn create(env: &TestEnv) -> Shop {
+        let shop = match env.backend {
+            Backend::Sqlite => Shop {
+                backend: Backend::Sqlite,
+                url: format!("sqlite:{}", env.path().join("shop.db").display()),
+                postgres_database: None,
+            },
+            Backend::Postgres => {
+                let name = format!("tp_shop_{}", uuid::Uuid::new_v4().simple());
+                Shop::admin(&format!("CREATE DATABASE {name}")).await;
+                Shop {
+                    backend: Backend::Postgres,
+                    url: format!("{}/{name}", postgres_admin_url()),
+                    postgres_database: Some(name),
+                }
+            }
+        };
+        let schema = match shop.backend {
+            Backend::Sqlite => {
+                "CREATE TABLE clients (id INTEGER PRIMARY KEY, email TEXT NOT NULL, first_name TEXT, tz TEXT, vip INTEGER);
+                 CREATE TABLE orders (id INTEGER PRIMARY KEY, client_id INTEGER NOT NULL, placed_at TEXT NOT NULL, total_cents INTEGER);
+                 CREATE INDEX orders_placed_at ON orders (placed_at);
+                 CREATE TABLE bookings (id INTEGER PRIMARY KEY, client_id INTEGER NOT NULL, called_at TEXT NOT NULL);
+                 CREATE INDEX bookings_called_at ON bookings (called_at);"
+            }
+            Backend::Postgres => {
+                "CREATE TABLE clients (id bigint PRIMARY KEY, email text NOT NULL, first_name text, tz text, vip boolean);
+                 CREATE TABLE orders (id bigint PRIMARY KEY, client_id bigint NOT NULL, placed_at timestamptz NOT NULL, total_cents integer);
+                 CREATE INDEX orders_placed_at ON orders (placed_at);
+                 CREATE TABLE bookings (id bigint PRIMARY KEY, client_id bigint NOT NULL, called_at timestamptz NOT NULL);
+                 CREATE INDEX bookings_called_at ON bookings (called_at);"
+            }
+        };
+        shop.exec(schema).await;
+        shop
+    }
+
+    async fn admin(sql: &str) {
+        use sqlx::Connection;
+        let url = format!("{}/postgres", postgres_admin_url());
+        let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql(sql)
+            .execute(&mut connection)
+            .await
+            .expect(sql);
+    }
+
+    /// Runs statements as the shop's own application would (read-write).
+    async fn exec(&self, sql: &str) {
+        use sqlx::Connection;
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection =
+                    sqlx::SqliteConnection::connect(&format!("{}?mode=rwc", self.url))
+                        .await
+                        .expect("open the shop's SQLite file");
+                sqlx::raw_sql(sql)
+                    .execute(&mut connection)
+                    .await
+                    .expect(sql);
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect to the shop's database");
+                sqlx::raw_sql(sql)
+                    .execute(&mut connection)
+                    .await
+                    .expect(sql);
+            }
+        }
+    }
+
+    /// A time as the shop stores it.
+    fn at(&self, t: DateTime<Utc>) -> String {
+        match self.backend {
+            Backend::Sqlite => format!("'{}'", t.format("%Y-%m-%d %H:%M:%S")),
+            Backend::Postgres => format!("'{}+00'", t.format("%Y-%m-%d %H:%M:%S%.3f")),
+        }
+    }
+
+    fn vip(&self, vip: bool) -> &'static str {
+        match (self.backend, vip) {
+            (Backend::Sqlite, true) => "1",
+            (Backend::Sqlite, false) => "0",
+            (Backend::Postgres, true) => "true",
+            (Backend::Postgres, false) => "false",
+        }
+    }
+
+    async fn client(&self, id: i64, email: &str, first_name: &str) {
+        self.exec(&format!(
+            "INSERT INTO clients (id, email, first_name, tz, vip) VALUES ({id}, '{email}', '{first_name}', 'Europe/Berlin', {})",
+            self.vip(false)
+        ))
+        .await;
+    }
+
+    async fn order(&self, id: i64, client: i64, at: DateTime<Utc>) {
+        self.exec(&format!(
+            "INSERT INTO orders (id, client_id, placed_at, total_cents) VALUES ({id}, {client}, {}, 4250)",
+            self.at(at)
+        ))
+        .await;
+    }
+
+    async fn booking(&self, id: i64, client: i64, at: DateTime<Utc>) {
+        self.exec(&format!(
+            "INSERT INTO bookings (id, client_id, called_at) VALUES ({id}, {client}, {})",
+            self.at(at)
+        ))
+        .await;
+    }
+
+    /// The `[sources.NAME]` section that reads this shop.
+    fn config(&self, name: &str) -> String {
+        let (orders, bookings, clients) = match self.backend {
+            Backend::Sqlite => (
+                "SELECT 'order-' || id AS id, client_id AS customer_id, 'purchase' AS kind,
+                        placed_at AS occurred_at,
+                        json_object('order_number', id, 'total', total_cents / 100.0) AS data
+                 FROM orders WHERE placed_at >= :from AND placed_at < :to",
+                "SELECT 'booking-' || id AS id, client_id AS customer_id, 'discovery_call' AS kind,
+                        called_at AS occurred_at
+                 FROM bookings WHERE called_at >= :from AND called_at < :to",
+                "SELECT id, email, first_name AS name, tz AS timezone,
+                        json_object('vip', vip) AS attributes
+                 FROM clients WHERE id = :id",
+            ),
+            Backend::Postgres => (
+                "SELECT 'order-' || id AS id, client_id::text AS customer_id, 'purchase' AS kind,
+                        placed_at AS occurred_at,
+                        jsonb_build_object('order_number', id, 'total', total_cents / 100.0) AS data
+                 FROM orders WHERE placed_at >= :from AND placed_at < :to",
+                "SELECT 'booking-' || id AS id, client_id::text AS customer_id, 'discovery_call' AS kind,
+                        called_at AS occurred_at
+                 FROM bookings WHERE called_at >= :from AND called_at < :to",
+                "SELECT id::text AS id, email, first_name AS name, tz AS timezone,
+                        jsonb_build_object('vip', vip) AS attributes
+                 FROM clients WHERE id = :id::bigint",
+            ),
+        };
+        format!(
+            r#"
+[sources.{name}]
+url = "{url}"
+
+[[sources.{name}.events]]
+name = "orders"
+kinds = ["purchase"]
+query = """{orders}"""
+
+[[sources.{name}.events]]
+name = "bookings"
+kinds = ["discovery_call"]
+query = """{bookings}"""
+
+[sources.{name}.customers]
+query = """{clients}"""
+"#,
+            url = self.url
+        )
+    }
+}
+
+impl Drop for Shop {
+    fn drop(&mut self) {
+        if let Some(name) = &self.postgres_database {
+            let _ = std::process::Command::new("psql")
+                .args(["-q", "-d", &format!("{}/postgres", postgres_admin_url())])
+                .args([
+                    "-c",
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A world whose config reads the shop (the config is written after the shop exists).
+async fn world(backend: Backend, peer: &SmtpPeer, extra: &str) -> (TestEnv, Shop) {
+    let env = TestEnv::new(backend, Sink::Smtp(peer), &[("rules.toml", RULES)], "").await;
+    let shop = Shop::create(&env).await;
+    let mut config = std::fs::read_to_string(&env.config_path).expect("config");
+    config.push_str(&shop.config("shop"));
+    config.push_str(extra);
+    std::fs::write(&env.config_path, config).expect("config");
+    (env, shop)
+}
+
+async fn log(store: &SharedStore) -> Vec<LogEntry> {
+    store.log(&LogFilter::default()).await.expect("log")
+}
+
+/// Waits for a message of `rule` to `customer` in `state`; fails with the whole log.
+async fn wait_for(
+    store: &SharedStore,
+    rule: &str,
+    customer: &str,
+    state: MessageState,
+) -> LogEntry {
+    let found = eventually(PATIENCE, || async {
+        log(store)
+            .await
+            .iter()
+            .any(|e| e.rule == rule && e.customer_id == customer && e.state == state)
+    })
+    .await;
+    let all = log(store).await;
+    assert!(
+        found,
+        "no {state} {rule:?} message for {customer:?}; the log: {all:#?}"
+    );
+    all.into_iter()
+        .find(|e| e.rule == rule && e.customer_id == customer && e.state == state)
+        .expect("found above")
+}
+
+fn body_of(peer: &SmtpPeer, to: &str) -> String {
+    let accepted = peer.accepted();
+    let message = accepted
+        .iter()
+        .find(|m| m.rcpt_to.iter().any(|r| r == to))
+        .unwrap_or_else(|| panic!("nothing was sent to {to}: {accepted:#?}"));
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&message.data)
+        .expect("parse the message");
+    parsed
+        .body_text(0)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+// --- scenarios -------------------------------------------------------------------------------
+
+/// The shop's orders and bookings drive the rules; the shop's clients are the recipients;
+/// touchpoint's own tables work beside them; nothing is copied.
+async fn source_rows_drive_rules(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let (env, shop) = world(backend, &peer, "").await;
+    let store = env.store().await;
+    let now = Utc::now();
+    shop.client(1, "ada@shop.example", "Ada").await;
+    shop.client(2, "bob@shop.example", "Bob").await;
+    shop.order(501, 1, now - TimeDelta::minutes(5)).await;
+    // Bob had a discovery call, then bought: the follow-up must not go out.
+    shop.booking(71, 2, now - TimeDelta::minutes(30)).await;
+    shop.order(502, 2, now - TimeDelta::minutes(10)).await;
+    // An order from last year is outside every rule's window.
+    shop.order(400, 1, now - TimeDelta::days(400)).await;
+    // touchpoint's own customers and events, side by side.
+    env.add_customer(&store, "own-1", "own@example.com", "Olive", None)
+        .await;
+    env.add_event(
+        &store,
+        "own-purchase",
+        "own-1",
+        "purchase",
+        now - TimeDelta::minutes(1),
+    )
+    .await;
+
+    let daemon = env.start().await;
+    let ada = wait_for(&store, "thank-you", "1", MessageState::Sent).await;
+    assert_eq!(ada.email.as_deref(), Some("ada@shop.example"));
+    assert_eq!(ada.event_id.as_deref(), Some("order-501"));
+    assert_eq!(
+        ada.subject.as_deref(),
+        Some("Thank you for your order, Ada")
+    );
+    let text = body_of(&peer, "ada@shop.example");
+    assert!(
+        text.contains("(no. 501)"),
+        "the order's data reaches the template: {text}"
+    );
+    wait_for(&store, "thank-you", "2", MessageState::Sent).await;
+    wait_for(&store, "thank-you", "own-1", MessageState::Sent).await;
+    let bob = wait_for(&store, "follow-up", "2", MessageState::Skipped).await;
+    let reason = bob.reason.unwrap_or_default();
+    assert!(
+        reason.contains("\"purchase\" event since the triggering event"),
+        "{reason}"
+    );
+    // Another pass plans nothing twice.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    daemon.stop().await;
+    let all = log(&store).await;
+    assert_eq!(
+        all.len(),
+        4,
+        "one message per rule and event, none for old orders: {all:#?}"
+    );
+    assert_eq!(peer.accepted_count(), 3);
+    assert!(
+        store.event("order-501").await.expect("read").is_none(),
+        "no copy in touchpoint"
+    );
+    assert!(
+        store.customer("1").await.expect("read").is_none(),
+        "no copy in touchpoint"
+    );
+}
+
+/// Details are read from the source at send time: a changed address is used, a deleted
+/// customer is skipped with a reason, and so is a deleted order.
+async fn send_time_reads_the_source(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let (env, shop) = world(backend, &peer, "").await;
+    let slow = RULES.replace(r#"after = "1s" }"#, r#"after = "6s" }"#);
+    env.write_rule("rules.toml", &slow);
+    let store = env.store().await;
+    let now = Utc::now();
+    shop.client(1, "old@shop.example", "Ada").await;
+    shop.client(2, "bob@shop.example", "Bob").await;
+    shop.client(3, "cy@shop.example", "Cy").await;
+    shop.order(1, 1, now).await;
+    shop.order(2, 2, now).await;
+    shop.order(3, 3, now).await;
+    let daemon = env.start().await;
+    for customer in ["1", "2", "3"] {
+        wait_for(&store, "thank-you", customer, MessageState::Scheduled).await;
+    }
+    shop.exec("UPDATE clients SET email = 'new@shop.example' WHERE id = 1")
+        .await;
+    shop.exec("DELETE FROM clients WHERE id = 2").await;
+    shop.exec("DELETE FROM orders WHERE id = 3").await;
+    let ada = wait_for(&store, "thank-you", "1", MessageState::Sent).await;
+    assert_eq!(ada.email.as_deref(), Some("new@shop.example"));
+    let bob = wait_for(&store, "thank-you", "2", MessageState::Skipped).await;
+    assert_eq!(
+        bob.reason.as_deref(),
+        Some("the customer \"2\" is no longer in the source \"shop\"")
+    );
+    let cy = wait_for(&store, "thank-you", "3", MessageState::Skipped).await;
+    assert_eq!(
+        cy.reason.as_deref(),
+        Some("the triggering event \"order-3\" is no longer in the source \"shop\"")
+    );
+    daemon.stop().await;
+    let recipients: Vec<_> = peer
+        .accepted()
+        .iter()
+        .flat_map(|m| m.rcpt_to.clone())
+        .collect();
+    assert_eq!(recipients, ["new@shop.example"]);
+}
+
+/// A source that is not there and a query that breaks stop neither touchpoint's own rules
+/// nor the healthy source; /healthz and /metrics say which source fails.
+async fn a_broken_source_stops_nothing_else(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let broken = r#"
+[sources.legacy]
+url = "sqlite:gone/legacy.db"
+
+[[sources.legacy.events]]
+name = "sales"
+kinds = ["purchase"]
+query = "SELECT * FROM sales WHERE at >= :from AND at < :to"
+"#;
+    let (env, shop) = world(backend, &peer, broken).await;
+    let store = env.store().await;
+    let now = Utc::now();
+    shop.client(1, "ada@shop.example", "Ada").await;
+    shop.order(1, 1, now).await;
+    env.add_customer(&store, "own-1", "own@example.com", "Olive", None)
+        .await;
+    env.add_event(&store, "own-purchase", "own-1", "purchase", now)
+        .await;
+    let daemon = env.start().await;
+    wait_for(&store, "thank-you", "1", MessageState::Sent).await;
+    wait_for(&store, "thank-you", "own-1", MessageState::Sent).await;
+
+    // Now the shop's query breaks too (a column renamed by a migration of theirs): touchpoint's
+    // own rules go on.
+    shop.exec("ALTER TABLE bookings RENAME COLUMN called_at TO call_time")
+        .await;
+    shop.order(2, 1, Utc::now()).await;
+    env.add_event(&store, "own-purchase-2", "own-1", "purchase", Utc::now())
+        .await;
+    assert!(
+        eventually(PATIENCE, || async {
+            log(&store).await.iter().any(|e| {
+                e.event_id.as_deref() == Some("own-purchase-2") && e.state == MessageState::Sent
+            })
+        })
+        .await
+    );
+    let health = http_get(daemon.http, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains(r#""name":"legacy","ok":false"#), "{health}");
+    assert!(health.contains("source legacy"), "{health}");
+    let metrics = http_get(daemon.http, "/metrics").await;
+    assert!(
+        metrics.contains("touchpoint_source_up{source=\"legacy\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("touchpoint_source_errors_total{source=\"legacy\"} 0\n"),
+        "{metrics}"
+    );
+    daemon.stop().await;
+}
+
+/// Planning reads only what can become due: over 100,000 old orders, a pass reads the few in
+/// the rule's window, and an incremental pass only the last minute's.
+async fn planning_reads_only_the_window(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let (env, shop) = world(backend, &peer, "").await;
+    let store = env.store().await;
+    let seed = match backend {
+        Backend::Sqlite => {
+            "INSERT INTO clients (id, email, first_name, tz, vip)
+               SELECT value, 'c' || value || '@shop.example', 'C' || value, 'UTC', 0
+               FROM (WITH RECURSIVE n(value) AS (SELECT 1 UNION ALL SELECT value + 1 FROM n WHERE value < 1000) SELECT value FROM n);
+             INSERT INTO orders (id, client_id, placed_at, total_cents)
+               SELECT value, value % 1000 + 1, datetime('now', '-3 days', '-' || value || ' minutes'), 100
+               FROM (WITH RECURSIVE n(value) AS (SELECT 1 UNION ALL SELECT value + 1 FROM n WHERE value < 100000) SELECT value FROM n);
+             INSERT INTO orders (id, client_id, placed_at, total_cents)
+               SELECT 200000 + value, value, datetime('now', '-' || (value * 2) || ' minutes'), 100
+               FROM (WITH RECURSIVE n(value) AS (SELECT 1 UNION ALL SELECT value + 1 FROM n WHERE value < 25) SELECT value FROM n);"
+        }
+        Backend::Postgres => {
+            "INSERT INTO clients SELECT i, 'c' || i || '@shop.example', 'C' || i, 'UTC', false FROM generate_series(1, 1000) i;
+             INSERT INTO orders SELECT i, i % 1000 + 1, now() - interval '3 days' - i * interval '1 minute', 100 FROM generate_series(1, 100000) i;
+             INSERT INTO orders SELECT 200000 + i, i, now() - i * interval '2 minutes', 100 FROM generate_series(1, 25) i;
+             ANALYZE orders;"
+        }
+    };
+    shop.exec(seed).await;
+    let config = env.config();
+    let sources = touchpoint::sources::Sources::from_config(&config.sources, &config.base_dir)
+        .expect("sources");
+    let playbook = touchpoint::playbook::Playbook::load(&config).expect("rules");
+    let settings = touchpoint::plan::PlanSettings {
+        default_timezone: chrono_tz::UTC,
+        default_expire_after: config.defaults.expire_after,
+    };
+    let shop_source = &sources.sources[0];
+    let now = Utc::now();
+    let full =
+        touchpoint::plan::plan_sources(&store, &sources, &playbook, None, now, &settings).await;
+    assert!(full.failures.is_empty(), "{:?}", full.failures);
+    assert_eq!(full.inserted, 25, "one thank-you per recent order");
+    // The orders query read the 25 orders of the last day, not the 100,000 older ones; the
+    // customers query one row per customer.
+    assert_eq!(full.events_read, 25);
+    assert_eq!(
+        shop_source
+            .rows_read
+            .load(std::sync::atomic::Ordering::Relaxed),
+        25 + 25
+    );
+
+    let again =
+        touchpoint::plan::plan_sources(&store, &sources, &playbook, None, Utc::now(), &settings)
+            .await;
+    assert_eq!((again.events_read, again.inserted), (25, 0), "idempotent");
+    // An incremental pass reads only what occurred since the last one (less a minute): the
+    // order placed 2 minutes ago is outside, the new one inside.
+    shop.order(300_000, 7, Utc::now()).await;
+    let since = Utc::now() - TimeDelta::seconds(90);
+    let incremental = touchpoint::plan::plan_sources(
+        &store,
+        &sources,
+        &playbook,
+        Some(since),
+        Utc::now(),
+        &settings,
+    )
+    .await;
+    assert_eq!((incremental.events_read, incremental.inserted), (1, 1));
+    if backend == Backend::Postgres {
+        // And PostgreSQL finds them through the index, wrapped as touchpoint wraps the query.
+        let plan = explain(&shop.url).await;
+        assert!(plan.contains("orders_placed_at"), "{plan}");
+        assert!(!plan.contains("Seq Scan on orders"), "{plan}");
+    }
+}
+
+async fn explain(url: &str) -> String {
+    use sqlx::{Connection, Row};
+    let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
+    let rows = sqlx::query(
+        "EXPLAIN SELECT * FROM (SELECT 'order-' || id AS id, client_id::text AS customer_id, placed_at AS occurred_at \
+         FROM orders WHERE placed_at >= $1 AND placed_at < $2) AS touchpoint_source WHERE CAST(customer_id AS TEXT) = $3",
+    )
+    .bind(Utc::now() - TimeDelta::days(1))
+    .bind(Utc::now())
+    .bind("7")
+    .fetch_all(&mut connection)
+    .await
+    .expect("explain");
+    rows.iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    response
+}
+
+/// `touchpoint check` runs each query once and names the source, the query and the mistake.
+async fn check_reports_query_mistakes(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let (env, shop) = world(backend, &peer, "").await;
+    let (ok, stdout, stderr) = env.run_cli(&["check"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("source shop (")
+            && stdout
+                .contains("): OK; events: purchase, discovery_call; customers: from the source"),
+        "{stdout}"
+    );
+    let config = std::fs::read_to_string(&env.config_path).expect("config");
+
+    let no_time = config.replace("placed_at AS occurred_at", "placed_at AS placed");
+    std::fs::write(&env.config_path, &no_time).expect("config");
+    let (ok, _, stderr) = env.run_cli(&["check"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("source shop, query orders: no column occurred_at (it returns id, customer_id, kind, placed, data; it must return id, customer_id, kind, occurred_at, data"),
+        "{stderr}"
+    );
+
+    let no_table = config.replace("FROM bookings", "FROM calls");
+    std::fs::write(&env.config_path, &no_table).expect("config");
+    let (ok, _, stderr) = env.run_cli(&["check"]);
+    assert!(!ok);
+    assert!(stderr.contains("source shop, query bookings:"), "{stderr}");
+    assert!(
+        stderr.contains("calls"),
+        "the database's own words name the table: {stderr}"
+    );
+
+    let unknown = config.replace("placed_at < :to", "placed_at < :until");
+    std::fs::write(&env.config_path, &unknown).expect("config");
+    let (ok, _, stderr) = env.run_cli(&["check"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("sources.shop.events[0] (\"orders\").query: unknown parameter :until; this query takes :from and :to"),
+        "{stderr}"
+    );
+    drop(shop);
+}
+
+on_both_backends!(
+    source_rows_drive_rules,
+    send_time_reads_the_source,
+    a_broken_source_stops_nothing_else,
+    planning_reads_only_the_window,
+    check_reports_query_mistakes,
+);
+
+/// PostgreSQL says column types before a row exists: a JSON column that is not JSON is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_column_types_on_postgres() {
+    let peer = SmtpPeer::start().await;
+    let (env, _shop) = world(Backend::Postgres, &peer, "").await;
+    let config = std::fs::read_to_string(&env.config_path).expect("config");
+    let wrong = config.replace(
+        "jsonb_build_object('vip', vip) AS attributes",
+        "vip AS attributes",
+    );
+    std::fs::write(&env.config_path, wrong).expect("config");
+    let (ok, _, stderr) = env.run_cli(&["check"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "source shop, query customers: column attributes is BOOL; expected a JSON object"
+        ),
+        "{stderr}"
+    );
+}
+
+/// The source is opened read-only: a query that writes is refused by the database itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_are_read_only() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let peer = SmtpPeer::start().await;
+        let (env, shop) = world(backend, &peer, "").await;
+        shop.client(1, "ada@shop.example", "Ada").await;
+        let config = env.config();
+        let mut sources = config.sources.clone();
+        let customers = sources
+            .get_mut("shop")
+            .and_then(|s| s.customers.as_mut())
+            .expect("customers query");
+        customers.query = match backend {
+            Backend::Sqlite => "DELETE FROM clients WHERE id = :id RETURNING id, email",
+            Backend::Postgres => {
+                "DELETE FROM clients WHERE id = :id::bigint RETURNING id::text, email"
+            }
+        }
+        .into();
+        let sources =
+            touchpoint::sources::Sources::from_config(&sources, &config.base_dir).expect("sources");
+        let error = sources.sources[0]
+            .customer("1")
+            .await
+            .expect_err("writing is refused");
+        let text = error.to_string().to_lowercase();
+        assert!(
+            text.contains("read-only") || text.contains("readonly"),
+            "{backend:?}: {text}"
+        );
+    }
+}
