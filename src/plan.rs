@@ -480,28 +480,44 @@ async fn plan_source_query(
     customers: &mut CustomerCache,
 ) -> Result<(u64, u64), SourcePlanError> {
     let events = source.events_in(query, from, now).await?;
+    // Each (rule, event) pair that may want a message and has none yet: a full pass re-reads
+    // the whole window, and what was planned before costs one key lookup, not a customer read.
+    let wanted: Vec<(&Rule, &Event, String)> = events
+        .iter()
+        .flat_map(|event| {
+            rules.iter().filter_map(move |(rule, rule_from)| {
+                let Trigger::Event { kind, .. } = &rule.trigger else {
+                    return None;
+                };
+                (&event.kind == kind && event.occurred_at >= *rule_from).then(|| {
+                    (
+                        *rule,
+                        event,
+                        source_dedupe_key(&rule.name, &source.name, &event.id),
+                    )
+                })
+            })
+        })
+        .collect();
+    let keys: Vec<String> = wanted.iter().map(|(_, _, key)| key.clone()).collect();
+    let existing = store.existing_dedupe_keys(&keys).await?;
     let mut planned = Vec::new();
-    for event in &events {
-        for (rule, rule_from) in rules {
-            let Trigger::Event { kind, .. } = &rule.trigger else {
-                continue;
-            };
-            if &event.kind != kind || event.occurred_at < *rule_from {
-                continue;
-            }
-            let Some(customer) = customers.get(store, source, &event.customer_id).await? else {
-                tracing::debug!(source = %source.name, event = %event.id, "no such customer; not planned");
-                continue;
-            };
-            let candidate = Candidate {
-                seq: 0,
-                customer,
-                event: Some(event.clone()),
-                last_trigger: None,
-            };
-            if let Some(message) = plan_candidate(rule, &candidate, now, settings) {
-                planned.push(from_source(message, source, query, event));
-            }
+    for (rule, event, key) in wanted {
+        if existing.contains(&key) {
+            continue;
+        }
+        let Some(customer) = customers.get(store, source, &event.customer_id).await? else {
+            tracing::debug!(source = %source.name, event = %event.id, "no such customer; not planned");
+            continue;
+        };
+        let candidate = Candidate {
+            seq: 0,
+            customer,
+            event: Some(event.clone()),
+            last_trigger: None,
+        };
+        if let Some(message) = plan_candidate(rule, &candidate, now, settings) {
+            planned.push(from_source(message, source, query, event));
         }
     }
     let inserted = if planned.is_empty() {
@@ -520,13 +536,18 @@ fn from_source(
     query: &EventQuery,
     event: &Event,
 ) -> NewMessage {
-    message.dedupe_key = format!("{}:{}/{}", message.rule, source.name, event.id);
+    message.dedupe_key = source_dedupe_key(&message.rule, &source.name, &event.id);
     message.detail = serde_json::json!({
         "source": source.name,
         "query": query.name,
         "occurred_at": event.occurred_at,
     });
     message
+}
+
+/// `rule:source/event`: ids of different databases may collide.
+fn source_dedupe_key(rule: &str, source: &str, event: &str) -> String {
+    format!("{rule}:{source}/{event}")
 }
 
 /// Customers looked up during one pass, so each is read once.

@@ -47,7 +47,7 @@ impl Shop {
             },
             Backend::Postgres => {
                 let name = format!("tp_shop_{}", uuid::Uuid::new_v4().simple());
-                Shop::admin(&format!("CREATE DATABASE {name}")).await;
+                support::create_postgres_database(&name).await;
                 Shop {
                     backend: Backend::Postgres,
                     url: format!("{}/{name}", postgres_admin_url()),
@@ -73,16 +73,6 @@ impl Shop {
         };
         shop.exec(schema).await;
         shop
-    }
-
-    async fn admin(sql: &str) {
-        use sqlx::Connection;
-        let url = format!("{}/postgres", postgres_admin_url());
-        let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
-        sqlx::raw_sql(sql)
-            .execute(&mut connection)
-            .await
-            .expect(sql);
     }
 
     /// Runs statements as the shop's own application would (read-write).
@@ -206,15 +196,7 @@ query = """{clients}"""
 impl Drop for Shop {
     fn drop(&mut self) {
         if let Some(name) = &self.postgres_database {
-            let _ = std::process::Command::new("psql")
-                .args(["-q", "-d", &format!("{}/postgres", postgres_admin_url())])
-                .args([
-                    "-c",
-                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-                ])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
+            support::drop_postgres_database(name);
         }
     }
 }
@@ -498,6 +480,13 @@ async fn planning_reads_only_the_window(backend: Backend) {
         touchpoint::plan::plan_sources(&store, &sources, &playbook, None, Utc::now(), &settings)
             .await;
     assert_eq!((again.events_read, again.inserted), (25, 0), "idempotent");
+    assert_eq!(
+        shop_source
+            .rows_read
+            .load(std::sync::atomic::Ordering::Relaxed),
+        50 + 25,
+        "what was planned before needs no customer read"
+    );
     // An incremental pass reads only what occurred since the last one (less a minute): the
     // order placed 2 minutes ago is outside, the new one inside.
     shop.order(300_000, 7, Utc::now()).await;

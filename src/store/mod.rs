@@ -437,6 +437,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn candidates(&self, query: &CandidateQuery) -> StoreResult<Vec<Candidate>>;
     /// Inserts the messages that do not exist yet; returns how many were new.
     async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64>;
+    /// Which of these dedupe keys have a message already.
+    async fn existing_dedupe_keys(
+        &self,
+        keys: &[String],
+    ) -> StoreResult<std::collections::HashSet<String>>;
 
     // --- dispatch ---------------------------------------------------------------------------
     /// Skips waiting messages whose `expires_at` has passed; returns their ids.

@@ -297,6 +297,18 @@ impl Store for PostgresStore {
         Ok(rows.into_iter().map(Candidate::from).collect())
     }
 
+    async fn existing_dedupe_keys(
+        &self,
+        keys: &[String],
+    ) -> StoreResult<std::collections::HashSet<String>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT dedupe_key FROM messages WHERE dedupe_key = ANY($1)")
+                .bind(keys)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(key,)| key).collect())
+    }
+
     async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
         let mut inserted = 0;

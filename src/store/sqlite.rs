@@ -378,6 +378,26 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().map(Candidate::from).collect())
     }
 
+    async fn existing_dedupe_keys(
+        &self,
+        keys: &[String],
+    ) -> StoreResult<std::collections::HashSet<String>> {
+        let mut found = std::collections::HashSet::new();
+        for chunk in keys.chunks(500) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "SELECT dedupe_key FROM messages WHERE dedupe_key IN (",
+            );
+            let mut list = query.separated(", ");
+            for key in chunk {
+                list.push_bind(key);
+            }
+            query.push(")");
+            let rows: Vec<(String,)> = query.build_query_as().fetch_all(&self.reader).await?;
+            found.extend(rows.into_iter().map(|(key,)| key));
+        }
+        Ok(found)
+    }
+
     async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await?;
         let mut inserted = 0;

@@ -281,18 +281,22 @@ listen = ""
 impl Drop for TestEnv {
     fn drop(&mut self) {
         if let Some(name) = &self.postgres_database {
-            // Best effort: the next run's databases have other names anyway.
-            let _ = Command::new("psql")
-                .args(["-q", "-d", &format!("{}/postgres", postgres_admin_url())])
-                .args([
-                    "-c",
-                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            drop_postgres_database(name);
         }
     }
+}
+
+/// Drops a test's database, best effort: the next run's databases have other names anyway.
+pub fn drop_postgres_database(name: &str) {
+    let _ = Command::new("psql")
+        .args(["-q", "-d", &format!("{}/postgres", postgres_admin_url())])
+        .args([
+            "-c",
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// The daemon running inside the test process.
@@ -314,7 +318,7 @@ impl InProcess {
     }
 }
 
-async fn create_postgres_database(name: &str) {
+pub async fn create_postgres_database(name: &str) {
     use sqlx::Connection;
     let url = format!("{}/postgres", postgres_admin_url());
     let mut connection = sqlx::PgConnection::connect(&url)
