@@ -78,7 +78,16 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
         default_timezone: config.defaults.timezone,
         default_expire_after: config.defaults.expire_after,
     };
-    let rows = upcoming(&playbook, &settings, store, args.days).await?;
+    let sources = crate::sources::Sources::from_config(&config.sources, &config.base_dir)
+        .map_err(anyhow::Error::msg)?;
+    let Upcoming { rows, unreadable } =
+        upcoming(&playbook, &settings, store, &sources, args.days).await?;
+    if !unreadable.is_empty() {
+        bail!(
+            "cannot read every source, so the plan would be incomplete:\n{}",
+            unreadable.join("\n")
+        );
+    }
     Ok(match args.format {
         PlanFormat::Json => serde_json::to_string_pretty(&rows)? + "\n",
         PlanFormat::Table if rows.is_empty() => {
@@ -113,8 +122,9 @@ pub async fn upcoming(
     playbook: &Playbook,
     settings: &PlanSettings,
     store: &SharedStore,
+    sources: &crate::sources::Sources,
     days: u32,
-) -> Result<Vec<PlannedRow>> {
+) -> Result<Upcoming> {
     let now = Utc::now();
     let until = now + TimeDelta::days(i64::from(days));
     let mut rows = Vec::new();
@@ -187,10 +197,37 @@ pub async fn upcoming(
         .await?;
         rows.extend(found);
     }
+    let from_sources =
+        crate::plan::plan_sources(store, sources, playbook, None, now, settings, false).await;
+    for planned in from_sources.planned {
+        let message = planned.message;
+        if message.due_at > until {
+            continue;
+        }
+        rows.push(PlannedRow {
+            due_at: message.due_at,
+            rule: message.rule,
+            customer_id: message.customer_id,
+            email: planned.customer.email,
+            status: "not yet planned".into(),
+            why: why_event(&planned.event),
+            message_id: None,
+        });
+    }
     rows.sort_by(|a, b| {
         (a.due_at, &a.rule, &a.customer_id).cmp(&(b.due_at, &b.rule, &b.customer_id))
     });
-    Ok(rows)
+    Ok(Upcoming {
+        rows,
+        unreadable: from_sources.failures,
+    })
+}
+
+/// What `upcoming` found, and the sources it could not read (their messages are missing).
+#[derive(Debug)]
+pub struct Upcoming {
+    pub rows: Vec<PlannedRow>,
+    pub unreadable: Vec<String>,
 }
 
 /// One message `plan` expects to go out.

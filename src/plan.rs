@@ -362,6 +362,7 @@ impl Planner {
             from,
             now,
             &self.settings,
+            true,
         )
         .await;
         for failure in &report.failures {
@@ -385,11 +386,24 @@ pub struct SourcePassReport {
     pub events_read: u64,
     /// What went wrong, one line per failed query (the other queries went on).
     pub failures: Vec<String>,
+    /// The messages a dry run would have written.
+    pub planned: Vec<SourcePlanned>,
+}
+
+/// A message planned from a source event, with whom and what it is about.
+#[derive(Debug, Clone)]
+pub struct SourcePlanned {
+    pub message: NewMessage,
+    pub customer: Customer,
+    pub event: Event,
 }
 
 /// Plans every enabled event rule over the source events of its kind that occurred in the
 /// rule's window (no earlier than `since`, when given). Each query is run once per pass, with
 /// the widest window its rules need.
+///
+/// With `insert` the messages are written; without, they are returned in the report (a dry
+/// run: `touchpoint plan`).
 pub async fn plan_sources(
     store: &SharedStore,
     sources: &Sources,
@@ -397,6 +411,7 @@ pub async fn plan_sources(
     since: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
     settings: &PlanSettings,
+    insert: bool,
 ) -> SourcePassReport {
     let mut report = SourcePassReport::default();
     let mut customers = CustomerCache::default();
@@ -426,11 +441,25 @@ pub async fn plan_sources(
                 &mut customers,
             )
             .await;
-            match planned {
-                Ok((read, inserted)) => {
+            let written = match planned {
+                Ok((read, planned)) => {
                     report.events_read += read;
-                    report.inserted += inserted;
+                    if insert {
+                        let messages: Vec<NewMessage> =
+                            planned.into_iter().map(|p| p.message).collect();
+                        store
+                            .insert_messages(&messages)
+                            .await
+                            .map_err(SourcePlanError::from)
+                    } else {
+                        report.planned.extend(planned);
+                        Ok(0)
+                    }
                 }
+                Err(error) => Err(error),
+            };
+            match written {
+                Ok(inserted) => report.inserted += inserted,
                 Err(error) => report.failures.push(error.to_string()),
             }
         }
@@ -466,8 +495,8 @@ pub enum SourcePlanError {
     Store(#[from] StoreError),
 }
 
-/// Reads one query's window and plans its events for each rule; returns (events read, new
-/// messages).
+/// Reads one query's window and plans its events for each rule; returns the events read and
+/// the messages that do not exist yet.
 #[allow(clippy::too_many_arguments)]
 async fn plan_source_query(
     store: &SharedStore,
@@ -478,7 +507,7 @@ async fn plan_source_query(
     now: DateTime<Utc>,
     settings: &PlanSettings,
     customers: &mut CustomerCache,
-) -> Result<(u64, u64), SourcePlanError> {
+) -> Result<(u64, Vec<SourcePlanned>), SourcePlanError> {
     let events = source.events_in(query, from, now).await?;
     // Each (rule, event) pair that may want a message and has none yet: a full pass re-reads
     // the whole window, and what was planned before costs one key lookup, not a customer read.
@@ -517,15 +546,14 @@ async fn plan_source_query(
             last_trigger: None,
         };
         if let Some(message) = plan_candidate(rule, &candidate, now, settings) {
-            planned.push(from_source(message, source, query, event));
+            planned.push(SourcePlanned {
+                message: from_source(message, source, query, event),
+                customer: candidate.customer,
+                event: event.clone(),
+            });
         }
     }
-    let inserted = if planned.is_empty() {
-        0
-    } else {
-        store.insert_messages(&planned).await?
-    };
-    Ok((events.len() as u64, inserted))
+    Ok((events.len() as u64, planned))
 }
 
 /// A message planned from a source event: its dedupe key names the source (ids of different

@@ -463,7 +463,8 @@ async fn planning_reads_only_the_window(backend: Backend) {
     let shop_source = &sources.sources[0];
     let now = Utc::now();
     let full =
-        touchpoint::plan::plan_sources(&store, &sources, &playbook, None, now, &settings).await;
+        touchpoint::plan::plan_sources(&store, &sources, &playbook, None, now, &settings, true)
+            .await;
     assert!(full.failures.is_empty(), "{:?}", full.failures);
     assert_eq!(full.inserted, 25, "one thank-you per recent order");
     // The orders query read the 25 orders of the last day, not the 100,000 older ones; the
@@ -476,9 +477,16 @@ async fn planning_reads_only_the_window(backend: Backend) {
         25 + 25
     );
 
-    let again =
-        touchpoint::plan::plan_sources(&store, &sources, &playbook, None, Utc::now(), &settings)
-            .await;
+    let again = touchpoint::plan::plan_sources(
+        &store,
+        &sources,
+        &playbook,
+        None,
+        Utc::now(),
+        &settings,
+        true,
+    )
+    .await;
     assert_eq!((again.events_read, again.inserted), (25, 0), "idempotent");
     assert_eq!(
         shop_source
@@ -498,6 +506,7 @@ async fn planning_reads_only_the_window(backend: Backend) {
         Some(since),
         Utc::now(),
         &settings,
+        true,
     )
     .await;
     assert_eq!((incremental.events_read, incremental.inserted), (1, 1));
@@ -584,7 +593,42 @@ async fn check_reports_query_mistakes(backend: Backend) {
     drop(shop);
 }
 
+/// `touchpoint plan` shows what the source's rows will send before the daemon has seen them,
+/// and says so when a source cannot be read.
+async fn plan_lists_source_messages(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let (env, shop) = world(backend, &peer, "").await;
+    shop.client(1, "ada@shop.example", "Ada").await;
+    shop.order(9, 1, Utc::now() - TimeDelta::minutes(3)).await;
+    let (ok, stdout, stderr) = env.run_cli(&["plan", "--format", "json"]);
+    assert!(ok, "{stderr}");
+    let rows: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let rows = rows.as_array().expect("a list");
+    assert_eq!(rows.len(), 1, "{stdout}");
+    assert_eq!(rows[0]["rule"], "thank-you");
+    assert_eq!(rows[0]["email"], "ada@shop.example");
+    assert_eq!(rows[0]["status"], "not yet planned");
+    assert!(
+        rows[0]["why"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("order-9"),
+        "{stdout}"
+    );
+
+    shop.exec("ALTER TABLE orders RENAME COLUMN placed_at TO created")
+        .await;
+    let (ok, _, stderr) = env.run_cli(&["plan"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot read every source, so the plan would be incomplete")
+            && stderr.contains("source shop, query orders:"),
+        "{stderr}"
+    );
+}
+
 on_both_backends!(
+    plan_lists_source_messages,
     source_rows_drive_rules,
     send_time_reads_the_source,
     a_broken_source_stops_nothing_else,

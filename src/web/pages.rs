@@ -1005,8 +1005,15 @@ pub async fn customer(
 pub async fn upcoming(owner: Owner, State(shared): State<Shared>) -> Response {
     let web = owner.web.clone();
     let playbook = shared.playbook.borrow().clone();
-    let rows = match crate::commands::upcoming(&playbook, &web.plan, &shared.store, 7).await {
-        Ok(rows) => rows,
+    let upcoming =
+        crate::commands::upcoming(&playbook, &web.plan, &shared.store, &shared.sources, 7).await;
+    let rows = match upcoming {
+        Ok(upcoming) => {
+            for problem in &upcoming.unreadable {
+                tracing::warn!(%problem, "web page: the plan leaves out a source it cannot read");
+            }
+            upcoming.rows
+        }
         Err(error) => {
             tracing::warn!(%error, "web page: cannot compute the plan");
             return owner.with_cookie(problem(
