@@ -78,10 +78,7 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
         default_timezone: config.defaults.timezone,
         default_expire_after: config.defaults.expire_after,
     };
-    let sources = crate::sources::Sources::from_config(&config.sources, &config.base_dir)
-        .map_err(anyhow::Error::msg)?;
-    let Upcoming { rows, unreadable } =
-        upcoming(&playbook, &settings, store, &sources, args.days).await?;
+    let Upcoming { rows, unreadable } = upcoming(&playbook, &settings, store, args.days).await?;
     if !unreadable.is_empty() {
         bail!(
             "cannot read every source, so the plan would be incomplete:\n{}",
@@ -122,7 +119,6 @@ pub async fn upcoming(
     playbook: &Playbook,
     settings: &PlanSettings,
     store: &SharedStore,
-    sources: &crate::sources::Sources,
     days: u32,
 ) -> Result<Upcoming> {
     let now = Utc::now();
@@ -197,8 +193,16 @@ pub async fn upcoming(
         .await?;
         rows.extend(found);
     }
-    let from_sources =
-        crate::plan::plan_sources(store, sources, playbook, None, now, settings, false).await;
+    let from_sources = crate::plan::plan_sources(
+        store,
+        &playbook.sources,
+        playbook,
+        &crate::plan::SourceCursors::new(),
+        now,
+        settings,
+        false,
+    )
+    .await;
     for planned in from_sources.planned {
         let message = planned.message;
         if message.due_at > until {

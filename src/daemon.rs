@@ -264,8 +264,6 @@ pub struct Shared {
     pub soft_bounce_limit: i64,
     /// The owner's web page; `None` when `web.enabled` is false.
     pub web: Option<Arc<crate::web::Web>>,
-    /// The business's own databases, for /healthz and /metrics.
-    pub sources: Arc<crate::sources::Sources>,
 }
 
 /// Opens the database, retrying while it is unavailable (it may still be starting).
@@ -316,10 +314,6 @@ pub async fn run(
     let bounce_webhook_secret = config
         .bounce_webhook_secret()
         .map_err(DaemonError::Config)?;
-    let sources = Arc::new(
-        crate::sources::Sources::from_config(&config.sources, &config.base_dir)
-            .map_err(DaemonError::Config)?,
-    );
     let health = Arc::new(Health::new());
     let (playbook_tx, playbook_rx) = watch::channel(Arc::new(playbook));
     let wake = Arc::new(Notify::new());
@@ -347,7 +341,6 @@ pub async fn run(
             .unwrap_or(Duration::from_secs(300)),
         wake_dispatcher: wake.clone(),
         health: health.clone(),
-        sources: sources.clone(),
     };
     let planner_task = tracker.spawn(planner.run(shutdown.clone()));
     let dispatcher = Dispatcher {
@@ -357,7 +350,6 @@ pub async fn run(
         settings: Arc::new(settings),
         wake: wake.clone(),
         health: health.clone(),
-        sources: sources.clone(),
     };
     let dispatcher_task =
         tracker.spawn(dispatcher.run(shutdown.clone(), hard_stop.clone(), tracker.clone()));
@@ -370,7 +362,6 @@ pub async fn run(
             bounce_webhook_secret,
             soft_bounce_limit: config.bounces.soft_bounce_limit,
             web: crate::web::Web::setup(&config, &store).await?,
-            sources: sources.clone(),
         };
         let address = listener.local_addr().map_err(DaemonError::Http)?;
         tracing::info!(%address, "HTTP listener ready (the owner's page at /, /healthz, /metrics, /u, /o, /c, /hooks/bounce)");

@@ -24,7 +24,7 @@ use crate::plan::{attributes_match, customer_timezone};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, message_context};
 use crate::rules::{Rule, Unless};
-use crate::sources::{SourceError, Sources};
+use crate::sources::{Source, SourceError};
 use crate::store::{
     ClaimedMessage, Customer, Delivery, Event, Outcome, SentContent, SharedStore, StoreError,
 };
@@ -101,13 +101,11 @@ pub struct Dispatcher {
     pub settings: Arc<DispatchSettings>,
     pub wake: Arc<Notify>,
     pub health: Arc<Health>,
-    pub sources: Arc<Sources>,
 }
 
 /// What one send task needs, shared.
 struct Context {
     store: SharedStore,
-    sources: Arc<Sources>,
     playbook: watch::Receiver<Arc<Playbook>>,
     transport: Arc<Transport>,
     settings: Arc<DispatchSettings>,
@@ -131,7 +129,6 @@ impl Dispatcher {
         let permits = Arc::new(Semaphore::new(self.transport.parallelism()));
         let context = Arc::new(Context {
             store: self.store.clone(),
-            sources: self.sources.clone(),
             playbook: self.playbook.clone(),
             transport: self.transport.clone(),
             settings: self.settings.clone(),
@@ -300,10 +297,24 @@ async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSe
         }
         Err(LookupError::Source(error)) => {
             // The business's database is away or its query broke: the message waits (until it
-            // expires), the other rules go on.
-            tracing::warn!(message_id = claim.id, %error, "cannot read the source before sending; released");
+            // expires), the other rules go on. While the source is left alone after a failure,
+            // its messages wait that long, and say so once.
+            if matches!(error, SourceError::Paused { .. }) {
+                tracing::debug!(message_id = claim.id, %error, "source paused; released");
+            } else {
+                tracing::warn!(message_id = claim.id, %error, "cannot read the source before sending; released");
+            }
+            let wait = context
+                .playbook
+                .borrow()
+                .sources
+                .source(error.source_name())
+                .and_then(Source::paused_for)
+                .and_then(|d| TimeDelta::from_std(d).ok())
+                .unwrap_or_default()
+                .max(SOURCE_RETRY);
             Outcome::Released {
-                at: Utc::now() + SOURCE_RETRY,
+                at: Utc::now() + wait,
                 reason: error.to_string(),
             }
         }
@@ -407,7 +418,7 @@ async fn attempt(
             reason: format!("the rule {:?} no longer exists", claim.rule),
         }));
     };
-    let (customer, event) = match guard(context, rule, claim).await? {
+    let (customer, event) = match guard(context, &playbook, rule, claim).await? {
         Guarded::Send { customer, event } => (customer, event),
         Guarded::Stop(outcome) => return Ok(Some(outcome)),
     };
@@ -691,6 +702,7 @@ pub fn verp(bounce_address: &lettre::Address, message: i64) -> Option<lettre::Ad
 /// Checks again, just before sending, everything that could have changed since planning.
 async fn guard(
     context: &Context,
+    playbook: &Playbook,
     rule: &Rule,
     claim: &ClaimedMessage,
 ) -> Result<Guarded, LookupError> {
@@ -718,10 +730,14 @@ async fn guard(
             reason: format!("gave up after {} attempts", context.settings.max_attempts),
         });
     }
-    let (customer, event) = match subject(context, claim).await? {
+    let (customer, event) = match subject(context, playbook, claim).await? {
         Ok(found) => found,
         Err(reason) => return skip(reason),
     };
+    // Whose ids the customer's are: a source with its own customers, or touchpoint's.
+    let space = source_of(claim)
+        .and_then(|name| playbook.sources.source(name))
+        .and_then(Source::id_space);
     let store = &context.store;
     if store.is_suppressed(&customer.email).await? {
         return skip("the address is on the suppression list".into());
@@ -741,10 +757,11 @@ async fn guard(
                 within,
             } => (kind, now - *within, "recently"),
         };
-        if store.has_event_after(&customer.id, kind, after).await?
-            || context
+        let own_table = space.is_none() && store.has_event_after(&customer.id, kind, after).await?;
+        if own_table
+            || playbook
                 .sources
-                .has_event_after(&customer.id, kind, after)
+                .has_event_after(space, &customer.id, kind, after)
                 .await?
         {
             return skip(format!("unless: the customer had a {kind:?} event {why}"));
@@ -765,11 +782,17 @@ enum Guarded {
 /// The message's customer and event, read now: from touchpoint's own tables, or from the
 /// source the message was planned from (its detail says which). `Err(reason)` when either is
 /// gone, so the message is skipped with that reason.
+/// The source a message was planned from, if any.
+fn source_of(claim: &ClaimedMessage) -> Option<&str> {
+    claim.detail.get("source").and_then(|v| v.as_str())
+}
+
 async fn subject(
     context: &Context,
+    playbook: &Playbook,
     claim: &ClaimedMessage,
 ) -> Result<Result<(Customer, Option<Event>), String>, LookupError> {
-    let Some(source_name) = claim.detail.get("source").and_then(|v| v.as_str()) else {
+    let Some(source_name) = source_of(claim) else {
         let store = &context.store;
         let Some(customer) = store.customer(&claim.customer_id).await? else {
             return Ok(Err("the customer no longer exists".into()));
@@ -783,7 +806,7 @@ async fn subject(
         };
         return Ok(Ok((customer, event)));
     };
-    let Some(source) = context.sources.source(source_name) else {
+    let Some(source) = playbook.sources.source(source_name) else {
         return Ok(Err(format!(
             "the source {source_name:?} is no longer configured"
         )));
@@ -810,7 +833,15 @@ async fn subject(
         )));
     };
     let customer = if source.has_customers() {
-        source.customer(&claim.customer_id).await?
+        match source.customer(&claim.customer_id).await {
+            Ok(customer) => customer,
+            Err(SourceError::Row { message, .. }) => {
+                return Ok(Err(format!(
+                    "the customer cannot be read from the source {source_name:?}: {message}"
+                )));
+            }
+            Err(error) => return Err(error.into()),
+        }
     } else {
         context.store.customer(&claim.customer_id).await?
     };

@@ -95,7 +95,7 @@ async fn healthz(State(shared): State<Shared>) -> Response {
         database,
         dispatcher,
         last_reload: shared.health.last_reload(),
-        sources: source_checks(&shared.sources),
+        sources: source_checks(&shared.playbook.borrow().sources.clone()),
     };
     let status = if healthy {
         StatusCode::OK
@@ -208,7 +208,8 @@ async fn render_metrics(shared: &Shared) -> String {
         "touchpoint_database_errors_total {}",
         health.database_errors.load(ordering)
     );
-    render_sources(&mut out, &shared.sources);
+    let sources = shared.playbook.borrow().sources.clone();
+    render_sources(&mut out, &sources);
     out
 }
 
@@ -241,6 +242,19 @@ fn render_sources(out: &mut String, sources: &crate::sources::Sources) {
             "touchpoint_source_rows_read_total{{source=\"{}\"}} {}",
             escape(&source.name),
             source.rows_read.load(ordering)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP touchpoint_source_bad_rows_total Rows skipped because they cannot be read (a NULL email, text that is not a time)."
+    );
+    let _ = writeln!(out, "# TYPE touchpoint_source_bad_rows_total counter");
+    for source in &sources.sources {
+        let _ = writeln!(
+            out,
+            "touchpoint_source_bad_rows_total{{source=\"{}\"}} {}",
+            escape(&source.name),
+            source.bad_rows.load(ordering)
         );
     }
     let _ = writeln!(out, "# TYPE touchpoint_source_errors_total counter");

@@ -278,7 +278,6 @@ pub struct Planner {
     pub reconcile_every: std::time::Duration,
     pub wake_dispatcher: Arc<Notify>,
     pub health: Arc<crate::daemon::Health>,
-    pub sources: Arc<Sources>,
 }
 
 impl Planner {
@@ -287,7 +286,7 @@ impl Planner {
         let mut last_full = tokio::time::Instant::now();
         let mut failures = 0u32;
         // Where the next incremental pass over the sources starts; `None`: the whole window.
-        let mut source_since: Option<DateTime<Utc>> = None;
+        let mut source_since = SourceCursors::new();
         loop {
             let playbook = self.playbook.borrow_and_update().clone();
             let full = cursors.is_empty() || last_full.elapsed() >= self.reconcile_every;
@@ -307,7 +306,11 @@ impl Planner {
                     if full {
                         last_full = tokio::time::Instant::now();
                     }
-                    let from_sources = self.plan_sources(&playbook, full, &mut source_since).await;
+                    let from_sources = tokio::select! {
+                        // A slow source must not hold up shutdown.
+                        () = shutdown.cancelled() => return,
+                        inserted = self.plan_sources(&playbook, full, &mut source_since) => inserted,
+                    };
                     let inserted = report.inserted + from_sources;
                     if inserted > 0 {
                         tracing::info!(messages = inserted, full, "planned new messages");
@@ -333,33 +336,39 @@ impl Planner {
                     if changed.is_err() { return; }
                     // New rules: plan everything again against them.
                     cursors = CursorHistory::default();
-                    source_since = None;
+                    source_since.clear();
                 }
             }
         }
     }
 }
 
+/// Per source query, where its next incremental pass starts: the start of its last good pass
+/// less the source's `lookback`. A query that fails keeps its old start, so nothing it missed
+/// is skipped; one without a start reads its whole window.
+pub type SourceCursors = std::collections::HashMap<(String, String), DateTime<Utc>>;
+
 impl Planner {
-    /// One pass over the sources: the whole window when `full` (or after a failure), else what
-    /// occurred since the last pass (less `RESCAN`, for rows committed late). A source that
-    /// fails is logged and shown in /healthz; it does not stop the other rules.
+    /// One pass over the sources (the whole window when `full`). A source that fails is logged
+    /// and shown in /healthz; it does not stop the other rules or sources.
     async fn plan_sources(
         &self,
         playbook: &Playbook,
         full: bool,
-        since: &mut Option<DateTime<Utc>>,
+        cursors: &mut SourceCursors,
     ) -> u64 {
-        if self.sources.is_empty() {
+        if playbook.sources.is_empty() {
             return 0;
         }
+        if full {
+            cursors.clear();
+        }
         let now = Utc::now();
-        let from = if full { None } else { *since };
         let report = plan_sources(
             &self.store,
-            &self.sources,
+            &playbook.sources,
             playbook,
-            from,
+            cursors,
             now,
             &self.settings,
             true,
@@ -368,12 +377,13 @@ impl Planner {
         for failure in &report.failures {
             tracing::warn!(error = %failure, "cannot plan from a source; its rules wait, the others go on");
         }
-        *since = if report.failures.is_empty() {
-            let rescan = TimeDelta::from_std(RESCAN).unwrap_or(TimeDelta::minutes(1));
-            Some(now - rescan)
-        } else {
-            None
-        };
+        for (source, query) in report.read {
+            let lookback = playbook
+                .sources
+                .source(&source)
+                .map_or(TimeDelta::minutes(1), |s| s.lookback);
+            cursors.insert((source, query), now - lookback);
+        }
         report.inserted
     }
 }
@@ -384,8 +394,11 @@ pub struct SourcePassReport {
     pub inserted: u64,
     /// Events read from the sources.
     pub events_read: u64,
-    /// What went wrong, one line per failed query (the other queries went on).
+    /// What went wrong, one line per failed query (the other queries went on). A source that
+    /// is being left alone after failing is not listed again.
     pub failures: Vec<String>,
+    /// The (source, query) pairs read and planned in full.
+    pub read: Vec<(String, String)>,
     /// The messages a dry run would have written.
     pub planned: Vec<SourcePlanned>,
 }
@@ -399,8 +412,8 @@ pub struct SourcePlanned {
 }
 
 /// Plans every enabled event rule over the source events of its kind that occurred in the
-/// rule's window (no earlier than `since`, when given). Each query is run once per pass, with
-/// the widest window its rules need.
+/// rule's window (no earlier than the query's cursor, when it has one). Each query is run once
+/// per pass, with the widest window its rules need.
 ///
 /// With `insert` the messages are written; without, they are returned in the report (a dry
 /// run: `touchpoint plan`).
@@ -408,7 +421,7 @@ pub async fn plan_sources(
     store: &SharedStore,
     sources: &Sources,
     playbook: &Playbook,
-    since: Option<DateTime<Utc>>,
+    cursors: &SourceCursors,
     now: DateTime<Utc>,
     settings: &PlanSettings,
     insert: bool,
@@ -417,6 +430,8 @@ pub async fn plan_sources(
     let mut customers = CustomerCache::default();
     for source in &sources.sources {
         for query in &source.events {
+            let key = (source.name.clone(), query.name.clone());
+            let since = cursors.get(&key).copied();
             let rules: Vec<(&Rule, DateTime<Utc>)> = playbook
                 .rules
                 .rules
@@ -459,7 +474,11 @@ pub async fn plan_sources(
                 Err(error) => Err(error),
             };
             match written {
-                Ok(inserted) => report.inserted += inserted,
+                Ok(inserted) => {
+                    report.inserted += inserted;
+                    report.read.push(key);
+                }
+                Err(SourcePlanError::Source(SourceError::Paused { .. })) => {}
                 Err(error) => report.failures.push(error.to_string()),
             }
         }
@@ -598,7 +617,15 @@ impl CustomerCache {
             return Ok(known.clone());
         }
         let customer = if source.has_customers() {
-            source.customer(id).await?
+            match source.customer(id).await {
+                Ok(customer) => customer,
+                // One unreadable customer (no email...) is skipped; the others go on.
+                Err(error @ SourceError::Row { .. }) => {
+                    tracing::warn!(%error, "customer cannot be read; their events are not planned");
+                    None
+                }
+                Err(error) => return Err(error.into()),
+            }
         } else {
             store.customer(id).await?
         };

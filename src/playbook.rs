@@ -15,6 +15,8 @@ pub struct Playbook {
     pub templates: Templates,
     /// What templates say about the business (from the config, reloaded with the rules).
     pub business: Business,
+    /// The business's own databases and their queries, reloaded with the rules.
+    pub sources: std::sync::Arc<crate::sources::Sources>,
     by_name: HashMap<String, usize>,
 }
 
@@ -29,6 +31,13 @@ impl Playbook {
         if !problems.is_empty() {
             return Err(Diagnostics(problems));
         }
+        let sources = crate::sources::Sources::from_config(&config.sources, &config.base_dir)
+            .map_err(|message| {
+                Diagnostics(vec![crate::diag::Diagnostic::whole_file(
+                    &config.path,
+                    message,
+                )])
+            })?;
         let by_name = rules
             .rules
             .iter()
@@ -39,6 +48,7 @@ impl Playbook {
             rules,
             templates,
             business: config.business.clone(),
+            sources: std::sync::Arc::new(sources),
             by_name,
         })
     }

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, DurationRound, NaiveDate, NaiveDateTime, TimeDelta, Utc};
 use serde::Deserialize;
@@ -40,6 +40,15 @@ pub struct SourceConfig {
         deserialize_with = "crate::config::duration"
     )]
     pub query_timeout: TimeDelta,
+    /// How far before the last pass an incremental pass reads again: rows that become visible
+    /// later than they occurred (committed late, or filtered on a status that changes) are
+    /// found if they appear within this. The full pass (`planner.reconcile_every`) finds the
+    /// rest.
+    #[serde(
+        default = "default_lookback",
+        deserialize_with = "crate::config::duration"
+    )]
+    pub lookback: TimeDelta,
     /// `[[sources.NAME.events]]`: queries that yield events.
     #[serde(default)]
     pub events: Vec<EventQueryConfig>,
@@ -53,7 +62,10 @@ fn default_max_connections() -> u32 {
     2
 }
 fn default_query_timeout() -> TimeDelta {
-    TimeDelta::seconds(30)
+    TimeDelta::seconds(10)
+}
+fn default_lookback() -> TimeDelta {
+    TimeDelta::minutes(1)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,6 +113,9 @@ pub fn validate(sources: &BTreeMap<String, SourceConfig>, base_dir: &Path) -> Ve
         }
         if source.query_timeout <= TimeDelta::zero() {
             problems.push(format!("{key}.query_timeout: expected more than 0s"));
+        }
+        if source.lookback < TimeDelta::zero() {
+            problems.push(format!("{key}.lookback: expected 0s or more"));
         }
         if source.events.is_empty() && source.customers.is_none() {
             problems.push(format!(
@@ -155,8 +170,37 @@ impl Sql {
         let mut params = Vec::new();
         let mut start = 0;
         let mut i = 0;
+        // Inside `[...]` a colon is an array slice (`a[1:n]`), not a parameter.
+        let mut brackets = 0usize;
+        let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
         while i < bytes.len() {
             match bytes[i] {
+                b'[' => {
+                    brackets += 1;
+                    i += 1;
+                }
+                b']' => {
+                    brackets = brackets.saturating_sub(1);
+                    i += 1;
+                }
+                // PostgreSQL's E'...' strings, where \' does not end the string.
+                b'E' | b'e'
+                    if bytes.get(i + 1) == Some(&b'\'') && (i == 0 || !ident(bytes[i - 1])) =>
+                {
+                    i += 2;
+                    while i < bytes.len() && bytes[i] != b'\'' {
+                        i += if bytes[i] == b'\\' { 2 } else { 1 };
+                    }
+                    i += 1;
+                }
+                // PostgreSQL's dollar quoting: $$...$$ or $tag$...$tag$.
+                b'$' if (i == 0 || !ident(bytes[i - 1])) && dollar_tag(&text[i..]).is_some() => {
+                    let tag = dollar_tag(&text[i..]).unwrap_or("$");
+                    let body = i + tag.len();
+                    i = text[body..]
+                        .find(tag)
+                        .map_or(bytes.len(), |end| body + end + tag.len());
+                }
                 quote @ (b'\'' | b'"') => {
                     i += 1;
                     while i < bytes.len() && bytes[i] != quote {
@@ -175,7 +219,9 @@ impl Sql {
                         .map_or(bytes.len(), |end| i + end + 4);
                 }
                 b':' if bytes.get(i + 1) == Some(&b':') => i += 2,
-                b':' if bytes.get(i + 1).is_some_and(|b| b.is_ascii_alphabetic()) => {
+                b':' if brackets == 0
+                    && bytes.get(i + 1).is_some_and(|b| b.is_ascii_alphabetic()) =>
+                {
                     let end = text[i + 1..]
                         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                         .map_or(bytes.len(), |n| i + 1 + n);
@@ -216,6 +262,18 @@ impl Sql {
         }
         out
     }
+}
+
+/// `$$` or `$tag$` at the start of `text`, if it opens a dollar-quoted string (not `$1`).
+fn dollar_tag(text: &str) -> Option<&str> {
+    let rest = text.strip_prefix('$')?;
+    let end = rest.find('$')?;
+    let tag = &rest[..end];
+    let valid = tag
+        .chars()
+        .enumerate()
+        .all(|(n, c)| c == '_' || c.is_ascii_alphabetic() || (n > 0 && c.is_ascii_digit()));
+    valid.then(|| &text[..end + 2])
 }
 
 fn list_params(names: &[&str]) -> String {
@@ -267,13 +325,41 @@ pub enum SourceError {
         query: String,
         seconds: u64,
     },
+    /// One row cannot be read (a NULL email, text where a time belongs); the others can.
+    #[error("source {source_name}, query {query}: {message}")]
+    Row {
+        source_name: String,
+        query: String,
+        message: String,
+    },
+    /// The source failed a moment ago and is left alone for a while (backing off).
+    #[error("source {source_name}: unavailable, not tried again for {seconds}s: {last}")]
+    Paused {
+        source_name: String,
+        seconds: u64,
+        last: String,
+    },
 }
 
 impl SourceError {
+    /// The source the error is about.
+    pub fn source_name(&self) -> &str {
+        match self {
+            SourceError::Unavailable { source_name, .. }
+            | SourceError::Query { source_name, .. }
+            | SourceError::Shape { source_name, .. }
+            | SourceError::Timeout { source_name, .. }
+            | SourceError::Row { source_name, .. }
+            | SourceError::Paused { source_name, .. } => source_name,
+        }
+    }
+
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            SourceError::Unavailable { .. } | SourceError::Timeout { .. }
+            SourceError::Unavailable { .. }
+                | SourceError::Timeout { .. }
+                | SourceError::Paused { .. }
         )
     }
 }
@@ -316,8 +402,14 @@ pub struct Source {
     timeout: Duration,
     pub events: Vec<EventQuery>,
     customers: Option<String>,
+    /// How far incremental passes read again (`lookback`).
+    pub lookback: TimeDelta,
     pub rows_read: AtomicU64,
     pub errors: AtomicU64,
+    /// Rows skipped because they cannot be read.
+    pub bad_rows: AtomicU64,
+    /// While the source is unavailable: consecutive failures, and until when it is left alone.
+    pause: Mutex<(u32, Option<Instant>)>,
     /// The latest error of each query whose latest run failed.
     failing: Mutex<BTreeMap<String, String>>,
 }
@@ -382,17 +474,25 @@ impl Sources {
         self.sources.iter().find(|s| s.name == name)
     }
 
-    /// Whether the customer has an event of `kind` in any source that occurred strictly after
-    /// `after`.
+    /// Whether the customer has an event of `kind` that occurred strictly after `after`, in
+    /// the sources whose customers are those of `space`: a source's own customers query makes
+    /// its ids its own (client 17 of the shop is not touchpoint's customer 17); sources without
+    /// one name touchpoint's customers (`space` is `None`).
     pub async fn has_event_after(
         &self,
+        space: Option<&str>,
         customer_id: &str,
         kind: &str,
         after: DateTime<Utc>,
     ) -> Result<bool, SourceError> {
+        // Events dated in the future count, as they do in touchpoint's own table.
+        let to = Utc::now() + TimeDelta::days(3650);
         for (source, query) in self.queries_for(kind) {
+            if source.id_space() != space {
+                continue;
+            }
             let events = source
-                .customer_events(query, customer_id, kind, after, Utc::now())
+                .customer_events(query, customer_id, kind, after, to)
                 .await?;
             if events.iter().any(|e| e.occurred_at > after) {
                 return Ok(true);
@@ -494,8 +594,11 @@ impl Source {
             timeout,
             events,
             customers,
+            lookback: config.lookback,
             rows_read: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            bad_rows: AtomicU64::new(0),
+            pause: Mutex::new((0, None)),
             failing: Mutex::new(BTreeMap::new()),
         })
     }
@@ -510,6 +613,11 @@ impl Source {
     /// Whether this source has its own customers query.
     pub fn has_customers(&self) -> bool {
         self.customers.is_some()
+    }
+
+    /// Whose customers this source's events name: its own (`Some(name)`), or touchpoint's.
+    pub fn id_space(&self) -> Option<&str> {
+        self.customers.as_ref().map(|_| self.name.as_str())
     }
 
     /// What fails now: the latest error of each query whose latest run failed.
@@ -530,28 +638,28 @@ impl Source {
     ) -> Result<Vec<Event>, SourceError> {
         let binds = [Bind::From(from), Bind::To(to)];
         let rows = self.fetch(&query.name, &query.sql, &binds).await?;
-        self.read_events(query, rows)
+        Ok(self.read_events(query, rows))
     }
 
-    /// One event, read again by its id, in a one-second window around the time it occurred.
+    /// One event, read again by its id, in a window of a day either side of the time it
+    /// occurred (wide enough for times kept as dates, or as text in another form).
     pub async fn event(
         &self,
         query: &EventQuery,
         id: &str,
         occurred_at: DateTime<Utc>,
     ) -> Result<Option<Event>, SourceError> {
-        let sql = format!(
-            "SELECT * FROM ({}) AS touchpoint_source WHERE CAST(id AS TEXT) = {}",
-            query.sql,
-            self.dialect().placeholder(3)
+        let sql = wrap(
+            &query.sql,
+            &format!("CAST(id AS TEXT) = {}", self.dialect().placeholder(3)),
         );
         let binds = [
-            Bind::From(occurred_at),
-            Bind::To(occurred_at + TimeDelta::seconds(1)),
+            Bind::From(occurred_at - TimeDelta::days(1)),
+            Bind::To(occurred_at + TimeDelta::days(1)),
             Bind::Text(id.to_string()),
         ];
         let rows = self.fetch(&query.name, &sql, &binds).await?;
-        Ok(self.read_events(query, rows)?.into_iter().next())
+        Ok(self.read_events(query, rows).into_iter().next())
     }
 
     /// A customer's events of `kind` in the window.
@@ -564,11 +672,13 @@ impl Source {
         to: DateTime<Utc>,
     ) -> Result<Vec<Event>, SourceError> {
         let dialect = self.dialect();
-        let sql = format!(
-            "SELECT * FROM ({}) AS touchpoint_source WHERE CAST(customer_id AS TEXT) = {} AND kind = {}",
-            query.sql,
-            dialect.placeholder(3),
-            dialect.placeholder(4)
+        let sql = wrap(
+            &query.sql,
+            &format!(
+                "CAST(customer_id AS TEXT) = {} AND kind = {}",
+                dialect.placeholder(3),
+                dialect.placeholder(4)
+            ),
         );
         let binds = [
             Bind::From(from),
@@ -577,7 +687,7 @@ impl Source {
             Bind::Text(kind.to_string()),
         ];
         let rows = self.fetch(&query.name, &sql, &binds).await?;
-        self.read_events(query, rows)
+        Ok(self.read_events(query, rows))
     }
 
     /// The customer with this id from the customers query; `None` when it has no row.
@@ -591,41 +701,53 @@ impl Source {
         let Some(row) = rows.into_iter().next() else {
             return Ok(None);
         };
-        read_customer(&row)
-            .map(Some)
-            .map_err(|message| self.shape("customers", message))
-    }
-
-    fn read_events(
-        &self,
-        query: &EventQuery,
-        rows: Vec<Record>,
-    ) -> Result<Vec<Event>, SourceError> {
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let event = read_event(row).map_err(|message| self.shape(&query.name, message))?;
-            if !query.kinds.contains(&event.kind) {
-                return Err(self.shape(
-                    &query.name,
-                    format!(
-                        "event {:?} is of kind {:?}, which the query does not declare in kinds = {:?}",
-                        event.id, event.kind, query.kinds
-                    ),
-                ));
+        read_customer(&row).map(Some).map_err(|message| {
+            self.bad_rows.fetch_add(1, Ordering::Relaxed);
+            SourceError::Row {
+                source_name: self.name.clone(),
+                query: "customers".into(),
+                message,
             }
-            events.push(event);
-        }
-        Ok(events)
+        })
     }
 
-    fn shape(&self, query: &str, message: String) -> SourceError {
-        let error = SourceError::Shape {
-            source_name: self.name.clone(),
-            query: query.to_string(),
-            message,
-        };
-        self.failed(query, &error);
-        error
+    /// The rows as events. A row that cannot be read is skipped (counted, logged, and shown
+    /// in /healthz), so that one odd row does not hold up every other customer's message.
+    fn read_events(&self, query: &EventQuery, rows: Vec<Record>) -> Vec<Event> {
+        let mut events = Vec::with_capacity(rows.len());
+        let mut bad = Vec::new();
+        for row in &rows {
+            match read_event(row) {
+                Ok(event) if query.kinds.contains(&event.kind) => events.push(event),
+                Ok(event) => bad.push(format!(
+                    "event {:?} is of kind {:?}, which the query does not declare in kinds = {:?}",
+                    event.id, event.kind, query.kinds
+                )),
+                Err(message) => bad.push(message),
+            }
+        }
+        let key = format!("{} (rows)", query.name);
+        if let Ok(mut failing) = self.failing.lock() {
+            match bad.first() {
+                Some(first) => {
+                    self.bad_rows.fetch_add(bad.len() as u64, Ordering::Relaxed);
+                    tracing::warn!(source = %self.name, query = %query.name, skipped = bad.len(), first = %first, "skipped rows that cannot be read");
+                    failing.insert(
+                        key,
+                        format!(
+                            "source {}, query {}: {} row(s) skipped, e.g. {first}",
+                            self.name,
+                            query.name,
+                            bad.len()
+                        ),
+                    );
+                }
+                None => {
+                    failing.remove(&key);
+                }
+            }
+        }
+        events
     }
 
     fn failed(&self, query: &str, error: &SourceError) {
@@ -642,6 +764,9 @@ impl Source {
         sql: &str,
         binds: &[Bind],
     ) -> Result<Vec<Record>, SourceError> {
+        if let Some(paused) = self.paused() {
+            return Err(paused);
+        }
         let fetching = async {
             match &self.pool {
                 Pool::Sqlite(pool) => {
@@ -688,10 +813,46 @@ impl Source {
                 if let Ok(mut failing) = self.failing.lock() {
                     failing.remove(query);
                 }
+                if let Ok(mut pause) = self.pause.lock() {
+                    *pause = (0, None);
+                }
             }
-            Err(error) => self.failed(query, error),
+            Err(error) => {
+                self.failed(query, error);
+                if error.is_unavailable() {
+                    self.back_off();
+                }
+            }
         }
         result
+    }
+
+    /// While a source is away every use would wait for a connection timeout; it is left alone
+    /// for a while instead, longer after each failure (1 s up to 5 minutes).
+    fn back_off(&self) {
+        if let Ok(mut pause) = self.pause.lock() {
+            pause.0 += 1;
+            let delay =
+                crate::dispatch::backoff(pause.0, Duration::from_secs(1), Duration::from_secs(300));
+            pause.1 = Some(Instant::now() + delay);
+        }
+    }
+
+    /// The error to give without trying, while the source is left alone.
+    fn paused(&self) -> Option<SourceError> {
+        let until = self.pause.lock().ok()?.1?;
+        let left = until.checked_duration_since(Instant::now())?;
+        Some(SourceError::Paused {
+            source_name: self.name.clone(),
+            seconds: left.as_secs().max(1),
+            last: self.last_error().unwrap_or_default(),
+        })
+    }
+
+    /// How long until the source is tried again, if it is being left alone.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let until = self.pause.lock().ok()?.1?;
+        until.checked_duration_since(Instant::now())
     }
 
     fn classify(&self, query: &str, error: sqlx::Error) -> SourceError {
@@ -707,47 +868,51 @@ impl Source {
         }
     }
 
+    /// Checks every query: its columns, the forms touchpoint wraps it in, one run with a
+    /// zero-width window, and a sample of rows from any time, which must read and fall inside
+    /// the window the query was given. Returns the summary line and notes, or the mistakes.
     async fn check(&self) -> Result<String, Vec<String>> {
         let mut problems = Vec::new();
-        let now = Utc::now();
+        let mut notes = Vec::new();
+        let mut sampled_customer = None;
         for query in &self.events {
-            if let Err(problem) = self
-                .check_columns(
-                    &query.name,
-                    &query.sql,
-                    &EVENT_COLUMNS,
-                    &REQUIRED_EVENT_COLUMNS,
-                )
-                .await
-            {
-                problems.push(problem);
-                continue;
-            }
-            if let Err(error) = self.events_in(query, now, now).await {
-                problems.push(error.to_string());
+            match self.check_event_query(query).await {
+                Ok((note, customer)) => {
+                    notes.extend(note);
+                    sampled_customer = sampled_customer.or(customer);
+                }
+                Err(problem) => problems.push(problem),
             }
         }
         if let Some(sql) = &self.customers {
-            match self
+            let checked = self
                 .check_columns(
                     "customers",
                     sql,
                     &CUSTOMER_COLUMNS,
                     &REQUIRED_CUSTOMER_COLUMNS,
                 )
-                .await
-            {
-                // Prepared, not run: an id that names nobody may not even parse as the key's
-                // type (an integer, a UUID).
-                Ok(()) => {}
-                Err(problem) => problems.push(problem),
+                .await;
+            match (checked, sampled_customer) {
+                (Err(problem), _) => problems.push(problem),
+                (Ok(()), Some((customer, event))) => match self.customer(&customer).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => notes.push(format!(
+                        "source {}: the customers query finds no customer {customer:?} (of event {event:?}); such events are not planned",
+                        self.name
+                    )),
+                    Err(error) => problems.push(error.to_string()),
+                },
+                // Without a sample id only preparing is possible: an id that names nobody
+                // may not even parse as the key's type (an integer, a UUID).
+                (Ok(()), None) => {}
             }
         }
         if !problems.is_empty() {
             return Err(problems);
         }
         let kinds: Vec<_> = self.events.iter().flat_map(|q| q.kinds.clone()).collect();
-        Ok(format!(
+        let mut line = format!(
             "source {} ({}): OK; events: {}; customers: {}",
             self.name,
             self.location,
@@ -761,7 +926,84 @@ impl Source {
             } else {
                 "touchpoint's own"
             }
-        ))
+        );
+        for note in notes {
+            line.push_str("\n  note: ");
+            line.push_str(&note);
+        }
+        Ok(line)
+    }
+
+    /// One event query's checks; returns a note, if any, and a (customer, event) id pair from
+    /// the sample for checking the customers query.
+    async fn check_event_query(
+        &self,
+        query: &EventQuery,
+    ) -> Result<(Option<String>, Option<(String, String)>), String> {
+        let name = |what: String| format!("source {}, query {}: {what}", self.name, query.name);
+        self.check_columns(
+            &query.name,
+            &query.sql,
+            &EVENT_COLUMNS,
+            &REQUIRED_EVENT_COLUMNS,
+        )
+        .await?;
+        // The forms used at send time, so a trailing comment or a stray `;` shows here.
+        let dialect = self.dialect();
+        let filter = format!(
+            "CAST(id AS TEXT) = {} AND CAST(customer_id AS TEXT) = {} AND kind = {}",
+            dialect.placeholder(3),
+            dialect.placeholder(3),
+            dialect.placeholder(4)
+        );
+        let wrapped = wrap(&query.sql, &filter);
+        self.prepare(
+            &wrapped,
+            &[Param::Time, Param::Time, Param::Text, Param::Text],
+        )
+        .await
+        .map_err(|error| {
+            name(format!(
+                "cannot be used as a subquery, as touchpoint reads it at send time: {error}"
+            ))
+        })?;
+        let now = Utc::now();
+        self.events_in(query, now, now)
+            .await
+            .map_err(|e| e.to_string())?;
+        let from = DateTime::<Utc>::UNIX_EPOCH;
+        let to = now + TimeDelta::days(1);
+        let sample = format!("{} LIMIT 20", wrap(&query.sql, "1 = 1"));
+        let rows = self
+            .fetch(&query.name, &sample, &[Bind::From(from), Bind::To(to)])
+            .await
+            .map_err(|e| e.to_string())?;
+        let read: Vec<Result<Event, String>> = rows.iter().map(read_event).collect();
+        let good: Vec<&Event> = read.iter().filter_map(|r| r.as_ref().ok()).collect();
+        let first_bad = read.iter().find_map(|r| r.as_ref().err());
+        if let Some(outside) = good
+            .iter()
+            .find(|e| e.occurred_at < from || e.occurred_at >= to)
+        {
+            return Err(name(format!(
+                "asked for events before {to}, it returned event {:?} that occurred at {}: the filter compares :from and :to with times kept in another form (see the README)",
+                outside.id, outside.occurred_at
+            )));
+        }
+        let note = match (good.is_empty(), first_bad) {
+            (true, Some(bad)) => return Err(name(format!("no row can be read: {bad}"))),
+            (false, Some(bad)) => Some(name(format!(
+                "{} of {} sampled rows cannot be read and will be skipped, e.g. {bad}",
+                read.len() - good.len(),
+                read.len()
+            ))),
+            (true, None) => Some(name(
+                "returned no rows for any time until tomorrow; if the table has rows, the filter compares :from and :to with times kept in another form (see the README)".into(),
+            )),
+            (false, None) => None,
+        };
+        let customer = good.first().map(|e| (e.customer_id.clone(), e.id.clone()));
+        Ok((note, customer))
     }
 
     /// Prepares the query (without running it) and checks the names and, where the backend
@@ -773,11 +1015,15 @@ impl Source {
         expected: &[&str],
         required: &[&str],
     ) -> Result<(), String> {
-        let columns: Vec<(String, String)> = match &self.pool {
-            Pool::Sqlite(pool) => pool.prepare(sql).await.map(|s| column_types(&s)),
-            Pool::Postgres(pool) => pool.prepare(sql).await.map(|s| column_types(&s)),
-        }
-        .map_err(|error| self.classify(query, error).to_string())?;
+        let params: &[Param] = if query == "customers" {
+            &[Param::Text]
+        } else {
+            &[Param::Time, Param::Time]
+        };
+        let columns = self
+            .prepare(sql, params)
+            .await
+            .map_err(|error| self.classify(query, error).to_string())?;
         let name = |what: String| format!("source {}, query {query}: {what}", self.name);
         let missing: Vec<_> = required
             .iter()
@@ -805,6 +1051,12 @@ impl Source {
     }
 }
 
+/// The user's query as a subquery, filtered further. The newlines keep a trailing `--`
+/// comment in the user's text from swallowing the rest.
+fn wrap(sql: &str, filter: &str) -> String {
+    format!("SELECT * FROM (\n{sql}\n) AS touchpoint_source WHERE {filter}")
+}
+
 /// A value to bind; the window's times are bound as each backend compares them best.
 enum Bind {
     /// The start of a window (inclusive).
@@ -819,6 +1071,41 @@ enum Bind {
 /// kept that way.
 fn sqlite_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// What a parameter is bound as, for preparing a query without running it.
+#[derive(Clone, Copy)]
+enum Param {
+    Time,
+    Text,
+}
+
+impl Source {
+    /// Prepares `sql` with the parameter types it will be run with (PostgreSQL keeps the
+    /// prepared statement, and a later run binding other types would reuse it), and returns
+    /// its columns' names and types.
+    async fn prepare(
+        &self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        match &self.pool {
+            Pool::Sqlite(pool) => pool.prepare(sql).await.map(|s| column_types(&s)),
+            Pool::Postgres(pool) => {
+                use sqlx::postgres::PgTypeInfo;
+                let types: Vec<PgTypeInfo> = params
+                    .iter()
+                    .map(|p| match p {
+                        Param::Time => <DateTime<Utc> as sqlx::Type<sqlx::Postgres>>::type_info(),
+                        Param::Text => <String as sqlx::Type<sqlx::Postgres>>::type_info(),
+                    })
+                    .collect();
+                pool.prepare_with(sql, &types)
+                    .await
+                    .map(|s| column_types(&s))
+            }
+        }
+    }
 }
 
 fn column_types<'q, S: sqlx::Statement<'q>>(statement: &S) -> Vec<(String, String)> {
@@ -1051,6 +1338,12 @@ mod tests {
             sql.render(Dialect::Sqlite),
             "SELECT id, ':from' AS lit, \"a:to\", x::text -- :nope\n FROM t WHERE at >= ?1 AND at < ?2 /* :no */ AND b >= ?1"
         );
+        let quoted = Sql::parse(
+            "SELECT $$ :no $$, $q$ :nor $q$, E'it\\'s :not', a[1:n], x->>'a:b' FROM t WHERE at >= :from AND at < :to",
+            &["from", "to"],
+        )
+        .unwrap();
+        assert_eq!(quoted.params, [0, 1]);
         let cast = Sql::parse(
             "SELECT * FROM t WHERE at >= :from::timestamp AND at < :to::timestamp",
             &["from", "to"],

@@ -1005,8 +1005,7 @@ pub async fn customer(
 pub async fn upcoming(owner: Owner, State(shared): State<Shared>) -> Response {
     let web = owner.web.clone();
     let playbook = shared.playbook.borrow().clone();
-    let upcoming =
-        crate::commands::upcoming(&playbook, &web.plan, &shared.store, &shared.sources, 7).await;
+    let upcoming = crate::commands::upcoming(&playbook, &web.plan, &shared.store, 7).await;
     let rows = match upcoming {
         Ok(upcoming) => {
             for problem in &upcoming.unreadable {
