@@ -34,6 +34,7 @@ pub fn check(config: &Config) -> Result<String> {
     };
     config.link_secret().map_err(anyhow::Error::msg)?;
     config.bounce_webhook_secret().map_err(anyhow::Error::msg)?;
+    config.api_tokens().map_err(anyhow::Error::msg)?;
     let enabled = playbook.rules.rules.iter().filter(|r| r.enabled).count();
     Ok(format!(
         "{}: OK ({} rules, {} enabled; {} templates; database {}{dkim})",
