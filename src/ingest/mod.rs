@@ -487,6 +487,15 @@ address = "1 Main St, Springfield"
         assert!(error.contains("set exactly one of token_env"), "{error}");
     }
 
+    #[tokio::test]
+    async fn a_body_without_a_length_is_cut_off_at_the_limit() {
+        let headers = HeaderMap::new();
+        let fits = read_body(&headers, Body::from(vec![b' '; MAX_BODY_BYTES])).await;
+        assert_eq!(fits.map(|b| b.len()).ok(), Some(MAX_BODY_BYTES));
+        let over = read_body(&headers, Body::from(vec![b' '; MAX_BODY_BYTES + 1])).await;
+        assert!(matches!(over, Err(IngestError::BodyTooLarge)));
+    }
+
     #[test]
     fn debug_output_shows_names_only() {
         let shown = format!("{:?}", tokens());
