@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures_util::StreamExt as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::Secret;
@@ -112,10 +112,40 @@ pub enum IngestError {
     Read(String),
     #[error("the body is not JSON: {0}")]
     Malformed(String),
-    #[error("{} mistake(s); nothing was written", .0.len())]
+    #[error("{}; nothing was written", mistakes(.0.len()))]
     Invalid(Vec<Problem>),
     #[error("the database is unavailable; nothing was written, try again later")]
     Store(#[source] StoreError),
+}
+
+fn mistakes(count: usize) -> String {
+    match count {
+        1 => "1 mistake".into(),
+        n => format!("{n} mistakes"),
+    }
+}
+
+/// Every error answer: what went wrong, and for 400 and 422 each problem.
+#[derive(serde::Serialize)]
+struct ErrorBody {
+    message: String,
+    errors: Vec<Problem>,
+}
+
+/// The answer to a customer batch written.
+#[derive(serde::Serialize)]
+struct CustomerCounts {
+    received: u64,
+    created: u64,
+    updated: u64,
+}
+
+/// The answer to an event batch written.
+#[derive(serde::Serialize)]
+struct EventCounts {
+    received: u64,
+    created: u64,
+    duplicates: u64,
 }
 
 impl IngestError {
@@ -140,7 +170,10 @@ impl IntoResponse for IngestError {
             IngestError::Malformed(_) => vec![Problem::request(self.to_string())],
             _ => Vec::new(),
         };
-        let body = json!({ "message": self.to_string(), "errors": errors });
+        let body = ErrorBody {
+            message: self.to_string(),
+            errors,
+        };
         let mut response = (self.status(), axum::Json(body)).into_response();
         let headers = response.headers_mut();
         match self {
@@ -291,8 +324,11 @@ async fn ingest_events(
         .map_err(|e| store_failure(&caller, e))?;
     let received = events.len() as u64;
     tracing::info!(token = caller, received, created, "ingested events");
-    let counts =
-        json!({ "received": received, "created": created, "duplicates": received - created });
+    let counts = EventCounts {
+        received,
+        created,
+        duplicates: received - created,
+    };
     Ok((created_or_ok(created), axum::Json(counts)).into_response())
 }
 
@@ -361,7 +397,11 @@ async fn ingest_customers(
         .map_err(|e| store_failure(&caller, e))?;
     let received = customers.len() as u64;
     tracing::info!(token = caller, received, created, "ingested customers");
-    let counts = json!({ "received": received, "created": created, "updated": received - created });
+    let counts = CustomerCounts {
+        received,
+        created,
+        updated: received - created,
+    };
     Ok((created_or_ok(created), axum::Json(counts)).into_response())
 }
 
