@@ -126,6 +126,7 @@ impl Fields<'_> {
         match self.map.get(field) {
             None | Some(Value::Null) => self.problem(field, "missing"),
             Some(Value::String(text)) if text.trim().is_empty() => self.problem(field, "empty"),
+            Some(Value::String(text)) if text.contains('\0') => self.problem(field, NUL),
             Some(Value::String(text)) => return Some(text.trim().to_string()),
             Some(other) => self.problem(field, format!("expected a string, not {}", kind(other))),
         }
@@ -138,6 +139,10 @@ impl Fields<'_> {
             None => Change::Keep,
             Some(Value::Null) => Change::Clear,
             Some(Value::String(text)) if text.trim().is_empty() => Change::Clear,
+            Some(Value::String(text)) if text.contains('\0') => {
+                self.problem(field, NUL);
+                Change::Keep
+            }
             Some(Value::String(text)) => Change::Set(text.trim().to_string()),
             Some(other) => {
                 self.problem(field, format!("expected a string, not {}", kind(other)));
@@ -150,6 +155,10 @@ impl Fields<'_> {
     fn object(&mut self, field: &str) -> Map<String, Value> {
         match self.map.get(field) {
             None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) if object_has_nul(map) => {
+                self.problem(field, NUL);
+                Map::new()
+            }
             Some(Value::Object(map)) => map.clone(),
             Some(other) => {
                 self.problem(field, format!("expected an object, not {}", kind(other)));
@@ -157,6 +166,23 @@ impl Fields<'_> {
             }
         }
     }
+}
+
+/// PostgreSQL keeps no NUL character in text or jsonb; refused on both backends alike, rather
+/// than failing at the database.
+const NUL: &str = "contains a NUL character (\\u0000)";
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(values) => values.iter().any(has_nul),
+        Value::Object(map) => object_has_nul(map),
+        _ => false,
+    }
+}
+
+fn object_has_nul(map: &Map<String, Value>) -> bool {
+    map.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -343,6 +369,19 @@ mod tests {
             ]
         );
         assert!(problems[4].message.contains("RFC 3339"), "{problems:?}");
+    }
+
+    #[test]
+    fn nul_characters_are_refused_where_postgresql_would_fail() {
+        let (good, problems) = events(&[json!({
+            "id": "a\0", "customer_id": "c1", "kind": "k",
+            "occurred_at": "2026-01-01", "data": {"note": ["x\0"]}
+        })]);
+        assert!(good.is_empty());
+        assert_eq!(
+            fields_of(&problems),
+            vec![(Some(0), Some("id")), (Some(0), Some("data"))]
+        );
     }
 
     #[test]
