@@ -200,12 +200,6 @@ impl IntoResponse for IngestError {
     }
 }
 
-impl From<StoreError> for IngestError {
-    fn from(error: StoreError) -> Self {
-        IngestError::Store(error)
-    }
-}
-
 /// The name of the caller's token; checked before the body is read.
 fn authenticate<'a>(tokens: &'a ApiTokens, headers: &HeaderMap) -> Result<&'a str, IngestError> {
     if tokens.is_off() {
