@@ -35,12 +35,11 @@ pub async fn check(config: &Config) -> Result<String> {
     };
     config.link_secret().map_err(anyhow::Error::msg)?;
     config.bounce_webhook_secret().map_err(anyhow::Error::msg)?;
-    let sources = crate::sources::Sources::from_config(&config.sources, &config.base_dir)
-        .map_err(anyhow::Error::msg)?;
-    let source_lines = sources
-        .check()
-        .await
-        .map_err(|problems| anyhow::anyhow!("sources have mistakes:\n{}", problems.join("\n")))?;
+    config.api_tokens().map_err(anyhow::Error::msg)?;
+    let source_lines =
+        playbook.sources.check().await.map_err(|problems| {
+            anyhow::anyhow!("sources have mistakes:\n{}", problems.join("\n"))
+        })?;
     let enabled = playbook.rules.rules.iter().filter(|r| r.enabled).count();
     let mut report = format!(
         "{}: OK ({} rules, {} enabled; {} templates; database {}{dkim})",

@@ -41,6 +41,8 @@ pub struct Config {
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
     pub links: LinksConfig,
     #[serde(default)]
     pub bounces: BouncesConfig,
@@ -378,6 +380,74 @@ fn default_listen() -> String {
     "127.0.0.1:8025".into()
 }
 
+/// The ingest API on the HTTP listener (`POST /api/v1/events`, `POST /api/v1/customers`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// One bearer token per application, so each can be revoked alone; none turns the API off.
+    #[serde(default)]
+    pub tokens: Vec<ApiTokenConfig>,
+}
+
+/// A named bearer token. The token itself comes from exactly one of `token_env`, `token_file`
+/// or `token_credential`, never from this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenConfig {
+    /// Who uses it ("shop"), for the log.
+    pub name: String,
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub token_credential: Option<String>,
+}
+
+impl ApiTokenConfig {
+    fn source(&self) -> SecretSource {
+        SecretSource {
+            env: self.token_env.clone(),
+            file: self.token_file.clone(),
+            credential: self.token_credential.clone(),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Mistakes that need no secret read: bad or repeated names, not exactly one source.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for token in &self.tokens {
+            let name = &token.name;
+            let name_ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !name_ok {
+                problems.push(format!(
+                    "api.tokens: name {name:?}: expected letters, digits, '-', '_' or '.'"
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                problems.push(format!("api.tokens: the name {name:?} is used twice"));
+            }
+            let sources = [
+                token.token_env.is_some(),
+                token.token_file.is_some(),
+                token.token_credential.is_some(),
+            ];
+            if sources.iter().filter(|set| **set).count() != 1 {
+                problems.push(format!(
+                    "api.tokens {name:?}: set exactly one of token_env, token_file, token_credential"
+                ));
+            }
+        }
+        problems
+    }
+}
+
 /// Links in messages: one-click unsubscribe, open pixel, click tracking.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -627,6 +697,11 @@ impl Config {
         resolve(&mut self.rules.dir);
         resolve(&mut self.templates.dir);
         resolve(&mut self.transport.file.dir);
+        for token in &mut self.api.tokens {
+            if let Some(file) = &mut token.token_file {
+                resolve(file);
+            }
+        }
         if let Some(file) = &mut self.transport.smtp.password_file {
             resolve(file);
         }
@@ -673,6 +748,7 @@ impl Config {
         {
             problems.push(format!("web.password_hash: {message}"));
         }
+        problems.extend(self.api.problems());
         if self.web.session_lifetime <= TimeDelta::zero() {
             problems.push("web.session_lifetime: expected more than 0s".into());
         }
@@ -736,6 +812,34 @@ impl Config {
             source.read("bounces.webhook_secret")?,
             "bounces.webhook_secret",
         )
+    }
+
+    /// The ingest API's tokens by name, each read from its source and at least
+    /// `MIN_SECRET_BYTES` long; every problem at once, one per line. Empty: the API is off.
+    pub fn api_tokens(&self) -> Result<Vec<(String, Secret)>, String> {
+        let mut tokens: Vec<(String, Secret)> = Vec::new();
+        let mut problems = Vec::new();
+        for token in &self.api.tokens {
+            let what = format!("api.tokens {:?}", token.name);
+            match token
+                .source()
+                .read(&what)
+                .and_then(|s| long_enough(s, &what))
+            {
+                Ok(Some(secret)) if tokens.iter().any(|(_, other)| *other == secret) => problems
+                    .push(format!(
+                        "{what}: the same token as another entry; give each application its own"
+                    )),
+                Ok(Some(secret)) => tokens.push((token.name.clone(), secret)),
+                Ok(None) => {}
+                Err(message) => problems.push(message),
+            }
+        }
+        if problems.is_empty() {
+            Ok(tokens)
+        } else {
+            Err(problems.join("\n"))
+        }
     }
 
     /// Where customers reach the HTTP listener, for links in messages; `None` when neither

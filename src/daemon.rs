@@ -262,6 +262,8 @@ pub struct Shared {
     /// The bearer token of `POST /hooks/bounce`; `None` turns the hook off.
     pub bounce_webhook_secret: Option<crate::config::Secret>,
     pub soft_bounce_limit: i64,
+    /// The bearer tokens of the ingest API; none turns it off.
+    pub api_tokens: Arc<crate::ingest::ApiTokens>,
     /// The owner's web page; `None` when `web.enabled` is false.
     pub web: Option<Arc<crate::web::Web>>,
 }
@@ -314,6 +316,8 @@ pub async fn run(
     let bounce_webhook_secret = config
         .bounce_webhook_secret()
         .map_err(DaemonError::Config)?;
+    let api_tokens =
+        crate::ingest::ApiTokens::new(&config.api_tokens().map_err(DaemonError::Config)?);
     let health = Arc::new(Health::new());
     let (playbook_tx, playbook_rx) = watch::channel(Arc::new(playbook));
     let wake = Arc::new(Notify::new());
@@ -361,10 +365,14 @@ pub async fn run(
             links,
             bounce_webhook_secret,
             soft_bounce_limit: config.bounces.soft_bounce_limit,
+            api_tokens: Arc::new(api_tokens),
             web: crate::web::Web::setup(&config, &store).await?,
         };
         let address = listener.local_addr().map_err(DaemonError::Http)?;
         tracing::info!(%address, "HTTP listener ready (the owner's page at /, /healthz, /metrics, /u, /o, /c, /hooks/bounce)");
+        if !shared.api_tokens.is_off() {
+            tracing::info!(tokens = ?shared.api_tokens.names(), "ingest API on (POST /api/v1/events, /api/v1/customers)");
+        }
         tracker.spawn(crate::http::serve(listener, shared, shutdown.clone()));
     }
     // Listen for SIGHUP here, not in the task: READY=1 below lets systemd send it at once, and

@@ -1,7 +1,7 @@
 //! The HTTP listener: `/healthz` for load balancers and monitors, `/metrics` for Prometheus,
 //! the links in messages (`/u/{token}` unsubscribe, `/o/{token}.gif` opens, `/c/{token}`
-//! clicks) and `POST /hooks/bounce` for providers' bounce webhooks; the owner's page
-//! ([`crate::web`]) is merged into the same router.
+//! clicks) and `POST /hooks/bounce` for providers' bounce webhooks; the ingest API
+//! ([`crate::ingest`]) and the owner's page ([`crate::web`]) are merged into the same router.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -30,6 +30,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/o/{file}", get(open_pixel))
         .route("/c/{token}", get(click))
         .route("/hooks/bounce", axum::routing::post(bounce_hook))
+        .merge(crate::ingest::router())
         .merge(crate::web::router())
         .with_state(shared)
 }

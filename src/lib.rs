@@ -3,8 +3,8 @@
 //! The flow of one message, module by module: [`rules`] say what to send and when;
 //! [`plan`] turns rules plus customers and events into `messages` rows; [`dispatch`] claims
 //! due rows, re-checks them, [`render`]s them and hands them to a [`transport`]; [`store`]
-//! keeps everything in SQLite or PostgreSQL; [`http`] serves health and metrics, and [`web`] the
-//! owner's page; [`daemon`]
+//! keeps everything in SQLite or PostgreSQL; [`http`] serves health and metrics, [`ingest`] the
+//! API applications push customers and events to, and [`web`] the owner's page; [`daemon`]
 //! runs it all under one cancellation token.
 #![forbid(unsafe_code)]
 
@@ -18,6 +18,7 @@ pub mod diag;
 pub mod dispatch;
 pub mod http;
 pub mod import;
+pub mod ingest;
 pub mod links;
 pub mod notify;
 pub mod output;

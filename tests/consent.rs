@@ -22,9 +22,9 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chrono::{TimeZone, Utc};
 use mail_parser::{MessageParser, MimeHeaders};
 use serde_json::{Value, json};
+use support::http::{HttpResponse, send};
 use support::smtp::{Accepted, SmtpPeer};
 use support::{Backend, InProcess, Sink, TestEnv, repo_path};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use touchpoint::links::{Link, LinkSigner};
 use touchpoint::store::{LogEntry, LogFilter, MessageState, SharedStore, Suppression};
@@ -492,104 +492,10 @@ fn percent_decode(text: &str) -> String {
 
 // --- HTTP, as a browser or a mailbox provider speaks it ---------------------------------------
 
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// One request on a fresh connection (no cookies, no redirects followed).
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: mail.acme.example\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (name, value) in headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        stream.write_all(body).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("no HTTP answer to {method} {path} within 10s"))
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("not an HTTP response: {:?}", String::from_utf8_lossy(&raw)));
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    let chunked = headers.iter().any(|(n, v)| {
-        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    if chunked {
-        body = dechunk(&body);
-    }
-    Response {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&body[..line_end])
-            .ok()
-            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
-            .unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = line_end + 2;
-        out.extend_from_slice(&body[start..start + size]);
-        body = &body[start + size + 2..];
-    }
-    out
-}
-
 const ONE_CLICK: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");
 
-async fn one_click(addr: SocketAddr, path: &str) -> Response {
-    http(
+async fn one_click(addr: SocketAddr, path: &str) -> HttpResponse {
+    send(
         addr,
         "POST",
         path,
@@ -599,7 +505,7 @@ async fn one_click(addr: SocketAddr, path: &str) -> Response {
     .await
 }
 
-fn no_store(response: &Response) -> bool {
+fn no_store(response: &HttpResponse) -> bool {
     response
         .header("cache-control")
         .is_some_and(|v| v.contains("no-store"))
@@ -683,7 +589,7 @@ async fn one_click_unsubscribe_suppresses_at_once_and_only_by_post(backend: Back
 
     // GET (what a link scanner does) shows a page with a button, and changes nothing.
     for _ in 0..3 {
-        let page = http(addr, "GET", &path, &[], b"").await;
+        let page = send(addr, "GET", &path, &[], b"").await;
         assert_eq!(page.status, 200, "{}", page.text());
         assert!(
             page.header("content-type")
@@ -742,7 +648,7 @@ async fn one_click_unsubscribe_suppresses_at_once_and_only_by_post(backend: Back
     // Idempotent: again, and the page's own form (an empty body), change nothing more.
     let again = one_click(addr, &path).await;
     assert_eq!(again.status, 200, "{}", again.text());
-    let form_post = http(addr, "POST", &path, &[ONE_CLICK], b"").await;
+    let form_post = send(addr, "POST", &path, &[ONE_CLICK], b"").await;
     assert_eq!(form_post.status, 200, "{}", form_post.text());
     assert_eq!(world.suppressions().await.len(), 1);
     assert_eq!(world.count_events(entry.id, "unsubscribed").await, 1);
@@ -870,7 +776,7 @@ async fn tampered_and_foreign_tokens_are_plain_404s(backend: Backend) {
         String::from_utf8(bytes).expect("ascii")
     };
 
-    let reference = http(world.addr(), "GET", "/u/no-such-page", &[], b"").await;
+    let reference = send(world.addr(), "GET", "/u/no-such-page", &[], b"").await;
     assert_eq!(reference.status, 404);
     let bad_unsubscribe = [
         flip(&u, u.len() - 5),
@@ -891,7 +797,7 @@ async fn tampered_and_foreign_tokens_are_plain_404s(backend: Backend) {
     for token in &bad_unsubscribe {
         for method in ["GET", "POST"] {
             let path = format!("/u/{token}");
-            let response = http(
+            let response = send(
                 world.addr(),
                 method,
                 &path,
@@ -949,7 +855,7 @@ async fn tampered_and_foreign_tokens_are_plain_404s(backend: Backend) {
         ),
     ];
     for path in bad_open.iter().chain(&bad_click) {
-        let response = http(world.addr(), "GET", path, &[], b"").await;
+        let response = send(world.addr(), "GET", path, &[], b"").await;
         assert_eq!(response.status, 404, "GET {path}: {:?}", response);
         assert_eq!(response.body, reference.body, "GET {path}");
         assert!(response.header("location").is_none(), "GET {path}");
@@ -960,11 +866,11 @@ async fn tampered_and_foreign_tokens_are_plain_404s(backend: Backend) {
         message: 987_654,
         url: SHOP_URL.into(),
     });
-    let response = http(world.addr(), "GET", &format!("/c/{orphan}"), &[], b"").await;
+    let response = send(world.addr(), "GET", &format!("/c/{orphan}"), &[], b"").await;
     assert_eq!(response.status, 302, "{response:?}");
     assert_eq!(response.header("location"), Some(SHOP_URL));
     // The webhook is off without a secret.
-    let hook = http(
+    let hook = send(
         world.addr(),
         "POST",
         "/hooks/bounce",
@@ -1044,7 +950,7 @@ async fn opens_and_clicks_are_recorded_and_redirect_only_where_the_message_point
 
     // Clicks redirect exactly to the URL in the message, never cached.
     let addr = world.addr();
-    let shop = http(addr, "GET", &local_path(&clicks[0]), &[], b"").await;
+    let shop = send(addr, "GET", &local_path(&clicks[0]), &[], b"").await;
     assert!(
         matches!(shop.status, 302 | 303 | 307),
         "{} {}",
@@ -1053,7 +959,7 @@ async fn opens_and_clicks_are_recorded_and_redirect_only_where_the_message_point
     );
     assert_eq!(shop.header("location"), Some(SHOP_URL));
     assert!(no_store(&shop), "{shop:?}");
-    let iri = http(addr, "GET", &local_path(&clicks[1]), &[], b"").await;
+    let iri = send(addr, "GET", &local_path(&clicks[1]), &[], b"").await;
     assert!(
         matches!(iri.status, 302 | 303 | 307),
         "a link with non-ASCII characters must redirect too: {} {}",
@@ -1066,7 +972,7 @@ async fn opens_and_clicks_are_recorded_and_redirect_only_where_the_message_point
 
     // Opens: every one counted, the first one kept; the pixel is a GIF that is never cached.
     for _ in 0..3 {
-        let gif = http(addr, "GET", &local_path(&pixels[0]), &[], b"").await;
+        let gif = send(addr, "GET", &local_path(&pixels[0]), &[], b"").await;
         assert_eq!(gif.status, 200);
         assert_eq!(gif.header("content-type"), Some("image/gif"));
         assert!(no_store(&gif), "{gif:?}");
@@ -1404,7 +1310,7 @@ async fn the_bounce_webhook_wants_the_bearer_token_and_good_json(backend: Backen
         if !auth.is_empty() {
             headers.push(("Authorization", auth.as_str()));
         }
-        http(
+        send(
             addr,
             "POST",
             "/hooks/bounce",
@@ -1447,7 +1353,7 @@ async fn the_bounce_webhook_wants_the_bearer_token_and_good_json(backend: Backen
         br#"{"message_id":"<1.welcome@acme.example>"}"#,
         br#"{"type":"explode","email":"ada@example.net"}"#,
     ] {
-        let response = http(
+        let response = send(
             addr,
             "POST",
             "/hooks/bounce",

@@ -444,13 +444,16 @@ query = "SELECT * FROM sales WHERE at >= :from AND at < :to"
             log(&store).await
         );
     }
-    let health = http_get(daemon.http, "/healthz").await;
-    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let health = support::http::get(daemon.http, "/healthz", &[]).await;
+    assert_eq!(health.status, 200);
+    let health = health.text();
     assert!(health.contains(r#""name":"legacy","ok":false"#), "{health}");
     assert!(health.contains("source legacy"), "{health}");
     assert!(health.contains(r#""name":"shop","ok":false"#), "{health}");
     assert!(health.contains("query bookings"), "{health}");
-    let metrics = http_get(daemon.http, "/metrics").await;
+    let metrics = support::http::get(daemon.http, "/metrics", &[])
+        .await
+        .text();
     assert!(
         metrics.contains("touchpoint_source_up{source=\"legacy\"} 0"),
         "{metrics}"
@@ -578,18 +581,6 @@ async fn explain(url: &str) -> String {
         .map(|r| r.get::<String, _>(0))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    response
 }
 
 /// `touchpoint check` runs each query once and names the source, the query and the mistake.

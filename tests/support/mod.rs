@@ -1,8 +1,10 @@
 //! Shared test support: a directory with a config, rules and templates; a database of the
 //! test's own (a SQLite file, or a fresh PostgreSQL database on the machine's server); the
-//! daemon started in-process or as the real binary; and a real SMTP peer on loopback.
+//! daemon started in-process or as the real binary; a real SMTP peer on loopback; and a small
+//! HTTP client (`http`).
 #![allow(dead_code)]
 
+pub mod http;
 pub mod smtp;
 
 use std::path::{Path, PathBuf};

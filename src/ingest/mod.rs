@@ -1,0 +1,551 @@
+//! The ingest API, for applications that push their customers and events rather than write
+//! the tables themselves: `POST /api/v1/customers` and `POST /api/v1/events`, JSON, one
+//! object or an array of them (a batch).
+//!
+//! Every request carries `Authorization: Bearer <token>` with one of the `[[api.tokens]]`; the
+//! log names the token that wrote. A batch is checked whole before anything is written and is
+//! written in one transaction, so a bad item writes nothing, and every mistake is reported at
+//! once as `{"item": index, "field": name, "message": text}`. Events are idempotent by id: an
+//! event whose id exists already is left as it is, so a retried POST is harmless.
+
+pub mod items;
+
+use std::collections::BTreeSet;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures_util::StreamExt as _;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::Secret;
+use crate::daemon::Shared;
+use crate::store::{SharedStore, StoreError};
+use items::Problem;
+
+/// The largest body taken (1 MiB): room for a full batch of ordinary items.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The most items in one batch: one transaction stays short and one mistake costs little.
+pub const MAX_ITEMS: usize = 1000;
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/api/v1/events", post(post_events))
+        .route("/api/v1/customers", post(post_customers))
+}
+
+/// The configured tokens, kept only as SHA-256 digests: comparing digests takes the same time
+/// whatever the presented token's length or how much of it matches.
+#[derive(Clone, Default)]
+pub struct ApiTokens {
+    tokens: Vec<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.tokens.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl ApiTokens {
+    pub fn new(tokens: &[(String, Secret)]) -> ApiTokens {
+        let tokens = tokens
+            .iter()
+            .map(|(name, secret)| (name.clone(), digest(secret.expose().trim())))
+            .collect();
+        ApiTokens { tokens }
+    }
+
+    /// No tokens: the API is off.
+    pub fn is_off(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.tokens.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    /// The name of the token presented. Every token is compared, without early exits.
+    fn identify(&self, presented: &str) -> Option<&str> {
+        let presented = digest(presented);
+        let mut found = None;
+        for (name, expected) in &self.tokens {
+            let difference = expected
+                .iter()
+                .zip(&presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if difference == 0 {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// Why a request wrote nothing; each says what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(
+        "the ingest API is off: add an [[api.tokens]] entry (name and token_env, token_file or \
+         token_credential) to the config and restart touchpoint"
+    )]
+    Off,
+    #[error("this API needs an Authorization: Bearer <token> header with one of api.tokens")]
+    MissingToken,
+    #[error("the bearer token is not one of api.tokens")]
+    WrongToken,
+    #[error("the body is larger than {MAX_BODY_BYTES} bytes; send the items in smaller batches")]
+    BodyTooLarge,
+    #[error("a batch holds at most {MAX_ITEMS} items, this one has {0}; send it in parts")]
+    TooManyItems(usize),
+    #[error("cannot read the request body: {0}")]
+    Read(String),
+    #[error("the body is not JSON: {0}")]
+    Malformed(String),
+    #[error("{}; nothing was written", mistakes(.0.len()))]
+    Invalid(Vec<Problem>),
+    #[error("the database is unavailable; nothing was written, try again later")]
+    Store(#[source] StoreError),
+}
+
+fn mistakes(count: usize) -> String {
+    match count {
+        1 => "1 mistake".into(),
+        n => format!("{n} mistakes"),
+    }
+}
+
+/// Every error answer: what went wrong, and for 400 and 422 each problem.
+#[derive(serde::Serialize)]
+struct ErrorBody {
+    message: String,
+    errors: Vec<Problem>,
+}
+
+/// The answer to a customer batch written.
+#[derive(serde::Serialize)]
+struct CustomerCounts {
+    received: u64,
+    created: u64,
+    updated: u64,
+}
+
+/// The answer to an event batch written.
+#[derive(serde::Serialize)]
+struct EventCounts {
+    received: u64,
+    created: u64,
+    duplicates: u64,
+}
+
+impl IngestError {
+    fn status(&self) -> StatusCode {
+        match self {
+            IngestError::Off => StatusCode::NOT_FOUND,
+            IngestError::MissingToken | IngestError::WrongToken => StatusCode::UNAUTHORIZED,
+            IngestError::BodyTooLarge | IngestError::TooManyItems(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            IngestError::Read(_) | IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
+            IngestError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let errors = match &self {
+            IngestError::Invalid(problems) => problems.clone(),
+            IngestError::Malformed(_) => vec![Problem::request(self.to_string())],
+            _ => Vec::new(),
+        };
+        let body = ErrorBody {
+            message: self.to_string(),
+            errors,
+        };
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        match self {
+            IngestError::MissingToken => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"touchpoint\""),
+                );
+            }
+            IngestError::WrongToken => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Bearer realm=\"touchpoint\", error=\"invalid_token\"",
+                    ),
+                );
+            }
+            IngestError::Store(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// The name of the caller's token; checked before the body is read.
+fn authenticate<'a>(tokens: &'a ApiTokens, headers: &HeaderMap) -> Result<&'a str, IngestError> {
+    if tokens.is_off() {
+        return Err(IngestError::Off);
+    }
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(IngestError::MissingToken)?;
+    let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(IngestError::MissingToken);
+    }
+    tokens.identify(token.trim()).ok_or_else(|| {
+        tracing::warn!("ingest API: refused a request with a wrong bearer token");
+        IngestError::WrongToken
+    })
+}
+
+/// The body, refused as soon as it is known to be larger than `MAX_BODY_BYTES` (by its
+/// Content-Length, else while reading).
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, IngestError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(IngestError::BodyTooLarge);
+    }
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| IngestError::Read(e.to_string()))?;
+        if bytes.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(IngestError::BodyTooLarge);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// The items of a body: an array is a batch, an object a batch of one.
+fn batch(body: &[u8]) -> Result<Vec<Value>, IngestError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| IngestError::Malformed(e.to_string()))?;
+    let values = match value {
+        Value::Array(values) => values,
+        object @ Value::Object(_) => vec![object],
+        _ => {
+            return Err(IngestError::Invalid(vec![Problem::request(
+                "expected a JSON object or an array of objects",
+            )]));
+        }
+    };
+    if values.len() > MAX_ITEMS {
+        return Err(IngestError::TooManyItems(values.len()));
+    }
+    Ok(values)
+}
+
+/// Authenticates, then reads and splits the body: (the token's name, the items).
+async fn accept(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(String, Vec<Value>), IngestError> {
+    let caller = authenticate(&shared.api_tokens, headers)?.to_string();
+    let bytes = read_body(headers, body).await?;
+    Ok((caller, batch(&bytes)?))
+}
+
+fn created_or_ok(created: u64) -> StatusCode {
+    if created > 0 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// Logs a store failure (the caller gets only "unavailable") and passes it on.
+fn store_failure(caller: &str, error: StoreError) -> IngestError {
+    tracing::warn!(token = caller, %error, "ingest API: the database failed; nothing written");
+    IngestError::Store(error)
+}
+
+/// `POST /api/v1/events`: `{"received": N, "created": M, "duplicates": N - M}`, 201 when
+/// something was new, 200 when every event existed already.
+async fn post_events(State(shared): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    match ingest_events(&shared, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn ingest_events(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let (caller, values) = accept(shared, headers, body).await?;
+    let (good, mut problems) = items::events(&values);
+    problems.extend(
+        unknown_customers(&shared.store, &good)
+            .await
+            .map_err(|e| store_failure(&caller, e))?,
+    );
+    if !problems.is_empty() {
+        problems.sort_by_key(|p| p.item);
+        return Err(IngestError::Invalid(problems));
+    }
+    let events: Vec<_> = good.into_iter().map(|(_, event)| event).collect();
+    let created = shared
+        .store
+        .insert_events(&events)
+        .await
+        .map_err(|e| store_failure(&caller, e))?;
+    let received = events.len() as u64;
+    tracing::info!(token = caller, received, created, "ingested events");
+    let counts = EventCounts {
+        received,
+        created,
+        duplicates: received - created,
+    };
+    Ok((created_or_ok(created), axum::Json(counts)).into_response())
+}
+
+/// An event must name a customer that exists, as in the CSV import: a problem per such item.
+async fn unknown_customers(
+    store: &SharedStore,
+    events: &[(usize, crate::store::Event)],
+) -> Result<Vec<Problem>, StoreError> {
+    let wanted: BTreeSet<&str> = events.iter().map(|(_, e)| e.customer_id.as_str()).collect();
+    let mut missing = BTreeSet::new();
+    for id in wanted {
+        if store.customer(id).await?.is_none() {
+            missing.insert(id);
+        }
+    }
+    Ok(events
+        .iter()
+        .filter(|(_, e)| missing.contains(e.customer_id.as_str()))
+        .map(|(item, e)| Problem {
+            item: Some(*item),
+            field: Some("customer_id".into()),
+            message: format!(
+                "no customer with id {:?}; POST it to /api/v1/customers first",
+                e.customer_id
+            ),
+        })
+        .collect())
+}
+
+/// `POST /api/v1/customers`: `{"received": N, "created": M, "updated": N - M}`, 201 when a
+/// customer was new, else 200.
+async fn post_customers(State(shared): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    match ingest_customers(&shared, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn ingest_customers(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let (caller, values) = accept(shared, headers, body).await?;
+    let (good, problems) = items::customers(&values);
+    if !problems.is_empty() {
+        return Err(IngestError::Invalid(problems));
+    }
+    // Read, merge, write, as `touchpoint customer add` does; two writers updating the same
+    // customer at the same moment may lose one's attribute changes.
+    let mut customers = Vec::with_capacity(good.len());
+    let mut created = 0u64;
+    for (_, patch) in good {
+        let stored = shared
+            .store
+            .customer(&patch.id)
+            .await
+            .map_err(|e| store_failure(&caller, e))?;
+        created += u64::from(stored.is_none());
+        customers.push(patch.apply(stored));
+    }
+    shared
+        .store
+        .upsert_customers(&customers)
+        .await
+        .map_err(|e| store_failure(&caller, e))?;
+    let received = customers.len() as u64;
+    tracing::info!(token = caller, received, created, "ingested customers");
+    let counts = CustomerCounts {
+        received,
+        created,
+        updated: received - created,
+    };
+    Ok((created_or_ok(created), axum::Json(counts)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> ApiTokens {
+        ApiTokens::new(&[
+            ("shop".into(), Secret("shop-token-0123456789abcdef".into())),
+            ("crm".into(), Secret("crm-token-0123456789abcdef\n".into())),
+        ])
+    }
+
+    fn bearer(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(value).expect("header"),
+        );
+        headers
+    }
+
+    #[test]
+    fn each_token_is_known_by_its_name() {
+        let tokens = tokens();
+        let who = |h: &str| authenticate(&tokens, &bearer(h)).map_err(|e| e.to_string());
+        assert_eq!(who("Bearer shop-token-0123456789abcdef"), Ok("shop"));
+        assert_eq!(who("bearer  crm-token-0123456789abcdef "), Ok("crm"));
+        assert!(matches!(
+            authenticate(&tokens, &bearer("Bearer shop-token-0123456789abcde")),
+            Err(IngestError::WrongToken)
+        ));
+        assert!(matches!(
+            authenticate(&tokens, &bearer("Basic c2hvcA==")),
+            Err(IngestError::MissingToken)
+        ));
+        assert!(matches!(
+            authenticate(&tokens, &HeaderMap::new()),
+            Err(IngestError::MissingToken)
+        ));
+        assert!(matches!(
+            authenticate(&ApiTokens::default(), &bearer("Bearer x")),
+            Err(IngestError::Off)
+        ));
+    }
+
+    const MINIMAL: &str = r#"
+[sender]
+from = "Acme <hello@acme.example>"
+[business]
+name = "Acme"
+address = "1 Main St, Springfield"
+"#;
+
+    fn config(api: &str) -> Result<crate::config::Config, String> {
+        let text = format!("{MINIMAL}\n{api}");
+        let path = std::path::Path::new("/etc/tp/touchpoint.toml");
+        crate::config::Config::from_source(path, &text, Vec::new()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tokens_come_from_their_sources_and_short_or_missing_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let good = dir.path().join("good");
+        let short = dir.path().join("short");
+        std::fs::write(&good, "0123456789abcdef0123\n").expect("write");
+        std::fs::write(&short, "tiny\n").expect("write");
+        let entry = |name: &str, file: &std::path::Path| {
+            format!(
+                "[[api.tokens]]\nname = \"{name}\"\ntoken_file = \"{}\"\n",
+                file.display()
+            )
+        };
+        let one = config(&entry("shop", &good)).expect("config loads");
+        let tokens = one.api_tokens().expect("token reads");
+        assert_eq!(tokens[0].0, "shop");
+        assert!(!format!("{one:?} {tokens:?}").contains("0123456789abcdef"));
+        let missing = dir.path().join("missing");
+        let text = format!(
+            "{}{}{}",
+            entry("shop", &good),
+            entry("crm", &short),
+            entry("blog", &missing)
+        );
+        let problems = config(&text)
+            .expect("config loads")
+            .api_tokens()
+            .unwrap_err();
+        assert!(
+            problems.contains("api.tokens \"crm\" is 4 bytes long"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("api.tokens \"blog\": cannot read"),
+            "{problems}"
+        );
+        let same = format!("{}{}", entry("shop", &good), entry("crm", &good));
+        let problems = config(&same)
+            .expect("config loads")
+            .api_tokens()
+            .unwrap_err();
+        assert!(problems.contains("the same token as another"), "{problems}");
+        assert!(
+            config("[api]\n")
+                .expect("loads")
+                .api_tokens()
+                .expect("none")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_token_in_the_config_file_or_a_bad_entry_is_a_config_error() {
+        let error =
+            config("[[api.tokens]]\nname = \"shop\"\ntoken = \"0123456789abcdef\"\n").unwrap_err();
+        assert!(error.contains("unknown field `token`"), "{error}");
+        let error = config(
+            "[[api.tokens]]\nname = \"shop\"\n[[api.tokens]]\nname = \"shop\"\ntoken_env = \"A\"\ntoken_file = \"b\"\n",
+        )
+        .unwrap_err();
+        assert!(error.contains("\"shop\" is used twice"), "{error}");
+        assert!(error.contains("set exactly one of token_env"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_body_without_a_length_is_cut_off_at_the_limit() {
+        let headers = HeaderMap::new();
+        let fits = read_body(&headers, Body::from(vec![b' '; MAX_BODY_BYTES])).await;
+        assert_eq!(fits.map(|b| b.len()).ok(), Some(MAX_BODY_BYTES));
+        let over = read_body(&headers, Body::from(vec![b' '; MAX_BODY_BYTES + 1])).await;
+        assert!(matches!(over, Err(IngestError::BodyTooLarge)));
+    }
+
+    #[test]
+    fn debug_output_shows_names_only() {
+        let shown = format!("{:?}", tokens());
+        assert_eq!(shown, "[\"shop\", \"crm\"]");
+    }
+
+    #[test]
+    fn a_body_is_an_object_or_an_array_of_at_most_max_items() {
+        assert_eq!(batch(br#"{"id": 1}"#).map(|v| v.len()).ok(), Some(1));
+        assert_eq!(batch(b"[]").map(|v| v.len()).ok(), Some(0));
+        assert!(matches!(batch(b"{"), Err(IngestError::Malformed(_))));
+        assert!(matches!(batch(b"42"), Err(IngestError::Invalid(_))));
+        let many = format!("[{}]", vec!["{}"; MAX_ITEMS + 1].join(","));
+        assert!(matches!(
+            batch(many.as_bytes()),
+            Err(IngestError::TooManyItems(n)) if n == MAX_ITEMS + 1
+        ));
+    }
+}
