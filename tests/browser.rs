@@ -373,6 +373,11 @@ async fn owner_scenario() {
     // A wrong password first, then the right one.
     browser.type_into("#password", "not it").await;
     browser.click("form button[type=submit]").await;
+    // The refusal comes back on the same path (after the password hash is checked, which is
+    // slow on purpose): wait for the new page.
+    browser
+        .wait_for_source(|html| html.contains("p class=\"alert"))
+        .await;
     assert_eq!(browser.text("p.alert").await, "That password is not right.");
     browser.type_into("#password", PASSWORD).await;
     browser.click("form button[type=submit]").await;
