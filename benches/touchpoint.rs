@@ -89,9 +89,7 @@ async fn run(args: Args) -> Result<()> {
         .messages
         .unwrap_or(if small { 10_000 } else { 100_000 });
     let connections = args.connections.clone().unwrap_or(vec![4]);
-    let punctual = args
-        .punctual
-        .unwrap_or(if small { 2_000 } else { 10_000 });
+    let punctual = args.punctual.unwrap_or(if small { 2_000 } else { 10_000 });
     let spread = Duration::from_secs(args.spread.unwrap_or(if small { 15 } else { 60 }));
     let idle_messages = args
         .idle_messages
@@ -101,7 +99,11 @@ async fn run(args: Args) -> Result<()> {
     println!("machine: {}", support::machine().await);
     println!(
         "command: cargo bench --bench touchpoint -- {}",
-        std::env::args().skip(1).filter(|a| a != "--bench").collect::<Vec<_>>().join(" ")
+        std::env::args()
+            .skip(1)
+            .filter(|a| a != "--bench")
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let mut tables = Vec::new();
 
@@ -144,7 +146,10 @@ async fn run(args: Args) -> Result<()> {
         );
         for backend in &backends {
             for k in &connections {
-                eprintln!("sending: {messages} messages over {k} connections on {}", backend.name());
+                eprintln!(
+                    "sending: {messages} messages over {k} connections on {}",
+                    backend.name()
+                );
                 let r = support::sending(*backend, messages, *k).await?;
                 if r.sent != r.messages {
                     bail!("only {} of {} messages were sent", r.sent, r.messages);
@@ -204,7 +209,10 @@ async fn run(args: Args) -> Result<()> {
             idle_window.as_secs()
         );
         for backend in &backends {
-            eprintln!("idle: {idle_messages} future messages on {}", backend.name());
+            eprintln!(
+                "idle: {idle_messages} future messages on {}",
+                backend.name()
+            );
             let r = support::idle(*backend, idle_messages, idle_window).await?;
             let per_minute = r.cpu.mul_f64(60.0 / r.window.as_secs_f64());
             let row = format!(

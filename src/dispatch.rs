@@ -24,7 +24,9 @@ use crate::plan::{attributes_match, customer_timezone};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, message_context};
 use crate::rules::{Rule, Unless};
-use crate::store::{ClaimedMessage, Delivery, Outcome, SentContent, SharedStore, StoreError};
+use crate::store::{
+    ClaimedMessage, Customer, Delivery, Event, Outcome, SentContent, SharedStore, StoreError,
+};
 use crate::transport::dkim::Dkim;
 use crate::transport::{self, SendError, Transport};
 
@@ -377,18 +379,10 @@ async fn attempt(context: &Context, claim: &ClaimedMessage) -> Result<Option<Out
             reason: format!("the rule {:?} no longer exists", claim.rule),
         }));
     };
-    if let Some(outcome) = guard(context, rule, claim).await? {
-        return Ok(Some(outcome));
-    }
-    // The guard found them; read again for the send (cheap, and the guard may have changed).
-    let Some(customer) = context.store.customer(&claim.customer_id).await? else {
-        return Ok(Some(Outcome::Skipped {
-            reason: "the customer no longer exists".into(),
-        }));
-    };
-    let event = match &claim.event_id {
-        Some(id) => context.store.event(id).await?,
-        None => None,
+    // The customer and event as the guard just read and checked them.
+    let (customer, event) = match guard(context, rule, claim).await? {
+        Ok(found) => found,
+        Err(outcome) => return Ok(Some(outcome)),
     };
     let tz = customer_timezone(&customer, settings.default_timezone);
     let now = Utc::now();
@@ -668,18 +662,19 @@ pub fn verp(bounce_address: &lettre::Address, message: i64) -> Option<lettre::Ad
 }
 
 /// Checks again, just before sending, everything that could have changed since planning.
+/// `Ok(Err(outcome))`: do not send; `Ok(Ok(..))`: the customer and event it checked.
 async fn guard(
     context: &Context,
     rule: &Rule,
     claim: &ClaimedMessage,
-) -> Result<Option<Outcome>, StoreError> {
-    let skip = |reason: String| Ok(Some(Outcome::Skipped { reason }));
+) -> Result<Result<(Customer, Option<Event>), Outcome>, StoreError> {
+    let skip = |reason: String| Ok(Err(Outcome::Skipped { reason }));
     if !rule.enabled {
         return skip(format!("the rule {:?} is disabled", rule.name));
     }
     if claim.expires_at.is_some_and(|expiry| Utc::now() > expiry) {
         // Never sent late: the same verdict the periodic expiry sweep would give.
-        return Ok(Some(if claim.attempts > 1 {
+        return Ok(Err(if claim.attempts > 1 {
             Outcome::Failed {
                 reply: None,
                 reason: "expired while retrying: not delivered within expire_after".into(),
@@ -691,7 +686,7 @@ async fn guard(
         }));
     }
     if claim.attempts > context.settings.max_attempts as i32 {
-        return Ok(Some(Outcome::Failed {
+        return Ok(Err(Outcome::Failed {
             reply: None,
             reason: format!("gave up after {} attempts", context.settings.max_attempts),
         }));
@@ -729,7 +724,7 @@ async fn guard(
             return skip(format!("unless: the customer had a {kind:?} event {why}"));
         }
     }
-    Ok(None)
+    Ok(Ok((customer, event)))
 }
 
 /// A transient failure: retry with backoff, or fail when attempts or time run out.

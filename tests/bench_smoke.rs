@@ -11,7 +11,9 @@ use std::time::Duration;
 use bench::Backend;
 
 async fn planning(backend: Backend) {
-    let r = bench::planning(backend, 3_000, 100).await.expect("planning");
+    let r = bench::planning(backend, 3_000, 100)
+        .await
+        .expect("planning");
     eprintln!("{r:?}");
     assert_eq!(r.planned, 3_000, "one message per event: {r:?}");
     assert_eq!(r.new_planned, 100, "{r:?}");
@@ -29,14 +31,9 @@ async fn sending(backend: Backend) {
 }
 
 async fn punctuality(backend: Backend) {
-    let r = bench::punctuality(
-        backend,
-        500,
-        Duration::from_secs(3),
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("punctuality");
+    let r = bench::punctuality(backend, 500, Duration::from_secs(3), Duration::from_secs(5))
+        .await
+        .expect("punctuality");
     eprintln!("{r:?}");
     assert_eq!(r.sent, 500, "{r:?}");
     // Never sent before it was due; the rest is speed, not asserted here.

@@ -250,7 +250,13 @@ base_url = "https://touchpoint.acme.example"
     }
 
     /// Events `e{first}..e{first+count-1}`, event `i` for customer `1 + (i-1) % customers`.
-    pub async fn seed_events(&self, first: u64, count: u64, customers: u64, mix: Mix) -> Result<()> {
+    pub async fn seed_events(
+        &self,
+        first: u64,
+        count: u64,
+        customers: u64,
+        mix: Mix,
+    ) -> Result<()> {
         let last = first + count - 1;
         let sqlite = self.backend == Backend::Sqlite;
         let (kind, at) = match mix {
@@ -362,7 +368,9 @@ base_url = "https://touchpoint.acme.example"
 
     pub async fn count_state(&self, state: &str) -> Result<i64> {
         self.db
-            .count(&format!("SELECT COUNT(*) FROM messages WHERE state = '{state}'"))
+            .count(&format!(
+                "SELECT COUNT(*) FROM messages WHERE state = '{state}'"
+            ))
             .await
     }
 
@@ -408,7 +416,10 @@ base_url = "https://touchpoint.acme.example"
         .bind(name)
         .fetch_all(pool)
         .await?;
-        Ok(pids.into_iter().filter_map(|p| u32::try_from(p).ok()).collect())
+        Ok(pids
+            .into_iter()
+            .filter_map(|p| u32::try_from(p).ok())
+            .collect())
     }
 
     pub async fn close(self) {
@@ -422,7 +433,10 @@ impl Drop for World {
             // Best effort; a leftover database has a name no other run uses.
             let _ = Command::new("psql")
                 .args(["-q", "-d", &format!("{}/postgres", postgres_admin_url())])
-                .args(["-c", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")])
+                .args([
+                    "-c",
+                    &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
@@ -680,7 +694,12 @@ impl Drop for Daemon {
 }
 
 /// Polls `done` every `every` until it is true, the daemon dies, or `timeout` passes.
-async fn wait_for<F, Fut>(daemon: &mut Daemon, timeout: Duration, every: Duration, mut done: F) -> Result<()>
+async fn wait_for<F, Fut>(
+    daemon: &mut Daemon,
+    timeout: Duration,
+    every: Duration,
+    mut done: F,
+) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
@@ -803,7 +822,10 @@ pub async fn planning(backend: Backend, customers: u64, new_events: u64) -> Resu
     let (cursors, report) = plan_pass(&store, &playbook, cursors, &settings).await?;
     result.idle_pass = started.elapsed();
     if report.inserted != 0 {
-        bail!("a pass with nothing new planned {} messages", report.inserted);
+        bail!(
+            "a pass with nothing new planned {} messages",
+            report.inserted
+        );
     }
 
     world.settle().await?;
@@ -811,7 +833,10 @@ pub async fn planning(backend: Backend, customers: u64, new_events: u64) -> Resu
     let (_, report) = plan_pass(&store, &playbook, Cursors::default(), &settings).await?;
     result.full_pass_again = started.elapsed();
     if report.inserted != 0 {
-        bail!("a full pass with nothing new planned {} messages", report.inserted);
+        bail!(
+            "a full pass with nothing new planned {} messages",
+            report.inserted
+        );
     }
 
     world

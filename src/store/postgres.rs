@@ -33,8 +33,13 @@ impl PostgresStore {
             // Keep server NOTICEs ("relation ... already exists, skipping" on every migrate)
             // out of the operator's terminal; warnings and errors still come through.
             .options([("client_min_messages", "warning")]);
+        // No ping before each use (sqlx's default): it is a network round trip before every
+        // query, half of all round trips while sending (BENCHMARKS.md). A connection the server
+        // dropped fails its query as `Unavailable` instead, which every caller already retries,
+        // and sqlx then discards it.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
@@ -293,7 +298,14 @@ impl Store for PostgresStore {
             }
         }
         query.push(" LIMIT ").push_bind(q.limit);
-        let rows: Vec<CandidateRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        // Planned afresh each time, not as a cached prepared statement: the generic plan that
+        // PostgreSQL settles on after five runs was made while `messages` was still small (a
+        // nested loop over all of it), and stays when a first pass has grown it to millions.
+        let rows: Vec<CandidateRow> = query
+            .build_query_as()
+            .persistent(false)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(Candidate::from).collect())
     }
 
