@@ -105,7 +105,6 @@ async fn run(args: Args) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let mut tables = Vec::new();
 
     if items.iter().any(|i| i == "planning") {
         let mut table = String::from(
@@ -135,14 +134,13 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         println!("{table}");
-        tables.push(table);
     }
 
     if items.iter().any(|i| i == "sending") {
         let mut table = format!(
             "\n### 2. Sending {messages} due messages to smtp-sink, and 5. peak memory\n\n\
-             | backend | K | message | touchpoint | smtp-source -d ceiling | ratio | start to last sent | peak RSS | daemon CPU | PostgreSQL CPU |\n\
-             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+             | backend | K | message | touchpoint | first / second half | smtp-source -d ceiling | ratio | start to last sent | peak RSS | daemon CPU | PostgreSQL CPU |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
         );
         for backend in &backends {
             for k in &connections {
@@ -155,11 +153,13 @@ async fn run(args: Args) -> Result<()> {
                     bail!("only {} of {} messages were sent", r.sent, r.messages);
                 }
                 let row = format!(
-                    "| {} | {} | {} B | {:.0}/s | {:.0}/s | {:.2} | {:.1} s | {} | {:.1} s | {:.1} s |\n",
+                    "| {} | {} | {} B | {:.0}/s | {:.0}/s / {:.0}/s | {:.0}/s | {:.2} | {:.1} s | {} | {:.1} s | {:.1} s |\n",
                     backend.name(),
                     r.connections,
                     r.message_bytes,
                     r.rate,
+                    r.first_half_rate,
+                    r.second_half_rate,
                     r.ceiling,
                     r.ratio(),
                     r.wall,
@@ -172,7 +172,6 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         println!("{table}");
-        tables.push(table);
     }
 
     if items.iter().any(|i| i == "punctuality") {
@@ -198,7 +197,6 @@ async fn run(args: Args) -> Result<()> {
             table.push_str(&row);
         }
         println!("{table}");
-        tables.push(table);
     }
 
     if items.iter().any(|i| i == "idle") {
@@ -230,7 +228,6 @@ async fn run(args: Args) -> Result<()> {
             table.push_str(&row);
         }
         println!("{table}");
-        tables.push(table);
     }
     Ok(())
 }

@@ -387,6 +387,26 @@ base_url = "https://touchpoint.acme.example"
         Ok(self.db.floats(sql).await?.first().copied().unwrap_or(0.0))
     }
 
+    /// Seconds the first and the second half of the sent messages took (by `sent_at`): equal
+    /// when sending does not slow down as the backlog is worked off.
+    pub async fn send_halves(&self) -> Result<(f64, f64)> {
+        let seconds = match self.backend {
+            Backend::Sqlite => "julianday(sent_at) * 86400.0",
+            Backend::Postgres => "EXTRACT(EPOCH FROM sent_at)::float8",
+        };
+        let times = self
+            .db
+            .floats(&format!(
+                "SELECT {seconds} FROM messages WHERE state = 'sent' ORDER BY sent_at"
+            ))
+            .await?;
+        let (Some(first), Some(last)) = (times.first(), times.last()) else {
+            return Ok((0.0, 0.0));
+        };
+        let middle = times[times.len() / 2];
+        Ok((middle - first, last - middle))
+    }
+
     /// `sent_at - due_at` of every sent message, in milliseconds, sorted.
     pub async fn lateness_ms(&self) -> Result<Vec<f64>> {
         let sql = match self.backend {
@@ -865,6 +885,9 @@ pub struct Sending {
     pub wall: f64,
     pub ceiling: f64,
     pub peak_rss: u64,
+    /// Messages per second over the first and the second half of the messages.
+    pub first_half_rate: f64,
+    pub second_half_rate: f64,
     pub daemon_cpu: Duration,
     /// PostgreSQL backends' CPU over the same run (zero on SQLite: it is in the daemon).
     pub database_cpu: Duration,
@@ -925,6 +948,9 @@ pub async fn sending(backend: Backend, messages: u64, connections: usize) -> Res
     daemon.stop()?;
     let sent = world.count_state("sent").await? as u64;
     let span = world.send_span().await?;
+    let (first_half, second_half) = world.send_halves().await?;
+    let half = (sent / 2) as f64;
+    let per_second = |seconds: f64| if seconds > 0.0 { half / seconds } else { 0.0 };
     let result = Sending {
         messages,
         connections,
@@ -938,6 +964,8 @@ pub async fn sending(backend: Backend, messages: u64, connections: usize) -> Res
         wall,
         ceiling,
         peak_rss: memory.peak,
+        first_half_rate: per_second(first_half),
+        second_half_rate: per_second(second_half),
         daemon_cpu,
         database_cpu,
     };
