@@ -202,7 +202,7 @@ async fn run(args: Args) -> Result<()> {
     if items.iter().any(|i| i == "idle") {
         let mut table = format!(
             "\n### 4. Idle: {idle_messages} future messages, nothing due, {}s measured\n\n\
-             | backend | startup (reconciliation) | startup CPU | CPU in the window | per minute | PostgreSQL CPU | RSS | peak RSS |\n\
+             | backend | startup (reconciliation) | its CPU (daemon + PostgreSQL) | daemon CPU in the window | per minute | PostgreSQL CPU in the window | RSS | peak RSS |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
             idle_window.as_secs()
         );

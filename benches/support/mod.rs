@@ -1043,8 +1043,10 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[derive(Debug, Clone, Default)]
 pub struct Idle {
     pub messages: u64,
-    /// From start until the daemon went quiet (its startup reconciliation).
+    /// From start until the daemon and its PostgreSQL backends went quiet (the startup
+    /// reconciliation).
     pub startup: Duration,
+    /// CPU of the daemon and its PostgreSQL backends until then.
     pub startup_cpu: Duration,
     pub window: Duration,
     pub cpu: Duration,
@@ -1075,13 +1077,24 @@ pub async fn idle(backend: Backend, messages: u64, window: Duration) -> Result<I
     }
     world.settle().await?;
     let mut daemon = Daemon::start(&world)?;
-    // Quiet: a whole second with under 10 ms of CPU (the startup pass is over).
-    let mut last = daemon.cpu()?;
+    // Quiet: a whole second with under 10 ms of CPU in the daemon and its PostgreSQL backends
+    // together (the startup reconciliation is over).
+    let busy = |daemon: &Daemon, backends: &[u32]| -> Result<Duration> {
+        Ok(daemon.cpu()? + cpu_of(backends))
+    };
+    let mut backends = world.postgres_backends().await?;
+    let mut last = busy(&daemon, &backends)?;
     let settle_deadline = Instant::now() + Duration::from_secs(600);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         daemon.check_running()?;
-        let now = daemon.cpu()?;
+        let seen = world.postgres_backends().await?;
+        if seen != backends {
+            backends = seen;
+            last = busy(&daemon, &backends)?;
+            continue;
+        }
+        let now = busy(&daemon, &backends)?;
         if now.saturating_sub(last) < Duration::from_millis(10) {
             break;
         }
@@ -1091,7 +1104,8 @@ pub async fn idle(backend: Backend, messages: u64, window: Duration) -> Result<I
         }
     }
     let startup = daemon.started.elapsed();
-    let startup_cpu = daemon.cpu()?;
+    // The daemon and its PostgreSQL backends (all started with it).
+    let startup_cpu = busy(&daemon, &backends)?;
     let backends_before: Vec<(u32, Duration)> = world
         .postgres_backends()
         .await?
