@@ -974,7 +974,7 @@ pub async fn sending(backend: Backend, messages: u64, connections: usize) -> Res
 }
 
 /// 3. Punctuality: `messages` due at times spread evenly over `spread`, starting `lead` after
-/// the daemon starts; sent time minus due time.
+///    the daemon starts; sent time minus due time.
 #[derive(Debug, Clone, Default)]
 pub struct Punctuality {
     pub messages: u64,
@@ -1039,7 +1039,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// 4. Idle cost: the daemon with `messages` future messages (next year's anniversaries of as
-/// many weddings, planned by the real planner) and nothing due, over `window`.
+///    many weddings, planned by the real planner) and nothing due, over `window`.
 #[derive(Debug, Clone, Default)]
 pub struct Idle {
     pub messages: u64,
