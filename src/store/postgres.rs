@@ -34,7 +34,7 @@ impl PostgresStore {
             // out of the operator's terminal; warnings and errors still come through.
             .options([("client_min_messages", "warning")]);
         // No ping before each use (sqlx's default): it is a network round trip before every
-        // query, half of all round trips while sending (BENCHMARKS.md). A connection the server
+        // query (a third of all round trips while sending, BENCHMARKS.md). A connection the server
         // dropped fails its query as `Unavailable` instead, which every caller already retries,
         // and sqlx then discards it.
         let pool = PgPoolOptions::new()
