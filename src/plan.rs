@@ -31,6 +31,12 @@ use crate::store::{
 /// Rows fetched per planning query.
 const PAGE: i64 = 5_000;
 
+/// `seq` values one planning query looks at, at most. Bounding the range keeps each query's
+/// work proportional to its page whatever plan the database picks: given the whole range of a
+/// million events, PostgreSQL hash-joined and sorted all of it again for every page of 5,000,
+/// which made the first pass quadratic (BENCHMARKS.md, planning).
+const SPAN: i64 = 20_000;
+
 /// What planning needs from the config.
 #[derive(Debug, Clone)]
 pub struct PlanSettings {
@@ -196,21 +202,25 @@ pub async fn plan_rule(
 ) -> StoreResult<u64> {
     let mut cursor = after_seq;
     let mut inserted = 0;
-    loop {
+    while cursor < up_to_seq {
+        let window_end = up_to_seq.min(cursor.saturating_add(SPAN));
         let query = CandidateQuery {
             rule: rule.name.clone(),
             source: source_for(rule, now, settings),
             after_seq: cursor,
-            up_to_seq,
+            up_to_seq: window_end,
             now,
             limit: PAGE,
         };
         let candidates = store.candidates(&query).await?;
-        let Some(last) = candidates.last() else {
-            return Ok(inserted);
+        // A full page may have left rows of this window behind: go on after its last row.
+        cursor = match candidates.last() {
+            Some(last) if candidates.len() as i64 == PAGE => last.seq,
+            _ => window_end,
         };
-        cursor = last.seq;
-        let full_page = candidates.len() as i64 == PAGE;
+        if candidates.is_empty() {
+            continue;
+        }
         let planned: Vec<NewMessage> = candidates
             .iter()
             .filter_map(|c| plan_candidate(rule, c, now, settings))
@@ -219,10 +229,8 @@ pub async fn plan_rule(
         if insert && !planned.is_empty() {
             inserted += store.insert_messages(&planned).await?;
         }
-        if !full_page {
-            return Ok(inserted);
-        }
     }
+    Ok(inserted)
 }
 
 /// What one planning pass did.

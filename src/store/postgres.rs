@@ -33,8 +33,13 @@ impl PostgresStore {
             // Keep server NOTICEs ("relation ... already exists, skipping" on every migrate)
             // out of the operator's terminal; warnings and errors still come through.
             .options([("client_min_messages", "warning")]);
+        // No ping before each use (sqlx's default): it is a network round trip before every
+        // query (a third of all round trips while sending, BENCHMARKS.md). A connection the server
+        // dropped fails its query as `Unavailable` instead, which every caller already retries,
+        // and sqlx then discards it.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
@@ -224,8 +229,16 @@ impl Store for PostgresStore {
                 query
                     .push(" AND e.occurred_at >= ")
                     .push_bind(*occurred_from);
+                // `OFFSET 0` in each anti-join on `messages`: it keeps the check a lookup in
+                // the index per row. Without it, while `messages` has no statistics yet (a new
+                // database, or millions of rows planned since the last ANALYZE), PostgreSQL
+                // joined every candidate against a materialized list of all of this rule's
+                // messages: 43 s instead of 32 ms for one page with 50,000 messages
+                // (BENCHMARKS.md, planning).
                 query.push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.dedupe_key = ");
-                query.push_bind(format!("{}:", q.rule)).push(" || e.id)");
+                query
+                    .push_bind(format!("{}:", q.rule))
+                    .push(" || e.id OFFSET 0)");
                 for later in unless_since {
                     query.push(
                         " AND NOT EXISTS (SELECT 1 FROM events u WHERE u.customer_id = e.customer_id \
@@ -260,7 +273,7 @@ impl Store for PostgresStore {
                 query
                     .push(" AND m.event_id = e.id AND m.trigger_at >= ")
                     .push_bind(q.now)
-                    .push(")");
+                    .push(" OFFSET 0)");
                 query.push(
                     " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))",
                 );
@@ -285,7 +298,7 @@ impl Store for PostgresStore {
                 query
                     .push(" AND m.customer_id = c.id AND m.trigger_at >= ")
                     .push_bind(q.now)
-                    .push(")");
+                    .push(" OFFSET 0)");
                 query.push(
                     " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))",
                 );
@@ -293,7 +306,14 @@ impl Store for PostgresStore {
             }
         }
         query.push(" LIMIT ").push_bind(q.limit);
-        let rows: Vec<CandidateRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        // Planned afresh each time, not as a cached prepared statement: the generic plan that
+        // PostgreSQL settles on after five runs was made while `messages` was still small (a
+        // nested loop over all of it), and stays when a first pass has grown it to millions.
+        let rows: Vec<CandidateRow> = query
+            .build_query_as()
+            .persistent(false)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(Candidate::from).collect())
     }
 

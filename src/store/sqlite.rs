@@ -56,12 +56,17 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // No ping before each use (sqlx's default): a SQLite connection cannot go away under
+        // us, and the ping is a round trip to the connection's worker thread that doubled the
+        // thread hand-offs of every query (BENCHMARKS.md, sending).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(SqliteStore {
@@ -461,11 +466,16 @@ impl Store for SqliteStore {
         lease: TimeDelta,
     ) -> StoreResult<Vec<ClaimedMessage>> {
         let token = uuid::Uuid::new_v4().to_string();
+        // INDEXED BY here, in next_due_in and in due_backlog: without statistics (no ANALYZE)
+        // SQLite takes `messages_expiring (state, ...)` for `state IN (...)` and sorts every
+        // waiting message on each call, which made sending quadratic and an idle daemon with a
+        // million future messages scan them all every few seconds (BENCHMARKS.md).
         let rows: Vec<ClaimRow> = sqlx::query_as(&format!(
             "UPDATE messages SET state = 'sending', claim_token = ?, claimed_by = ?, \
              lease_expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?), phase = 'claimed', \
              attempts = attempts + 1, updated_at = {NOW} \
-             WHERE id IN (SELECT id FROM messages WHERE state IN ('scheduled', 'retrying') \
+             WHERE id IN (SELECT id FROM messages INDEXED BY messages_waiting \
+                          WHERE state IN ('scheduled', 'retrying') \
                           AND next_attempt_at <= {NOW} ORDER BY next_attempt_at LIMIT ?) \
              RETURNING {}",
             rows::CLAIM_COLUMNS
@@ -484,7 +494,7 @@ impl Store for SqliteStore {
     async fn next_due_in(&self) -> StoreResult<Option<TimeDelta>> {
         let millis: Option<f64> = sqlx::query_scalar(&format!(
             "SELECT (julianday(MIN(next_attempt_at)) - julianday({NOW})) * 86400000.0 \
-             FROM messages WHERE state IN ('scheduled', 'retrying')"
+             FROM messages INDEXED BY messages_waiting WHERE state IN ('scheduled', 'retrying')"
         ))
         .fetch_one(&self.reader)
         .await?;
@@ -781,7 +791,7 @@ impl Store for SqliteStore {
 
     async fn due_backlog(&self) -> StoreResult<(i64, Option<f64>)> {
         let row: (i64, Option<f64>) = sqlx::query_as(&format!("SELECT COUNT(*), MAX((julianday({NOW}) - julianday(next_attempt_at)) * 86400.0) FROM messages \
-             WHERE state IN ('scheduled', 'retrying') AND next_attempt_at <= {NOW}")).fetch_one(&self.reader).await?;
+             INDEXED BY messages_waiting WHERE state IN ('scheduled', 'retrying') AND next_attempt_at <= {NOW}")).fetch_one(&self.reader).await?;
         Ok(row)
     }
 
