@@ -216,6 +216,17 @@ base_url = "https://touchpoint.acme.example"
             .map_err(|e| anyhow!("the bench config does not load: {e}"))
     }
 
+    /// What `plan::plan_pass` needs, as the daemon's planner has it.
+    pub async fn planner(&self) -> Result<(Playbook, PlanSettings, SharedStore)> {
+        let config = self.config()?;
+        let playbook = Playbook::load(&config).map_err(|e| anyhow!("{e}"))?;
+        let settings = PlanSettings {
+            default_timezone: config.defaults.timezone,
+            default_expire_after: config.defaults.expire_after,
+        };
+        Ok((playbook, settings, self.store().await?))
+    }
+
     /// The daemon's store on this database, migrated.
     pub async fn store(&self) -> Result<SharedStore> {
         let config = self.config()?;
@@ -820,13 +831,7 @@ pub async fn planning(backend: Backend, customers: u64, new_events: u64) -> Resu
         .seed_events(1, customers, customers, Mix::ExampleRules)
         .await?;
     world.settle().await?;
-    let config = world.config()?;
-    let playbook = Playbook::load(&config).map_err(|e| anyhow!("{e}"))?;
-    let settings = PlanSettings {
-        default_timezone: config.defaults.timezone,
-        default_expire_after: config.defaults.expire_after,
-    };
-    let store = world.store().await?;
+    let (playbook, settings, store) = world.planner().await?;
     let mut result = Planning {
         customers,
         new_events,
@@ -1063,13 +1068,7 @@ pub async fn idle(backend: Backend, messages: u64, window: Duration) -> Result<I
         .await?;
     world.settle().await?;
     {
-        let config = world.config()?;
-        let playbook = Playbook::load(&config).map_err(|e| anyhow!("{e}"))?;
-        let settings = PlanSettings {
-            default_timezone: config.defaults.timezone,
-            default_expire_after: config.defaults.expire_after,
-        };
-        let store = world.store().await?;
+        let (playbook, settings, store) = world.planner().await?;
         let (_, report) = plan_pass(&store, &playbook, Cursors::default(), &settings).await?;
         if report.inserted != messages {
             bail!("planned {} anniversaries of {messages}", report.inserted);
