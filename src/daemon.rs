@@ -365,7 +365,7 @@ pub async fn run(
             links,
             bounce_webhook_secret,
             soft_bounce_limit: config.bounces.soft_bounce_limit,
-            api_tokens: Arc::new(api_tokens),
+            api_tokens: Arc::new(api_tokens.clone()),
             web: crate::web::Web::setup(&config, &store).await?,
         };
         let address = listener.local_addr().map_err(DaemonError::Http)?;
@@ -374,6 +374,10 @@ pub async fn run(
             tracing::info!(tokens = ?shared.api_tokens.names(), "ingest API on (POST /api/v1/events, /api/v1/customers)");
         }
         tracker.spawn(crate::http::serve(listener, shared, shutdown.clone()));
+    } else if !api_tokens.is_off() {
+        tracing::warn!(
+            "api.tokens are configured but http.listen is off: the ingest API is not served"
+        );
     }
     // Listen for SIGHUP here, not in the task: READY=1 below lets systemd send it at once, and
     // SIGHUP's default action would end the process.
