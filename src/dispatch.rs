@@ -779,14 +779,14 @@ enum Guarded {
     Stop(Outcome),
 }
 
-/// The message's customer and event, read now: from touchpoint's own tables, or from the
-/// source the message was planned from (its detail says which). `Err(reason)` when either is
-/// gone, so the message is skipped with that reason.
 /// The source a message was planned from, if any.
 fn source_of(claim: &ClaimedMessage) -> Option<&str> {
     claim.detail.get("source").and_then(|v| v.as_str())
 }
 
+/// The message's customer and event, read now: from touchpoint's own tables, or from the
+/// source the message was planned from (its detail says which). `Err(reason)` when either is
+/// gone, so the message is skipped with that reason.
 async fn subject(
     context: &Context,
     playbook: &Playbook,

@@ -94,6 +94,22 @@ pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     ))
 }
 
+/// The longest id, customer id or kind taken (bytes). Keys are indexed, and PostgreSQL refuses
+/// an index entry of more than about 2.7 kB: a longer key would fail every write of its batch,
+/// and every planning pass, for a reason no retry can fix.
+pub const MAX_KEY_BYTES: usize = 255;
+
+/// Checks an id, customer id or kind: at most `MAX_KEY_BYTES`.
+pub fn check_key(what: &str, text: &str) -> Result<(), String> {
+    if text.trim().len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "the {what} is {} bytes long; at most {MAX_KEY_BYTES} are taken",
+            text.trim().len()
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an address the way the sender will.
 pub fn check_email(email: &str) -> Result<(), String> {
     email
@@ -118,6 +134,7 @@ pub fn customer(
     if id.trim().is_empty() {
         return Err("the customer id is empty".into());
     }
+    check_key("customer id", id)?;
     check_email(email)?;
     let timezone = timezone.map(str::trim).filter(|t| !t.is_empty());
     if let Some(tz) = timezone {
@@ -324,6 +341,9 @@ pub async fn import_events(store: &SharedStore, file: &Path) -> Result<(usize, u
                 || format!("{customer_id}:{kind}:{}", occurred_at.timestamp_millis()),
                 str::to_string,
             );
+            check_key("customer_id", customer_id)?;
+            check_key("kind", kind)?;
+            check_key("id", &id)?;
             lines.push(record.position().map_or(0, |p| p.line()));
             Ok(Event {
                 id,

@@ -146,6 +146,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
             if event.kind.is_empty() {
                 anyhow::bail!("--kind is empty");
             }
+            for (what, key) in [
+                ("--customer", &event.customer_id),
+                ("--kind", &event.kind),
+                ("--id", &event.id),
+            ] {
+                import::check_key(what, key).map_err(anyhow::Error::msg)?;
+            }
             let new = store.insert_events(std::slice::from_ref(&event)).await?;
             if new == 0 {
                 println!("event {} exists already; nothing changed", event.id);

@@ -202,8 +202,12 @@ pub async fn plan_rule(
 ) -> StoreResult<u64> {
     let mut cursor = after_seq;
     let mut inserted = 0;
+    // Windows that find nothing grow (up to 64 spans): `seq` has gaps (every upsert of an
+    // existing customer uses up a value on PostgreSQL), and stepping through a sparse range
+    // one span at a time would cost a query per span.
+    let mut span = SPAN;
     while cursor < up_to_seq {
-        let window_end = up_to_seq.min(cursor.saturating_add(SPAN));
+        let window_end = up_to_seq.min(cursor.saturating_add(span));
         let query = CandidateQuery {
             rule: rule.name.clone(),
             source: source_for(rule, now, settings),
@@ -219,8 +223,10 @@ pub async fn plan_rule(
             _ => window_end,
         };
         if candidates.is_empty() {
+            span = (span * 2).min(SPAN * 64);
             continue;
         }
+        span = SPAN;
         let planned: Vec<NewMessage> = candidates
             .iter()
             .filter_map(|c| plan_candidate(rule, c, now, settings))

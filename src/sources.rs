@@ -545,7 +545,9 @@ impl Source {
                 )
             }
             DatabaseUrl::Postgres(text) => {
-                let timeout_ms = (timeout.as_millis() as u64).to_string();
+                // A little longer than our own deadline, so that ours decides (as a timeout,
+                // with back-off) rather than the server's cancel (a query error).
+                let timeout_ms = (timeout.as_millis() as u64 + 2_000).to_string();
                 let options = PgConnectOptions::from_str(text)
                     .map_err(|e| format!("{key}.url is not a valid PostgreSQL URL: {e}"))?
                     .application_name("touchpoint-source")

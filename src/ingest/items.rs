@@ -127,7 +127,10 @@ impl Fields<'_> {
             None | Some(Value::Null) => self.problem(field, "missing"),
             Some(Value::String(text)) if text.trim().is_empty() => self.problem(field, "empty"),
             Some(Value::String(text)) if text.contains('\0') => self.problem(field, NUL),
-            Some(Value::String(text)) => return Some(text.trim().to_string()),
+            Some(Value::String(text)) => match crate::import::check_key(field, text) {
+                Ok(()) => return Some(text.trim().to_string()),
+                Err(message) => self.problem(field, message),
+            },
             Some(other) => self.problem(field, format!("expected a string, not {}", kind(other))),
         }
         None
@@ -381,6 +384,20 @@ mod tests {
         assert_eq!(
             fields_of(&problems),
             vec![(Some(0), Some("id")), (Some(0), Some("data"))]
+        );
+    }
+
+    #[test]
+    fn keys_longer_than_the_indexes_take_are_refused() {
+        let long = "x".repeat(crate::import::MAX_KEY_BYTES + 1);
+        let (good, problems) = events(&[json!({
+            "id": long, "customer_id": "c1", "kind": "k", "occurred_at": "2026-01-01"
+        })]);
+        assert!(good.is_empty());
+        assert_eq!(fields_of(&problems), vec![(Some(0), Some("id"))]);
+        assert_eq!(
+            problems[0].message,
+            "the id is 256 bytes long; at most 255 are taken"
         );
     }
 

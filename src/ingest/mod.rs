@@ -116,6 +116,11 @@ pub enum IngestError {
     Invalid(Vec<Problem>),
     #[error("the database is unavailable; nothing was written, try again later")]
     Store(#[source] StoreError),
+    /// The database refused the batch for a reason a retry will not change.
+    #[error(
+        "the database refused the batch; nothing was written, and retrying will not help (touchpoint's log says why)"
+    )]
+    Refused(#[source] StoreError),
 }
 
 fn mistakes(count: usize) -> String {
@@ -159,6 +164,7 @@ impl IngestError {
             IngestError::Read(_) | IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
             IngestError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Refused(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -279,10 +285,15 @@ fn created_or_ok(created: u64) -> StatusCode {
     }
 }
 
-/// Logs a store failure (the caller gets only "unavailable") and passes it on.
+/// Logs a store failure (the caller gets no detail) and passes it on: a passing fault is
+/// worth retrying (503), anything else is not (500).
 fn store_failure(caller: &str, error: StoreError) -> IngestError {
     tracing::warn!(token = caller, %error, "ingest API: the database failed; nothing written");
-    IngestError::Store(error)
+    if error.is_unavailable() {
+        IngestError::Store(error)
+    } else {
+        IngestError::Refused(error)
+    }
 }
 
 /// `POST /api/v1/events`: `{"received": N, "created": M, "duplicates": N - M}`, 201 when

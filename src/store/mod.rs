@@ -375,7 +375,10 @@ impl StoreError {
                 // codes (517 BUSY_SNAPSHOT, 261 BUSY_RECOVERY...) whose low byte is the primary.
                 let code = db.code().unwrap_or_default();
                 let sqlite_primary = code.parse::<i32>().ok().map(|c| c & 0xff);
+                // 3D000: the database does not exist (dropped, or not created yet): an outage
+                // for the operator to mend, not a mistake in what was written.
                 if code.starts_with("08")
+                    || code.starts_with("3D")
                     || code.starts_with("57P")
                     || code.starts_with("53")
                     || matches!(sqlite_primary, Some(5 | 6))

@@ -23,6 +23,9 @@ pub struct PostgresStore {
     pool: PgPool,
 }
 
+/// A pooled connection idle for longer than this is pinged before it is used again.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(5);
+
 impl PostgresStore {
     pub async fn open(url: &str, max_connections: u32) -> StoreResult<PostgresStore> {
         let options = PgConnectOptions::from_str(url)
@@ -33,13 +36,22 @@ impl PostgresStore {
             // Keep server NOTICEs ("relation ... already exists, skipping" on every migrate)
             // out of the operator's terminal; warnings and errors still come through.
             .options([("client_min_messages", "warning")]);
-        // No ping before each use (sqlx's default): it is a network round trip before every
-        // query (a third of all round trips while sending, BENCHMARKS.md). A connection the server
-        // dropped fails its query as `Unavailable` instead, which every caller already retries,
-        // and sqlx then discards it.
+        // No ping before each use of a busy connection (sqlx's default pings every time): it is
+        // a network round trip before every query, a third of all round trips while sending
+        // (BENCHMARKS.md). A connection that sat idle is pinged, within acquire_timeout: one the
+        // network dropped silently (a NAT or firewall timeout, a failover) would otherwise hang
+        // its next query until the kernel gives up, minutes later.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > IDLE_BEFORE_PING {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
