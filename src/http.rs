@@ -214,58 +214,56 @@ async fn render_metrics(shared: &Shared) -> String {
     out
 }
 
+/// One per-source series of /metrics: name, type, help, and its value for a source.
+type SourceSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::sources::Source) -> u64,
+);
+
 fn render_sources(out: &mut String, sources: &crate::sources::Sources) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let series: [SourceSeries; 4] = [
+        (
+            "touchpoint_source_up",
+            "gauge",
+            "Whether the source's latest query worked.",
+            |s| u64::from(s.last_error().is_none()),
+        ),
+        (
+            "touchpoint_source_rows_read_total",
+            "counter",
+            "Rows read from the source (planning reads only the window that can become due).",
+            |s| s.rows_read.load(Relaxed),
+        ),
+        (
+            "touchpoint_source_bad_rows_total",
+            "counter",
+            "Rows skipped because they cannot be read (a NULL email, text that is not a time).",
+            |s| s.bad_rows.load(Relaxed),
+        ),
+        (
+            "touchpoint_source_errors_total",
+            "counter",
+            "Queries of the source that failed.",
+            |s| s.errors.load(Relaxed),
+        ),
+    ];
     if sources.is_empty() {
         return;
     }
-    let ordering = std::sync::atomic::Ordering::Relaxed;
-    let _ = writeln!(
-        out,
-        "# HELP touchpoint_source_up Whether the source's latest query worked."
-    );
-    let _ = writeln!(out, "# TYPE touchpoint_source_up gauge");
-    for source in &sources.sources {
-        let up = u8::from(source.last_error().is_none());
-        let _ = writeln!(
-            out,
-            "touchpoint_source_up{{source=\"{}\"}} {up}",
-            escape(&source.name)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP touchpoint_source_rows_read_total Rows read from the source (planning reads only the window that can become due)."
-    );
-    let _ = writeln!(out, "# TYPE touchpoint_source_rows_read_total counter");
-    for source in &sources.sources {
-        let _ = writeln!(
-            out,
-            "touchpoint_source_rows_read_total{{source=\"{}\"}} {}",
-            escape(&source.name),
-            source.rows_read.load(ordering)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP touchpoint_source_bad_rows_total Rows skipped because they cannot be read (a NULL email, text that is not a time)."
-    );
-    let _ = writeln!(out, "# TYPE touchpoint_source_bad_rows_total counter");
-    for source in &sources.sources {
-        let _ = writeln!(
-            out,
-            "touchpoint_source_bad_rows_total{{source=\"{}\"}} {}",
-            escape(&source.name),
-            source.bad_rows.load(ordering)
-        );
-    }
-    let _ = writeln!(out, "# TYPE touchpoint_source_errors_total counter");
-    for source in &sources.sources {
-        let _ = writeln!(
-            out,
-            "touchpoint_source_errors_total{{source=\"{}\"}} {}",
-            escape(&source.name),
-            source.errors.load(ordering)
-        );
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for source in &sources.sources {
+            let _ = writeln!(
+                out,
+                "{name}{{source=\"{}\"}} {}",
+                escape(&source.name),
+                value(source)
+            );
+        }
     }
 }
 

@@ -313,12 +313,6 @@ pub enum SourceError {
         #[source]
         error: sqlx::Error,
     },
-    #[error("source {source_name}, query {query}: {message}")]
-    Shape {
-        source_name: String,
-        query: String,
-        message: String,
-    },
     #[error("source {source_name}, query {query}: no answer within {seconds}s (query_timeout)")]
     Timeout {
         source_name: String,
@@ -347,7 +341,6 @@ impl SourceError {
         match self {
             SourceError::Unavailable { source_name, .. }
             | SourceError::Query { source_name, .. }
-            | SourceError::Shape { source_name, .. }
             | SourceError::Timeout { source_name, .. }
             | SourceError::Row { source_name, .. }
             | SourceError::Paused { source_name, .. } => source_name,
