@@ -248,7 +248,8 @@ pub struct SenderConfig {
     #[serde(default)]
     pub message_id_domain: Option<String>,
     /// Envelope sender for bounces, e.g. `bounces@acme.example`: each message goes out as
-    /// `bounces+ID@acme.example` (VERP), so a bounce names its message even without headers.
+    /// `bounces+ID.TAG@acme.example` (VERP, TAG signed with the link secret), so a bounce names
+    /// its message even without headers, and a stranger cannot forge one.
     #[serde(default)]
     pub bounce_address: Option<String>,
 }
@@ -476,6 +477,10 @@ pub struct BouncesConfig {
     /// Soft bounces (4.x.x in a report) an address may collect before it is suppressed.
     #[serde(default = "default_soft_bounce_limit")]
     pub soft_bounce_limit: i64,
+    /// How long after sending an unsigned report (`bounces+42@...` or an untagged Message-ID)
+    /// is believed, for messages sent before VERP and Message-IDs were signed; `"0s"` for never.
+    #[serde(default = "default_unsigned_grace", deserialize_with = "duration")]
+    pub unsigned_grace: TimeDelta,
     /// The bearer token `POST /hooks/bounce` requires, from one of these; without one the
     /// hook is off.
     #[serde(default)]
@@ -489,6 +494,7 @@ impl Default for BouncesConfig {
     fn default() -> Self {
         BouncesConfig {
             soft_bounce_limit: default_soft_bounce_limit(),
+            unsigned_grace: default_unsigned_grace(),
             webhook_secret_env: None,
             webhook_secret_file: None,
             webhook_secret_credential: None,
@@ -497,6 +503,11 @@ impl Default for BouncesConfig {
 }
 fn default_soft_bounce_limit() -> i64 {
     3
+}
+/// Longer than an MTA keeps retrying (Postfix and Exim give up after 5 days), so every bounce
+/// of a message sent before the upgrade still arrives within it.
+fn default_unsigned_grace() -> TimeDelta {
+    TimeDelta::days(7)
 }
 
 /// DKIM signing of every message.

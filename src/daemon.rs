@@ -261,7 +261,8 @@ pub struct Shared {
     pub links: Option<crate::links::LinkSigner>,
     /// The bearer token of `POST /hooks/bounce`; `None` turns the hook off.
     pub bounce_webhook_secret: Option<crate::config::Secret>,
-    pub soft_bounce_limit: i64,
+    /// What a bounce or complaint report must show to be believed, for the webhook.
+    pub bounce_rules: crate::bounce::BounceRules,
     /// The bearer tokens of the ingest API; none turns it off.
     pub api_tokens: Arc<crate::ingest::ApiTokens>,
     /// The owner's web page; `None` when `web.enabled` is false.
@@ -311,8 +312,10 @@ pub async fn run(
     let store = open_store(&config, &shutdown).await?;
     let playbook = Playbook::load(&config)?;
     let transport = Arc::new(Transport::from_config(&config).map_err(DaemonError::Config)?);
-    let links = link_signer(&config, &store).await?;
-    let settings = dispatch_settings(&config, links.clone())?;
+    let secret = link_secret(&config, &store).await?;
+    let links = link_signer(&config, &secret);
+    let bounce_rules = bounce_rules(&config, &secret);
+    let settings = dispatch_settings(&config, links.clone(), bounce_rules.tags.clone())?;
     let bounce_webhook_secret = config
         .bounce_webhook_secret()
         .map_err(DaemonError::Config)?;
@@ -364,7 +367,7 @@ pub async fn run(
             playbook: playbook_rx.clone(),
             links,
             bounce_webhook_secret,
-            soft_bounce_limit: config.bounces.soft_bounce_limit,
+            bounce_rules,
             api_tokens: Arc::new(api_tokens.clone()),
             web: crate::web::Web::setup(&config, &store).await?,
         };
@@ -445,34 +448,52 @@ pub async fn run(
     }
 }
 
-/// The key that signs links: from the config, else generated once and kept in the database.
-pub async fn link_signer(
+/// The key that signs links, VERP addresses and Message-IDs: from the config, else generated
+/// once and kept in the database (the same for every process using it).
+pub async fn link_secret(
     config: &Config,
     store: &SharedStore,
-) -> Result<Option<crate::links::LinkSigner>, DaemonError> {
+) -> Result<crate::config::Secret, DaemonError> {
+    if let Some(secret) = config.link_secret().map_err(DaemonError::Config)? {
+        return Ok(secret);
+    }
+    let stored = store
+        .setting_or_insert("link_secret", &crate::links::new_secret())
+        .await?;
+    Ok(crate::config::Secret(stored))
+}
+
+/// Signs links, when customers can reach the daemon at a URL.
+pub fn link_signer(
+    config: &Config,
+    secret: &crate::config::Secret,
+) -> Option<crate::links::LinkSigner> {
     let Some(base_url) = config.links_base_url() else {
         tracing::warn!(
             "no links.base_url and no http.listen: messages go out without unsubscribe links"
         );
-        return Ok(None);
+        return None;
     };
-    let secret = match config.link_secret().map_err(DaemonError::Config)? {
-        Some(secret) => secret.expose().to_string(),
-        None => {
-            store
-                .setting_or_insert("link_secret", &crate::links::new_secret())
-                .await?
-        }
-    };
-    Ok(Some(crate::links::LinkSigner::new(
-        secret.as_bytes(),
+    Some(crate::links::LinkSigner::new(
+        secret.expose().as_bytes(),
         &base_url,
-    )))
+    ))
+}
+
+/// What a bounce or complaint report must show to be believed (`touchpoint bounce` and the
+/// webhook alike).
+pub fn bounce_rules(config: &Config, secret: &crate::config::Secret) -> crate::bounce::BounceRules {
+    crate::bounce::BounceRules {
+        tags: crate::links::MessageTags::new(secret.expose().as_bytes()),
+        soft_bounce_limit: config.bounces.soft_bounce_limit,
+        unsigned_grace: config.bounces.unsigned_grace,
+    }
 }
 
 fn dispatch_settings(
     config: &Config,
     links: Option<crate::links::LinkSigner>,
+    tags: crate::links::MessageTags,
 ) -> Result<DispatchSettings, DaemonError> {
     let from = transport::parse_mailbox(&config.sender.from)
         .map_err(|e| DaemonError::Config(format!("sender.from: {e}")))?;
@@ -512,6 +533,7 @@ fn dispatch_settings(
         unsubscribe_mailto: config.links.unsubscribe_mailto.clone(),
         dkim,
         bounce_address,
+        tags,
         instance: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
         batch_size: config.delivery.batch_size,
         lease,

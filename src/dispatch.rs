@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::daemon::Health;
-use crate::links::{self, Link, LinkSigner};
+use crate::links::{self, Link, LinkSigner, MessageTags};
 use crate::plan::{attributes_match, customer_timezone};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, message_context};
@@ -52,8 +52,10 @@ pub struct DispatchSettings {
     /// `List-Unsubscribe: <mailto:...>` as well, when configured.
     pub unsubscribe_mailto: Option<String>,
     pub dkim: Option<Arc<Dkim>>,
-    /// VERP: with `bounces+ID@domain` as the envelope sender, a bounce names its message.
+    /// VERP: with `bounces+ID.TAG@domain` as the envelope sender, a bounce names its message.
     pub bounce_address: Option<lettre::Address>,
+    /// Sign VERP addresses and make Message-IDs unguessable (from the link secret).
+    pub tags: MessageTags,
 }
 
 /// `base * 2^(n-1)`, at most `max`, with +-25% jitter so retries of many messages spread out.
@@ -452,7 +454,12 @@ async fn attempt(
         }));
     }
 
-    let message_id = transport::message_id_for(claim.id, &rule.name, &settings.message_id_domain);
+    let message_id = transport::message_id_for(
+        claim.id,
+        &settings.tags.message_id(claim.id),
+        &rule.name,
+        &settings.message_id_domain,
+    );
     let unsubscribe_url = settings
         .links
         .as_ref()
@@ -505,7 +512,7 @@ async fn attempt(
         envelope_from: settings
             .bounce_address
             .as_ref()
-            .and_then(|a| verp(a, claim.id)),
+            .and_then(|a| verp(a, claim.id, &settings.tags)),
     });
     let email = match email {
         Ok(email) => email,
@@ -688,11 +695,17 @@ fn extra_headers(
     headers
 }
 
-/// `bounces@acme.example` -> `bounces+42@acme.example`.
-pub fn verp(bounce_address: &lettre::Address, message: i64) -> Option<lettre::Address> {
+/// `bounces@acme.example` -> `bounces+42.TAG@acme.example`, TAG signing the message id (see
+/// [`crate::bounce::parse_verp`]).
+pub fn verp(
+    bounce_address: &lettre::Address,
+    message: i64,
+    tags: &MessageTags,
+) -> Option<lettre::Address> {
     format!(
-        "{}+{message}@{}",
+        "{}+{message}.{}@{}",
         bounce_address.user(),
+        tags.verp(message),
         bounce_address.domain()
     )
     .parse()
@@ -912,6 +925,20 @@ mod tests {
             );
             assert!(backoff(30, base, max) <= max);
         }
+    }
+
+    #[test]
+    fn the_verp_address_carries_the_message_id_and_its_signature() {
+        let tags = MessageTags::new(b"test secret");
+        let bounces: lettre::Address = "bounces@acme.example".parse().unwrap();
+        let address = verp(&bounces, 42, &tags).unwrap();
+        assert_eq!(
+            address.to_string(),
+            format!("bounces+42.{}@acme.example", tags.verp(42))
+        );
+        let parsed = crate::bounce::parse_verp(address.as_ref()).unwrap();
+        assert_eq!(parsed.message, 42);
+        assert!(tags.verp_matches(42, parsed.tag.as_deref().unwrap()));
     }
 
     #[test]

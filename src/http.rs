@@ -441,9 +441,10 @@ async fn open_pixel(State(shared): State<Shared>, Path(file): Path<String>) -> R
     let Ok((Link::Open { message }, _)) = verified(&shared, token).await else {
         return not_found();
     };
+    // One line per message however often the pixel is fetched; repeats are counted.
     if let Err(error) = shared
         .store
-        .add_message_event(message, "opened", &serde_json::json!({}))
+        .record_message_event_once(message, "opened", "", &serde_json::json!({}))
         .await
     {
         tracing::warn!(%error, "cannot record an open");
@@ -466,9 +467,11 @@ async fn click(State(shared): State<Shared>, Path(token): Path<String>) -> Respo
     if !(url.starts_with("https://") || url.starts_with("http://")) {
         return not_found();
     }
+    // One line per message and link however often it is followed; repeats are counted.
+    let detail = serde_json::json!({ "url": url });
     if let Err(error) = shared
         .store
-        .add_message_event(message, "clicked", &serde_json::json!({ "url": url }))
+        .record_message_event_once(message, "clicked", &crate::links::click_key(&url), &detail)
         .await
     {
         tracing::warn!(%error, "cannot record a click");
@@ -495,8 +498,10 @@ fn location(url: &str) -> String {
 }
 
 /// `POST /hooks/bounce` with `Authorization: Bearer <bounces.webhook_secret>` and a JSON body
-/// `{"type": "hard"|"soft"|"complaint", "message_id": "...", "email": "...", "status": "5.1.1",
-/// "detail": "..."}` (`message_id` or `email` required).
+/// `{"type": "hard"|"soft"|"complaint", "message_id": "...", "return_path": "...", "email": "...",
+/// "status": "5.1.1", "detail": "..."}`. A report that names a message (by Message-ID or the VERP
+/// `return_path`) is held to the same rules as a piped one ([`crate::bounce::apply`]); one with
+/// only an `email` suppresses that address.
 async fn bounce_hook(
     State(shared): State<Shared>,
     headers: HeaderMap,
@@ -523,10 +528,34 @@ async fn bounce_hook(
             return (StatusCode::BAD_REQUEST, format!("bad JSON body: {error}\n")).into_response();
         }
     };
-    match crate::bounce::apply(&shared.store, &report, shared.soft_bounce_limit, true).await {
+    use crate::bounce::{BounceError, Sender};
+    match crate::bounce::apply(
+        &shared.store,
+        &report,
+        &shared.bounce_rules,
+        Sender::Provider,
+    )
+    .await
+    {
         Ok(applied) => axum::Json(applied).into_response(),
-        Err(error @ crate::bounce::BounceError::UnknownMessage { .. }) => {
+        Err(error @ BounceError::UnknownMessage { .. }) => {
+            tracing::info!(%error, "bounce webhook");
             (StatusCode::NOT_FOUND, format!("{error}\n")).into_response()
+        }
+        Err(error @ BounceError::Unverified(_)) => {
+            tracing::warn!(%error, "bounce webhook: report refused");
+            (StatusCode::UNPROCESSABLE_ENTITY, format!("{error}\n")).into_response()
+        }
+        Err(
+            error @ (BounceError::WrongRecipient { message, .. }
+            | BounceError::NoRecipient { message }),
+        ) => {
+            // The addresses go to the caller, not into the log.
+            tracing::warn!(
+                message_id = message,
+                "bounce webhook: report refused: its recipient is not the message's"
+            );
+            (StatusCode::UNPROCESSABLE_ENTITY, format!("{error}\n")).into_response()
         }
         Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response(),
     }

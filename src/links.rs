@@ -129,6 +129,109 @@ impl LinkSigner {
     }
 }
 
+/// Bytes of a message tag (80 bits): as lowercase hex, 20 characters.
+const MESSAGE_TAG_BYTES: usize = 10;
+
+/// Tags that tie a message's id to the link secret: the signature in its VERP envelope sender
+/// (`bounces+42.TAG@acme.example`) and the unguessable part of its Message-ID. The same for
+/// every attempt of a message, and not computable without the secret, so a bounce or complaint
+/// for a message can only come from someone who saw that message. Lowercase hex, because MTAs
+/// may change the case of local parts. The key never appears in `Debug` output.
+#[derive(Clone)]
+pub struct MessageTags {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for MessageTags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageTags").field("key", &"***").finish()
+    }
+}
+
+/// What a message tag is for; each purpose signs its own payload, so one never stands in for
+/// the other.
+#[derive(Debug, Clone, Copy)]
+enum TagPurpose {
+    Verp,
+    MessageId,
+}
+
+impl MessageTags {
+    /// `key` is the link secret, as [`LinkSigner::new`] takes it.
+    pub fn new(key: &[u8]) -> MessageTags {
+        MessageTags { key: key.to_vec() }
+    }
+
+    fn mac(&self, purpose: TagPurpose, message: i64) -> HmacSha256 {
+        let prefix = match purpose {
+            TagPurpose::Verp => "verp",
+            TagPurpose::MessageId => "message-id",
+        };
+        let mut mac = HmacSha256::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(format!("{prefix}.{message}").as_bytes());
+        mac
+    }
+
+    fn tag(&self, purpose: TagPurpose, message: i64) -> String {
+        let digest = self.mac(purpose, message).finalize().into_bytes();
+        digest[..MESSAGE_TAG_BYTES]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The signature in message `message`'s VERP address.
+    pub fn verp(&self, message: i64) -> String {
+        self.tag(TagPurpose::Verp, message)
+    }
+
+    /// The unguessable part of message `message`'s Message-ID.
+    pub fn message_id(&self, message: i64) -> String {
+        self.tag(TagPurpose::MessageId, message)
+    }
+
+    /// Whether `tag` is message `message`'s VERP signature (any case), compared in constant
+    /// time.
+    pub fn verp_matches(&self, message: i64, tag: &str) -> bool {
+        let Some(bytes) = decode_hex(tag) else {
+            return false;
+        };
+        bytes.len() == MESSAGE_TAG_BYTES
+            && self
+                .mac(TagPurpose::Verp, message)
+                .verify_truncated_left(&bytes)
+                .is_ok()
+    }
+
+    /// Whether a stored Message-ID carries message `message`'s tag: `false` for the untagged
+    /// ids of messages sent before tags existed (or signed with another secret).
+    pub fn message_id_is_tagged(&self, message: i64, message_id: &str) -> bool {
+        message_id.contains(&self.message_id(message))
+    }
+}
+
+/// What tells a message's clicks on different links apart, short enough for any index: a hash of
+/// the URL (128 bits of SHA-256, hex).
+pub fn click_key(url: &str) -> String {
+    use sha2::Digest as _;
+    Sha256::digest(url.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `"0aFf"` -> `[0x0a, 0xff]`; `None` for anything that is not an even number of hex digits.
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&text[at..at + 2], 16).ok())
+        .collect()
+}
+
 /// Rewrites every `href="http..."` in `html` through click tracking, except `keep` (the
 /// unsubscribe link, which must work as it is).
 pub fn track_clicks(
@@ -267,6 +370,37 @@ mod tests {
             URL_SAFE_NO_PAD.encode("c.1.https://evil.example")
         );
         assert_eq!(s.verify(&redirected), None);
+    }
+
+    #[test]
+    fn message_tags_are_lowercase_hex_per_message_and_purpose_and_need_the_secret() {
+        let tags = MessageTags::new(b"test secret");
+        let verp = tags.verp(42);
+        assert_eq!(verp.len(), 20, "{verp}");
+        assert!(
+            verp.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+        );
+        assert_eq!(verp, tags.verp(42), "the same on every attempt");
+        assert_ne!(verp, tags.verp(43));
+        assert_ne!(
+            verp,
+            tags.message_id(42),
+            "a Message-ID tag is no VERP signature"
+        );
+        assert!(tags.verp_matches(42, &verp));
+        assert!(tags.verp_matches(42, &verp.to_ascii_uppercase()));
+        assert!(!tags.verp_matches(43, &verp));
+        assert!(!tags.verp_matches(42, &tags.message_id(42)));
+        assert!(!tags.verp_matches(42, &verp[..18]));
+        assert!(!tags.verp_matches(42, ""));
+        assert!(!tags.verp_matches(42, "zz"));
+        assert!(!tags.verp_matches(42, "é1"));
+        assert!(!MessageTags::new(b"another secret").verp_matches(42, &verp));
+        let id = format!("<42.{}.welcome@acme.example>", tags.message_id(42));
+        assert!(tags.message_id_is_tagged(42, &id));
+        assert!(!tags.message_id_is_tagged(42, "<42.welcome@acme.example>"));
+        assert!(!format!("{tags:?}").contains("secret"));
     }
 
     #[test]

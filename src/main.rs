@@ -238,15 +238,28 @@ async fn bounce(config: &touchpoint::config::Config, recipient: Option<String>) 
             std::process::exit(75);
         }
     };
-    match touchpoint::bounce::apply(&store, &report, config.bounces.soft_bounce_limit, false).await
-    {
+    let rules = match touchpoint::daemon::link_secret(config, &store).await {
+        Ok(secret) => touchpoint::daemon::bounce_rules(config, &secret),
+        Err(touchpoint::daemon::DaemonError::Store(error)) => {
+            eprintln!("error: {error}");
+            std::process::exit(75);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let sender = touchpoint::bounce::Sender::Anyone;
+    match touchpoint::bounce::apply(&store, &report, &rules, sender).await {
         Ok(applied) => println!(
-            "recorded {} for message {} ({}){}",
+            "recorded {} for message {} ({}){}{}",
             applied.kind.event(),
             applied
                 .message
                 .map_or_else(|| "-".into(), |m| m.to_string()),
             applied.email.unwrap_or_default(),
+            if applied.repeated {
+                "; a repeat of a report it had, counted once"
+            } else {
+                ""
+            },
             if applied.suppressed {
                 "; the address is suppressed"
             } else {

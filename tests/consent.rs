@@ -26,7 +26,7 @@ use support::http::{HttpResponse, send};
 use support::smtp::{Accepted, SmtpPeer};
 use support::{Backend, InProcess, Sink, TestEnv, repo_path};
 use tokio::time::Instant;
-use touchpoint::links::{Link, LinkSigner};
+use touchpoint::links::{Link, LinkSigner, MessageTags};
 use touchpoint::store::{LogEntry, LogFilter, MessageState, SharedStore, Suppression};
 
 /// How long a scenario waits for something that should happen within a few seconds.
@@ -446,6 +446,11 @@ fn token_of(url: &str) -> String {
     last.strip_suffix(".gif").unwrap_or(last).to_string()
 }
 
+/// What the daemon tags Message-IDs and VERP addresses with (from the link secret).
+fn tags() -> MessageTags {
+    MessageTags::new(LINK_SECRET.as_bytes())
+}
+
 /// Where a form with this `action` posts, from a page at `page_url` (RFC 3986 reference
 /// resolution for the shapes a form action takes).
 fn resolve(page_url: &str, action: Option<&str>) -> String {
@@ -519,7 +524,11 @@ on_both_backends!(
     tampered_and_foreign_tokens_are_plain_404s,
     opens_and_clicks_are_recorded_and_redirect_only_where_the_message_pointed,
     bounce_and_complaint_reports_piped_into_the_binary_are_recorded,
+    forged_guessed_and_mismatched_reports_piped_into_the_binary_suppress_nothing,
+    unsigned_reports_of_messages_sent_before_signing_count_only_within_the_grace,
     the_bounce_webhook_wants_the_bearer_token_and_good_json,
+    the_bounce_webhook_holds_reports_to_the_rules_of_the_pipe,
+    a_thousand_pixel_fetches_and_clicks_record_one_line_each,
     a_suppressed_address_is_never_planned_by_any_rule,
 );
 
@@ -556,7 +565,13 @@ async fn one_click_unsubscribe_suppresses_at_once_and_only_by_post(backend: Back
         Some("List-Unsubscribe=One-Click"),
         "{mail:#?}"
     );
-    let expected_id = format!("{}.welcome@acme.example", entry.id);
+    // The Message-ID and the VERP address carry tags made with the link secret.
+    let tags = tags();
+    let expected_id = format!(
+        "{}.{}.welcome@acme.example",
+        entry.id,
+        tags.message_id(entry.id)
+    );
     assert_eq!(mail.message_id.as_deref(), Some(expected_id.as_str()));
     assert_eq!(
         entry.message_id.as_deref(),
@@ -565,8 +580,8 @@ async fn one_click_unsubscribe_suppresses_at_once_and_only_by_post(backend: Back
     assert_eq!(mail.content_type, "multipart/alternative");
     assert_eq!(
         mail.mail_from,
-        format!("bounces+{}@acme.example", entry.id),
-        "the envelope sender is the VERP address of sender.bounce_address"
+        format!("bounces+{}.{}@acme.example", entry.id, tags.verp(entry.id)),
+        "the envelope sender is the signed VERP address of sender.bounce_address"
     );
     assert!(mail.dkim_signature.is_none(), "no [dkim], no signature");
     // {{unsubscribe_url}} in both bodies is the same URL as in the header; without tracking,
@@ -970,7 +985,8 @@ async fn opens_and_clicks_are_recorded_and_redirect_only_where_the_message_point
     assert!(location.is_ascii(), "{location}");
     assert_eq!(percent_decode(location), IRI_URL);
 
-    // Opens: every one counted, the first one kept; the pixel is a GIF that is never cached.
+    // Opens: one line per message that counts every fetch and keeps the first time; the pixel
+    // is a GIF that is never cached.
     for _ in 0..3 {
         let gif = send(addr, "GET", &local_path(&pixels[0]), &[], b"").await;
         assert_eq!(gif.status, 200);
@@ -981,9 +997,10 @@ async fn opens_and_clicks_are_recorded_and_redirect_only_where_the_message_point
     }
     let events = world.store.message_events(entry.id).await.expect("events");
     let opens: Vec<_> = events.iter().filter(|e| e.kind == "opened").collect();
-    assert_eq!(opens.len(), 3, "{events:#?}");
+    assert_eq!(opens.len(), 1, "{events:#?}");
+    assert_eq!(opens[0].count, 3, "{events:#?}");
     let clicked: Vec<_> = events.iter().filter(|e| e.kind == "clicked").collect();
-    assert_eq!(clicked.len(), 2, "{events:#?}");
+    assert_eq!(clicked.len(), 2, "one line per link: {events:#?}");
     assert_eq!(clicked[0].detail["url"], SHOP_URL);
     let logged = world.entry(entry.id).await;
     assert_eq!(logged.opens, 3);
@@ -1032,6 +1049,76 @@ async fn opens_and_clicks_are_recorded_and_redirect_only_where_the_message_point
     world.stop().await;
 }
 
+/// A pixel fetched 1,000 times (by 8 clients at once) and links followed 100 times each: one
+/// line per message (and link) that counts them, so a flood cannot fill the database.
+async fn a_thousand_pixel_fetches_and_clicks_record_one_line_each(backend: Backend) {
+    const FETCHES: usize = 1000;
+    const CLIENTS: usize = 8;
+    let mut world = World::new(
+        backend,
+        TRACKING_RULES,
+        &format!("{LINKS_PLAIN}{BOUNCES_NO_HOOK}"),
+    )
+    .await;
+    world
+        .customer("ada", "ada@example.net", "Ada Lovelace")
+        .await;
+    world.start().await;
+    world.event("buy-1", "ada", "purchase").await;
+    let (entry, accepted) = world.sent("spring", "buy-1").await;
+    let mail = read_mail(&accepted);
+    let pixel = local_path(&mail.html_urls("src", &format!("{BASE_URL}/o/"))[0]);
+    let clicks: Vec<String> = mail
+        .html_urls("href", &format!("{BASE_URL}/c/"))
+        .iter()
+        .map(|url| local_path(url))
+        .collect();
+    assert_eq!(clicks.len(), 2, "{}", mail.html);
+    let addr = world.addr();
+
+    let fetch_all = |path: String, times: usize| async move {
+        let mut clients = tokio::task::JoinSet::new();
+        for client in 0..CLIENTS {
+            let path = path.clone();
+            clients.spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in (client..times).step_by(CLIENTS) {
+                    statuses.push(send(addr, "GET", &path, &[], b"").await.status);
+                }
+                statuses
+            });
+        }
+        let mut statuses = Vec::new();
+        while let Some(done) = clients.join_next().await {
+            statuses.extend(done.expect("a client"));
+        }
+        statuses
+    };
+    let statuses = fetch_all(pixel, FETCHES).await;
+    assert_eq!(statuses.len(), FETCHES);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    for click in &clicks {
+        let statuses = fetch_all(click.clone(), 100).await;
+        assert!(statuses.iter().all(|s| *s == 302), "{statuses:?}");
+    }
+
+    let events = world.store.message_events(entry.id).await.expect("events");
+    let lines = |kind: &str| -> Vec<i64> {
+        events
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.count)
+            .collect()
+    };
+    assert_eq!(lines("opened"), vec![FETCHES as i64], "{events:#?}");
+    assert_eq!(lines("clicked"), vec![100, 100], "{events:#?}");
+    assert!(events.len() <= 5, "a handful of lines in all: {events:#?}");
+    let logged = world.entry(entry.id).await;
+    assert_eq!(logged.opens, FETCHES as i64);
+    assert_eq!(logged.clicks, 200);
+    world.stop().await;
+}
+
 // --- bounces and complaints ------------------------------------------------------------------------
 
 fn fixture(name: &str) -> String {
@@ -1039,16 +1126,50 @@ fn fixture(name: &str) -> String {
         .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
-/// A fixture made for message `template` (its Message-ID and VERP address) pointed at `actual`.
-fn report_for(name: &str, template: i64, actual: i64) -> String {
+/// The made-up tags in the fixtures' VERP addresses and Message-IDs (of their messages 1 to 4).
+const FIXTURE_VERP_TAG: &str = "8f3a1c9e5b7d2f4a6c0e";
+const FIXTURE_ID_TAG: &str = "2b9d4f6a8c1e3a5c7e9b";
+
+/// How reports name a message of the rule `welcome`: its Message-ID (in angle brackets) and
+/// its VERP address.
+#[derive(Debug, Clone)]
+struct Named {
+    id: i64,
+    message_id: String,
+    verp: String,
+}
+
+impl Named {
+    /// As the daemon sends message `id`: both signed with the link secret.
+    fn signed(id: i64) -> Named {
+        let tags = tags();
+        Named {
+            id,
+            message_id: format!("<{id}.{}.welcome@acme.example>", tags.message_id(id)),
+            verp: format!("bounces+{id}.{}@acme.example", tags.verp(id)),
+        }
+    }
+
+    /// As messages went out before signing: `<42.welcome@...>` and `bounces+42@...`.
+    fn unsigned(id: i64) -> Named {
+        Named {
+            id,
+            message_id: format!("<{id}.welcome@acme.example>"),
+            verp: format!("bounces+{id}@acme.example"),
+        }
+    }
+}
+
+/// A fixture made for message `template` (its Message-ID and VERP address) pointed at `named`.
+fn report_for(name: &str, template: i64, named: &Named) -> String {
     fixture(name)
         .replace(
-            &format!("<{template}.welcome@acme.example>"),
-            &format!("<{actual}.welcome@acme.example>"),
+            &format!("<{template}.{FIXTURE_ID_TAG}.welcome@acme.example>"),
+            &named.message_id,
         )
         .replace(
-            &format!("bounces+{template}@"),
-            &format!("bounces+{actual}@"),
+            &format!("bounces+{template}.{FIXTURE_VERP_TAG}@acme.example"),
+            &named.verp,
         )
 }
 
@@ -1057,6 +1178,97 @@ fn without_lines_containing(text: &str, needle: &str) -> String {
         .filter(|l| !l.contains(needle))
         .map(|l| format!("{l}\n"))
         .collect()
+}
+
+impl World {
+    /// Waits until the `welcome` message for `event` is sent; checks that it went out with the
+    /// signed Message-ID and VERP address.
+    async fn sent_signed(&self, event: &str) -> Named {
+        let (entry, accepted) = self.sent("welcome", event).await;
+        let named = Named::signed(entry.id);
+        assert_eq!(accepted.mail_from, named.verp, "the signed VERP address");
+        assert_eq!(entry.message_id.as_deref(), Some(named.message_id.as_str()));
+        named
+    }
+
+    /// Makes message `id` look sent `days_ago` before signing began: its stored Message-ID
+    /// of the old, untagged form.
+    async fn sent_unsigned(&self, id: i64, days_ago: i64) -> Named {
+        let named = Named::unsigned(id);
+        let sent_at = match self.env.backend {
+            Backend::Sqlite => {
+                format!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{days_ago} days', '-1 hours')")
+            }
+            Backend::Postgres => format!("now() - interval '{days_ago} days 1 hour'"),
+        };
+        self.env
+            .execute_sql(&format!(
+                "UPDATE messages SET message_id = '{}', sent_at = {sent_at} WHERE id = {id}",
+                named.message_id
+            ))
+            .await;
+        named
+    }
+
+    /// Pipes a report that must be refused; returns what `touchpoint bounce` said.
+    fn refused(&self, report: &str, why: &str) -> String {
+        let (code, out, err) = self.bounce(report, &[], &[]);
+        assert_eq!(code, 0, "nothing to retry: {out}{err}");
+        assert!(
+            out.contains("ignored: ") && out.contains(why),
+            "expected the report to be refused because {why:?}: {out}{err}"
+        );
+        out
+    }
+
+    /// Events of these messages other than their sending.
+    async fn reports_recorded(&self, messages: &[i64]) -> Vec<String> {
+        let mut kinds = Vec::new();
+        for id in messages {
+            kinds.extend(
+                self.event_kinds(*id)
+                    .await
+                    .into_iter()
+                    .filter(|k| k != "sent")
+                    .map(|k| format!("{id}: {k}")),
+            );
+        }
+        kinds
+    }
+
+    /// How many times the one `kind` line of a message counts.
+    async fn event_count(&self, message: i64, kind: &str) -> i64 {
+        let events = self.store.message_events(message).await.expect("events");
+        let lines: Vec<_> = events.iter().filter(|e| e.kind == kind).collect();
+        assert_eq!(lines.len(), 1, "one {kind} line: {events:#?}");
+        lines[0].count
+    }
+}
+
+/// `POST /hooks/bounce` with the right bearer token.
+async fn hook(addr: SocketAddr, body: &Value) -> HttpResponse {
+    let bearer = format!("Bearer {HOOK_SECRET}");
+    send(
+        addr,
+        "POST",
+        "/hooks/bounce",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", bearer.as_str()),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+/// Asserts the webhook answered `status` and said `why`.
+fn answered(response: &HttpResponse, status: u16, why: &str) {
+    assert_eq!(response.status, status, "{}", response.text());
+    assert!(
+        response.text().contains(why),
+        "expected {why:?} in {}",
+        response.text()
+    );
 }
 
 async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend: Backend) {
@@ -1081,17 +1293,12 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
     for (id, _, _) in people {
         world.event(&format!("signup-{id}"), id, "signup").await;
     }
-    let mut ids = std::collections::HashMap::new();
+    let mut named = std::collections::HashMap::new();
     for (id, email, _) in people {
-        let (entry, accepted) = world.sent("welcome", &format!("signup-{id}")).await;
-        assert_eq!(
-            accepted.mail_from,
-            format!("bounces+{}@acme.example", entry.id)
-        );
-        ids.insert(email, entry.id);
+        named.insert(email, world.sent_signed(&format!("signup-{id}")).await);
     }
     let all_events = |world: &World| {
-        let ids: Vec<i64> = ids.values().copied().collect();
+        let ids: Vec<i64> = named.values().map(|n| n.id).collect();
         let store = world.store.clone();
         async move {
             let mut n = 0;
@@ -1108,29 +1315,26 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
         }
     };
 
-    // A report for a message we never sent: nothing to retry, nothing recorded.
-    let unknown = report_for("postfix-hard-bounce.eml", 1, 999_999);
-    let (code, out, err) = world.bounce(&unknown, &[], &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("ignored"), "{out}{err}");
+    // A report for a message we never sent (signed right): nothing to retry, nothing recorded.
+    let unknown = report_for("postfix-hard-bounce.eml", 1, &Named::signed(999_999));
+    world.refused(&unknown, "no message matches");
     // Mail that is not a report at all.
     let plain =
         "From: someone@example.com\nTo: bounces@acme.example\nSubject: hello\n\nJust saying hi.\n";
-    let (code, out, err) = world.bounce(plain, &[], &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("ignored"), "{out}{err}");
+    world.refused(plain, "not a bounce or complaint report");
     assert!(world.suppressions().await.is_empty());
     assert_eq!(all_events(&world).await, 0);
 
     // Postfix: a hard bounce with the whole message returned.
-    let ada = ids["ada@example.net"];
+    let ada = &named["ada@example.net"];
     let (code, out, err) = world.bounce(&report_for("postfix-hard-bounce.eml", 1, ada), &[], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains(&format!("recorded bounced for message {ada}")) && out.contains("suppressed"),
+        out.contains(&format!("recorded bounced for message {}", ada.id))
+            && out.contains("suppressed"),
         "{out}{err}"
     );
-    let events = world.store.message_events(ada).await.expect("events");
+    let events = world.store.message_events(ada.id).await.expect("events");
     let bounced = events
         .iter()
         .find(|e| e.kind == "bounced")
@@ -1153,24 +1357,39 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
     assert_eq!(suppression.source, "bounce");
     assert!(suppression.reason.contains("5.1.1"), "{suppression:?}");
 
-    // Postfix: a delay warning is a soft bounce; the second one reaches the limit (2).
-    let grace = ids["grace@example.org"];
+    // Postfix: a delay warning is a soft bounce. The same warning again counts once; a soft
+    // bounce of a second message reaches the limit (2).
+    let grace = &named["grace@example.org"];
     let delayed = report_for("postfix-delayed.eml", 2, grace);
     let (code, out, err) = world.bounce(&delayed, &[], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains(&format!("recorded soft_bounced for message {grace}")),
+        out.contains(&format!("recorded soft_bounced for message {}", grace.id)),
         "{out}{err}"
     );
     assert!(!out.contains("suppressed"), "{out}");
+    for _ in 0..3 {
+        let (code, out, err) = world.bounce(&delayed, &[], &[]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("counted once") && !out.contains("suppressed"),
+            "a repeated soft bounce of one message counts once: {out}{err}"
+        );
+    }
     assert!(world.suppression_of("grace@example.org").await.is_none());
-    let (code, out, err) = world.bounce(&delayed, &[], &[]);
+    assert_eq!(world.event_count(grace.id, "soft_bounced").await, 4);
+    world.event("signup-grace-again", "grace", "signup").await;
+    let grace_again = world.sent_signed("signup-grace-again").await;
+    let (code, out, err) = world.bounce(
+        &report_for("postfix-delayed.eml", 2, &grace_again),
+        &[],
+        &[],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("suppressed"),
-        "the second soft bounce reaches the limit: {out}{err}"
+        "a soft bounce of a second message reaches the limit: {out}{err}"
     );
-    assert_eq!(world.count_events(grace, "soft_bounced").await, 2);
     assert_eq!(
         world
             .suppression_of("grace@example.org")
@@ -1181,14 +1400,14 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
     );
 
     // Yahoo's complaint feedback loop (ARF).
-    let hedy = ids["hedy@yahoo.com"];
+    let hedy = &named["hedy@yahoo.com"];
     let (code, out, err) = world.bounce(&report_for("yahoo-arf-complaint.eml", 3, hedy), &[], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains(&format!("recorded complained for message {hedy}")),
+        out.contains(&format!("recorded complained for message {}", hedy.id)),
         "{out}{err}"
     );
-    assert_eq!(world.count_events(hedy, "complained").await, 1);
+    assert_eq!(world.count_events(hedy.id, "complained").await, 1);
     assert_eq!(
         world
             .suppression_of("hedy@yahoo.com")
@@ -1199,7 +1418,7 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
     );
 
     // Gmail's DSN, with every Message-ID gone: found by the VERP address it was sent to.
-    let joan = ids["joan@example.com"];
+    let joan = &named["joan@example.com"];
     let gmail = without_lines_containing(
         &report_for("gmail-hard-bounce.eml", 4, joan),
         ".welcome@acme.example>",
@@ -1208,30 +1427,30 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
     let (code, out, err) = world.bounce(&gmail, &[], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains(&format!("recorded bounced for message {joan}")),
+        out.contains(&format!("recorded bounced for message {}", joan.id)),
         "{out}{err}"
     );
     assert!(world.suppression_of("joan@example.com").await.is_some());
 
     // No Message-ID and no VERP in the headers: the recipient the MTA hands over (--recipient).
-    let kate = ids["kate@example.net"];
+    let kate = &named["kate@example.net"];
     let bare = without_lines_containing(
         &fixture("postfix-hard-bounce.eml"),
         ".welcome@acme.example>",
     )
-    .replace("bounces+1@", "bounces@")
+    .replace(&format!("bounces+1.{FIXTURE_VERP_TAG}@"), "bounces@")
     .replace("ada@example.net", "kate@example.net");
-    let recipient = format!("bounces+{kate}@acme.example");
-    let (code, out, err) = world.bounce(&bare, &["--recipient", &recipient], &[]);
+    assert!(!bare.contains("bounces+"), "no VERP address left");
+    let (code, out, err) = world.bounce(&bare, &["--recipient", &kate.verp], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains(&format!("recorded bounced for message {kate}")),
+        out.contains(&format!("recorded bounced for message {}", kate.id)),
         "{out}{err}"
     );
 
     // An ARF whose enclosed message lost its Message-ID: the VERP address is in the report's
     // Original-Mail-From.
-    let lin = ids["lin@yahoo.com"];
+    let lin = &named["lin@yahoo.com"];
     let arf = without_lines_containing(
         &report_for("yahoo-arf-complaint.eml", 3, lin),
         ".welcome@acme.example>",
@@ -1240,7 +1459,7 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
     let (code, out, err) = world.bounce(&arf, &[], &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains(&format!("recorded complained for message {lin}")),
+        out.contains(&format!("recorded complained for message {}", lin.id)),
         "a complaint must find its message by the VERP Original-Mail-From: {out}{err}"
     );
 
@@ -1264,8 +1483,12 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
             .unwrap_or_else(|| panic!("message {id} in the log"))
             .clone()
     };
-    assert!(row(ada)["bounced_at"].is_string(), "{}", row(ada));
-    assert!(row(hedy)["complained_at"].is_string(), "{}", row(hedy));
+    assert!(row(ada.id)["bounced_at"].is_string(), "{}", row(ada.id));
+    assert!(
+        row(hedy.id)["complained_at"].is_string(),
+        "{}",
+        row(hedy.id)
+    );
 
     // And nobody suppressed is mailed again.
     world.event("signup-ada-2", "ada", "signup").await;
@@ -1277,6 +1500,203 @@ async fn bounce_and_complaint_reports_piped_into_the_binary_are_recorded(backend
             .any(|e| e.event_id.as_deref().is_some_and(|e| e.ends_with("-2"))),
         "{log:#?}"
     );
+    world.stop().await;
+}
+
+/// What a stranger can mail the bounce address: reports with a forged or missing VERP
+/// signature, a Message-ID guessed by counting, or someone else's recipient. None is believed,
+/// and `touchpoint bounce` says why; the genuine reports still count.
+async fn forged_guessed_and_mismatched_reports_piped_into_the_binary_suppress_nothing(
+    backend: Backend,
+) {
+    let mut world = World::new(
+        backend,
+        BOUNCE_RULES,
+        &format!("{LINKS_PLAIN}{BOUNCES_NO_HOOK}"),
+    )
+    .await;
+    world
+        .customer("ada", "ada@example.net", "Ada Lovelace")
+        .await;
+    world
+        .customer("hedy", "hedy@yahoo.com", "Hedy Lamarr")
+        .await;
+    world.start().await;
+    world.event("signup-ada", "ada", "signup").await;
+    world.event("signup-hedy", "hedy", "signup").await;
+    let ada = world.sent_signed("signup-ada").await;
+    let hedy = world.sent_signed("signup-hedy").await;
+    let hard = |named: &Named| report_for("postfix-hard-bounce.eml", 1, named);
+
+    // A VERP address with the right message id and a signature we did not make.
+    let forged = Named {
+        verp: format!("bounces+{}.{FIXTURE_VERP_TAG}@acme.example", ada.id),
+        ..ada.clone()
+    };
+    world.refused(&hard(&forged), "with a signature we did not make");
+    let borrowed = Named {
+        verp: format!("bounces+{}.{}@acme.example", ada.id, tags().verp(hedy.id)),
+        ..ada.clone()
+    };
+    world.refused(&hard(&borrowed), "with a signature we did not make");
+    // The unsigned form, for a message that went out signed (its real Message-ID or not).
+    let unsigned = Named {
+        verp: format!("bounces+{}@acme.example", ada.id),
+        ..ada.clone()
+    };
+    world.refused(&hard(&unsigned), "carries no signature");
+    world.refused(
+        &without_lines_containing(&hard(&unsigned), ".welcome@acme.example>"),
+        "carries no signature",
+    );
+    // No VERP at all, and a Message-ID guessed by counting: in the old form, or with a tag.
+    for guess in [
+        format!("<{}.welcome@acme.example>", ada.id),
+        format!("<{}.{FIXTURE_ID_TAG}.welcome@acme.example>", ada.id),
+    ] {
+        let report = fixture("postfix-hard-bounce.eml")
+            .replace(&format!("bounces+1.{FIXTURE_VERP_TAG}@"), "bounces@")
+            .replace(
+                &format!("<1.{FIXTURE_ID_TAG}.welcome@acme.example>"),
+                &guess,
+            );
+        assert!(!report.contains("bounces+"), "no VERP address left");
+        world.refused(&report, "no message matches");
+    }
+    // The right signature with someone else's Final-Recipient (what anyone who got one of our
+    // messages could send), or with no recipient at all.
+    let other_recipient = hard(&ada).replace("ada@example.net", "grace@example.org");
+    world.refused(&other_recipient, "is not the recipient of message");
+    world.refused(
+        &without_lines_containing(&hard(&ada), "-Recipient:"),
+        "names no recipient",
+    );
+    // A complaint that reports another recipient: in Original-Rcpt-To, or, without one, in the
+    // enclosed message's To.
+    let arf = report_for("yahoo-arf-complaint.eml", 3, &hedy);
+    world.refused(
+        &arf.replace(
+            "Original-Rcpt-To: <hedy@yahoo.com>",
+            "Original-Rcpt-To: <ada@example.net>",
+        ),
+        "is not the recipient of message",
+    );
+    let no_rcpt_to = without_lines_containing(&arf, "Original-Rcpt-To");
+    world.refused(
+        &no_rcpt_to.replace(
+            "To: Hedy Lamarr <hedy@yahoo.com>",
+            "To: Ada <ada@example.net>",
+        ),
+        "is not the recipient of message",
+    );
+    assert!(world.suppressions().await.is_empty());
+    assert_eq!(
+        world.reports_recorded(&[ada.id, hedy.id]).await,
+        Vec::<String>::new()
+    );
+
+    // The genuine reports count (addresses compared whatever their case), the enclosed To
+    // standing in for a missing Original-Rcpt-To.
+    let (code, out, err) = world.bounce(
+        &hard(&ada).replace("rfc822; ada@example.net", "rfc822; ADA@Example.NET"),
+        &[],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("recorded bounced for message {}", ada.id))
+            && out.contains("suppressed"),
+        "{out}{err}"
+    );
+    let (code, out, err) = world.bounce(&no_rcpt_to, &[], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("recorded complained for message {}", hedy.id)),
+        "{out}{err}"
+    );
+    assert!(world.suppression_of("ada@example.net").await.is_some());
+    assert!(world.suppression_of("hedy@yahoo.com").await.is_some());
+    world.stop().await;
+}
+
+/// Messages sent before VERP and Message-IDs were signed: their unsigned reports count for
+/// `bounces.unsigned_grace` (7 days) after sending, by pipe and by webhook, and not after.
+async fn unsigned_reports_of_messages_sent_before_signing_count_only_within_the_grace(
+    backend: Backend,
+) {
+    let mut world = World::new(
+        backend,
+        BOUNCE_RULES,
+        &format!("{LINKS_PLAIN}{BOUNCES_WITH_HOOK}"),
+    )
+    .await;
+    let people = [
+        ("ada", "ada@example.net", "Ada Lovelace"),
+        ("grace", "grace@example.org", "Grace Hopper"),
+        ("hedy", "hedy@yahoo.com", "Hedy Lamarr"),
+        ("joan", "joan@example.com", "Joan Clarke"),
+    ];
+    for (id, email, name) in people {
+        world.customer(id, email, name).await;
+    }
+    world.start().await;
+    let mut ids = Vec::new();
+    for (id, _, _) in people {
+        world.event(&format!("signup-{id}"), id, "signup").await;
+        ids.push(world.sent_signed(&format!("signup-{id}")).await.id);
+    }
+    let ada = world.sent_unsigned(ids[0], 1).await;
+    let grace = world.sent_unsigned(ids[1], 8).await;
+    let hedy = world.sent_unsigned(ids[2], 1).await;
+    let joan = world.sent_unsigned(ids[3], 30).await;
+    let hard = |named: &Named| report_for("postfix-hard-bounce.eml", 1, named);
+
+    // Past the grace: refused, by pipe and by webhook.
+    let out = world.refused(
+        &hard(&grace).replace("ada@example.net", "grace@example.org"),
+        "bounces.unsigned_grace (1w)",
+    );
+    assert!(out.contains("carries no signature"), "{out}");
+    let response = hook(
+        world.addr(),
+        &json!({"type": "complaint", "message_id": joan.message_id, "email": "joan@example.com"}),
+    )
+    .await;
+    answered(&response, 422, "bounces.unsigned_grace (1w)");
+    // Within it, the recipient must still be right.
+    world.refused(
+        &hard(&ada).replace("ada@example.net", "grace@example.org"),
+        "is not the recipient of message",
+    );
+    assert!(world.suppressions().await.is_empty());
+    assert_eq!(
+        world.reports_recorded(&ids).await,
+        Vec::<String>::new(),
+        "nothing recorded"
+    );
+
+    // Within the grace: believed, by the unsigned VERP address or the untagged Message-ID.
+    let (code, out, err) = world.bounce(&hard(&ada), &[], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("recorded bounced for message {}", ada.id))
+            && out.contains("suppressed"),
+        "{out}{err}"
+    );
+    let by_message_id = without_lines_containing(&hard(&ada), "bounces+");
+    let (code, out, err) = world.bounce(&by_message_id, &[], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("counted once"), "{out}{err}");
+    let response = hook(
+        world.addr(),
+        &json!({"type": "complaint", "message_id": hedy.message_id, "email": "hedy@yahoo.com"}),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert!(world.suppression_of("ada@example.net").await.is_some());
+    assert!(world.suppression_of("hedy@yahoo.com").await.is_some());
+    assert!(world.suppression_of("grace@example.org").await.is_none());
+    assert!(world.suppression_of("joan@example.com").await.is_none());
     world.stop().await;
 }
 
@@ -1304,7 +1724,7 @@ async fn the_bounce_webhook_wants_the_bearer_token_and_good_json(backend: Backen
     let addr = world.addr();
     let bearer = format!("Bearer {HOOK_SECRET}");
     let json_type = ("Content-Type", "application/json");
-    let hook = |auth: Option<String>, body: Value| async move {
+    let hook_with = |auth: Option<String>, body: Value| async move {
         let mut headers = vec![json_type];
         let auth = auth.unwrap_or_default();
         if !auth.is_empty() {
@@ -1322,6 +1742,7 @@ async fn the_bounce_webhook_wants_the_bearer_token_and_good_json(backend: Backen
     let hard_for_grace = json!({
         "type": "hard",
         "message_id": grace.message_id,
+        "email": "grace@example.org",
         "status": "5.1.1",
         "detail": "550 5.1.1 mailbox does not exist",
     });
@@ -1340,7 +1761,7 @@ async fn the_bounce_webhook_wants_the_bearer_token_and_good_json(backend: Backen
         Some(HOOK_SECRET.to_string()),
     ];
     for auth in wrong_tokens {
-        let response = hook(auth.clone(), hard_for_grace.clone()).await;
+        let response = hook_with(auth.clone(), hard_for_grace.clone()).await;
         assert_eq!(response.status, 401, "{auth:?}: {}", response.text());
     }
     assert!(world.suppressions().await.is_empty());
@@ -1373,8 +1794,8 @@ async fn the_bounce_webhook_wants_the_bearer_token_and_good_json(backend: Backen
 
     // Right token, good JSON.
     let response = hook(
-        Some(bearer.clone()),
-        json!({"type": "hard", "message_id": ada.message_id, "status": "5.1.1", "detail": "mailbox does not exist"}),
+        addr,
+        &json!({"type": "hard", "message_id": ada.message_id, "email": "ada@example.net", "status": "5.1.1", "detail": "mailbox does not exist"}),
     )
     .await;
     assert_eq!(response.status, 200, "{}", response.text());
@@ -1395,8 +1816,8 @@ async fn the_bounce_webhook_wants_the_bearer_token_and_good_json(backend: Backen
     let bare_id = hedy.message_id.clone().unwrap_or_default();
     let bare_id = bare_id.trim_matches(['<', '>']);
     let response = hook(
-        Some(bearer.clone()),
-        json!({"type": "complaint", "message_id": bare_id}),
+        addr,
+        &json!({"type": "complaint", "message_id": bare_id, "email": "hedy@yahoo.com"}),
     )
     .await;
     assert_eq!(response.status, 200, "{}", response.text());
@@ -1410,23 +1831,115 @@ async fn the_bounce_webhook_wants_the_bearer_token_and_good_json(backend: Backen
         "complaint"
     );
 
-    // Soft bounces count up to the limit (2).
-    let soft = json!({"type": "soft", "message_id": grace.message_id, "status": "4.2.2"});
-    let first: Value =
-        serde_json::from_slice(&hook(Some(bearer.clone()), soft.clone()).await.body).expect("JSON");
+    // Soft bounces count once per message, up to the limit (2).
+    let soft = json!({"type": "soft", "message_id": grace.message_id, "email": "grace@example.org", "status": "4.2.2"});
+    let first: Value = serde_json::from_slice(&hook(addr, &soft).await.body).expect("JSON");
     assert_eq!(first["suppressed"], false, "{first}");
-    let second: Value =
-        serde_json::from_slice(&hook(Some(bearer.clone()), soft).await.body).expect("JSON");
+    assert_eq!(first["repeated"], false, "{first}");
+    let again: Value = serde_json::from_slice(&hook(addr, &soft).await.body).expect("JSON");
+    assert_eq!(again["repeated"], true, "{again}");
+    assert_eq!(again["suppressed"], false, "a repeat counts once: {again}");
+    assert_eq!(world.event_count(grace.id, "soft_bounced").await, 2);
+    world.event("signup-grace-again", "grace", "signup").await;
+    let (grace_again, _) = world.sent("welcome", "signup-grace-again").await;
+    let second: Value = serde_json::from_slice(
+        &hook(
+            addr,
+            &json!({"type": "soft", "message_id": grace_again.message_id, "email": "grace@example.org"}),
+        )
+        .await
+        .body,
+    )
+    .expect("JSON");
     assert_eq!(second["suppressed"], true, "{second}");
 
     // A Message-ID we never sent.
     let response = hook(
-        Some(bearer.clone()),
-        json!({"type": "hard", "message_id": "<424242.welcome@acme.example>", "email": "nobody@example.com"}),
+        addr,
+        &json!({"type": "hard", "message_id": "<424242.welcome@acme.example>", "email": "nobody@example.com"}),
     )
     .await;
     assert_eq!(response.status, 404, "{}", response.text());
     assert!(world.suppression_of("nobody@example.com").await.is_none());
+    world.stop().await;
+}
+
+/// The webhook is held to the rules of the pipe: a report that names a message must name it
+/// verifiably (the signed VERP `return_path` or the tagged Message-ID) and report its
+/// recipient; otherwise 422 (404 for a message it cannot find) and nothing is recorded.
+async fn the_bounce_webhook_holds_reports_to_the_rules_of_the_pipe(backend: Backend) {
+    let mut world = World::new(
+        backend,
+        BOUNCE_RULES,
+        &format!("{LINKS_PLAIN}{BOUNCES_WITH_HOOK}"),
+    )
+    .await;
+    world
+        .customer("ada", "ada@example.net", "Ada Lovelace")
+        .await;
+    world
+        .customer("grace", "grace@example.org", "Grace Hopper")
+        .await;
+    world.start().await;
+    world.event("signup-ada", "ada", "signup").await;
+    world.event("signup-grace", "grace", "signup").await;
+    let ada = world.sent_signed("signup-ada").await;
+    let grace = world.sent_signed("signup-grace").await;
+    let addr = world.addr();
+
+    let cases = [
+        (
+            json!({"type": "hard", "return_path": format!("bounces+{}.{FIXTURE_VERP_TAG}@acme.example", ada.id), "email": "ada@example.net"}),
+            422,
+            "with a signature we did not make",
+        ),
+        (
+            json!({"type": "hard", "return_path": format!("bounces+{}@acme.example", ada.id), "email": "ada@example.net"}),
+            422,
+            "carries no signature",
+        ),
+        (
+            json!({"type": "hard", "message_id": ada.message_id, "email": "grace@example.org"}),
+            422,
+            "is not the recipient of message",
+        ),
+        (
+            json!({"type": "complaint", "return_path": grace.verp, "email": "ada@example.net"}),
+            422,
+            "is not the recipient of message",
+        ),
+        (
+            json!({"type": "hard", "message_id": ada.message_id}),
+            422,
+            "names no recipient",
+        ),
+        (
+            json!({"type": "hard", "message_id": format!("<{}.welcome@acme.example>", ada.id), "email": "ada@example.net"}),
+            404,
+            "no message matches",
+        ),
+    ];
+    for (body, status, why) in &cases {
+        answered(&hook(addr, body).await, *status, why);
+    }
+    assert!(world.suppressions().await.is_empty());
+    assert_eq!(
+        world.reports_recorded(&[ada.id, grace.id]).await,
+        Vec::<String>::new()
+    );
+
+    // The genuine report: the signed VERP address and the recipient, whatever its case.
+    let response = hook(
+        addr,
+        &json!({"type": "hard", "return_path": format!("<{}>", ada.verp), "email": "Ada@Example.net"}),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let applied: Value = serde_json::from_slice(&response.body).expect("JSON answer");
+    assert_eq!(applied["message"], ada.id, "{applied}");
+    assert_eq!(applied["suppressed"], true, "{applied}");
+    assert!(world.suppression_of("ada@example.net").await.is_some());
+    assert!(world.suppression_of("grace@example.org").await.is_none());
     world.stop().await;
 }
 

@@ -356,6 +356,13 @@ async fn audit(store: &SharedStore, peer: &SmtpPeer, expected: usize) -> Audit {
         &duplicates[..duplicates.len().min(20)]
     );
 
+    // Message-IDs carry a tag made with the link secret, which the daemon generated and kept
+    // in the database at its first start (this reads it; it is there already).
+    let secret = store
+        .setting_or_insert("link_secret", "")
+        .await
+        .expect("the link secret");
+    let tags = touchpoint::links::MessageTags::new(secret.as_bytes());
     let mut by_state = BTreeMap::new();
     let mut by_message_id = HashMap::new();
     let mut reclaimed = 0;
@@ -372,7 +379,12 @@ async fn audit(store: &SharedStore, peer: &SmtpPeer, expected: usize) -> Audit {
         if entry.attempts > 1 {
             reclaimed += 1;
         }
-        let expected_id = format!("{}.{}@acme.example", entry.id, entry.rule);
+        let expected_id = format!(
+            "{}.{}.{}@acme.example",
+            entry.id,
+            tags.message_id(entry.id),
+            entry.rule
+        );
         if entry.state == MessageState::Sent {
             assert_eq!(
                 entry.message_id.as_deref(),

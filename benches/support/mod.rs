@@ -767,7 +767,13 @@ pub async fn sample_message(world: &World) -> Result<Vec<u8>> {
         "https://touchpoint.acme.example",
     );
     let unsubscribe = signer.url(&touchpoint::links::Link::Unsubscribe { message: 100_000 });
-    let message_id = touchpoint::transport::message_id_for(100_000, SEND_RULE, "acme.example");
+    let tags = touchpoint::links::MessageTags::new(b"a secret of thirty-two bytes....");
+    let message_id = touchpoint::transport::message_id_for(
+        100_000,
+        &tags.message_id(100_000),
+        SEND_RULE,
+        "acme.example",
+    );
     let extras = touchpoint::render::MessageExtras {
         years: None,
         message_id: message_id.clone(),

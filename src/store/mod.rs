@@ -321,10 +321,14 @@ pub struct LogFilter {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MessageEvent {
     pub kind: String,
+    /// When it first happened.
     pub at: DateTime<Utc>,
     pub attempt: Option<i32>,
     pub smtp_reply: Option<String>,
     pub detail: serde_json::Value,
+    /// How many times it happened: opens, clicks and reports recorded once per message (and
+    /// link) count their repeats here.
+    pub count: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -508,7 +512,18 @@ pub trait Store: Send + Sync + fmt::Debug {
         kind: &str,
         detail: &serde_json::Value,
     ) -> StoreResult<()>;
-    /// How many events of `kind` the messages sent to `email` have had.
+    /// Adds a line to a message's history once per (`kind`, `key`) (a unique key decides): a
+    /// repeat only adds one to the line's count, so a flood of opens, clicks or reports cannot
+    /// grow the table. `true` when this was the first.
+    async fn record_message_event_once(
+        &self,
+        message_id: i64,
+        kind: &str,
+        key: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<bool>;
+    /// How many of the messages sent to `email` have had an event of `kind` (a message counts
+    /// once, however often it had one).
     async fn events_for_address(&self, email: &str, kind: &str) -> StoreResult<i64>;
 
     // --- the log ------------------------------------------------------------------------------

@@ -189,6 +189,7 @@ pub(super) struct MessageEventRow {
     attempt: Option<i32>,
     smtp_reply: Option<String>,
     detail: Json<serde_json::Value>,
+    count: i64,
 }
 
 impl From<MessageEventRow> for MessageEvent {
@@ -199,6 +200,7 @@ impl From<MessageEventRow> for MessageEvent {
             attempt: row.attempt,
             smtp_reply: row.smtp_reply,
             detail: row.detail.0,
+            count: row.count,
         }
     }
 }
@@ -212,6 +214,7 @@ pub(super) struct CustomerMessageEventRow {
     attempt: Option<i32>,
     smtp_reply: Option<String>,
     detail: Json<serde_json::Value>,
+    count: i64,
 }
 
 impl From<CustomerMessageEventRow> for CustomerMessageEvent {
@@ -225,6 +228,7 @@ impl From<CustomerMessageEventRow> for CustomerMessageEvent {
                 attempt: row.attempt,
                 smtp_reply: row.smtp_reply,
                 detail: row.detail.0,
+                count: row.count,
             },
         }
     }
@@ -275,9 +279,9 @@ pub(super) const LOG_COLUMNS: &str = "m.id, m.rule, m.customer_id, COALESCE(m.em
      m.state, m.event_id, m.trigger_at, m.due_at, m.next_attempt_at, m.sent_at, m.attempts, m.smtp_reply, \
      m.message_id, m.reason, m.updated_at, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'opened') AS opened_at, \
-     (SELECT COUNT(*) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'opened') AS opens, \
+     (SELECT CAST(COALESCE(SUM(e.count), 0) AS BIGINT) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'opened') AS opens, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'clicked') AS clicked_at, \
-     (SELECT COUNT(*) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'clicked') AS clicks, \
+     (SELECT CAST(COALESCE(SUM(e.count), 0) AS BIGINT) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'clicked') AS clicks, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind IN ('bounced', 'soft_bounced')) AS bounced_at, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'complained') AS complained_at, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'unsubscribed') AS unsubscribed_at";

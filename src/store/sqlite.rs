@@ -681,9 +681,29 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn record_message_event_once(
+        &self,
+        message_id: i64,
+        kind: &str,
+        key: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO message_events (message_id, kind, detail, once_key) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (message_id, kind, once_key) WHERE once_key IS NOT NULL \
+             DO UPDATE SET count = count + 1 RETURNING count = 1",
+        )
+        .bind(message_id)
+        .bind(kind)
+        .bind(Json(detail))
+        .bind(key)
+        .fetch_one(&self.writer)
+        .await?)
+    }
+
     async fn events_for_address(&self, email: &str, kind: &str) -> StoreResult<i64> {
         Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM message_events e JOIN messages m ON m.id = e.message_id \
+            "SELECT COUNT(DISTINCT e.message_id) FROM message_events e JOIN messages m ON m.id = e.message_id \
              WHERE lower(m.email) = ? AND e.kind = ?",
         )
         .bind(normalize_email(email))
@@ -781,7 +801,7 @@ impl Store for SqliteStore {
 
     async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>> {
         let rows: Vec<MessageEventRow> = sqlx::query_as(
-            "SELECT kind, at, attempt, smtp_reply, detail FROM message_events WHERE message_id = ? ORDER BY id",
+            "SELECT kind, at, attempt, smtp_reply, detail, count FROM message_events WHERE message_id = ? ORDER BY id",
         )
         .bind(message_id)
         .fetch_all(&self.reader)
@@ -880,7 +900,7 @@ impl Store for SqliteStore {
         limit: i64,
     ) -> StoreResult<Vec<CustomerMessageEvent>> {
         let rows: Vec<CustomerMessageEventRow> = sqlx::query_as(
-            "SELECT e.message_id, m.rule, e.kind, e.at, e.attempt, e.smtp_reply, e.detail \
+            "SELECT e.message_id, m.rule, e.kind, e.at, e.attempt, e.smtp_reply, e.detail, e.count \
              FROM message_events e JOIN messages m ON m.id = e.message_id \
              WHERE m.customer_id = ? ORDER BY e.at DESC, e.id DESC LIMIT ?",
         )

@@ -23,9 +23,11 @@ pub fn parse_mailbox(text: &str) -> Result<Mailbox, String> {
 }
 
 /// A Message-ID that is the same on every attempt of a message, so a receiving server or a
-/// mail client can recognise a resent copy.
-pub fn message_id_for(message_row_id: i64, rule: &str, domain: &str) -> String {
-    format!("<{message_row_id}.{rule}@{domain}>")
+/// mail client can recognise a resent copy. `tag` ([`crate::links::MessageTags::message_id`])
+/// makes it unguessable, so a report that names a message by Message-ID alone cannot pick one
+/// by counting ids.
+pub fn message_id_for(message_row_id: i64, tag: &str, rule: &str, domain: &str) -> String {
+    format!("<{message_row_id}.{tag}.{rule}@{domain}>")
 }
 
 /// Everything that goes into one message.
@@ -108,7 +110,7 @@ mod tests {
             subject: "Thank you, Ada",
             text: "Plain".into(),
             html: "<p>Rich</p>".into(),
-            message_id: message_id_for(42, "thank-you", "acme.example"),
+            message_id: message_id_for(42, "0f1e2d3c4b5a69788796", "thank-you", "acme.example"),
             headers: vec![("X-Touchpoint-Rule", "thank-you".into())],
             dkim: None,
             envelope_from: None,
@@ -116,7 +118,7 @@ mod tests {
         .unwrap();
         let text = String::from_utf8(email.bytes).unwrap();
         assert!(
-            text.contains("Message-ID: <42.thank-you@acme.example>"),
+            text.contains("Message-ID: <42.0f1e2d3c4b5a69788796.thank-you@acme.example>"),
             "{text}"
         );
         assert!(text.contains("multipart/alternative"));

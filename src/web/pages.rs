@@ -784,6 +784,8 @@ pub async fn message(
             json!({
                 "at": web.time(e.at),
                 "url": e.detail.get("url").and_then(Value::as_str).unwrap_or_default(),
+                // One line per link, counting every click on it.
+                "times": (e.count > 1).then(|| format!("{} times", e.count)),
             })
         })
         .collect();

@@ -178,6 +178,30 @@ listen = ""
         store
     }
 
+    /// Runs one SQL statement on the test's database, for what the store does not offer
+    /// (making a row look older than it is).
+    pub async fn execute_sql(&self, sql: &str) {
+        use sqlx::Connection as _;
+        let done = match self.backend {
+            Backend::Sqlite => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(self.path().join("var/touchpoint.db"))
+                    .busy_timeout(Duration::from_secs(10));
+                let mut connection = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .expect("open the SQLite database");
+                sqlx::query(sql).execute(&mut connection).await.map(|_| ())
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .expect("connect to PostgreSQL");
+                sqlx::query(sql).execute(&mut connection).await.map(|_| ())
+            }
+        };
+        done.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
     /// Replaces (or adds) a rule file.
     pub fn write_rule(&self, name: &str, text: &str) {
         std::fs::write(self.path().join("rules").join(name), text).expect("rule file");
