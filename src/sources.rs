@@ -544,8 +544,9 @@ impl Source {
                 let options = PgConnectOptions::from_str(text)
                     .map_err(|e| format!("{key}.url is not a valid PostgreSQL URL: {e}"))?
                     .application_name("touchpoint-source")
-                    // Read-only by the server's own rule, whatever the role may do; times
-                    // without a zone are UTC, as touchpoint reads them.
+                    // Read-only by default, and each query in a READ ONLY transaction of its
+                    // own besides (`read_only`); times without a zone are UTC, as touchpoint
+                    // reads them.
                     .options([
                         ("default_transaction_read_only", "on"),
                         ("TimeZone", "UTC"),

@@ -1023,6 +1023,12 @@ async fn reading_a_wal_source_leaves_its_shm_and_wal_files() {
     assert!(!file("-shm").exists() && !file("-wal").exists());
     let (ok, _, stderr) = env.run_cli(&["check"]);
     assert!(ok, "{stderr}");
-    assert!(file("-shm").exists(), "no -shm after touchpoint read the file");
-    assert!(file("-wal").exists(), "no -wal after touchpoint read the file");
+    assert!(
+        file("-shm").exists(),
+        "no -shm after touchpoint read the file"
+    );
+    assert!(
+        file("-wal").exists(),
+        "no -wal after touchpoint read the file"
+    );
 }
