@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use touchpoint::cli::{
     Cli, Command, CustomerCommand, EventCommand, ImportCommand, SuppressCommand,
 };
+use touchpoint::store::{Change, CustomerPatch};
 use touchpoint::{commands, import};
 
 fn main() -> ExitCode {
@@ -87,7 +88,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Customer(CustomerCommand::Add(args)) => {
             let attributes =
                 import::key_values(&args.attrs, "--attr").map_err(anyhow::Error::msg)?;
-            let mut customer = import::customer(
+            let customer = import::customer(
                 &args.id,
                 &args.email,
                 args.name.as_deref(),
@@ -97,29 +98,21 @@ async fn dispatch(cli: Cli) -> Result<()> {
             .map_err(anyhow::Error::msg)?;
             let store = commands::open_store(&config).await?;
             // Updating keeps what the command does not mention: a name, a time zone, and
-            // attributes not named by --attr.
-            let existing = store.customer(&customer.id).await?;
-            if let Some(existing) = &existing {
-                customer.name = customer.name.or_else(|| existing.name.clone());
-                customer.timezone = customer.timezone.or_else(|| existing.timezone.clone());
-                if let (Some(old), Some(new)) = (
-                    existing.attributes.as_object(),
-                    customer.attributes.as_object(),
-                ) {
-                    let mut merged = old.clone();
-                    merged.extend(new.clone());
-                    customer.attributes = serde_json::Value::Object(merged);
-                }
-            }
-            store
-                .upsert_customers(std::slice::from_ref(&customer))
-                .await?;
-            let verb = if existing.is_some() {
-                "updated"
-            } else {
-                "saved"
+            // attributes not named by --attr. The database merges, so a change written by
+            // someone else at the same moment is kept too.
+            let patch = CustomerPatch {
+                id: customer.id,
+                email: customer.email,
+                name: customer.name.map_or(Change::Keep, Change::Set),
+                timezone: customer.timezone.map_or(Change::Keep, Change::Set),
+                attributes: match customer.attributes {
+                    serde_json::Value::Object(attributes) => attributes,
+                    _ => serde_json::Map::new(),
+                },
             };
-            println!("customer {} {verb}", customer.id);
+            let created = store.merge_customers(std::slice::from_ref(&patch)).await?;
+            let verb = if created == 0 { "updated" } else { "saved" };
+            println!("customer {} {verb}", patch.id);
         }
         Command::Event(EventCommand::Add(args)) => {
             let store = commands::open_store(&config).await?;

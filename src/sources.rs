@@ -544,8 +544,9 @@ impl Source {
                 let options = PgConnectOptions::from_str(text)
                     .map_err(|e| format!("{key}.url is not a valid PostgreSQL URL: {e}"))?
                     .application_name("touchpoint-source")
-                    // Read-only by the server's own rule, whatever the role may do; times
-                    // without a zone are UTC, as touchpoint reads them.
+                    // Read-only by default, and each query in a READ ONLY transaction of its
+                    // own besides (`read_only`); times without a zone are UTC, as touchpoint
+                    // reads them.
                     .options([
                         ("default_transaction_read_only", "on"),
                         ("TimeZone", "UTC"),
@@ -787,7 +788,9 @@ impl Source {
                             Bind::Text(s) => q.bind(s.clone()),
                         };
                     }
-                    let rows = q.fetch_all(pool).await?;
+                    let mut tx = read_only(pool).await?;
+                    let rows = q.fetch_all(&mut *tx).await?;
+                    tx.rollback().await?;
                     Ok(rows.iter().map(postgres_record).collect())
                 }
             }
@@ -1095,12 +1098,26 @@ impl Source {
                         Param::Text => <String as sqlx::Type<sqlx::Postgres>>::type_info(),
                     })
                     .collect();
-                pool.prepare_with(sql, &types)
+                let mut tx = read_only(pool).await?;
+                let columns = (&mut *tx)
+                    .prepare_with(sql, &types)
                     .await
-                    .map(|s| column_types(&s))
+                    .map(|s| column_types(&s))?;
+                tx.rollback().await?;
+                Ok(columns)
             }
         }
     }
+}
+
+/// A transaction that PostgreSQL keeps read-only whatever the query does: the session's
+/// `default_transaction_read_only` (set when connecting) is only a default, which a query may
+/// turn off with `set_config` for the queries after it. Each query gets its own, rolled back
+/// afterwards, which also undoes any setting the query changed.
+async fn read_only(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with("BEGIN READ ONLY").await
 }
 
 fn column_types<'q, S: sqlx::Statement<'q>>(statement: &S) -> Vec<(String, String)> {

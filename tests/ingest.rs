@@ -51,9 +51,18 @@ impl World {
     }
 
     async fn start_with(backend: Backend, extra: &str) -> World {
+        World::start_on(World::env(backend, extra).await).await
+    }
+
+    /// The world's directory and database, before the daemon starts.
+    async fn env(backend: Backend, extra: &str) -> TestEnv {
         let env = TestEnv::new(backend, Sink::Files, &[("rules.toml", THANK_YOU)], extra).await;
         std::fs::write(env.path().join("shop-token"), format!("{SHOP_TOKEN}\n")).expect("token");
         std::fs::write(env.path().join("crm-token"), format!("{CRM_TOKEN}\n")).expect("token");
+        env
+    }
+
+    async fn start_on(env: TestEnv) -> World {
         let store = env.store().await;
         let daemon = Some(env.start().await);
         World { env, store, daemon }
@@ -132,6 +141,8 @@ on_both_backends!(
     too_large_bodies_and_batches_are_refused_whole,
     a_customer_update_keeps_what_it_does_not_name,
     an_ingested_event_is_planned_and_sent,
+    overlapping_batches_posted_at_once_are_all_written,
+    two_updates_of_one_customer_at_once_both_stay,
 );
 
 async fn good_input_single_and_batch_is_written(backend: Backend) {
@@ -558,4 +569,281 @@ async fn check_and_start_refuse_a_missing_or_short_token() {
     let started = touchpoint::run(env.config(), listeners, shutdown).await;
     let error = started.expect_err("the daemon started with a short token");
     assert!(error.to_string().contains("at least 16"), "{error}");
+}
+
+/// The same items in three orders: as given, reversed, and rotated by half.
+fn three_orders(items: &[Value]) -> [Vec<Value>; 3] {
+    let reversed: Vec<Value> = items.iter().rev().cloned().collect();
+    let mut rotated = items.to_vec();
+    rotated.rotate_left(items.len() / 2);
+    [items.to_vec(), reversed, rotated]
+}
+
+/// Posts the batches at the same moment; returns each answer's status and text.
+async fn post_together(world: &World, path: &str, batches: [Vec<Value>; 3]) -> Vec<(u16, String)> {
+    let bodies = batches.map(|batch| Value::Array(batch).to_string());
+    let [a, b, c] = &bodies;
+    let (a, b, c) = tokio::join!(
+        world.post_as(Some(SHOP_TOKEN), path, a.as_bytes()),
+        world.post_as(Some(CRM_TOKEN), path, b.as_bytes()),
+        world.post_as(Some(SHOP_TOKEN), path, c.as_bytes()),
+    );
+    [a, b, c]
+        .into_iter()
+        .map(|r| (r.status, r.text()))
+        .collect()
+}
+
+/// Applications posting overlapping batches at the same moment, in different orders (new
+/// customers, updates of the same customers, new events): every answer is a success and every
+/// item is written. Unordered, the batches deadlocked on PostgreSQL and got a 500.
+async fn overlapping_batches_posted_at_once_are_all_written(backend: Backend) {
+    let world = World::start(backend).await;
+    const ROUNDS: usize = 12;
+    const ITEMS: usize = 120;
+    for round in 0..ROUNDS {
+        // Half the customers are new this round, half are the same every round (updates).
+        let customers: Vec<Value> = (0..ITEMS)
+            .map(|i| {
+                let id = if i % 2 == 0 { format!("shared-{i}") } else { format!("r{round}-{i}") };
+                json!({"id": id, "email": format!("c{i}@example.com"), "attributes": {"round": round}})
+            })
+            .collect();
+        for (status, text) in post_together(&world, CUSTOMERS, three_orders(&customers)).await {
+            assert!(
+                status == 200 || status == 201,
+                "round {round}: {status} {text}"
+            );
+        }
+        let events: Vec<Value> = (0..ITEMS)
+            .map(|i| purchase(&format!("r{round}-e{i}"), &format!("shared-{}", i / 2 * 2)))
+            .collect();
+        for (status, text) in post_together(&world, EVENTS, three_orders(&events)).await {
+            assert!(
+                status == 200 || status == 201,
+                "round {round}: {status} {text}"
+            );
+        }
+        for (i, item) in customers.iter().enumerate() {
+            let id = item["id"].as_str().expect("id");
+            let customer = world.store.customer(id).await.expect("read");
+            let customer = customer.unwrap_or_else(|| panic!("round {round}: no customer {id}"));
+            assert_eq!(customer.attributes, json!({"round": round}), "{id}");
+            assert!(
+                world.event_exists(&format!("r{round}-e{i}")).await,
+                "round {round}: no event r{round}-e{i}"
+            );
+        }
+    }
+    world.stop().await;
+}
+
+/// Two applications changing one attribute each of the same customer at the same moment: both
+/// changes stay (the database merges each into the row as it is when written).
+async fn two_updates_of_one_customer_at_once_both_stay(backend: Backend) {
+    let world = World::start(backend).await;
+    world.post(CUSTOMERS, ada()).await;
+    const ROUNDS: usize = 25;
+    for round in 0..ROUNDS {
+        let shop = json!({"id": "ada", "email": "ada@example.com", "attributes": {format!("shop{round}"): round}});
+        let crm = json!({"id": "ada", "email": "ada@example.com", "attributes": {format!("crm{round}"): round}});
+        let (shop, crm) = (shop.to_string(), crm.to_string());
+        let (shop, crm) = tokio::join!(
+            world.post_as(Some(SHOP_TOKEN), CUSTOMERS, shop.as_bytes()),
+            world.post_as(Some(CRM_TOKEN), CUSTOMERS, crm.as_bytes()),
+        );
+        assert_eq!(shop.status, 200, "{}", shop.text());
+        assert_eq!(crm.status, 200, "{}", crm.text());
+    }
+    let ada = world
+        .store
+        .customer("ada")
+        .await
+        .expect("read")
+        .expect("ada");
+    let attributes = ada.attributes.as_object().expect("an object");
+    let lost: Vec<String> = (0..ROUNDS)
+        .flat_map(|round| [format!("shop{round}"), format!("crm{round}")])
+        .filter(|key| !attributes.contains_key(key))
+        .collect();
+    assert!(lost.is_empty(), "lost updates {lost:?}: {attributes:?}");
+    assert_eq!(attributes.get("plan"), Some(&json!("gold")));
+    assert_eq!(ada.name.as_deref(), Some("Ada Lovelace"));
+}
+
+/// A deadlock that happens anyway (here with another application holding a row the batch
+/// needs, and then wanting one the batch holds) is retried inside the request: the caller gets
+/// its 200, and both writers' changes stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_is_retried_inside_the_request() {
+    use sqlx::Connection;
+    let env = World::env(Backend::Postgres, TOKENS).await;
+    let database = env
+        .database_url
+        .rsplit('/')
+        .next()
+        .expect("name")
+        .to_string();
+    let mut other = sqlx::PgConnection::connect(&env.database_url)
+        .await
+        .expect("connect");
+    // touchpoint's connections look for deadlocks after 3 s of waiting; the other application
+    // waits longer (60 s), so that touchpoint's finds the deadlock and is the one aborted.
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE {database} SET deadlock_timeout = '3s'; SET deadlock_timeout = '60s'"
+    ))
+    .execute(&mut other)
+    .await
+    .expect("set deadlock_timeout");
+    let world = World::start_on(env).await;
+    let (status, _) = world
+        .post(
+            CUSTOMERS,
+            json!([{"id": "a", "email": "a@example.com"}, {"id": "b", "email": "b@example.com"}]),
+        )
+        .await;
+    assert_eq!(status, 201);
+    sqlx::query("BEGIN")
+        .execute(&mut other)
+        .await
+        .expect("begin");
+    let touch = "UPDATE customers SET attributes = attributes || '{\"other\": true}' WHERE id = $1";
+    sqlx::query(touch)
+        .bind("b")
+        .execute(&mut other)
+        .await
+        .expect("lock b");
+
+    let body = json!([
+        {"id": "a", "email": "a@example.com", "attributes": {"posted": true}},
+        {"id": "b", "email": "b@example.com", "attributes": {"posted": true}},
+    ])
+    .to_string();
+    let post = world.post_as(Some(SHOP_TOKEN), CUSTOMERS, body.as_bytes());
+    let deadlock = async {
+        // Once the batch holds a and waits for b, the other application wants a: a deadlock.
+        let mut watcher = sqlx::PgConnection::connect(&world.env.database_url)
+            .await
+            .expect("connect");
+        let mut waiting = false;
+        for _ in 0..200 {
+            let count: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = 'touchpoint' AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut watcher)
+            .await
+            .expect("pg_stat_activity");
+            if count > 0 {
+                waiting = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(waiting, "the batch never waited for b");
+        sqlx::query(touch)
+            .bind("a")
+            .execute(&mut other)
+            .await
+            .expect("lock a");
+        sqlx::query("COMMIT")
+            .execute(&mut other)
+            .await
+            .expect("commit");
+    };
+    let (response, ()) = tokio::join!(post, deadlock);
+    assert_eq!(response.status, 200, "{}", response.text());
+    for id in ["a", "b"] {
+        let customer = world
+            .store
+            .customer(id)
+            .await
+            .expect("read")
+            .expect("customer");
+        assert_eq!(
+            customer.attributes,
+            json!({"other": true, "posted": true}),
+            "{id}"
+        );
+    }
+    world.stop().await;
+}
+
+/// PostgreSQL's deadlock (40P01) and serialization failure (40001) are conflicts, worth running
+/// again, not mistakes that a retry will not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlocks_and_serialization_failures_are_conflicts() {
+    use sqlx::Connection;
+    use touchpoint::store::StoreError;
+    let env = TestEnv::new(Backend::Postgres, Sink::Files, &[], "").await;
+    let url = env.database_url.clone();
+    let connect = || async { sqlx::PgConnection::connect(&url).await.expect("connect") };
+    let mut setup = connect().await;
+    sqlx::raw_sql(
+        "CREATE TABLE t (id int PRIMARY KEY, n int); INSERT INTO t VALUES (1, 0), (2, 0);",
+    )
+    .execute(&mut setup)
+    .await
+    .expect("setup");
+
+    // Serialization failure: two serializable transactions that each read what the other writes.
+    let (mut one, mut two) = (connect().await, connect().await);
+    for connection in [&mut one, &mut two] {
+        sqlx::query("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            .execute(&mut *connection)
+            .await
+            .expect("begin");
+        sqlx::query("SELECT SUM(n) FROM t")
+            .execute(&mut *connection)
+            .await
+            .expect("read");
+    }
+    sqlx::query("UPDATE t SET n = n + 1 WHERE id = 1")
+        .execute(&mut one)
+        .await
+        .expect("write");
+    sqlx::query("UPDATE t SET n = n + 1 WHERE id = 2")
+        .execute(&mut two)
+        .await
+        .expect("write");
+    sqlx::query("COMMIT")
+        .execute(&mut one)
+        .await
+        .expect("commit");
+    let error = sqlx::query("COMMIT")
+        .execute(&mut two)
+        .await
+        .expect_err("serialization failure");
+    let error = StoreError::from(error);
+    assert!(error.is_conflict() && error.is_unavailable(), "{error:?}");
+
+    // Deadlock: each holds the row the other wants.
+    let (mut one, mut two) = (connect().await, connect().await);
+    sqlx::query("SET deadlock_timeout = '60s'")
+        .execute(&mut one)
+        .await
+        .expect("set");
+    for (connection, id) in [(&mut one, 1), (&mut two, 2)] {
+        sqlx::query("BEGIN")
+            .execute(&mut *connection)
+            .await
+            .expect("begin");
+        sqlx::query("UPDATE t SET n = n + 1 WHERE id = $1")
+            .bind(id)
+            .execute(&mut *connection)
+            .await
+            .expect("lock");
+    }
+    let first = sqlx::query("UPDATE t SET n = n + 1 WHERE id = 2").execute(&mut one);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sqlx::query("UPDATE t SET n = n + 1 WHERE id = 1")
+            .execute(&mut two)
+            .await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert!(first.is_ok(), "{first:?}");
+    let error = StoreError::from(second.expect_err("deadlock"));
+    assert!(error.is_conflict() && error.is_unavailable(), "{error:?}");
+    assert!(error.to_string().contains("deadlock"), "{error}");
 }

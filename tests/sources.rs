@@ -101,6 +101,32 @@ impl Shop {
         }
     }
 
+    /// How many rows the table holds, read as the shop's own application would.
+    async fn count(&self, table: &str) -> i64 {
+        use sqlx::Connection;
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        match self.backend {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open the shop's SQLite file");
+                sqlx::query_scalar(&sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .expect(&sql)
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect to the shop's database");
+                sqlx::query_scalar(&sql)
+                    .fetch_one(&mut connection)
+                    .await
+                    .expect(&sql)
+            }
+        }
+    }
+
     /// A time as the shop stores it.
     fn at(&self, t: DateTime<Utc>) -> String {
         match self.backend {
@@ -820,4 +846,189 @@ async fn sources_are_read_only() {
             "{backend:?}: {text}"
         );
     }
+}
+
+/// A source whose queries the test writes itself, read through one connection (so a setting
+/// that one query changes would reach the next).
+fn source_with(url: &str, orders: &str, customers: &str) -> String {
+    format!(
+        r#"
+[sources.shop]
+url = "{url}"
+max_connections = 1
+
+[[sources.shop.events]]
+name = "orders"
+kinds = ["purchase"]
+query = """{orders}"""
+
+[sources.shop.customers]
+query = """{customers}"""
+"#
+    )
+}
+
+/// SQL written to change the shop's data, and the query the database must refuse.
+struct Attack {
+    what: &'static str,
+    orders: String,
+    customers: String,
+    refused: &'static str,
+    /// The database's words for the refusal, when the query gets as far as running.
+    refusal: &'static str,
+}
+
+fn attacks(backend: Backend) -> Vec<Attack> {
+    match backend {
+        Backend::Postgres => {
+            let orders = "SELECT 'order-' || id AS id, client_id::text AS customer_id, 'purchase' AS kind, placed_at AS occurred_at
+                 FROM orders WHERE placed_at >= :from AND placed_at < :to";
+            let customers = "SELECT id::text AS id, email, first_name AS name FROM clients WHERE id = :id::bigint";
+            let deleting = "WITH gone AS (DELETE FROM orders RETURNING id) ";
+            vec![
+                Attack {
+                    what: "set_config turns the read-only default off, then a CTE deletes",
+                    orders: format!(
+                        "{orders} AND set_config('default_transaction_read_only', 'off', false) = 'off'"
+                    ),
+                    customers: format!("{deleting}{customers}"),
+                    refused: "customers",
+                    refusal: "read-only transaction",
+                },
+                Attack {
+                    what: "a data-modifying CTE",
+                    orders: format!("{deleting}{orders}"),
+                    customers: customers.to_string(),
+                    refused: "orders",
+                    refusal: "read-only transaction",
+                },
+            ]
+        }
+        Backend::Sqlite => {
+            let orders = "SELECT 'order-' || id AS id, client_id AS customer_id, 'purchase' AS kind, placed_at AS occurred_at
+                 FROM orders WHERE placed_at >= :from AND placed_at < :to";
+            let customers = "SELECT id, email, first_name AS name FROM clients WHERE id = :id";
+            vec![
+                Attack {
+                    what: "DELETE ... RETURNING as the customers query",
+                    orders: orders.to_string(),
+                    customers: "DELETE FROM orders WHERE client_id = :id RETURNING client_id AS id, 'ada@shop.example' AS email".into(),
+                    refused: "customers",
+                    refusal: "readonly database",
+                },
+                Attack {
+                    what: "a second statement after the SELECT",
+                    orders: format!("{orders}; DELETE FROM orders"),
+                    customers: customers.to_string(),
+                    refused: "orders",
+                    refusal: "readonly database",
+                },
+            ]
+        }
+    }
+}
+
+/// A source's own SQL cannot write to it: queries that delete the shop's orders (on
+/// PostgreSQL also after turning the session's read-only default off) are refused by the
+/// database, by `touchpoint check` (which fails, naming the query) and by the running daemon
+/// (the query fails and is counted; the others go on), and the shop keeps every row.
+async fn a_source_query_cannot_write(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let env = TestEnv::new(backend, Sink::Smtp(&peer), &[("rules.toml", RULES)], "").await;
+    let shop = Shop::create(&env).await;
+    let base = std::fs::read_to_string(&env.config_path).expect("config");
+    shop.client(1, "ada@shop.example", "Ada").await;
+    shop.order(1, 1, Utc::now() - TimeDelta::minutes(1)).await;
+    shop.order(2, 1, Utc::now() - TimeDelta::days(1)).await;
+    for attack in attacks(backend) {
+        let what = attack.what;
+        let source = source_with(&shop.url, &attack.orders, &attack.customers);
+        std::fs::write(&env.config_path, format!("{base}{source}")).expect("config");
+
+        let (ok, stdout, stderr) = env.run_cli(&["check"]);
+        assert!(!ok, "{what}: check passed: {stdout}");
+        assert!(
+            stderr.contains(&format!("source shop, query {}:", attack.refused)),
+            "{what}: {stderr}"
+        );
+        assert_eq!(
+            shop.count("orders").await,
+            2,
+            "{what}: check changed the shop"
+        );
+        assert_eq!(
+            shop.count("clients").await,
+            1,
+            "{what}: check changed the shop"
+        );
+
+        let mut daemon = env.spawn_daemon();
+        let log_path = newest_daemon_log(&env);
+        let refused = eventually(PATIENCE, || async {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            log.contains(&format!("query {}:", attack.refused)) && log.contains(attack.refusal)
+        })
+        .await;
+        let stopped = std::process::Command::new("kill")
+            .arg(daemon.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(stopped.success());
+        let _ = daemon.wait();
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        assert!(
+            refused,
+            "{what}: the daemon did not refuse the query:\n{log}"
+        );
+        assert_eq!(
+            shop.count("orders").await,
+            2,
+            "{what}: the daemon changed the shop:\n{log}"
+        );
+        assert_eq!(
+            shop.count("clients").await,
+            1,
+            "{what}: the daemon changed the shop"
+        );
+    }
+}
+
+/// The newest `daemon-N.log` that `spawn_daemon` wrote.
+fn newest_daemon_log(env: &TestEnv) -> std::path::PathBuf {
+    let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(env.path())
+        .expect("read dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("daemon-"))
+        })
+        .collect();
+    logs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    logs.pop().expect("spawn_daemon wrote a log")
+}
+
+on_both_backends!(a_source_query_cannot_write);
+
+/// What the README says of a SQLite source in WAL mode: when no other connection has it open,
+/// reading it creates its `-shm` and `-wal` files (as touchpoint's user, which is why the
+/// README asks for a shared group), and they stay after touchpoint closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_wal_source_leaves_its_shm_and_wal_files() {
+    let peer = SmtpPeer::start().await;
+    let (env, shop) = world(Backend::Sqlite, &peer, "").await;
+    shop.exec("PRAGMA journal_mode = WAL").await;
+    let file = |suffix: &str| env.path().join(format!("shop.db{suffix}"));
+    // The shop's connection was the last: closing it removed them.
+    assert!(!file("-shm").exists() && !file("-wal").exists());
+    let (ok, _, stderr) = env.run_cli(&["check"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        file("-shm").exists(),
+        "no -shm after touchpoint read the file"
+    );
+    assert!(
+        file("-wal").exists(),
+        "no -wal after touchpoint read the file"
+    );
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::import::{check_email, check_timezone, parse_time};
-use crate::store::{Customer, Event};
+use crate::store::Event;
 
 /// One mistake: which item of the batch, which of its fields, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -33,65 +33,8 @@ impl Problem {
 pub const EVENT_FIELDS: [&str; 5] = ["id", "customer_id", "kind", "occurred_at", "data"];
 pub const CUSTOMER_FIELDS: [&str; 5] = ["id", "email", "name", "timezone", "attributes"];
 
-/// What a request says about an optional field of a customer that may exist already.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// Absent: keep what is stored.
-    Keep,
-    /// `null` or `""`: remove it.
-    Clear,
-    Set(String),
-}
-
-impl Change {
-    fn apply(self, stored: Option<String>) -> Option<String> {
-        match self {
-            Change::Keep => stored,
-            Change::Clear => None,
-            Change::Set(value) => Some(value),
-        }
-    }
-}
-
-/// A customer as a request gives it. Like `touchpoint customer add`, it updates an existing
-/// customer without wiping what it does not name.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CustomerPatch {
-    pub id: String,
-    pub email: String,
-    pub name: Change,
-    pub timezone: Change,
-    /// Attributes to set; the others are kept, and one set to `null` is removed.
-    pub attributes: Map<String, Value>,
-}
-
-impl CustomerPatch {
-    /// The customer after this request: `stored` (if any) with the fields it names changed.
-    pub fn apply(self, stored: Option<Customer>) -> Customer {
-        let (name, timezone, mut attributes) = match stored {
-            Some(c) => (
-                c.name,
-                c.timezone,
-                c.attributes.as_object().cloned().unwrap_or_default(),
-            ),
-            None => (None, None, Map::new()),
-        };
-        for (key, value) in self.attributes {
-            if value.is_null() {
-                attributes.remove(&key);
-            } else {
-                attributes.insert(key, value);
-            }
-        }
-        Customer {
-            id: self.id,
-            email: self.email,
-            name: self.name.apply(name),
-            timezone: self.timezone.apply(timezone),
-            attributes: Value::Object(attributes),
-        }
-    }
-}
+/// The patch types live with the store, which merges them into the stored rows.
+pub use crate::store::{Change, CustomerPatch};
 
 /// Reads the fields of one item, recording every mistake rather than stopping at the first.
 struct Fields<'a> {
@@ -328,6 +271,7 @@ pub fn customers(values: &[Value]) -> (Vec<(usize, CustomerPatch)>, Vec<Problem>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Customer;
     use serde_json::json;
 
     fn fields_of(problems: &[Problem]) -> Vec<(Option<usize>, Option<&str>)> {

@@ -7,10 +7,16 @@
 //! written in one transaction, so a bad item writes nothing, and every mistake is reported at
 //! once as `{"item": index, "field": name, "message": text}`. Events are idempotent by id: an
 //! event whose id exists already is left as it is, so a retried POST is harmless.
+//!
+//! Batches posted at the same moment may name the same rows: each is written in the order of
+//! its ids, so they wait for each other rather than deadlock, and one the database aborts over
+//! a conflict anyway is tried again before the caller gets a 503. A customer update is merged
+//! by the database with the row as it is when written, so two at once both keep their changes.
 
 pub mod items;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -19,6 +25,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures_util::StreamExt as _;
+use rand::Rng as _;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -116,6 +123,11 @@ pub enum IngestError {
     Invalid(Vec<Problem>),
     #[error("the database is unavailable; nothing was written, try again later")]
     Store(#[source] StoreError),
+    /// The batch lost a conflict with other writes (a deadlock) on every try.
+    #[error(
+        "the batch conflicted with other writes of the same rows at the same moment, {CONFLICT_ATTEMPTS} times; nothing was written, try again"
+    )]
+    Conflict(#[source] StoreError),
     /// The database refused the batch for a reason a retry will not change.
     #[error(
         "the database refused the batch; nothing was written, and retrying will not help (touchpoint's log says why)"
@@ -163,7 +175,7 @@ impl IngestError {
             }
             IngestError::Read(_) | IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
             IngestError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            IngestError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Store(_) | IngestError::Conflict(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Refused(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -199,6 +211,9 @@ impl IntoResponse for IngestError {
             }
             IngestError::Store(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            }
+            IngestError::Conflict(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
@@ -289,10 +304,37 @@ fn created_or_ok(created: u64) -> StatusCode {
 /// worth retrying (503), anything else is not (500).
 fn store_failure(caller: &str, error: StoreError) -> IngestError {
     tracing::warn!(token = caller, %error, "ingest API: the database failed; nothing written");
-    if error.is_unavailable() {
+    if error.is_conflict() {
+        IngestError::Conflict(error)
+    } else if error.is_unavailable() {
         IngestError::Store(error)
     } else {
         IngestError::Refused(error)
+    }
+}
+
+/// How many times a batch is written before a lost conflict is the caller's to retry.
+const CONFLICT_ATTEMPTS: u32 = 4;
+
+/// Runs `write` (one transaction) again while the database aborts it over a conflict with
+/// another transaction (a deadlock or a serialization failure), after a short random pause
+/// that grows with each try, so that the two writers do not collide again in step.
+async fn retry_conflicts<T, F, Fut>(mut write: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Err(error) if error.is_conflict() && attempt < CONFLICT_ATTEMPTS => {
+                tracing::debug!(attempt, %error, "ingest API: the batch lost a conflict; trying again");
+                let pause = rand::rng().random_range(10..=40) * u64::from(attempt);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
     }
 }
 
@@ -322,9 +364,8 @@ async fn ingest_events(
         return Err(IngestError::Invalid(problems));
     }
     let events: Vec<_> = good.into_iter().map(|(_, event)| event).collect();
-    let created = shared
-        .store
-        .insert_events(&events)
+    let (store, batch) = (&shared.store, &events);
+    let created = retry_conflicts(|| store.insert_events(batch))
         .await
         .map_err(|e| store_failure(&caller, e))?;
     let received = events.len() as u64;
@@ -382,25 +423,12 @@ async fn ingest_customers(
     if !problems.is_empty() {
         return Err(IngestError::Invalid(problems));
     }
-    // Read, merge, write, as `touchpoint customer add` does; two writers updating the same
-    // customer at the same moment may lose one's attribute changes.
-    let mut customers = Vec::with_capacity(good.len());
-    let mut created = 0u64;
-    for (_, patch) in good {
-        let stored = shared
-            .store
-            .customer(&patch.id)
-            .await
-            .map_err(|e| store_failure(&caller, e))?;
-        created += u64::from(stored.is_none());
-        customers.push(patch.apply(stored));
-    }
-    shared
-        .store
-        .upsert_customers(&customers)
+    let patches: Vec<_> = good.into_iter().map(|(_, patch)| patch).collect();
+    let (store, batch) = (&shared.store, &patches);
+    let created = retry_conflicts(|| store.merge_customers(batch))
         .await
         .map_err(|e| store_failure(&caller, e))?;
-    let received = customers.len() as u64;
+    let received = patches.len() as u64;
     tracing::info!(token = caller, received, created, "ingested customers");
     let counts = CustomerCounts {
         received,
@@ -539,6 +567,49 @@ address = "1 Main St, Springfield"
         assert_eq!(fits.map(|b| b.len()).ok(), Some(MAX_BODY_BYTES));
         let over = read_body(&headers, Body::from(vec![b' '; MAX_BODY_BYTES + 1])).await;
         assert!(matches!(over, Err(IngestError::BodyTooLarge)));
+    }
+
+    #[tokio::test]
+    async fn a_lost_conflict_is_tried_again_and_at_last_answered_503() {
+        let conflict = || StoreError::Conflict(sqlx::Error::Protocol("deadlock detected".into()));
+        let mut tries = 0;
+        let third = retry_conflicts(|| {
+            tries += 1;
+            let result = if tries < 3 {
+                Err(conflict())
+            } else {
+                Ok(tries)
+            };
+            async move { result }
+        })
+        .await;
+        assert_eq!(third.ok(), Some(3));
+
+        let mut tries = 0;
+        let never: Result<(), _> = retry_conflicts(|| {
+            tries += 1;
+            let error = conflict();
+            async move { Err(error) }
+        })
+        .await;
+        assert_eq!(tries, CONFLICT_ATTEMPTS);
+        let response = store_failure("shop", never.unwrap_err()).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from_static("1"))
+        );
+
+        // A mistake in the data is not a conflict: tried once, and a retry will not help.
+        let mut tries = 0;
+        let mistake: Result<(), _> = retry_conflicts(|| {
+            tries += 1;
+            async { Err(StoreError::Query(sqlx::Error::RowNotFound)) }
+        })
+        .await;
+        assert_eq!(tries, 1);
+        let refused = store_failure("shop", mistake.unwrap_err());
+        assert_eq!(refused.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

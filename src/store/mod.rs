@@ -16,6 +16,66 @@ pub struct Customer {
     pub attributes: serde_json::Value,
 }
 
+/// What a write says about an optional field of a customer that may exist already.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Absent: keep what is stored.
+    Keep,
+    /// `null` or `""`: remove it.
+    Clear,
+    Set(String),
+}
+
+impl Change {
+    fn apply(self, stored: Option<String>) -> Option<String> {
+        match self {
+            Change::Keep => stored,
+            Change::Clear => None,
+            Change::Set(value) => Some(value),
+        }
+    }
+}
+
+/// A customer as a request (or `touchpoint customer add`) gives it: it updates an existing
+/// customer without wiping what it does not name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerPatch {
+    pub id: String,
+    pub email: String,
+    pub name: Change,
+    pub timezone: Change,
+    /// Attributes to set; the others are kept, and one set to `null` is removed.
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+impl CustomerPatch {
+    /// The customer after this patch: `stored` (if any) with the fields it names changed.
+    pub fn apply(self, stored: Option<Customer>) -> Customer {
+        let (name, timezone, mut attributes) = match stored {
+            Some(c) => (
+                c.name,
+                c.timezone,
+                c.attributes.as_object().cloned().unwrap_or_default(),
+            ),
+            None => (None, None, serde_json::Map::new()),
+        };
+        for (key, value) in self.attributes {
+            if value.is_null() {
+                attributes.remove(&key);
+            } else {
+                attributes.insert(key, value);
+            }
+        }
+        Customer {
+            id: self.id,
+            email: self.email,
+            name: self.name.apply(name),
+            timezone: self.timezone.apply(timezone),
+            attributes: serde_json::Value::Object(attributes),
+        }
+    }
+}
+
 /// A lifecycle event: a purchase, a discovery call, a wedding.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
@@ -339,11 +399,16 @@ pub struct Suppression {
     pub created_at: DateTime<Utc>,
 }
 
-/// A failed database operation. `Unavailable` is worth retrying; the rest needs a person.
+/// A failed database operation. `Unavailable` and `Conflict` are worth retrying; the rest
+/// needs a person.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the database is unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// PostgreSQL aborted the transaction over a conflict with another one running at the same
+    /// time (a deadlock, 40P01, or a serialization failure, 40001); run again, it succeeds.
+    #[error("the database aborted the transaction over a conflict with another: {0}")]
+    Conflict(#[source] sqlx::Error),
     #[error("database error: {0}")]
     Query(#[source] sqlx::Error),
     #[error("cannot apply the database migrations: {0}")]
@@ -353,16 +418,27 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether trying again later can succeed: the database is away, or it aborted the
+    /// transaction over a conflict with another.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Conflict(_))
+    }
+
+    /// Whether the transaction lost a conflict with another (deadlock, serialization failure):
+    /// running it again at once is the cure.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict(_))
     }
 }
 
 impl StoreError {
-    /// Whether a database error is a connection or resource fault, worth retrying, rather than
-    /// a mistake in a query or in the data.
+    /// Whether a database error is a connection or resource fault or a lost conflict, worth
+    /// retrying, rather than a mistake in a query or in the data.
     pub fn is_transient(error: &sqlx::Error) -> bool {
-        matches!(StoreError::from_kind(error), Kind::Unavailable)
+        matches!(
+            StoreError::from_kind(error),
+            Kind::Unavailable | Kind::Conflict
+        )
     }
 
     fn from_kind(error: &sqlx::Error) -> Kind {
@@ -378,6 +454,9 @@ impl StoreError {
                 // faults, 53xxx out of resources. SQLite: 5 busy, 6 locked, also as extended
                 // codes (517 BUSY_SNAPSHOT, 261 BUSY_RECOVERY...) whose low byte is the primary.
                 let code = db.code().unwrap_or_default();
+                if matches!(code.as_ref(), "40001" | "40P01") {
+                    return Kind::Conflict;
+                }
                 let sqlite_primary = code.parse::<i32>().ok().map(|c| c & 0xff);
                 // 3D000: the database does not exist (dropped, or not created yet): an outage
                 // for the operator to mend, not a mistake in what was written.
@@ -399,6 +478,7 @@ impl StoreError {
 
 enum Kind {
     Unavailable,
+    Conflict,
     Query,
 }
 
@@ -406,12 +486,22 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match StoreError::from_kind(&error) {
             Kind::Unavailable => StoreError::Unavailable(error),
+            Kind::Conflict => StoreError::Conflict(error),
             Kind::Query => StoreError::Query(error),
         }
     }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The rows in the order of their ids (bytewise): batches that overlap take the locks of
+/// their common rows in the same order, so two of them wait for each other instead of
+/// deadlocking.
+fn by_id<T>(rows: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
+    let mut sorted: Vec<&T> = rows.iter().collect();
+    sorted.sort_by(|a, b| id(a).cmp(id(b)));
+    sorted
+}
 
 /// All the daemon and the CLI need from a database. Every write that concerns a claimed message
 /// takes its token and changes nothing when the claim is no longer held (returns `false`).
@@ -421,8 +511,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn ping(&self) -> StoreResult<()>;
 
     // --- customers and events -------------------------------------------------------------
-    /// Inserts or updates customers, all in one transaction.
+    /// Inserts or replaces customers, all in one transaction. Every write of several rows
+    /// goes in the order of their ids, so that writers of overlapping batches take the rows'
+    /// locks in one order and cannot deadlock.
     async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()>;
+    /// Inserts customers or changes the fields each patch names, all in one transaction, each
+    /// merged with the row as it is when written (under its lock), so that two writers changing
+    /// one customer at the same moment both keep their changes. Returns how many were new.
+    async fn merge_customers(&self, patches: &[CustomerPatch]) -> StoreResult<u64>;
     /// Inserts events in one transaction; an event whose id exists already is left as it is.
     /// Returns how many were new.
     async fn insert_events(&self, events: &[Event]) -> StoreResult<u64>;

@@ -95,6 +95,82 @@ impl PostgresStore {
     }
 }
 
+/// Customer patches as parallel arrays, one element per customer, for `MERGE_CUSTOMERS`.
+struct MergeColumns {
+    ids: Vec<String>,
+    emails: Vec<String>,
+    /// The name to write; `set_names` says whether to write it on an existing customer.
+    names: Vec<Option<String>>,
+    set_names: Vec<bool>,
+    timezones: Vec<Option<String>>,
+    set_timezones: Vec<bool>,
+    /// The attributes to set (an object)...
+    attributes: Vec<serde_json::Value>,
+    /// ...and the names of those to remove (an array of strings).
+    removed: Vec<serde_json::Value>,
+}
+
+impl MergeColumns {
+    fn of(patches: &[&CustomerPatch]) -> MergeColumns {
+        let written = |change: &Change| match change {
+            Change::Set(value) => Some(value.clone()),
+            Change::Keep | Change::Clear => None,
+        };
+        let mut columns = MergeColumns {
+            ids: Vec::with_capacity(patches.len()),
+            emails: Vec::with_capacity(patches.len()),
+            names: Vec::with_capacity(patches.len()),
+            set_names: Vec::with_capacity(patches.len()),
+            timezones: Vec::with_capacity(patches.len()),
+            set_timezones: Vec::with_capacity(patches.len()),
+            attributes: Vec::with_capacity(patches.len()),
+            removed: Vec::with_capacity(patches.len()),
+        };
+        for patch in patches {
+            columns.ids.push(patch.id.clone());
+            columns.emails.push(patch.email.clone());
+            columns.names.push(written(&patch.name));
+            columns.set_names.push(patch.name != Change::Keep);
+            columns.timezones.push(written(&patch.timezone));
+            columns.set_timezones.push(patch.timezone != Change::Keep);
+            let (removed, set): (Vec<_>, Vec<_>) = patch
+                .attributes
+                .iter()
+                .partition(|(_, value)| value.is_null());
+            let set: serde_json::Map<_, _> = set
+                .into_iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            columns.attributes.push(serde_json::Value::Object(set));
+            columns
+                .removed
+                .push(removed.into_iter().map(|(k, _)| k.clone()).collect());
+        }
+        columns
+    }
+}
+
+/// Inserts each customer in the order given, or merges it into the stored row as that row is
+/// when locked: fields the patch does not name, and attributes it does not mention, are kept.
+/// `xmax = 0` holds for a row this statement inserted, not for one it updated.
+const MERGE_CUSTOMERS: &str = "\
+WITH input AS (
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::bool[], $7::jsonb[], $8::jsonb[])
+    WITH ORDINALITY AS i (id, email, name, set_name, timezone, set_timezone, attributes, removed, n)
+)
+INSERT INTO customers AS c (id, email, name, timezone, attributes)
+SELECT id, email, name, timezone, attributes FROM input ORDER BY n
+ON CONFLICT (id) DO UPDATE SET
+    email = excluded.email,
+    (name, timezone, attributes) = (
+        SELECT CASE WHEN i.set_name THEN excluded.name ELSE c.name END,
+               CASE WHEN i.set_timezone THEN excluded.timezone ELSE c.timezone END,
+               (c.attributes - ARRAY(SELECT jsonb_array_elements_text(i.removed))) || excluded.attributes
+        FROM input i WHERE i.id = excluded.id
+    ),
+    updated_at = now()
+RETURNING (xmax = 0)";
+
 fn millis(d: TimeDelta) -> f64 {
     d.num_milliseconds() as f64
 }
@@ -119,6 +195,7 @@ impl Store for PostgresStore {
     }
 
     async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()> {
+        let customers = by_id(customers, |c| &c.id);
         let mut tx = self.pool.begin().await?;
         for chunk in customers.chunks(500) {
             let mut query = QueryBuilder::<Postgres>::new(
@@ -141,7 +218,29 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn merge_customers(&self, patches: &[CustomerPatch]) -> StoreResult<u64> {
+        if patches.is_empty() {
+            return Ok(0);
+        }
+        let patches = by_id(patches, |p| &p.id);
+        let columns = MergeColumns::of(&patches);
+        // One statement: each row is inserted, or merged with the row as it is once locked.
+        let created: Vec<bool> = sqlx::query_scalar(MERGE_CUSTOMERS)
+            .bind(columns.ids)
+            .bind(columns.emails)
+            .bind(columns.names)
+            .bind(columns.set_names)
+            .bind(columns.timezones)
+            .bind(columns.set_timezones)
+            .bind(columns.attributes)
+            .bind(columns.removed)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(created.into_iter().filter(|&new| new).count() as u64)
+    }
+
     async fn insert_events(&self, events: &[Event]) -> StoreResult<u64> {
+        let events = by_id(events, |e| &e.id);
         let mut tx = self.pool.begin().await?;
         let mut inserted = 0;
         for chunk in events.chunks(500) {

@@ -165,6 +165,55 @@ impl SqliteStore {
     }
 }
 
+/// Inserts the customers, or replaces every field of those that exist.
+async fn write_customers(
+    connection: &mut sqlx::SqliteConnection,
+    customers: &[&Customer],
+) -> StoreResult<()> {
+    for chunk in customers.chunks(500) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO customers (id, email, name, timezone, attributes) ",
+        );
+        query.push_values(chunk, |mut row, c| {
+            row.push_bind(&c.id)
+                .push_bind(&c.email)
+                .push_bind(&c.name)
+                .push_bind(&c.timezone)
+                .push_bind(Json(&c.attributes));
+        });
+        query.push(format!(
+            " ON CONFLICT (id) DO UPDATE SET email = excluded.email, name = excluded.name, \
+             timezone = excluded.timezone, attributes = excluded.attributes, updated_at = {NOW}"
+        ));
+        query.build().execute(&mut *connection).await?;
+    }
+    Ok(())
+}
+
+/// The stored customers the patches name, by id.
+async fn stored_customers(
+    connection: &mut sqlx::SqliteConnection,
+    patches: &[&CustomerPatch],
+) -> StoreResult<std::collections::HashMap<String, Customer>> {
+    let mut stored = std::collections::HashMap::new();
+    for chunk in patches.chunks(500) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT id, email, name, timezone, attributes FROM customers WHERE id IN (",
+        );
+        let mut ids = query.separated(", ");
+        for patch in chunk {
+            ids.push_bind(&patch.id);
+        }
+        query.push(")");
+        let rows: Vec<CustomerRow> = query.build_query_as().fetch_all(&mut *connection).await?;
+        stored.extend(rows.into_iter().map(|row| {
+            let customer = Customer::from(row);
+            (customer.id.clone(), customer)
+        }));
+    }
+    Ok(stored)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
@@ -188,29 +237,40 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()> {
+        let customers = by_id(customers, |c| &c.id);
         let mut tx = self.writer.begin().await?;
-        for chunk in customers.chunks(500) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO customers (id, email, name, timezone, attributes) ",
-            );
-            query.push_values(chunk, |mut row, c| {
-                row.push_bind(&c.id)
-                    .push_bind(&c.email)
-                    .push_bind(&c.name)
-                    .push_bind(&c.timezone)
-                    .push_bind(Json(&c.attributes));
-            });
-            query.push(format!(
-                " ON CONFLICT (id) DO UPDATE SET email = excluded.email, name = excluded.name, \
-                 timezone = excluded.timezone, attributes = excluded.attributes, updated_at = {NOW}"
-            ));
-            query.build().execute(&mut *tx).await?;
-        }
+        write_customers(&mut tx, &customers).await?;
         tx.commit().await?;
         Ok(())
     }
 
+    async fn merge_customers(&self, patches: &[CustomerPatch]) -> StoreResult<u64> {
+        if patches.is_empty() {
+            return Ok(0);
+        }
+        let patches = by_id(patches, |p| &p.id);
+        // BEGIN IMMEDIATE takes the write lock before the rows are read, so no other writer (of
+        // this process or another) changes them between the read and the write: each patch is
+        // merged with the row as it is written. (SQLite's json_patch would not do: it merges
+        // nested objects too, and drops nulls inside the values it sets.)
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut stored = stored_customers(&mut tx, &patches).await?;
+        let mut created = 0;
+        let merged: Vec<Customer> = patches
+            .into_iter()
+            .map(|patch| {
+                let before = stored.remove(&patch.id);
+                created += u64::from(before.is_none());
+                patch.clone().apply(before)
+            })
+            .collect();
+        write_customers(&mut tx, &merged.iter().collect::<Vec<_>>()).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
     async fn insert_events(&self, events: &[Event]) -> StoreResult<u64> {
+        let events = by_id(events, |e| &e.id);
         let mut tx = self.writer.begin().await?;
         let mut inserted = 0;
         for chunk in events.chunks(500) {
