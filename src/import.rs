@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use crate::store::{Customer, Event, SharedStore};
 
@@ -78,20 +78,37 @@ pub fn key_values(pairs: &[String], flag: &str) -> Result<serde_json::Value, Str
 }
 
 /// RFC 3339 (`2026-11-23T09:00:00+01:00`), or a plain date (`2019-06-15`), kept as midnight
-/// UTC, which anniversaries read as that calendar date.
+/// UTC, which anniversaries read as that calendar date. Times after 9000-12-31 are refused
+/// ([`check_time`]).
 pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     let text = text.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
-        return Ok(t.with_timezone(&Utc));
+        return check_time(t.with_timezone(&Utc));
     }
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d")
         && let Some(midnight) = date.and_hms_opt(0, 0, 0)
     {
-        return Ok(midnight.and_utc());
+        return check_time(midnight.and_utc());
     }
     Err(format!(
         "{text:?} is not a time: expected RFC 3339 like 2026-11-23T09:00:00Z, or a date like 2019-06-15"
     ))
+}
+
+/// The last year an event may happen in. Planning adds up to about a century to an event's
+/// time (`after`, anniversaries, `expire_after`), and a planned time must stay within year
+/// 9999: SQLite keeps times as text, and `+10000-01-01` sorts before `2026-01-01`.
+pub const LAST_EVENT_YEAR: i32 = 9000;
+
+/// Refuses a time after [`LAST_EVENT_YEAR`].
+pub fn check_time(time: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    if time.year() > LAST_EVENT_YEAR {
+        return Err(format!(
+            "{} is after {LAST_EVENT_YEAR}-12-31: times that far ahead are refused",
+            time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        ));
+    }
+    Ok(time)
 }
 
 /// The longest id, customer id or kind taken (bytes). Keys are indexed, and PostgreSQL refuses
@@ -110,8 +127,37 @@ pub fn check_key(what: &str, text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What a control character is, in words for an operator: `a line break (CR)`.
+fn describe_control(c: char) -> String {
+    match c {
+        '\r' => "a line break (CR)".into(),
+        '\n' => "a line break (LF)".into(),
+        '\u{2028}' | '\u{2029}' | '\u{85}' => format!("a line break (U+{:04X})", u32::from(c)),
+        '\0' => "a NUL character".into(),
+        c => format!("a control character (U+{:04X})", u32::from(c)),
+    }
+}
+
+/// The first character of `text` that cannot go into a mail header: line breaks (CR, LF and
+/// Unicode's NEL, LS, PS) and every other control character (C0, DEL, C1). Tab is allowed:
+/// RFC 5322 counts it as white space within a header line, so it cannot start a new header.
+fn first_unsafe_char(text: &str) -> Option<char> {
+    text.chars()
+        .find(|&c| (c.is_control() && c != '\t') || matches!(c, '\u{2028}' | '\u{2029}'))
+}
+
+/// Checks a name, an address or a subject: text that ends up in a mail header. The one check
+/// every writer (command line, CSV import, ingest API, source rows) and the message builder use.
+pub fn check_header_text(what: &str, text: &str) -> Result<(), String> {
+    match first_unsafe_char(text) {
+        Some(c) => Err(format!("the {what} contains {}", describe_control(c))),
+        None => Ok(()),
+    }
+}
+
 /// Checks an address the way the sender will.
 pub fn check_email(email: &str) -> Result<(), String> {
+    check_header_text("email address", email.trim())?;
     email
         .trim()
         .parse::<lettre::Address>()
@@ -136,6 +182,10 @@ pub fn customer(
     }
     check_key("customer id", id)?;
     check_email(email)?;
+    let name = name.map(str::trim).filter(|n| !n.is_empty());
+    if let Some(name) = name {
+        check_header_text("name", name)?;
+    }
     let timezone = timezone.map(str::trim).filter(|t| !t.is_empty());
     if let Some(tz) = timezone {
         check_timezone(tz)?;
@@ -143,10 +193,7 @@ pub fn customer(
     Ok(Customer {
         id: id.trim().to_string(),
         email: email.trim().to_string(),
-        name: name
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_string),
+        name: name.map(str::to_string),
         timezone: timezone.map(str::to_string),
         attributes,
     })
@@ -411,6 +458,57 @@ mod tests {
             "2019-06-15T00:00:00+00:00"
         );
         assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn text_for_a_header_refuses_line_breaks_and_control_characters_but_not_tabs() {
+        assert_eq!(
+            check_header_text("name", "Ada\r\nBcc: x@evil.example").unwrap_err(),
+            "the name contains a line break (CR)"
+        );
+        assert_eq!(
+            check_header_text("name", "Ada\nLovelace").unwrap_err(),
+            "the name contains a line break (LF)"
+        );
+        for (text, what) in [
+            ("a\0b", "a NUL character"),
+            ("a\u{7f}b", "a control character (U+007F)"),
+            ("a\u{85}b", "a line break (U+0085)"),
+            ("a\u{2029}b", "a line break (U+2029)"),
+            ("a\u{9b}b", "a control character (U+009B)"),
+        ] {
+            assert_eq!(
+                check_header_text("subject", text).unwrap_err(),
+                format!("the subject contains {what}")
+            );
+        }
+        assert!(check_header_text("name", "Ada\tLovelace").is_ok());
+        assert!(check_header_text("name", "Zoë O'Brien-Łukasz 李").is_ok());
+        assert_eq!(
+            customer(
+                "c1",
+                "ada@example.com",
+                Some("Ada\rX"),
+                None,
+                serde_json::json!({})
+            )
+            .unwrap_err(),
+            "the name contains a line break (CR)"
+        );
+        assert_eq!(
+            check_email("ada@example.com\r\nBcc: x@evil.example").unwrap_err(),
+            "the email address contains a line break (CR)"
+        );
+    }
+
+    #[test]
+    fn times_after_the_year_9000_are_refused() {
+        assert!(parse_time("9000-12-31T23:59:59Z").is_ok());
+        assert_eq!(
+            parse_time("9001-01-01").unwrap_err(),
+            "9001-01-01T00:00:00Z is after 9000-12-31: times that far ahead are refused"
+        );
+        assert!(parse_time("9999-12-31T23:59:59+00:00").is_err());
     }
 
     #[test]

@@ -45,15 +45,39 @@ pub fn table(headers: &[&str], rows: &[Vec<String>], max_width: usize) -> String
     out
 }
 
-/// CSV with a header row, quoted where needed.
+/// CSV with a header row, quoted where needed, every cell made safe for a spreadsheet.
 pub fn csv(headers: &[&str], rows: &[Vec<String>]) -> Result<String, csv::Error> {
     let mut writer = csv::Writer::from_writer(Vec::new());
-    writer.write_record(headers)?;
+    write_csv_row(&mut writer, headers)?;
     for row in rows {
-        writer.write_record(row)?;
+        write_csv_row(&mut writer, row)?;
     }
     let bytes = writer.into_inner().map_err(|e| e.into_error())?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Writes one CSV row through [`spreadsheet_safe`]: every CSV touchpoint writes goes through
+/// here.
+pub fn write_csv_row<W: std::io::Write>(
+    writer: &mut csv::Writer<W>,
+    cells: &[impl AsRef<str>],
+) -> Result<(), csv::Error> {
+    writer.write_record(
+        cells
+            .iter()
+            .map(|cell| spreadsheet_safe(cell.as_ref()).into_owned()),
+    )
+}
+
+/// A cell a spreadsheet will not run as a formula. A cell that begins with `=`, `+`, `-`, `@`,
+/// a tab or a carriage return gets a leading `'` (OWASP's advice against CSV injection): a
+/// customer's name or a subject such as `=HYPERLINK(...)` is shown as text, not evaluated.
+pub fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{cell}"))
+    } else {
+        std::borrow::Cow::Borrowed(cell)
+    }
 }
 
 /// A time for a table: `2026-11-23 09:00:00Z`; empty for none.
@@ -74,6 +98,18 @@ mod tests {
         ];
         let text = table(&["id", "subject"], &rows, 10);
         assert_eq!(text, "id  subject\n1   a very lo…\n22  short\n");
+    }
+
+    #[test]
+    fn cells_a_spreadsheet_would_run_as_formulas_are_neutralised() {
+        for cell in ["=1+1", "+1", "-2", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(spreadsheet_safe(cell), format!("'{cell}"));
+        }
+        for cell in ["", "Ada", "1", "a=b", " =1", "2026-11-23 09:00:00Z"] {
+            assert_eq!(spreadsheet_safe(cell), cell);
+        }
+        let text = csv(&["name"], &[vec!["=HYPERLINK(\"http://x\")".into()]]).unwrap();
+        assert_eq!(text, "name\n\"'=HYPERLINK(\"\"http://x\"\")\"\n");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, TimeDelta, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
@@ -101,7 +101,7 @@ pub fn plan_candidate(
     let (trigger_at, dedupe_key, detail) = match &rule.trigger {
         Trigger::Event { after, .. } => {
             let event = candidate.event.as_ref()?;
-            let trigger_at = event.occurred_at + *after;
+            let trigger_at = event.occurred_at.checked_add_signed(*after)?;
             (
                 trigger_at,
                 format!("{}:{}", rule.name, event.id),
@@ -130,7 +130,12 @@ pub fn plan_candidate(
         Some(window) => window.next_open(trigger_at, tz),
         None => trigger_at,
     };
-    if due_at + expire < now {
+    let expires_at = due_at.checked_add_signed(expire)?;
+    if expires_at < now {
+        return None;
+    }
+    if let Err(reason) = within_storable_years(expires_at) {
+        tracing::warn!(rule = %rule.name, customer = %candidate.customer.id, event = ?candidate.event.as_ref().map(|e| &e.id), "not planned: {reason}");
         return None;
     }
     Some(NewMessage {
@@ -140,9 +145,25 @@ pub fn plan_candidate(
         dedupe_key,
         trigger_at,
         due_at,
-        expires_at: Some(due_at + expire),
+        expires_at: Some(expires_at),
         detail,
     })
+}
+
+/// The last year a planned time may fall in. SQLite keeps times as text that sorts like the
+/// instants only while the year has four digits: `+10000-01-01` sorts before `2026-01-01`, and
+/// a message due then would be claimed at once. Both backends keep to it alike.
+pub const LAST_PLANNED_YEAR: i32 = 9999;
+
+/// Refuses a planned time (the latest of a message's: its expiry) after [`LAST_PLANNED_YEAR`].
+fn within_storable_years(latest: DateTime<Utc>) -> Result<(), String> {
+    if latest.year() > LAST_PLANNED_YEAR {
+        return Err(format!(
+            "its time ({}) is after {LAST_PLANNED_YEAR}-12-31, the last time touchpoint can keep",
+            latest.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ));
+    }
+    Ok(())
 }
 
 /// The first moment a recurring rule may fire again: after its last occurrence, and not

@@ -1237,10 +1237,17 @@ fn read_customer(row: &Record) -> Result<Customer, String> {
     let id = text(row, "id")?;
     let at = |e: String| format!("customer {id:?}: {e}");
     let email = text(row, "email").map_err(at)?;
+    let name = optional_text(row, "name").map_err(at)?;
+    // The checks of every other writer: a name or address that cannot go into a header skips
+    // the row here rather than failing the message later.
+    crate::import::check_header_text("email address", email.trim()).map_err(at)?;
+    if let Some(name) = &name {
+        crate::import::check_header_text("name", name.trim()).map_err(at)?;
+    }
     let timezone = optional_text(row, "timezone").map_err(at)?;
     Ok(Customer {
         email,
-        name: optional_text(row, "name").map_err(at)?,
+        name,
         timezone: timezone.filter(|t| !t.trim().is_empty()),
         attributes: object(row, "attributes").map_err(at)?,
         id,

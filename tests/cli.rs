@@ -1004,7 +1004,8 @@ async fn import_customers_all_or_nothing(backend: Backend) {
     .ok();
     let store = env.store().await;
     let bad = env.path().join("bad-customers.csv");
-    // Line 3 starts a row whose quoted name spans two lines, so the bad rows are lines 5-7.
+    // Line 3 starts a row whose quoted name spans two lines (a line break, which a name may
+    // not hold: it would go into the To header), so the next bad rows are lines 5-7.
     std::fs::write(
         &bad,
         "id,email,name,timezone,plan,city\n\
@@ -1022,18 +1023,22 @@ async fn import_customers_all_or_nothing(backend: Backend) {
         .trim_start_matches("error: ")
         .lines()
         .collect::<Vec<_>>();
-    assert_eq!(lines.len(), 4, "{error}");
+    assert_eq!(lines.len(), 5, "{error}");
+    assert_eq!(
+        lines[0],
+        format!("{path}:3: the name contains a line break (LF)")
+    );
     assert!(
-        lines[0].starts_with(&format!("{path}:5: \"not-an-email\" is not a valid email")),
+        lines[1].starts_with(&format!("{path}:5: \"not-an-email\" is not a valid email")),
         "{error}"
     );
-    assert_eq!(lines[1], format!("{path}:6: the id is empty"));
+    assert_eq!(lines[2], format!("{path}:6: the id is empty"));
     assert!(
-        lines[2].starts_with(&format!("{path}:7: unknown time zone \"Mars/Olympus\"")),
+        lines[3].starts_with(&format!("{path}:7: unknown time zone \"Mars/Olympus\"")),
         "{error}"
     );
     assert_eq!(
-        lines[3],
+        lines[4],
         "nothing was imported; fix these rows and run the import again"
     );
     // Nothing of the file was written: c1 kept its address, no one was added.

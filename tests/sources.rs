@@ -424,6 +424,61 @@ async fn send_time_reads_the_source(backend: Backend) {
     assert_eq!(recipients, ["new@shop.example"]);
 }
 
+/// A client whose name holds a line break cannot be a recipient (it would go into the To
+/// header): at planning the row is skipped and counted in /metrics, and a name changed to one
+/// before sending skips the message with the reason. The other clients are mailed.
+async fn a_name_with_a_line_break_skips_the_row(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let (env, shop) = world(backend, &peer, "").await;
+    let slow = RULES.replace(r#"after = "1s" }"#, r#"after = "6s" }"#);
+    env.write_rule("rules.toml", &slow);
+    let store = env.store().await;
+    let now = Utc::now();
+    shop.client(1, "ada@shop.example", "Ada").await;
+    shop.client(5, "eve@shop.example", "Eve").await;
+    shop.client(9, "mal@shop.example", "Mal\r\nBcc: evil@example.com")
+        .await;
+    for (order, client) in [(1, 1), (5, 5), (9, 9)] {
+        shop.order(order, client, now).await;
+    }
+    let daemon = env.start().await;
+    wait_for(&store, "thank-you", "1", MessageState::Scheduled).await;
+    wait_for(&store, "thank-you", "5", MessageState::Scheduled).await;
+    shop.exec("UPDATE clients SET first_name = 'Eve\nBcc: evil@example.com' WHERE id = 5")
+        .await;
+    wait_for(&store, "thank-you", "1", MessageState::Sent).await;
+    let eve = wait_for(&store, "thank-you", "5", MessageState::Skipped).await;
+    assert_eq!(
+        eve.reason.as_deref(),
+        Some(
+            "the customer cannot be read from the source \"shop\": customer \"5\": the name contains a line break (LF)"
+        )
+    );
+    assert!(
+        !log(&store).await.iter().any(|e| e.customer_id == "9"),
+        "a message was planned for the bad row: {:#?}",
+        log(&store).await
+    );
+    let metrics = support::http::get(daemon.http, "/metrics", &[])
+        .await
+        .text();
+    let bad_rows = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("touchpoint_source_bad_rows_total{source=\"shop\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no bad-rows count: {metrics}"));
+    assert!(bad_rows >= 2, "{metrics}");
+    daemon.stop().await;
+    let recipients: Vec<_> = peer
+        .accepted()
+        .iter()
+        .flat_map(|m| m.rcpt_to.clone())
+        .collect();
+    assert_eq!(recipients, ["ada@shop.example"]);
+}
+
+on_both_backends!(a_name_with_a_line_break_skips_the_row);
+
 /// A source that is not there and a query that breaks stop neither touchpoint's own rules
 /// nor the healthy source; /healthz and /metrics say which source fails.
 async fn a_broken_source_stops_nothing_else(backend: Backend) {

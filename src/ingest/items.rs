@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::import::{check_email, check_timezone, parse_time};
+use crate::import::{check_email, check_header_text, check_timezone, parse_time};
 use crate::store::Event;
 
 /// One mistake: which item of the batch, which of its fields, and what is wrong.
@@ -209,6 +209,11 @@ fn customer(item: usize, value: &Value, problems: &mut Vec<Problem>) -> Option<C
             }
         });
     let name = f.change("name");
+    if let Change::Set(text) = &name
+        && let Err(message) = check_header_text("name", text)
+    {
+        f.problem("name", message);
+    }
     let timezone = f.change("timezone");
     if let Change::Set(tz) = &timezone
         && let Err(message) = check_timezone(tz)
@@ -363,6 +368,26 @@ mod tests {
                 (Some(3), Some("id")),
             ]
         );
+    }
+
+    #[test]
+    fn names_and_addresses_with_line_breaks_are_refused() {
+        let (good, problems) = customers(&[
+            json!({"id": "c1", "email": "ada@example.com", "name": "Ada\r\nBcc: x@evil.example"}),
+            json!({"id": "c2", "email": "bob@example.com\u{1b}"}),
+            json!({"id": "c3", "email": "cy@example.com", "name": "Cy\tYoung"}),
+        ]);
+        assert_eq!(good.len(), 1);
+        assert_eq!(
+            fields_of(&problems),
+            vec![(Some(0), Some("name")), (Some(1), Some("email"))]
+        );
+        assert_eq!(problems[0].message, "the name contains a line break (CR)");
+        let (good, problems) = events(&[json!({
+            "id": "e1", "customer_id": "c1", "kind": "k", "occurred_at": "9999-01-01"
+        })]);
+        assert!(good.is_empty());
+        assert_eq!(fields_of(&problems), vec![(Some(0), Some("occurred_at"))]);
     }
 
     #[test]

@@ -552,6 +552,14 @@ impl Cx<'_> {
             );
             return None;
         }
+        // Other control characters cannot go into the Subject header either.
+        if let Err(problem) = crate::import::check_header_text("subject", subject) {
+            self.error(
+                e.at,
+                format!("{problem}: a subject must be one line of text"),
+            );
+            return None;
+        }
         if let Err(err) = handlebars::Template::compile(subject) {
             let place = err
                 .pos()

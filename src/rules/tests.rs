@@ -461,6 +461,10 @@ fn names_templates_and_subjects() {
         "4:11: the subject has a line break: a subject must be one line"
     );
     assert_eq!(
+        one_error(&with_subject("\"a\\u001bb\"")),
+        "4:11: the subject contains a control character (U+001B): a subject must be one line of text"
+    );
+    assert_eq!(
         one_error(&with_subject("true")),
         "4:11: expected a string for `subject`, found a boolean"
     );

@@ -17,6 +17,8 @@ pub struct OutgoingEmail {
 
 /// Parses `"Name <user@example.com>"` or `"user@example.com"`.
 pub fn parse_mailbox(text: &str) -> Result<Mailbox, String> {
+    crate::import::check_header_text("address", text)
+        .map_err(|e| format!("{text:?} is not an email address: {e}"))?;
     text.parse::<Mailbox>().map_err(|e| {
         format!("{text:?} is not an email address ({e}); expected \"Name <user@example.com>\"")
     })
@@ -48,8 +50,12 @@ pub struct EmailParts<'a> {
     pub envelope_from: Option<Address>,
 }
 
-/// Builds the message; fails only on a recipient address that is not valid.
+/// Builds the message. Fails, never panics, on a value that cannot go into a header (a
+/// recipient address that is not valid, a line break or other control character in a name, the
+/// subject or any other header), naming the field: such a message can never be built, so the
+/// dispatcher fails it at once rather than retrying.
 pub fn build_email(parts: EmailParts<'_>) -> Result<OutgoingEmail, String> {
+    check_header_values(&parts)?;
     let to_address: Address = parts.to_email.trim().parse().map_err(|e| {
         format!(
             "the customer's address {:?} is not valid: {e}",
@@ -59,7 +65,8 @@ pub fn build_email(parts: EmailParts<'_>) -> Result<OutgoingEmail, String> {
     let to = Mailbox::new(
         parts
             .to_name
-            .filter(|n| !n.trim().is_empty())
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
             .map(str::to_string),
         to_address.clone(),
     );
@@ -76,10 +83,11 @@ pub fn build_email(parts: EmailParts<'_>) -> Result<OutgoingEmail, String> {
         .multipart(MultiPart::alternative_plain_html(parts.text, parts.html))
         .map_err(|e| format!("cannot build the message: {e}"))?;
     for (name, value) in parts.headers {
-        message.headers_mut().insert_raw(HeaderValue::new(
-            HeaderName::new_from_ascii_str(name),
-            value,
-        ));
+        let name = HeaderName::new_from_ascii(name.to_string())
+            .map_err(|_| format!("{name:?} is not a header name"))?;
+        message
+            .headers_mut()
+            .insert_raw(HeaderValue::new(name, value));
     }
     // Signed last, over the headers as they go out (List-Unsubscribe included).
     if let Some(dkim) = parts.dkim {
@@ -93,6 +101,30 @@ pub fn build_email(parts: EmailParts<'_>) -> Result<OutgoingEmail, String> {
         message_id: parts.message_id,
         bytes: message.formatted(),
     })
+}
+
+/// Every header value, checked before lettre sees it: lettre panics on a display name with a
+/// line break in it, and would write most other control characters into the header as they are.
+fn check_header_values(parts: &EmailParts<'_>) -> Result<(), String> {
+    let check = crate::import::check_header_text;
+    check("customer's email address", parts.to_email.trim())?;
+    if let Some(name) = parts.to_name {
+        check("customer's name", name.trim())?;
+    }
+    check("subject", parts.subject)?;
+    for (what, mailbox) in [("sender", Some(parts.from)), ("reply-to", parts.reply_to)] {
+        if let Some(mailbox) = mailbox {
+            check(&format!("{what} address"), mailbox.email.as_ref())?;
+            if let Some(name) = &mailbox.name {
+                check(&format!("{what} name"), name)?;
+            }
+        }
+    }
+    check("Message-ID", &parts.message_id)?;
+    for (name, value) in &parts.headers {
+        check(&format!("{name} header"), value)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -150,5 +182,83 @@ mod tests {
         .unwrap_err();
         assert!(error.contains("not valid"), "{error}");
         assert!(parse_mailbox("nope").is_err());
+    }
+
+    fn parts<'a>(from: &'a Mailbox, name: &'a str, subject: &'a str) -> EmailParts<'a> {
+        EmailParts {
+            from,
+            reply_to: None,
+            to_name: Some(name),
+            to_email: "ada@example.com",
+            subject,
+            text: "Plain".into(),
+            html: "<p>Rich</p>".into(),
+            message_id: "<1.r@acme.example>".into(),
+            headers: vec![("X-Touchpoint-Rule", "r".into())],
+            dkim: None,
+            envelope_from: None,
+        }
+    }
+
+    #[test]
+    fn a_line_break_in_a_header_value_is_an_error_that_names_the_field() {
+        let from = parse_mailbox("Acme <hello@acme.example>").unwrap();
+        for (name, expected) in [
+            ("Ada\rBcc: x@evil.example", "line break (CR)"),
+            ("Ada\nBcc: x@evil.example", "line break (LF)"),
+            ("Ada\r\nBcc: x@evil.example", "line break (CR)"),
+            ("Ada\u{1b}[31m", "control character (U+001B)"),
+            ("Ada\u{2028}Lovelace", "line break (U+2028)"),
+        ] {
+            let error = build_email(parts(&from, name, "Hi")).unwrap_err();
+            assert_eq!(error, format!("the customer's name contains a {expected}"));
+        }
+        let error = build_email(parts(&from, "Ada", "Hi\u{7f}")).unwrap_err();
+        assert_eq!(error, "the subject contains a control character (U+007F)");
+        let mut with_header = parts(&from, "Ada", "Hi");
+        with_header.headers = vec![("List-Unsubscribe", "<https://x>\r\nBcc: y".into())];
+        assert_eq!(
+            build_email(with_header).unwrap_err(),
+            "the List-Unsubscribe header contains a line break (CR)"
+        );
+        let mut bad_address = parts(&from, "Ada", "Hi");
+        bad_address.to_email = "ada@example.com\nBcc: y@evil.example";
+        assert_eq!(
+            build_email(bad_address).unwrap_err(),
+            "the customer's email address contains a line break (LF)"
+        );
+    }
+
+    #[test]
+    fn a_tab_in_a_name_is_white_space_in_the_header() {
+        let from = parse_mailbox("Acme <hello@acme.example>").unwrap();
+        let email = build_email(parts(&from, "Ada\tLovelace", "Hi\tthere")).unwrap();
+        let text = String::from_utf8(email.bytes).unwrap();
+        assert!(text.contains("Subject: Hi\tthere\r\n"), "{text}");
+    }
+
+    #[test]
+    fn a_sender_with_a_line_break_is_refused_when_the_config_is_read() {
+        let error = parse_mailbox("Acme\r\nBcc: x@evil.example <hello@acme.example>").unwrap_err();
+        assert!(error.contains("line break (CR)"), "{error}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5000))]
+        /// Whatever a customer record or a template holds, building is an answer, not a panic.
+        #[test]
+        fn building_never_panics(
+            name in "(?s).{0,12}",
+            subject in "(?s).{0,60}",
+            user in "(?s).{1,8}",
+            header in "(?s).{0,12}",
+        ) {
+            let from = parse_mailbox("Acme <hello@acme.example>").unwrap();
+            let to_email = format!("{user}@example.com");
+            let mut email = parts(&from, &name, &subject);
+            email.to_email = &to_email;
+            email.headers = vec![("X-Touchpoint-Rule", header)];
+            let _ = build_email(email);
+        }
     }
 }

@@ -660,7 +660,7 @@ pub async fn log_csv(
         let mut writer = csv::Writer::from_writer(Vec::new());
         if !cursor.header {
             cursor.header = true;
-            let written = writer.write_record(crate::commands::LOG_HEADERS);
+            let written = crate::output::write_csv_row(&mut writer, &crate::commands::LOG_HEADERS);
             let bytes = written.map_err(std::io::Error::other).and_then(|()| {
                 writer
                     .into_inner()
@@ -680,7 +680,9 @@ pub async fn log_csv(
         cursor.filter.before_id = Some(last.id);
         cursor.done = (entries.len() as i64) < CSV_BATCH;
         for entry in &entries {
-            if let Err(error) = writer.write_record(crate::commands::log_row(entry)) {
+            if let Err(error) =
+                crate::output::write_csv_row(&mut writer, &crate::commands::log_row(entry))
+            {
                 return Some((Err(std::io::Error::other(error)), cursor));
             }
         }
