@@ -219,6 +219,15 @@ impl Sql {
                         .map_or(bytes.len(), |end| i + end + 4);
                 }
                 b':' if bytes.get(i + 1) == Some(&b':') => i += 2,
+                // A second statement would run outside the wrapping SELECT (SQLite runs every
+                // statement of a query, including `VACUUM INTO 'file'`, which writes a copy).
+                b';' => {
+                    return Err(
+                        "holds more than one statement (a `;` before its end); a source query is \
+                         one SELECT"
+                            .into(),
+                    );
+                }
                 b':' if brackets == 0
                     && bytes.get(i + 1).is_some_and(|b| b.is_ascii_alphabetic()) =>
                 {
@@ -1390,6 +1399,11 @@ mod tests {
             "{missing}"
         );
         assert_eq!(Sql::parse("  ; ", &["id"]).unwrap_err(), "is empty");
+        let two = "SELECT * FROM t WHERE id = :id; VACUUM INTO '/tmp/copy.db'";
+        let error = Sql::parse(two, &["id"]).unwrap_err();
+        assert!(error.starts_with("holds more than one statement"), "{error}");
+        // A `;` inside a literal or comment, or at the very end, is not a second statement.
+        Sql::parse("SELECT ';' AS s FROM t WHERE id = :id -- a; b\n;", &["id"]).unwrap();
     }
 
     #[test]
