@@ -1401,7 +1401,10 @@ mod tests {
         assert_eq!(Sql::parse("  ; ", &["id"]).unwrap_err(), "is empty");
         let two = "SELECT * FROM t WHERE id = :id; VACUUM INTO '/tmp/copy.db'";
         let error = Sql::parse(two, &["id"]).unwrap_err();
-        assert!(error.starts_with("holds more than one statement"), "{error}");
+        assert!(
+            error.starts_with("holds more than one statement"),
+            "{error}"
+        );
         // A `;` inside a literal or comment, or at the very end, is not a second statement.
         Sql::parse("SELECT ';' AS s FROM t WHERE id = :id -- a; b\n;", &["id"]).unwrap();
     }

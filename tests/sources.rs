@@ -924,6 +924,9 @@ query = """{customers}"""
 }
 
 /// SQL written to change the shop's data, and the query the database must refuse.
+/// A query with a second statement is refused when the config is read, before it can run.
+const LOAD_REFUSAL: &str = "holds more than one statement";
+
 struct Attack {
     what: &'static str,
     orders: String,
@@ -973,10 +976,10 @@ fn attacks(backend: Backend) -> Vec<Attack> {
                 },
                 Attack {
                     what: "a second statement after the SELECT",
-                    orders: format!("{orders}; DELETE FROM orders"),
+                    orders: format!("{orders}; VACUUM INTO 'copy.db'; DELETE FROM orders"),
                     customers: customers.to_string(),
                     refused: "orders",
-                    refusal: "readonly database",
+                    refusal: LOAD_REFUSAL,
                 },
             ]
         }
@@ -1002,6 +1005,20 @@ async fn a_source_query_cannot_write(backend: Backend) {
 
         let (ok, stdout, stderr) = env.run_cli(&["check"]);
         assert!(!ok, "{what}: check passed: {stdout}");
+        if attack.refusal == LOAD_REFUSAL {
+            assert!(
+                stderr.contains(&format!("(\"{}\").query: {LOAD_REFUSAL}", attack.refused)),
+                "{what}: {stderr}"
+            );
+            let (ok, _, stderr) = env.run_cli(&["run"]);
+            assert!(!ok && stderr.contains(LOAD_REFUSAL), "{what}: {stderr}");
+            assert_eq!(shop.count("orders").await, 2, "{what}");
+            assert!(
+                !env.path().join("copy.db").exists(),
+                "{what}: a copy was written"
+            );
+            continue;
+        }
         assert!(
             stderr.contains(&format!("source shop, query {}:", attack.refused)),
             "{what}: {stderr}"
