@@ -362,7 +362,7 @@ fn default_reconcile() -> TimeDelta {
     TimeDelta::minutes(5)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of the health, metrics and web listener; empty to turn it off.
@@ -1219,6 +1219,30 @@ address = "1 Main St, Springfield"
         )
         .unwrap_err();
         assert!(error.to_string().contains("sender.from"), "{error}");
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_bad_values_are_named() {
+        let config = load(MINIMAL, &[]).unwrap();
+        assert_eq!(config.http.max_connections, 512);
+        assert_eq!(config.http.header_read_timeout, TimeDelta::seconds(10));
+        assert_eq!(config.http.body_read_timeout, TimeDelta::seconds(30));
+        assert_eq!(config.http.idle_timeout, TimeDelta::seconds(75));
+        let env = [
+            ("TOUCHPOINT_HTTP__MAX_CONNECTIONS", "0"),
+            ("TOUCHPOINT_HTTP__IDLE_TIMEOUT", "0s"),
+        ];
+        let error = load(MINIMAL, &env).unwrap_err().to_string();
+        assert!(
+            error.contains("http.max_connections") && error.contains("http.idle_timeout"),
+            "{error}"
+        );
+        let text = format!("{MINIMAL}\n[web]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.lan\"]\n");
+        let error = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("web.trusted_proxies") && error.contains("proxy.lan"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -673,9 +673,10 @@ async fn reload_on_hangup(
 fn reload(running: &Config) -> Result<Playbook, String> {
     let env: Vec<_> = std::env::vars().collect();
     let fresh = Config::load(&running.path, env).map_err(|e| e.to_string())?;
-    if fresh.database.url != running.database.url || fresh.http.listen != running.http.listen {
+    if fresh.database.url != running.database.url || fresh.http != running.http {
         tracing::warn!(
-            "database.url and http.listen changes take effect on restart, not on reload"
+            "database.url and [http] changes (listen, limits, timeouts) take effect on restart, \
+             not on reload"
         );
     }
     Playbook::load(&fresh).map_err(|e| e.to_string())
