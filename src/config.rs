@@ -363,22 +363,55 @@ fn default_reconcile() -> TimeDelta {
     TimeDelta::minutes(5)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of the health, metrics and web listener; empty to turn it off.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Connections open at once. At the cap the oldest idle connection is closed for a new
+    /// one; lowered at start to what the open-files limit leaves after the database, SMTP and
+    /// the outbox (see [`crate::listener`]).
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
+    /// A request's head (request line and headers) must arrive within this of its first byte
+    /// (of the connection, for its first request).
+    #[serde(default = "default_header_read_timeout", deserialize_with = "duration")]
+    pub header_read_timeout: TimeDelta,
+    /// A request's body must arrive within this of its head.
+    #[serde(default = "default_body_read_timeout", deserialize_with = "duration")]
+    pub body_read_timeout: TimeDelta,
+    /// How long a kept-alive connection may wait for its next request.
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: TimeDelta,
 }
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_listen(),
+            max_connections: default_http_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            idle_timeout: default_idle_timeout(),
         }
     }
 }
 fn default_listen() -> String {
     "127.0.0.1:8025".into()
+}
+fn default_http_max_connections() -> usize {
+    512
+}
+fn default_header_read_timeout() -> TimeDelta {
+    TimeDelta::seconds(10)
+}
+fn default_body_read_timeout() -> TimeDelta {
+    TimeDelta::seconds(30)
+}
+/// Longer than reverse proxies keep idle upstream connections by default (nginx 60 s), so the
+/// proxy, not touchpoint, closes them: no request is lost to a connection closed under it.
+fn default_idle_timeout() -> TimeDelta {
+    TimeDelta::seconds(75)
 }
 
 /// The ingest API on the HTTP listener (`POST /api/v1/events`, `POST /api/v1/customers`).
@@ -553,6 +586,15 @@ pub struct WebConfig {
     /// How long a login lasts.
     #[serde(default = "default_session_lifetime", deserialize_with = "duration")]
     pub session_lifetime: TimeDelta,
+    /// Reverse proxies (IP addresses or CIDR ranges) whose `X-Forwarded-For` / `Forwarded`
+    /// name the client for the login limit. A request from one of them is never "on this
+    /// machine".
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// More names the owner's page answers to (besides localhost, IP addresses, the listen
+    /// address and the host of `links.base_url`), e.g. a LAN name.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 impl Default for WebConfig {
     fn default() -> Self {
@@ -561,6 +603,8 @@ impl Default for WebConfig {
             password_hash: None,
             secure_cookies: None,
             session_lifetime: default_session_lifetime(),
+            trusted_proxies: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -763,6 +807,12 @@ impl Config {
         if self.web.session_lifetime <= TimeDelta::zero() {
             problems.push("web.session_lifetime: expected more than 0s".into());
         }
+        problems.extend(self.http_problems());
+        for proxy in &self.web.trusted_proxies {
+            if let Err(message) = crate::web::client::Cidr::parse(proxy) {
+                problems.push(format!("web.trusted_proxies: {message}"));
+            }
+        }
         if let Err(message) = DatabaseUrl::parse(self.database.url.expose(), &self.base_dir) {
             problems.push(format!("database.url: {message}"));
         }
@@ -775,6 +825,24 @@ impl Config {
             .map(|m| Diagnostic::whole_file(&self.path, m))
             .collect();
         Err(ConfigError::Invalid(Diagnostics(list)))
+    }
+
+    fn http_problems(&self) -> Vec<String> {
+        let http = &self.http;
+        let mut problems = Vec::new();
+        if http.max_connections == 0 {
+            problems.push("http.max_connections: expected at least 1".into());
+        }
+        for (key, value) in [
+            ("header_read_timeout", http.header_read_timeout),
+            ("body_read_timeout", http.body_read_timeout),
+            ("idle_timeout", http.idle_timeout),
+        ] {
+            if value <= TimeDelta::zero() {
+                problems.push(format!("http.{key}: expected more than 0s"));
+            }
+        }
+        problems
     }
 
     /// The database to use, with a relative SQLite path resolved.
@@ -1162,6 +1230,30 @@ address = "1 Main St, Springfield"
         )
         .unwrap_err();
         assert!(error.to_string().contains("sender.from"), "{error}");
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_bad_values_are_named() {
+        let config = load(MINIMAL, &[]).unwrap();
+        assert_eq!(config.http.max_connections, 512);
+        assert_eq!(config.http.header_read_timeout, TimeDelta::seconds(10));
+        assert_eq!(config.http.body_read_timeout, TimeDelta::seconds(30));
+        assert_eq!(config.http.idle_timeout, TimeDelta::seconds(75));
+        let env = [
+            ("TOUCHPOINT_HTTP__MAX_CONNECTIONS", "0"),
+            ("TOUCHPOINT_HTTP__IDLE_TIMEOUT", "0s"),
+        ];
+        let error = load(MINIMAL, &env).unwrap_err().to_string();
+        assert!(
+            error.contains("http.max_connections") && error.contains("http.idle_timeout"),
+            "{error}"
+        );
+        let text = format!("{MINIMAL}\n[web]\ntrusted_proxies = [\"10.0.0.0/8\", \"proxy.lan\"]\n");
+        let error = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("web.trusted_proxies") && error.contains("proxy.lan"),
+            "{error}"
+        );
     }
 
     #[test]

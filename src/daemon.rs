@@ -267,6 +267,8 @@ pub struct Shared {
     pub api_tokens: Arc<crate::ingest::ApiTokens>,
     /// The owner's web page; `None` when `web.enabled` is false.
     pub web: Option<Arc<crate::web::Web>>,
+    /// The /metrics values that scan the messages table, shared between scrapes.
+    pub metrics: Arc<crate::http::MetricsCache>,
 }
 
 /// Opens the database, retrying while it is unavailable (it may still be starting).
@@ -361,6 +363,7 @@ pub async fn run(
     let dispatcher_task =
         tracker.spawn(dispatcher.run(shutdown.clone(), hard_stop.clone(), tracker.clone()));
     if let Some(listener) = listeners.http {
+        let address = listener.local_addr().map_err(DaemonError::Http)?;
         let shared = Shared {
             store: store.clone(),
             health: health.clone(),
@@ -369,14 +372,27 @@ pub async fn run(
             bounce_webhook_secret,
             bounce_rules,
             api_tokens: Arc::new(api_tokens.clone()),
-            web: crate::web::Web::setup(&config, &store).await?,
+            web: crate::web::Web::setup(&config, &store, address).await?,
+            metrics: Arc::default(),
         };
-        let address = listener.local_addr().map_err(DaemonError::Http)?;
-        tracing::info!(%address, "HTTP listener ready (the owner's page at /, /healthz, /metrics, /u, /o, /c, /hooks/bounce)");
+        // Measured now that the database pool and the listener are open.
+        let limits =
+            crate::listener::limits(&config, &crate::listener::Budget::of_this_process(&config));
+        tracing::info!(%address, max_connections = limits.max_connections, "HTTP listener ready (the owner's page at /, /healthz, /metrics, /u, /o, /c, /hooks/bounce)");
         if !shared.api_tokens.is_off() {
             tracing::info!(tokens = ?shared.api_tokens.names(), "ingest API on (POST /api/v1/events, /api/v1/customers)");
         }
-        tracker.spawn(crate::http::serve(listener, shared, shutdown.clone()));
+        let stop = crate::listener::Stop {
+            graceful: shutdown.clone(),
+            hard: hard_stop.clone(),
+        };
+        tracker.spawn(crate::http::serve(
+            listener,
+            shared,
+            limits,
+            tracker.clone(),
+            stop,
+        ));
     } else if !api_tokens.is_off() {
         tracing::warn!(
             "api.tokens are configured but http.listen is off: the ingest API is not served"
@@ -679,9 +695,10 @@ async fn reload_on_hangup(
 fn reload(running: &Config) -> Result<Playbook, String> {
     let env: Vec<_> = std::env::vars().collect();
     let fresh = Config::load(&running.path, env).map_err(|e| e.to_string())?;
-    if fresh.database.url != running.database.url || fresh.http.listen != running.http.listen {
+    if fresh.database.url != running.database.url || fresh.http != running.http {
         tracing::warn!(
-            "database.url and http.listen changes take effect on restart, not on reload"
+            "database.url and [http] changes (listen, limits, timeouts) take effect on restart, \
+             not on reload"
         );
     }
     Playbook::load(&fresh).map_err(|e| e.to_string())

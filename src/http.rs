@@ -4,25 +4,28 @@
 //! ([`crate::ingest`]) and the owner's page ([`crate::web`]) are merged into the same router.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio_util::sync::CancellationToken;
 
 use crate::bounce::BounceReport;
 use crate::daemon::Shared;
 use crate::links::Link;
 use crate::store::LogEntry;
 use crate::store::MessageState;
+use crate::store::{SharedStore, StoreError};
 
 /// The dispatcher turns its loop at least every 10 s; three missed turns mean it is stuck.
 const DISPATCHER_STALL: Duration = Duration::from_secs(30);
 
 pub fn router(shared: Shared) -> Router {
+    let web = crate::web::router(shared.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -31,18 +34,20 @@ pub fn router(shared: Shared) -> Router {
         .route("/c/{token}", get(click))
         .route("/hooks/bounce", axum::routing::post(bounce_hook))
         .merge(crate::ingest::router())
-        .merge(crate::web::router())
+        .merge(web)
         .with_state(shared)
 }
 
-/// Serves until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Shared, shutdown: CancellationToken) {
-    // The peer's address tells the owner's page whether a visitor is on this machine.
-    let service = router(shared).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(shutdown.cancelled_owned());
-    if let Err(error) = server.await {
-        tracing::error!(%error, "the HTTP listener stopped");
-    }
+/// Serves until `stop.graceful`, under `limits` (see [`crate::listener`]); connections run on
+/// `tracker`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Shared,
+    limits: crate::listener::Limits,
+    tracker: tokio_util::task::TaskTracker,
+    stop: crate::listener::Stop,
+) {
+    crate::listener::serve(listener, router(shared), limits, tracker, stop).await;
 }
 
 #[derive(serde::Serialize)]
@@ -70,21 +75,36 @@ struct Check {
     detail: String,
 }
 
-async fn healthz(State(shared): State<Shared>) -> Response {
-    let database = match tokio::time::timeout(Duration::from_secs(3), shared.store.ping()).await {
-        Ok(Ok(())) => Check {
-            ok: true,
-            detail: "reachable".into(),
-        },
-        Ok(Err(error)) => Check {
-            ok: false,
-            detail: error.to_string(),
-        },
-        Err(_) => Check {
-            ok: false,
-            detail: "no answer within 3s".into(),
-        },
+/// What /healthz says about the database: a reason class, never the error's text (which can
+/// quote customer data: a value in a constraint message); the text goes to the debug log.
+/// `None` is no answer in time.
+fn database_check(answer: Option<Result<(), StoreError>>) -> Check {
+    let detail = match answer {
+        Some(Ok(())) => {
+            return Check {
+                ok: true,
+                detail: "reachable".into(),
+            };
+        }
+        None => "timeout",
+        Some(Err(error)) => {
+            tracing::debug!(%error, "/healthz: the database check failed");
+            if error.is_unavailable() {
+                "unreachable"
+            } else {
+                "error"
+            }
+        }
     };
+    Check {
+        ok: false,
+        detail: detail.into(),
+    }
+}
+
+async fn healthz(State(shared): State<Shared>) -> Response {
+    let answer = tokio::time::timeout(Duration::from_secs(3), shared.store.ping()).await;
+    let database = database_check(answer.ok());
     let idle = shared.health.dispatcher_idle_for();
     let dispatcher = Check {
         ok: idle < DISPATCHER_STALL,
@@ -128,26 +148,86 @@ async fn metrics(State(shared): State<Shared>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn render_metrics(shared: &Shared) -> String {
-    let counts = match tokio::time::timeout(Duration::from_secs(3), shared.store.counts()).await {
-        Ok(Ok(counts)) => Some(counts),
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "/metrics: cannot count messages");
-            None
+/// Scans of the messages table are shared for this long: a scrape costs a scan at most this
+/// often, however many clients scrape.
+pub const METRICS_TTL: Duration = Duration::from_secs(5);
+
+/// The /metrics values that scan the messages table, computed at most once per `METRICS_TTL`
+/// and shared by every scrape meanwhile; concurrent scrapes wait for the one scan in progress
+/// (single flight) rather than start their own.
+#[derive(Debug, Default)]
+pub struct MetricsCache {
+    latest: tokio::sync::Mutex<Option<(Instant, Arc<Scan>)>>,
+    /// Scans made, shown on /metrics.
+    scans: AtomicU64,
+}
+
+/// One scan's results; `None` where the database did not answer.
+#[derive(Debug)]
+struct Scan {
+    counts: Option<Vec<(String, MessageState, i64)>>,
+    backlog: Option<(i64, Option<f64>)>,
+}
+
+impl MetricsCache {
+    async fn scan(&self, store: &SharedStore) -> Arc<Scan> {
+        let mut latest = self.latest.lock().await;
+        if let Some((at, scan)) = latest.as_ref()
+            && at.elapsed() < METRICS_TTL
+        {
+            return scan.clone();
         }
-        Err(_) => None,
-    };
+        let scan = Arc::new(Scan::take(store).await);
+        self.scans.fetch_add(1, Ordering::Relaxed);
+        *latest = Some((Instant::now(), scan.clone()));
+        scan
+    }
+}
+
+impl Scan {
+    async fn take(store: &SharedStore) -> Scan {
+        let limit = Duration::from_secs(3);
+        let counts = match tokio::time::timeout(limit, store.counts()).await {
+            Ok(Ok(counts)) => Some(counts),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "/metrics: cannot count messages");
+                None
+            }
+            Err(_) => None,
+        };
+        let backlog = match tokio::time::timeout(limit, store.due_backlog()).await {
+            Ok(Ok(backlog)) => Some(backlog),
+            _ => None,
+        };
+        Scan { counts, backlog }
+    }
+}
+
+async fn render_metrics(shared: &Shared) -> String {
+    let scan = shared.metrics.scan(&shared.store).await;
+    let counts = scan.counts.as_ref();
     let mut out = String::new();
     let health = &shared.health;
     let _ = writeln!(
         out,
-        "# HELP touchpoint_database_up Whether the database answered the count for this scrape."
+        "# HELP touchpoint_database_up Whether the database answered the latest count (at most 5 s old)."
     );
     let _ = writeln!(out, "# TYPE touchpoint_database_up gauge");
     let _ = writeln!(out, "touchpoint_database_up {}", u8::from(counts.is_some()));
-    if let Some(counts) = &counts {
+    if let Some(counts) = counts {
         render_counts(&mut out, counts);
     }
+    let _ = writeln!(
+        out,
+        "# HELP touchpoint_metrics_scans_total Counts of the messages table made for /metrics \
+         (at most one per 5 s, shared by the scrapes meanwhile)."
+    );
+    let _ = writeln!(out, "# TYPE touchpoint_metrics_scans_total counter");
+    let _ = writeln!(
+        out,
+        "touchpoint_metrics_scans_total {}",
+        shared.metrics.scans.load(Ordering::Relaxed)
+    );
     let _ = writeln!(
         out,
         "# HELP touchpoint_outcomes_total Attempt outcomes recorded by this process."
@@ -172,7 +252,7 @@ async fn render_metrics(shared: &Shared) -> String {
         "How long after its due time a sent message went out.",
         &health.lateness(),
     );
-    if let Ok((due, oldest)) = shared.store.due_backlog().await {
+    if let Some((due, oldest)) = scan.backlog {
         let _ = writeln!(
             out,
             "# HELP touchpoint_due_messages Waiting messages already due (late if this stays above zero)."
@@ -589,4 +669,33 @@ pub fn escape_html(text: &str) -> String {
         .replace('>', "&gt;")
         .replace('"', "&quot;")
         .replace('\'', "&#39;")
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    #[test]
+    fn healthz_names_a_reason_class_never_the_error_text() {
+        let leaky = || "duplicate key value (email)=(ada@example.com)".to_string();
+        let cases = [
+            (Some(Ok(())), true, "reachable"),
+            (None, false, "timeout"),
+            (
+                Some(Err(StoreError::Unavailable(sqlx::Error::Protocol(leaky())))),
+                false,
+                "unreachable",
+            ),
+            (
+                Some(Err(StoreError::Query(sqlx::Error::Protocol(leaky())))),
+                false,
+                "error",
+            ),
+            (Some(Err(StoreError::Invalid(leaky()))), false, "error"),
+        ];
+        for (answer, ok, detail) in cases {
+            let check = database_check(answer);
+            assert_eq!((check.ok, check.detail.as_str()), (ok, detail));
+        }
+    }
 }

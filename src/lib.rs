@@ -20,6 +20,7 @@ pub mod http;
 pub mod import;
 pub mod ingest;
 pub mod links;
+pub mod listener;
 pub mod notify;
 pub mod output;
 pub mod plan;

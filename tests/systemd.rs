@@ -942,12 +942,15 @@ when = { event = "purchase", after = "1h" }
         assert_eq!(report["healthy"], false, "{report:#}");
         assert_eq!(report["database"]["ok"], false, "{report:#}");
         // The error counter is there to alert on during an outage: /metrics still answers.
+        // (Its count of messages may be up to METRICS_TTL old: wait for the failed one.)
         let counted = eventually(Duration::from_secs(20), || async {
             let (status, text) = http_when_up(http, "/metrics").await;
+            let metrics = parse_metrics(&text);
             status == 200
-                && parse_metrics(&text)
+                && metrics
                     .get("touchpoint_database_errors_total")
                     .is_some_and(|n| *n > 0.0)
+                && metrics.get("touchpoint_database_up") == Some(&0.0)
         })
         .await;
         let (status, text) = http_when_up(http, "/metrics").await;

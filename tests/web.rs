@@ -292,7 +292,17 @@ async fn login_sessions_and_csrf() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_are_rate_limited_per_address() {
     let hash = password_hash();
-    let env = env_with(Backend::Sqlite, Some(&hash)).await;
+    // The proxy in front (here, the test on loopback) is trusted to name the client.
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        Sink::Files,
+        &[("rules.toml", RULES)],
+        &format!(
+            "{}trusted_proxies = [\"127.0.0.1\"]\n",
+            web_config(Some(&hash))
+        ),
+    )
+    .await;
     let daemon = env.start().await;
     let addr = daemon.http;
     let form = get(addr, "/login", &[]).await;

@@ -649,6 +649,13 @@ pub trait Store: Send + Sync + fmt::Debug {
         customer_id: &str,
         limit: i64,
     ) -> StoreResult<Vec<CustomerMessageEvent>>;
+
+    // --- the owner's web page: logged-out sessions ----------------------------------------------
+    /// Records a logged-out session (by a hash of its nonce) until `expires_at` (unix seconds),
+    /// when its cookie would have expired anyway; deletes records that have expired.
+    async fn revoke_session(&self, nonce_hash: &str, expires_at: i64) -> StoreResult<()>;
+    /// Whether the session was logged out (by any process using this database).
+    async fn session_revoked(&self, nonce_hash: &str) -> StoreResult<bool>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

@@ -947,4 +947,28 @@ impl Store for PostgresStore {
         .await?;
         Ok(rows.into_iter().map(CustomerMessageEvent::from).collect())
     }
+
+    async fn revoke_session(&self, nonce_hash: &str, expires_at: i64) -> StoreResult<()> {
+        sqlx::query("DELETE FROM web_session_revocations WHERE expires_at < extract(epoch FROM now())::bigint")
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO web_session_revocations (nonce_hash, expires_at) VALUES ($1, $2) \
+             ON CONFLICT (nonce_hash) DO NOTHING",
+        )
+        .bind(nonce_hash)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn session_revoked(&self, nonce_hash: &str) -> StoreResult<bool> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM web_session_revocations WHERE nonce_hash = $1")
+                .bind(nonce_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
 }

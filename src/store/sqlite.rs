@@ -970,6 +970,30 @@ impl Store for SqliteStore {
         .await?;
         Ok(rows.into_iter().map(CustomerMessageEvent::from).collect())
     }
+
+    async fn revoke_session(&self, nonce_hash: &str, expires_at: i64) -> StoreResult<()> {
+        sqlx::query("DELETE FROM web_session_revocations WHERE expires_at < CAST(strftime('%s', 'now') AS INTEGER)")
+            .execute(&self.writer)
+            .await?;
+        sqlx::query(
+            "INSERT INTO web_session_revocations (nonce_hash, expires_at) VALUES (?, ?) \
+             ON CONFLICT (nonce_hash) DO NOTHING",
+        )
+        .bind(nonce_hash)
+        .bind(expires_at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn session_revoked(&self, nonce_hash: &str) -> StoreResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM web_session_revocations WHERE nonce_hash = ?")
+                .bind(nonce_hash)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(found.is_some())
+    }
 }
 
 /// How `log` finds its rows (see `log_access_path`).

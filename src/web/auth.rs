@@ -4,9 +4,14 @@
 //!
 //! A session cookie is `v1.<expires unix seconds>.<nonce>.<tag>`, the tag being
 //! HMAC-SHA256(key, "session|expires|nonce|fingerprint of the password hash") cut to 128 bits:
-//! changing the password ends every session, and logging out revokes the nonce in memory until
-//! the cookie would have expired anyway. The key is generated once and kept in the database
-//! (`settings.web_session_key`), so every replica accepts the same cookies.
+//! changing the password ends every session, and logging out records a hash of the nonce in the
+//! database (`web_session_revocations`) until the cookie would have expired anyway, so the
+//! session stays ended after a restart and on every replica. The key is generated once and kept
+//! in the database (`settings.web_session_key`), so every replica accepts the same cookies.
+//!
+//! Failed logins are limited per address, and the limit is taken before the password is
+//! checked ([`Keys::reserve_login`]), so parallel attempts get no more checks than sequential
+//! ones.
 //!
 //! A CSRF token is HMAC(key, "csrf|" + binding), where the binding is the session's nonce, or,
 //! before login (the login form) and on a loopback-only page without a password, the value of
@@ -65,6 +70,106 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
             .verify_password(password.as_bytes(), &parsed)
             .is_ok(),
         Err(_) => false,
+    }
+}
+
+/// The configured hash taken apart once, and the memory Argon2 works in (as much as the hash
+/// asks for: 19 MiB with the default parameters), allocated at the first check and reused by
+/// every later one. (Freed and allocated again per check, the allocator kept a new 19 MiB
+/// each time.)
+struct PreparedHash {
+    argon2: Argon2<'static>,
+    salt: Vec<u8>,
+    expected: Vec<u8>,
+    memory: Vec<argon2::Block>,
+}
+
+impl PreparedHash {
+    fn new(phc: &str) -> Result<PreparedHash, String> {
+        let unusable = |e: &dyn std::fmt::Display| format!("the password hash cannot be used: {e}");
+        let parsed = PasswordHash::new(phc.trim()).map_err(|e| unusable(&e))?;
+        let algorithm = argon2::Algorithm::try_from(parsed.algorithm).map_err(|e| unusable(&e))?;
+        let version = match parsed.version {
+            Some(version) => argon2::Version::try_from(version).map_err(|e| unusable(&e))?,
+            None => argon2::Version::default(),
+        };
+        let params = argon2::Params::try_from(&parsed).map_err(|e| unusable(&e))?;
+        let salt = parsed.salt.ok_or_else(|| unusable(&"it has no salt"))?;
+        let mut salt_bytes = [0u8; 64];
+        let salt = salt
+            .decode_b64(&mut salt_bytes)
+            .map_err(|e| unusable(&e))?
+            .to_vec();
+        let expected = parsed.hash.ok_or_else(|| unusable(&"it has no hash"))?;
+        Ok(PreparedHash {
+            argon2: Argon2::new(algorithm, version, params),
+            salt,
+            expected: expected.as_bytes().to_vec(),
+            memory: Vec::new(),
+        })
+    }
+
+    fn verify(&mut self, password: &str) -> bool {
+        let blocks = self.argon2.params().block_count();
+        if self.memory.len() < blocks {
+            self.memory = vec![argon2::Block::default(); blocks];
+        }
+        let mut out = vec![0u8; self.expected.len()];
+        self.argon2
+            .hash_password_into_with_memory(
+                password.as_bytes(),
+                &self.salt,
+                &mut out,
+                &mut self.memory,
+            )
+            .is_ok()
+            && constant_time_eq(&out, &self.expected)
+    }
+}
+
+/// Checks passwords one at a time on a thread of its own, in one block of memory reused by
+/// every check ([`PreparedHash`]), so that parallel logins cannot add up memory. A login that
+/// gets no answer within its wait is told to try again.
+pub struct PasswordChecker {
+    jobs: tokio::sync::mpsc::Sender<PasswordJob>,
+}
+
+struct PasswordJob {
+    password: String,
+    answer: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// Logins that may wait in line for the checker; more wait to get in line.
+const PASSWORD_QUEUE: usize = 8;
+
+impl PasswordChecker {
+    /// Starts the thread; it ends when the checker is dropped.
+    pub fn start(hash: &str) -> Result<PasswordChecker, String> {
+        let mut hash = PreparedHash::new(hash)?;
+        let (jobs, mut queue) = tokio::sync::mpsc::channel::<PasswordJob>(PASSWORD_QUEUE);
+        std::thread::Builder::new()
+            .name("touchpoint-password".into())
+            .spawn(move || {
+                while let Some(job) = queue.blocking_recv() {
+                    // Whoever asked has given up waiting: spare the work.
+                    if !job.answer.is_closed() {
+                        let _ = job.answer.send(hash.verify(&job.password));
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the password checker thread: {e}"))?;
+        Ok(PasswordChecker { jobs })
+    }
+
+    /// Whether `password` is right; `None` when the answer did not come within `wait`.
+    pub async fn check(&self, password: String, wait: Duration) -> Option<bool> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job = PasswordJob { password, answer };
+        let asked = async {
+            self.jobs.send(job).await.ok()?;
+            answered.await.ok()
+        };
+        tokio::time::timeout(wait, asked).await.ok().flatten()
     }
 }
 
@@ -165,7 +270,8 @@ impl Keys {
         })
     }
 
-    /// Logging out: the session's cookie no longer works, here, even if someone kept a copy.
+    /// Logging out, in this process (the database keeps it for every process: see
+    /// [`revocation_key`]): the session's cookie no longer works, even if someone kept a copy.
     pub fn revoke(&self, session: &Session, now: DateTime<Utc>) {
         if let Ok(mut revoked) = self.revoked.lock() {
             revoked.retain(|_, expires| *expires > now.timestamp());
@@ -183,36 +289,36 @@ impl Keys {
             && constant_time_eq(presented.as_bytes(), self.csrf_token(binding).as_bytes())
     }
 
-    /// `Err(seconds to wait)` when `ip` failed too often lately.
-    pub fn login_allowed(&self, ip: IpAddr) -> Result<(), u64> {
+    /// Counts an attempt from `ip` as a failure before its password is checked, in one step
+    /// under the lock, so that parallel attempts get exactly as many checks as sequential ones.
+    /// `Err(seconds to wait)` when `ip` has used its `MAX_FAILED_LOGINS` within
+    /// `LOGIN_WINDOW`. A right password clears the count ([`Keys::login_succeeded`]); an
+    /// attempt that was not checked after all gives its place back ([`Keys::release_login`]).
+    pub fn reserve_login(&self, ip: IpAddr) -> Result<(), u64> {
         let Ok(mut failures) = self.failures.lock() else {
             return Err(60);
         };
         let now = Instant::now();
         failures.retain(|_, f| now.duration_since(f.first) < LOGIN_WINDOW);
-        match failures.get(&ip) {
-            Some(f) if f.count >= MAX_FAILED_LOGINS => {
-                let wait = LOGIN_WINDOW.saturating_sub(now.duration_since(f.first));
-                Err(wait.as_secs().max(1))
-            }
-            _ => Ok(()),
+        let entry = failures.entry(ip).or_insert(Failures {
+            count: 0,
+            first: now,
+        });
+        if entry.count >= MAX_FAILED_LOGINS {
+            let wait = LOGIN_WINDOW.saturating_sub(now.duration_since(entry.first));
+            return Err(wait.as_secs().max(1));
         }
+        entry.count += 1;
+        Ok(())
     }
 
-    pub fn login_failed(&self, ip: IpAddr) {
-        if let Ok(mut failures) = self.failures.lock() {
-            let now = Instant::now();
-            let entry = failures.entry(ip).or_insert(Failures {
-                count: 0,
-                first: now,
-            });
-            if now.duration_since(entry.first) >= LOGIN_WINDOW {
-                *entry = Failures {
-                    count: 0,
-                    first: now,
-                };
-            }
-            entry.count += 1;
+    /// Gives back a place taken by [`Keys::reserve_login`] for an attempt whose password was
+    /// not checked.
+    pub fn release_login(&self, ip: IpAddr) {
+        if let Ok(mut failures) = self.failures.lock()
+            && let Some(entry) = failures.get_mut(&ip)
+        {
+            entry.count = entry.count.saturating_sub(1);
         }
     }
 
@@ -221,6 +327,12 @@ impl Keys {
             failures.remove(&ip);
         }
     }
+}
+
+/// What the database keeps of a logged-out session: a hash of its nonce (the nonce alone
+/// opens nothing without the key, but a hash is all a lookup needs).
+pub fn revocation_key(nonce: &str) -> String {
+    hex(&Sha256::digest(format!("revoked|{nonce}").as_bytes()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -248,6 +360,42 @@ mod tests {
         assert!(verify_password(&hash, "correct horse"));
         assert!(!verify_password(&hash, "correct horse "));
         assert!(check_hash("hunter2").is_err());
+    }
+
+    #[test]
+    fn a_prepared_hash_agrees_with_the_crate_for_every_argon2_variant() {
+        for algorithm in [
+            argon2::Algorithm::Argon2id,
+            argon2::Algorithm::Argon2i,
+            argon2::Algorithm::Argon2d,
+        ] {
+            let params = argon2::Params::new(64, 1, 2, Some(24)).unwrap();
+            let salt = SaltString::encode_b64(b"sixteen byte salt").unwrap();
+            let phc = Argon2::new(algorithm, argon2::Version::V0x13, params)
+                .hash_password(b"correct horse", &salt)
+                .unwrap()
+                .to_string();
+            let mut prepared = PreparedHash::new(&phc).unwrap();
+            for (password, right) in [("correct horse", true), ("correct horse ", false)] {
+                assert_eq!(verify_password(&phc, password), right, "{phc}");
+                assert_eq!(prepared.verify(password), right, "{phc}");
+            }
+        }
+        assert!(PreparedHash::new("hunter2").is_err());
+        assert!(PreparedHash::new("$argon2id$v=19$m=64,t=1,p=1").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_checker_answers_and_gives_up_after_its_wait() {
+        let hash = hash_password("correct horse").unwrap();
+        let checker = PasswordChecker::start(&hash).unwrap();
+        let wait = Duration::from_secs(30);
+        assert_eq!(
+            checker.check("correct horse".into(), wait).await,
+            Some(true)
+        );
+        assert_eq!(checker.check("wrong".into(), wait).await, Some(false));
+        assert_eq!(checker.check("wrong".into(), Duration::ZERO).await, None);
     }
 
     #[test]
@@ -284,17 +432,47 @@ mod tests {
     }
 
     #[test]
-    fn failed_logins_are_limited_per_address() {
+    fn failed_logins_are_limited_per_address_before_the_check() {
         let keys = Keys::new(b"k", None);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         for _ in 0..MAX_FAILED_LOGINS {
-            assert!(keys.login_allowed(ip).is_ok());
-            keys.login_failed(ip);
+            assert!(keys.reserve_login(ip).is_ok());
         }
-        assert!(keys.login_allowed(ip).is_err());
-        assert!(keys.login_allowed(other).is_ok());
+        let wait = keys.reserve_login(ip).unwrap_err();
+        assert!(wait > 0 && wait <= LOGIN_WINDOW.as_secs(), "{wait}");
+        assert!(keys.reserve_login(other).is_ok());
+        // An attempt that was not checked gives its place back.
+        keys.release_login(ip);
+        assert!(keys.reserve_login(ip).is_ok());
+        assert!(keys.reserve_login(ip).is_err());
         keys.login_succeeded(ip);
-        assert!(keys.login_allowed(ip).is_ok());
+        assert!(keys.reserve_login(ip).is_ok());
+    }
+
+    #[test]
+    fn parallel_attempts_get_no_more_checks_than_sequential_ones() {
+        let keys = std::sync::Arc::new(Keys::new(b"k", None));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let threads: Vec<_> = (0..64)
+            .map(|_| {
+                let keys = keys.clone();
+                std::thread::spawn(move || keys.reserve_login(ip).is_ok())
+            })
+            .collect();
+        let allowed = threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or(false))
+            .filter(|ok| *ok)
+            .count();
+        assert_eq!(allowed, MAX_FAILED_LOGINS as usize);
+    }
+
+    #[test]
+    fn revocations_are_kept_as_hashes() {
+        let key = revocation_key("nonce");
+        assert_eq!(key.len(), 64);
+        assert!(!key.contains("nonce"));
+        assert_ne!(key, revocation_key("other"));
     }
 }

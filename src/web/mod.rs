@@ -6,22 +6,31 @@
 //! every value), one stylesheet, no JavaScript. Every page only reads, except adding and removing
 //! suppressions.
 //!
-//! Who may look (see [`auth`] for the mechanics):
+//! Who may look (see [`auth`] for the mechanics, [`client`] for where a request comes from):
+//! - only requests whose `Host` is a name of this page (localhost, an IP address, the listen
+//!   address, the host of `links.base_url`, `web.allowed_hosts`): a web page that rebinds its
+//!   own name to 127.0.0.1 (DNS rebinding) gets a 421;
 //! - without `web.password_hash`, only browsers on this machine: a request from a loopback peer
-//!   that did not come through a proxy (no `Forwarded`, `X-Forwarded-For` or `X-Real-IP`), no
-//!   login; anyone else gets a 403 that says to set a password;
+//!   that is not in `web.trusted_proxies` and did not come through a proxy (no `Forwarded`,
+//!   `X-Forwarded-For` or `X-Real-IP`), no login; anyone else gets a 403 that says to set a
+//!   password. When the listener is reachable from other machines (a non-loopback listen
+//!   address, or a `links.base_url` others reach through a proxy that may add no forwarding
+//!   header), there is no telling visitors from elsewhere apart: the page is off until a
+//!   password is set, and the log says so at start;
 //! - with `web.password_hash`, everyone logs in, on loopback too (a reverse proxy on the same
 //!   machine makes every visitor look local).
 
 pub mod auth;
+pub mod client;
 mod pages;
 pub mod why;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -32,14 +41,24 @@ use handlebars::Handlebars;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::daemon::Shared;
+use crate::daemon::{DaemonError, Shared};
 use crate::plan::PlanSettings;
 use crate::store::{SharedStore, StoreError};
+
+/// A login waits this long for its password to be checked (one at a time, see
+/// [`auth::PasswordChecker`]) before it is told to try again (429).
+const HASH_WAIT: Duration = Duration::from_secs(5);
 
 /// The web page's own state, made once when the daemon starts.
 pub struct Web {
     keys: auth::Keys,
     password_hash: Option<String>,
+    /// Why the page is off: no password, and the listener is reachable from elsewhere.
+    closed: Option<String>,
+    proxies: client::TrustedProxies,
+    hosts: client::AllowedHosts,
+    /// Checks the password, when one is set.
+    passwords: Option<auth::PasswordChecker>,
     secure_cookies: Option<bool>,
     https_base: bool,
     session_lifetime: TimeDelta,
@@ -92,12 +111,13 @@ fn templates() -> Handlebars<'static> {
 }
 
 impl Web {
-    /// The page's state, or `None` when `web.enabled` is false. The key that signs sessions is
-    /// generated once and kept in the database.
+    /// The page's state, or `None` when `web.enabled` is false; `listening` is the listener's
+    /// address. The key that signs sessions is generated once and kept in the database.
     pub async fn setup(
         config: &Config,
         store: &SharedStore,
-    ) -> Result<Option<Arc<Web>>, StoreError> {
+        listening: SocketAddr,
+    ) -> Result<Option<Arc<Web>>, DaemonError> {
         if !config.web.enabled {
             return Ok(None);
         }
@@ -110,9 +130,30 @@ impl Web {
             .as_ref()
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty());
+        let base_url = config.links.base_url.as_deref();
+        let closed = match &password_hash {
+            Some(_) => None,
+            None => client::exposure(listening, base_url),
+        };
+        announce_access(password_hash.is_some(), closed.as_deref());
+        let passwords = match &password_hash {
+            Some(hash) => Some(
+                auth::PasswordChecker::start(hash)
+                    .map_err(|e| DaemonError::Config(format!("web.password_hash: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Some(Arc::new(Web {
             keys: auth::Keys::new(key.as_bytes(), password_hash.as_deref()),
             password_hash,
+            closed,
+            proxies: client::TrustedProxies::new(&config.web.trusted_proxies),
+            hosts: client::AllowedHosts::new(
+                &config.http.listen,
+                base_url,
+                &config.web.allowed_hosts,
+            ),
+            passwords,
             secure_cookies: config.web.secure_cookies,
             https_base: config
                 .links
@@ -127,6 +168,41 @@ impl Web {
             },
             templates: templates(),
         })))
+    }
+
+    /// The session a request's cookie stands for: signed, not expired, and not logged out
+    /// here or (by the database) on any replica.
+    async fn session(
+        &self,
+        headers: &HeaderMap,
+        store: &SharedStore,
+    ) -> Result<Option<auth::Session>, StoreError> {
+        let Some(session) = cookie_value(headers, auth::SESSION_COOKIE)
+            .and_then(|cookie| self.keys.session(cookie, Utc::now()))
+        else {
+            return Ok(None);
+        };
+        if store
+            .session_revoked(&auth::revocation_key(&session.nonce))
+            .await?
+        {
+            self.keys.revoke(&session, Utc::now());
+            return Ok(None);
+        }
+        Ok(Some(session))
+    }
+
+    /// Logs a session out for good: in the database for every replica and restart, and here.
+    async fn end_session(
+        &self,
+        session: &auth::Session,
+        store: &SharedStore,
+    ) -> Result<(), StoreError> {
+        store
+            .revoke_session(&auth::revocation_key(&session.nonce), session.expires)
+            .await?;
+        self.keys.revoke(session, Utc::now());
+        Ok(())
     }
 
     /// Whether cookies get `Secure`.
@@ -173,9 +249,24 @@ impl Web {
     }
 }
 
+/// Says at start who can see the page.
+fn announce_access(password: bool, closed: Option<&str>) {
+    match (password, closed) {
+        (true, _) => tracing::info!("the owner's page at / asks for the password"),
+        (false, Some(reason)) => tracing::warn!(
+            "the owner's page is OFF: web.password_hash is not set and {reason}; only /healthz, \
+             /metrics, the links in messages, /hooks/bounce and the API are served. Set a \
+             password (`touchpoint hash-password`) to turn the page on"
+        ),
+        (false, None) => tracing::info!(
+            "the owner's page at / is shown without a password, only to browsers on this machine"
+        ),
+    }
+}
+
 /// The routes of the page. Each handler finds out through [`Owner`] whether the visitor may see
-/// it; with `web.enabled = false` they are all 404.
-pub fn router() -> Router<Shared> {
+/// it; with `web.enabled = false` they are all 404. Every route checks `Host` first.
+pub fn router(shared: Shared) -> Router<Shared> {
     Router::new()
         .route("/", get(pages::overview))
         .route("/log", get(pages::log))
@@ -192,6 +283,41 @@ pub fn router() -> Router<Shared> {
         .route("/login", get(pages::login_page).post(pages::login))
         .route("/logout", post(pages::logout))
         .route("/assets/touchpoint.css", get(stylesheet))
+        .route_layer(axum::middleware::from_fn_with_state(shared, check_host))
+}
+
+/// Refuses a request whose `Host` is not a name of this page (421): a page on another site
+/// that rebinds its name to this machine cannot read the owner's page through the browser.
+async fn check_host(
+    State(shared): State<Shared>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(web) = &shared.web {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| request.uri().host());
+        if !web.hosts.allows(host) {
+            tracing::debug!(
+                ?host,
+                "owner's page: refused a request for another host name"
+            );
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                [
+                    (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                ],
+                "This page answers only to localhost, IP addresses, the address it listens on and \
+                 the host of links.base_url; the Host of this request is none of them. Add the \
+                 name to web.allowed_hosts if you use it.\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 async fn stylesheet() -> Response {
@@ -239,31 +365,29 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-fn proxied(headers: &HeaderMap) -> bool {
-    ["forwarded", "x-forwarded-for", "x-real-ip"]
-        .iter()
-        .any(|name| headers.contains_key(*name))
-}
-
-/// Whether the request comes from a browser on this machine, not through a proxy.
-fn is_local(peer: Option<SocketAddr>, headers: &HeaderMap) -> bool {
-    peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) && !proxied(headers)
-}
-
-/// The address failed logins are counted for: the peer, or, behind a proxy on this machine,
-/// the address the proxy appended to `X-Forwarded-For`.
-fn client_ip(peer: Option<SocketAddr>, headers: &HeaderMap) -> IpAddr {
-    let peer_ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip().to_canonical());
-    if peer_ip.is_loopback()
-        && let Some(forwarded) = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse::<IpAddr>().ok())
-    {
-        return forwarded;
+/// Answers a visitor the page does not serve without a password: 403 with what to do.
+fn not_for_you(web: &Web, peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<Response> {
+    if let Some(reason) = &web.closed {
+        return Some(problem(
+            web,
+            StatusCode::FORBIDDEN,
+            "The owner's page is off",
+            &format!(
+                "No password is set and {reason}, so there is no telling who is on this machine. \
+                 Run `touchpoint hash-password`, put what it prints in web.password_hash, and restart."
+            ),
+        ));
     }
-    peer_ip
+    if client::is_local(peer, headers, &web.proxies) {
+        return None;
+    }
+    Some(problem(
+        web,
+        StatusCode::FORBIDDEN,
+        "Not from here",
+        "This page is shown only to a browser on the machine touchpoint runs on until a password is set. \
+         Run `touchpoint hash-password`, put what it prints in web.password_hash, and restart.",
+    ))
 }
 
 /// A visitor allowed to see the page. Extracting it answers everyone else: 404 when the page is
@@ -326,14 +450,8 @@ impl FromRequestParts<Shared> for Owner {
             .map(|c| c.0);
         let headers = &parts.headers;
         if web.password_hash.is_none() {
-            if !is_local(peer, headers) {
-                return Err(problem(
-                    &web,
-                    StatusCode::FORBIDDEN,
-                    "Not from here",
-                    "This page is shown only to a browser on the machine touchpoint runs on until a password is set. \
-                     Run `touchpoint hash-password`, put what it prints in web.password_hash, and restart.",
-                ));
+            if let Some(refusal) = not_for_you(&web, peer, headers) {
+                return Err(refusal);
             }
             let (binding, set_cookie) = match cookie_value(headers, auth::CSRF_COOKIE) {
                 Some(value) => (value.to_string(), None),
@@ -350,8 +468,10 @@ impl FromRequestParts<Shared> for Owner {
                 set_cookie,
             });
         }
-        let session = cookie_value(headers, auth::SESSION_COOKIE)
-            .and_then(|cookie| web.keys.session(cookie, Utc::now()));
+        let session = match web.session(headers, &shared.store).await {
+            Ok(session) => session,
+            Err(error) => return Err(pages::unavailable(&web, &error)),
+        };
         match session {
             Some(session) => Ok(Owner {
                 binding: session.nonce.clone(),
@@ -415,14 +535,51 @@ pub fn encode_query(value: &str) -> String {
     out
 }
 
-/// Where to go after logging in: only a path on this site.
+/// Where to go after logging in: only a path on this site, else `/`.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(next) if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') => {
-            next.to_string()
-        }
+        Some(next) if is_same_origin_path(next) => next.to_string(),
         _ => "/".into(),
     }
+}
+
+/// Whether a browser sent to `next` stays on this site: a path of printable ASCII starting with
+/// one `/`. Browsers drop tabs and newlines anywhere in a URL and read `\` as `/`, so
+/// `/\t/evil.example` or `/\\evil.example` would lead to another host; a path that still
+/// looks like that once percent-decoded (`/%2F%2Fevil.example`) is refused too, in case
+/// something on the way decodes it.
+fn is_same_origin_path(next: &str) -> bool {
+    let plain = |path: &str| {
+        path.starts_with('/')
+            && !path[1..].starts_with(['/', '\\'])
+            && !path.contains('\\')
+            && !path.chars().any(|c| c.is_control())
+    };
+    next.bytes().all(|b| b.is_ascii_graphic()) && plain(next) && plain(&percent_decode(next))
+}
+
+/// `%XX` sequences decoded (bytes that are not UTF-8 become U+FFFD); others left as they are.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -438,32 +595,50 @@ mod tests {
     }
 
     #[test]
-    fn only_unproxied_loopback_peers_are_local() {
-        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
-        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
-        let none = HeaderMap::new();
-        assert!(is_local(Some(local), &none));
-        assert!(is_local(Some(mapped), &none));
-        assert!(is_local(Some("[::1]:1".parse().unwrap()), &none));
-        assert!(!is_local(Some(remote), &none));
-        assert!(!is_local(None, &none));
-        let mut forwarded = HeaderMap::new();
-        forwarded.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
-        assert!(!is_local(Some(local), &forwarded));
-        assert_eq!(
-            client_ip(Some(local), &forwarded),
-            "203.0.113.9".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(client_ip(Some(remote), &forwarded), remote.ip());
-    }
-
-    #[test]
     fn after_login_only_paths_on_this_site() {
-        assert_eq!(safe_next(Some("/log?state=failed")), "/log?state=failed");
-        assert_eq!(safe_next(Some("//evil.example/")), "/");
-        assert_eq!(safe_next(Some("https://evil.example/")), "/");
-        assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        for good in [
+            "/",
+            "/log?state=failed",
+            "/messages/5",
+            "/log?q=a%20b&rule=thank-you",
+            "/customers/ada%40example.com",
+        ] {
+            assert_eq!(safe_next(Some(good)), good, "{good:?}");
+        }
+        let hostile = [
+            "",
+            "log",
+            "evil.example",
+            "//evil.example/",
+            "///evil.example",
+            "/\\evil.example",
+            "\\\\evil.example",
+            "/log\\..\\x",
+            "https://evil.example/",
+            "http:evil.example",
+            "javascript:alert(1)",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\r\n/evil.example",
+            "\t//evil.example",
+            "/log\n",
+            "/log?next=\r\nSet-Cookie:x=1",
+            " /log",
+            "/ /evil.example",
+            "/log\u{0}",
+            "/\u{ff0f}evil.example",
+            "/%2F%2Fevil.example",
+            "/%2fevil.example",
+            "/%5Cevil.example",
+            "/%5cevil.example",
+            "%2F%2Fevil.example",
+            "/%09/evil.example",
+            "/%0A/evil.example",
+            "/log%0d%0aSet-Cookie:x=1",
+        ];
+        for next in hostile {
+            assert_eq!(safe_next(Some(next)), "/", "{next:?}");
+        }
         assert_eq!(safe_next(None), "/");
     }
 

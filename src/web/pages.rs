@@ -27,7 +27,7 @@ const FINAL_STATES: [MessageState; 4] = [
     MessageState::Unknown,
 ];
 
-fn unavailable(web: &Web, error: &StoreError) -> Response {
+pub(super) fn unavailable(web: &Web, error: &StoreError) -> Response {
     tracing::warn!(%error, "web page: database error");
     problem(
         web,
@@ -1225,24 +1225,39 @@ pub async fn login_page(
     };
     let next = safe_next(query.next.as_deref());
     if web.password_hash.is_none() {
-        if super::is_local(Some(peer), &headers) {
-            return redirect(&next);
-        }
-        return problem(
-            &web,
-            StatusCode::FORBIDDEN,
-            "Not from here",
-            "No password is set, so this page is shown only to a browser on the machine touchpoint runs on. \
-             Run `touchpoint hash-password`, put what it prints in web.password_hash, and restart.",
-        );
+        return match super::not_for_you(&web, Some(peer), &headers) {
+            Some(refusal) => refusal,
+            None => redirect(&next),
+        };
     }
-    if super::cookie_value(&headers, auth::SESSION_COOKIE)
-        .and_then(|c| web.keys.session(c, Utc::now()))
-        .is_some()
-    {
-        return redirect(&next);
+    match web.session(&headers, &shared.store).await {
+        Ok(Some(_)) => redirect(&next),
+        Ok(None) => login_form(&web, &headers, StatusCode::OK, &next, None),
+        Err(error) => unavailable(&web, &error),
     }
-    login_form(&web, &headers, StatusCode::OK, &next, None)
+}
+
+/// 429 with `Retry-After` and the login form saying why.
+fn too_many(web: &Web, headers: &HeaderMap, next: &str, wait: u64, message: &str) -> Response {
+    let mut response = login_form(
+        web,
+        headers,
+        StatusCode::TOO_MANY_REQUESTS,
+        next,
+        Some(message),
+    );
+    if let Ok(value) = HeaderValue::from_str(&wait.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// Checks the password (one check at a time); `None` when no answer came within `HASH_WAIT`.
+async fn check_password(web: &Web, password: String) -> Option<bool> {
+    web.passwords
+        .as_ref()?
+        .check(password, super::HASH_WAIT)
+        .await
 }
 
 pub async fn login(
@@ -1255,29 +1270,10 @@ pub async fn login(
         return StatusCode::NOT_FOUND.into_response();
     };
     let next = safe_next(form.next.as_deref());
-    let Some(hash) = web.password_hash.clone() else {
+    if web.password_hash.is_none() {
         return redirect(&next);
-    };
-    let ip = super::client_ip(Some(peer), &headers);
-    if let Err(wait) = web.keys.login_allowed(ip) {
-        tracing::warn!(%ip, "web login: too many failed attempts");
-        let minutes = wait.div_ceil(60);
-        let message = format!(
-            "Too many wrong passwords from your address. Try again in {minutes} minute{}.",
-            plural(minutes as i64)
-        );
-        let mut response = login_form(
-            &web,
-            &headers,
-            StatusCode::TOO_MANY_REQUESTS,
-            &next,
-            Some(&message),
-        );
-        if let Ok(value) = HeaderValue::from_str(&wait.to_string()) {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
-        return response;
     }
+    let ip = super::client::client_ip(Some(peer), &headers, &web.proxies);
     let binding = super::cookie_value(&headers, auth::CSRF_COOKIE).unwrap_or_default();
     if !web.keys.csrf_ok(binding, &form.csrf) {
         return login_form(
@@ -1288,12 +1284,23 @@ pub async fn login(
             Some("The form was too old or did not come from this page. Please try again."),
         );
     }
-    let password = form.password;
-    let verified = tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
-        .await
-        .unwrap_or(false);
+    // Counted before the check: parallel attempts get no more checks than sequential ones.
+    if let Err(wait) = web.keys.reserve_login(ip) {
+        tracing::warn!(%ip, "web login: too many failed attempts");
+        let minutes = wait.div_ceil(60);
+        let message = format!(
+            "Too many wrong passwords from your address. Try again in {minutes} minute{}.",
+            plural(minutes as i64)
+        );
+        return too_many(&web, &headers, &next, wait, &message);
+    }
+    let Some(verified) = check_password(&web, form.password).await else {
+        web.keys.release_login(ip);
+        tracing::warn!(%ip, "web login: too many logins at once");
+        let message = "Too many logins at once. Try again in a few seconds.";
+        return too_many(&web, &headers, &next, 2, message);
+    };
     if !verified {
-        web.keys.login_failed(ip);
         tracing::warn!(%ip, "web login: wrong password");
         return login_form(
             &web,
@@ -1326,13 +1333,22 @@ pub struct LogoutForm {
     csrf: String,
 }
 
-pub async fn logout(owner: Owner, headers: HeaderMap, Form(form): Form<LogoutForm>) -> Response {
+/// Ends the session for good (in the database, for every replica and after restarts); if the
+/// database cannot record it, says so and keeps the cookie, so that the owner can try again.
+pub async fn logout(
+    owner: Owner,
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    Form(form): Form<LogoutForm>,
+) -> Response {
     if !owner.csrf_ok(&form.csrf) {
         return csrf_failed(&owner);
     }
     let web = &owner.web;
-    if let Some(session) = &owner.session {
-        web.keys.revoke(session, Utc::now());
+    if let Some(session) = &owner.session
+        && let Err(error) = web.end_session(session, &shared.store).await
+    {
+        return unavailable(web, &error);
     }
     let target = if web.password_hash.is_some() {
         "/login"

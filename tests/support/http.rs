@@ -50,8 +50,17 @@ impl HttpResponse {
     }
 }
 
-/// One request with `Connection: close`; `headers` are added as given, and with a body its
-/// `Content-Type` and `Content-Length`.
+/// The request line and `Host` (`addr`, unless `headers` name another).
+fn start_line(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    head
+}
+
+/// One request with `Connection: close`; `headers` are added as given (a `Host` among them
+/// replaces the address), and with a body its `Content-Type` and `Content-Length`.
 pub async fn request(
     addr: SocketAddr,
     method: &str,
@@ -59,7 +68,8 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Option<(&str, Vec<u8>)>,
 ) -> HttpResponse {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut head = start_line(addr, method, path, headers);
+    head.push_str("Connection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -83,10 +93,11 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> HttpResponse {
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+    let mut head = start_line(addr, method, path, headers);
+    head.push_str(&format!(
+        "Connection: close\r\nContent-Length: {}\r\n",
         body.len()
-    );
+    ));
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }

@@ -402,3 +402,126 @@ pub async fn states(store: &SharedStore) -> std::collections::BTreeMap<String, u
     }
     counts
 }
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// The open file descriptors of a process: (all, sockets), from /proc/PID/fd.
+pub fn open_fds(pid: u32) -> (usize, usize) {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return (0, 0);
+    };
+    let mut all = 0;
+    let mut sockets = 0;
+    for entry in entries.flatten() {
+        all += 1;
+        if std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+        {
+            sockets += 1;
+        }
+    }
+    (all, sockets)
+}
+
+/// A `kB` line of /proc/PID/status (`VmRSS`, `VmHWM`), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// `touchpoint run` as a child process with its log in a file, killed when dropped.
+pub struct ChildDaemon {
+    pub child: Child,
+    pub log: PathBuf,
+    pub http: std::net::SocketAddr,
+}
+
+impl ChildDaemon {
+    /// Runs `touchpoint run` with HTTP on a free loopback port, under `sh -c` with `limits`
+    /// (shell commands such as `ulimit -n 256`) applied first, and `env` set.
+    pub fn start(env: &TestEnv, name: &str, limits: &str, vars: &[(&str, &str)]) -> ChildDaemon {
+        let http: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let log = env.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let script = format!("{limits}\nexec \"$0\" \"$@\"");
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .arg(env!("CARGO_BIN_EXE_touchpoint"))
+            .arg("--config")
+            .arg(&env.config_path)
+            .arg("run")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("TOUCHPOINT_TEST_POSTGRES")
+            .env("TOUCHPOINT_LOG", "info")
+            .env("TOUCHPOINT_HTTP__LISTEN", http.to_string())
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        let child = command.spawn().expect("spawn touchpoint run");
+        ChildDaemon { child, log, http }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until /healthz answers 200.
+    pub async fn ready(&self) {
+        let up = eventually(Duration::from_secs(30), || async {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect(self.http),
+            )
+            .await;
+            matches!(attempt, Ok(Ok(_)))
+                && http::get(self.http, "/healthz", &[]).await.status == 200
+        })
+        .await;
+        assert!(up, "the daemon did not come up:\n{}", self.log());
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let exited = eventually(Duration::from_secs(30), || {
+            let done = matches!(self.child.try_wait(), Ok(Some(_)));
+            async move { done }
+        })
+        .await;
+        let status = self.child.try_wait().ok().flatten();
+        assert!(
+            exited && status.is_some_and(|s| s.success()),
+            "{status:?}\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
