@@ -131,7 +131,7 @@ fn source_checks(sources: &crate::sources::Sources) -> Vec<SourceCheck> {
         .sources
         .iter()
         .map(|source| {
-            let error = source.last_error();
+            let error = source.last_error_summary();
             SourceCheck {
                 name: source.name.clone(),
                 ok: error.is_none(),

@@ -356,6 +356,28 @@ impl SourceError {
         }
     }
 
+    /// The error without the database's own words, which can quote the business's data (a
+    /// value that did not convert, a constraint's row): what `/healthz` shows to anyone.
+    pub fn summary(&self) -> String {
+        match self {
+            SourceError::Unavailable { source_name, .. }
+            | SourceError::Paused { source_name, .. } => {
+                format!("source {source_name}: unavailable")
+            }
+            SourceError::Query {
+                source_name, query, ..
+            } => format!("source {source_name}, query {query}: the query failed"),
+            SourceError::Timeout {
+                source_name,
+                query,
+                seconds,
+            } => format!("source {source_name}, query {query}: no answer within {seconds}s"),
+            SourceError::Row {
+                source_name, query, ..
+            } => format!("source {source_name}, query {query}: a row cannot be read"),
+        }
+    }
+
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
@@ -396,6 +418,14 @@ pub struct EventQuery {
     sql: String,
 }
 
+/// Why a query's latest run failed: `detail` for the log and the operator's commands, `summary`
+/// (no data from the source) for `/healthz`.
+#[derive(Debug, Clone)]
+struct Failure {
+    summary: String,
+    detail: String,
+}
+
 /// One configured source: its connection, its queries and what it has done.
 pub struct Source {
     pub name: String,
@@ -413,7 +443,7 @@ pub struct Source {
     /// While the source is unavailable: consecutive failures, and until when it is left alone.
     pause: Mutex<(u32, Option<Instant>)>,
     /// The latest error of each query whose latest run failed.
-    failing: Mutex<BTreeMap<String, String>>,
+    failing: Mutex<BTreeMap<String, Failure>>,
 }
 
 impl std::fmt::Debug for Source {
@@ -631,7 +661,28 @@ impl Source {
         if failing.is_empty() {
             return None;
         }
-        Some(failing.values().cloned().collect::<Vec<_>>().join("; "))
+        Some(
+            failing
+                .values()
+                .map(|f| f.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
+    /// Like [`Source::last_error`], without anything read from the source: for `/healthz`.
+    pub fn last_error_summary(&self) -> Option<String> {
+        let failing = self.failing.lock().ok()?;
+        if failing.is_empty() {
+            return None;
+        }
+        Some(
+            failing
+                .values()
+                .map(|f| f.summary.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
     }
 
     /// Events of the query with `from <= occurred_at < to` (as the query filters them).
@@ -737,15 +788,14 @@ impl Source {
                 Some(first) => {
                     self.bad_rows.fetch_add(bad.len() as u64, Ordering::Relaxed);
                     tracing::warn!(source = %self.name, query = %query.name, skipped = bad.len(), first = %first, "skipped rows that cannot be read");
-                    failing.insert(
-                        key,
-                        format!(
-                            "source {}, query {}: {} row(s) skipped, e.g. {first}",
-                            self.name,
-                            query.name,
-                            bad.len()
-                        ),
+                    let summary = format!(
+                        "source {}, query {}: {} row(s) skipped",
+                        self.name,
+                        query.name,
+                        bad.len()
                     );
+                    let detail = format!("{summary}, e.g. {first}");
+                    failing.insert(key, Failure { summary, detail });
                 }
                 None => {
                     failing.remove(&key);
@@ -758,7 +808,11 @@ impl Source {
     fn failed(&self, query: &str, error: &SourceError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut failing) = self.failing.lock() {
-            failing.insert(query.to_string(), error.to_string());
+            let failure = Failure {
+                summary: error.summary(),
+                detail: error.to_string(),
+            };
+            failing.insert(query.to_string(), failure);
         }
     }
 
