@@ -20,7 +20,7 @@ use crate::transport::Transport;
 /// source's queries (run once with a zero-width window).
 pub async fn check(config: &Config) -> Result<String> {
     let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
-    Transport::from_config(config)
+    Transport::from_config(&config.transport)
         .map_err(anyhow::Error::msg)
         .context("the transport settings are wrong")?;
     let dkim = match &config.dkim {

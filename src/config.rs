@@ -2,17 +2,24 @@
 //! environment (`TOUCHPOINT_DATABASE__URL` for `database.url`). Relative paths are relative to the
 //! config file's directory. Unknown keys are errors.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use chrono::TimeDelta;
 use chrono_tz::Tz;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::diag::{Diagnostic, Diagnostics};
+pub use crate::listener::HttpConfig;
 use crate::render::Business;
-use crate::rules::parse_duration;
+pub use crate::render::TemplatesConfig;
+pub use crate::settings::{MIN_SECRET_BYTES, Secret, SecretSource};
+use crate::settings::{duration, long_enough, normalize, timezone};
+pub use crate::store::{DatabaseConfig, DatabaseUrl};
+pub use crate::transport::settings::{
+    DkimAlgorithm, DkimConfig, FileTransportConfig, SenderConfig, SmtpConfig, TlsMode,
+    TransportConfig, TransportKind,
+};
+pub use crate::web::WebConfig;
 
 /// Environment variables with this prefix override config keys; `__` separates key levels.
 pub const ENV_PREFIX: &str = "TOUCHPOINT_";
@@ -63,32 +70,6 @@ pub struct Config {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DatabaseConfig {
-    /// `sqlite:PATH` (relative to the config file) or `postgres://...`.
-    #[serde(default = "default_database_url")]
-    pub url: Secret,
-    #[serde(default = "default_max_connections")]
-    pub max_connections: u32,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        DatabaseConfig {
-            url: default_database_url(),
-            max_connections: default_max_connections(),
-        }
-    }
-}
-
-fn default_database_url() -> Secret {
-    Secret("sqlite:var/touchpoint.db".into())
-}
-fn default_max_connections() -> u32 {
-    8
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RulesConfig {
     #[serde(default = "default_rules_dir")]
     pub dir: PathBuf,
@@ -102,156 +83,6 @@ impl Default for RulesConfig {
 }
 fn default_rules_dir() -> PathBuf {
     PathBuf::from("rules")
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TemplatesConfig {
-    #[serde(default = "default_templates_dir")]
-    pub dir: PathBuf,
-}
-impl Default for TemplatesConfig {
-    fn default() -> Self {
-        TemplatesConfig {
-            dir: default_templates_dir(),
-        }
-    }
-}
-fn default_templates_dir() -> PathBuf {
-    PathBuf::from("templates")
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportKind {
-    Smtp,
-    File,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TransportConfig {
-    #[serde(default = "default_transport_kind")]
-    pub kind: TransportKind,
-    #[serde(default)]
-    pub file: FileTransportConfig,
-    #[serde(default)]
-    pub smtp: SmtpConfig,
-}
-impl Default for TransportConfig {
-    fn default() -> Self {
-        TransportConfig {
-            kind: default_transport_kind(),
-            file: FileTransportConfig::default(),
-            smtp: SmtpConfig::default(),
-        }
-    }
-}
-fn default_transport_kind() -> TransportKind {
-    TransportKind::File
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileTransportConfig {
-    #[serde(default = "default_outbox_dir")]
-    pub dir: PathBuf,
-}
-impl Default for FileTransportConfig {
-    fn default() -> Self {
-        FileTransportConfig {
-            dir: default_outbox_dir(),
-        }
-    }
-}
-fn default_outbox_dir() -> PathBuf {
-    PathBuf::from("var/outbox")
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsMode {
-    None,
-    Starttls,
-    Tls,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SmtpConfig {
-    #[serde(default = "default_smtp_host")]
-    pub host: String,
-    #[serde(default = "default_smtp_port")]
-    pub port: u16,
-    #[serde(default = "default_tls")]
-    pub tls: TlsMode,
-    /// Login name; the password comes from `password_env`, `password_file` or the systemd
-    /// credential `password_credential`, never from this file or the command line.
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub password_env: Option<String>,
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    #[serde(default)]
-    pub password_credential: Option<String>,
-    /// SMTP connections kept open and used in parallel.
-    #[serde(default = "default_pool_size")]
-    pub pool_size: usize,
-    /// How long to wait for the server at each step before giving up on a connection.
-    #[serde(default = "default_smtp_timeout", deserialize_with = "duration")]
-    pub timeout: TimeDelta,
-    /// The name this host gives in EHLO.
-    #[serde(default)]
-    pub helo_name: Option<String>,
-}
-impl Default for SmtpConfig {
-    fn default() -> Self {
-        SmtpConfig {
-            host: default_smtp_host(),
-            port: default_smtp_port(),
-            tls: default_tls(),
-            username: None,
-            password_env: None,
-            password_file: None,
-            password_credential: None,
-            pool_size: default_pool_size(),
-            timeout: default_smtp_timeout(),
-            helo_name: None,
-        }
-    }
-}
-fn default_smtp_host() -> String {
-    "localhost".into()
-}
-fn default_smtp_port() -> u16 {
-    25
-}
-fn default_tls() -> TlsMode {
-    TlsMode::None
-}
-fn default_pool_size() -> usize {
-    4
-}
-fn default_smtp_timeout() -> TimeDelta {
-    TimeDelta::seconds(30)
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SenderConfig {
-    /// `From:` of every message, e.g. `"Acme Shop <hello@acme.example>"`.
-    pub from: String,
-    #[serde(default)]
-    pub reply_to: Option<String>,
-    /// The domain in generated Message-IDs; defaults to the From address's domain.
-    #[serde(default)]
-    pub message_id_domain: Option<String>,
-    /// Envelope sender for bounces, e.g. `bounces@acme.example`: each message goes out as
-    /// `bounces+ID.TAG@acme.example` (VERP, TAG signed with the link secret), so a bounce names
-    /// its message even without headers, and a stranger cannot forge one.
-    #[serde(default)]
-    pub bounce_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -361,57 +192,6 @@ fn default_plan_interval() -> TimeDelta {
 }
 fn default_reconcile() -> TimeDelta {
     TimeDelta::minutes(5)
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address of the health, metrics and web listener; empty to turn it off.
-    #[serde(default = "default_listen")]
-    pub listen: String,
-    /// Connections open at once. At the cap the oldest idle connection is closed for a new
-    /// one; lowered at start to what the open-files limit leaves after the database, SMTP and
-    /// the outbox (see [`crate::listener`]).
-    #[serde(default = "default_http_max_connections")]
-    pub max_connections: usize,
-    /// A request's head (request line and headers) must arrive within this of its first byte
-    /// (of the connection, for its first request).
-    #[serde(default = "default_header_read_timeout", deserialize_with = "duration")]
-    pub header_read_timeout: TimeDelta,
-    /// A request's body must arrive within this of its head.
-    #[serde(default = "default_body_read_timeout", deserialize_with = "duration")]
-    pub body_read_timeout: TimeDelta,
-    /// How long a kept-alive connection may wait for its next request.
-    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
-    pub idle_timeout: TimeDelta,
-}
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: default_listen(),
-            max_connections: default_http_max_connections(),
-            header_read_timeout: default_header_read_timeout(),
-            body_read_timeout: default_body_read_timeout(),
-            idle_timeout: default_idle_timeout(),
-        }
-    }
-}
-fn default_listen() -> String {
-    "127.0.0.1:8025".into()
-}
-fn default_http_max_connections() -> usize {
-    512
-}
-fn default_header_read_timeout() -> TimeDelta {
-    TimeDelta::seconds(10)
-}
-fn default_body_read_timeout() -> TimeDelta {
-    TimeDelta::seconds(30)
-}
-/// Longer than reverse proxies keep idle upstream connections by default (nginx 60 s), so the
-/// proxy, not touchpoint, closes them: no request is lost to a connection closed under it.
-fn default_idle_timeout() -> TimeDelta {
-    TimeDelta::seconds(75)
 }
 
 /// The ingest API on the HTTP listener (`POST /api/v1/events`, `POST /api/v1/customers`).
@@ -543,126 +323,16 @@ fn default_unsigned_grace() -> TimeDelta {
     TimeDelta::days(7)
 }
 
-/// DKIM signing of every message.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DkimConfig {
-    pub selector: String,
-    pub domain: String,
-    /// `"rsa"` or `"ed25519"`; the key must be of this kind.
-    pub algorithm: DkimAlgorithm,
-    /// The private key (PEM: PKCS#1 or PKCS#8 for RSA, PKCS#8 for Ed25519), from one of these.
-    #[serde(default)]
-    pub key_env: Option<String>,
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    #[serde(default)]
-    pub key_credential: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DkimAlgorithm {
-    Rsa,
-    Ed25519,
-}
-
-/// The owner's web page on the HTTP listener.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebConfig {
-    /// Serve the page at all.
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// The owner's password as an Argon2 PHC string (`touchpoint hash-password` prints one).
-    /// Without it the page is served only to browsers on this machine (loopback), without login;
-    /// with it, everyone logs in.
-    #[serde(default)]
-    pub password_hash: Option<String>,
-    /// Mark the session cookie `Secure`. Default: when `links.base_url` is https or the request
-    /// came through a proxy that says `X-Forwarded-Proto: https`.
-    #[serde(default)]
-    pub secure_cookies: Option<bool>,
-    /// How long a login lasts.
-    #[serde(default = "default_session_lifetime", deserialize_with = "duration")]
-    pub session_lifetime: TimeDelta,
-    /// Reverse proxies (IP addresses or CIDR ranges) whose `X-Forwarded-For` / `Forwarded`
-    /// name the client for the login limit. A request from one of them is never "on this
-    /// machine".
-    #[serde(default)]
-    pub trusted_proxies: Vec<String>,
-    /// More names the owner's page answers to (besides localhost, IP addresses, the listen
-    /// address and the host of `links.base_url`), e.g. a LAN name.
-    #[serde(default)]
-    pub allowed_hosts: Vec<String>,
-}
-impl Default for WebConfig {
-    fn default() -> Self {
-        WebConfig {
-            enabled: true,
-            password_hash: None,
-            secure_cookies: None,
-            session_lifetime: default_session_lifetime(),
-            trusted_proxies: Vec::new(),
-            allowed_hosts: Vec::new(),
+impl<'a> From<&'a Config> for crate::playbook::Origin<'a> {
+    fn from(config: &'a Config) -> Self {
+        crate::playbook::Origin {
+            rules_dir: &config.rules.dir,
+            templates_dir: &config.templates.dir,
+            business: &config.business,
+            sources: &config.sources,
+            base_dir: &config.base_dir,
+            config_path: &config.path,
         }
-    }
-}
-fn default_true() -> bool {
-    true
-}
-fn default_session_lifetime() -> TimeDelta {
-    TimeDelta::hours(12)
-}
-
-/// Where a secret comes from: an environment variable, a file, or a systemd credential
-/// (`LoadCredential=`, read from `$CREDENTIALS_DIRECTORY`).
-#[derive(Debug, Clone, Default)]
-pub struct SecretSource {
-    pub env: Option<String>,
-    pub file: Option<PathBuf>,
-    pub credential: Option<String>,
-}
-
-impl SecretSource {
-    /// The secret, if a source is configured; `what` names it in errors.
-    pub fn read(&self, what: &str) -> Result<Option<Secret>, String> {
-        if let Some(var) = &self.env {
-            return std::env::var(var)
-                .map(|v| Some(Secret(v)))
-                .map_err(|_| format!("{what}: the environment variable {var} is not set"));
-        }
-        if let Some(file) = &self.file {
-            return read_secret_file(file)
-                .map(Some)
-                .map_err(|e| format!("{what}: {e}"));
-        }
-        if let Some(name) = &self.credential {
-            let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
-                format!("{what}: the credential {name:?} needs CREDENTIALS_DIRECTORY (is the unit's LoadCredential= in place?)")
-            })?;
-            return read_secret_file(&Path::new(&dir).join(name))
-                .map(Some)
-                .map_err(|e| format!("{what}: {e}"));
-        }
-        Ok(None)
-    }
-}
-
-/// A value that must not appear in logs or `Debug` output (passwords, database URLs).
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
     }
 }
 
@@ -798,21 +468,9 @@ impl Config {
                 crate::rules::format_duration(self.transport.smtp.timeout)
             ));
         }
-        if let Some(hash) = &self.web.password_hash
-            && let Err(message) = crate::web::auth::check_hash(hash)
-        {
-            problems.push(format!("web.password_hash: {message}"));
-        }
+        problems.extend(self.web.problems());
         problems.extend(self.api.problems());
-        if self.web.session_lifetime <= TimeDelta::zero() {
-            problems.push("web.session_lifetime: expected more than 0s".into());
-        }
         problems.extend(self.http_problems());
-        for proxy in &self.web.trusted_proxies {
-            if let Err(message) = crate::web::client::Cidr::parse(proxy) {
-                problems.push(format!("web.trusted_proxies: {message}"));
-            }
-        }
         if let Err(message) = DatabaseUrl::parse(self.database.url.expose(), &self.base_dir) {
             problems.push(format!("database.url: {message}"));
         }
@@ -845,6 +503,16 @@ impl Config {
         problems
     }
 
+    /// What the rest of the daemon may still open, for the HTTP listener's descriptor budget.
+    pub fn other_descriptors(&self) -> crate::listener::OtherDescriptors {
+        crate::listener::OtherDescriptors {
+            database_connections: self.database.max_connections,
+            database_is_sqlite: matches!(self.database_url(), DatabaseUrl::Sqlite(_)),
+            smtp_connections: self.transport.smtp.pool_size,
+            source_connections: self.sources.values().map(|s| s.max_connections).collect(),
+        }
+    }
+
     /// The database to use, with a relative SQLite path resolved.
     pub fn database_url(&self) -> DatabaseUrl {
         // Validated in `validate`; a config that got here parses.
@@ -854,13 +522,7 @@ impl Config {
 
     /// The SMTP password from the environment, a file or a systemd credential, if configured.
     pub fn smtp_password(&self) -> Result<Option<Secret>, String> {
-        let smtp = &self.transport.smtp;
-        let source = SecretSource {
-            env: smtp.password_env.clone(),
-            file: smtp.password_file.clone(),
-            credential: smtp.password_credential.clone(),
-        };
-        source.read("the SMTP password")
+        self.transport.smtp.password()
     }
 
     pub fn link_secret_source(&self) -> SecretSource {
@@ -929,26 +591,6 @@ impl Config {
             None if self.http.listen.trim().is_empty() => None,
             None => Some(format!("http://{}", self.http.listen.trim())),
         }
-    }
-}
-
-fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    std::fs::read_to_string(path)
-        .map(|text| Secret(text.trim_end_matches(['\r', '\n']).to_string()))
-        .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))
-}
-
-/// Signing and bearer secrets: an empty or short one (an unset variable exported as "", a
-/// truncated file) would let anyone forge links or call the webhook.
-pub const MIN_SECRET_BYTES: usize = 16;
-
-fn long_enough(secret: Option<Secret>, what: &str) -> Result<Option<Secret>, String> {
-    match secret {
-        Some(secret) if secret.expose().trim().len() < MIN_SECRET_BYTES => Err(format!(
-            "{what} is {} bytes long; it must be at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)",
-            secret.expose().trim().len()
-        )),
-        other => Ok(other),
     }
 }
 
@@ -1037,104 +679,6 @@ fn set_path(table: &mut toml::Table, key: &[String], value: toml::Value) -> Resu
     }
     current.insert(last.clone(), value);
     Ok(())
-}
-
-/// Which database, chosen once from the URL's scheme.
-#[derive(Clone, PartialEq, Eq)]
-pub enum DatabaseUrl {
-    Sqlite(PathBuf),
-    Postgres(String),
-}
-
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DatabaseUrl::Sqlite(path) => write!(f, "Sqlite({})", path.display()),
-            DatabaseUrl::Postgres(_) => f.write_str("Postgres(***)"),
-        }
-    }
-}
-
-impl DatabaseUrl {
-    pub fn parse(url: &str, base_dir: &Path) -> Result<DatabaseUrl, String> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(DatabaseUrl::Postgres(url.to_string()));
-        }
-        if let Some(rest) = url.strip_prefix("sqlite:") {
-            let rest = rest.strip_prefix("//").unwrap_or(rest);
-            let path = rest.split('?').next().unwrap_or_default();
-            if path.is_empty() {
-                return Err("sqlite: needs a file path, like sqlite:var/touchpoint.db".into());
-            }
-            let path = PathBuf::from(path);
-            return Ok(DatabaseUrl::Sqlite(if path.is_relative() {
-                normalize(&base_dir.join(path))
-            } else {
-                path
-            }));
-        }
-        Err("expected sqlite:PATH or postgres://USER@HOST/DATABASE".into())
-    }
-
-    /// Where the data lives, without credentials, for logs.
-    pub fn describe(&self) -> String {
-        match self {
-            DatabaseUrl::Sqlite(path) => format!("SQLite file {}", path.display()),
-            DatabaseUrl::Postgres(url) => {
-                let host = url.rsplit('@').next().unwrap_or(url);
-                let host = host
-                    .trim_start_matches("postgres://")
-                    .trim_start_matches("postgresql://");
-                format!("PostgreSQL {}", host.split('?').next().unwrap_or(host))
-            }
-        }
-    }
-}
-
-/// `config/../var/x` -> `var/x`, without touching the file system (the path may not exist yet).
-fn normalize(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::CurDir => {}
-            Component::ParentDir
-                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
-            {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    if out.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        out
-    }
-}
-
-pub(crate) fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<TimeDelta, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    parse_duration(&text)
-        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
-}
-
-fn timezone<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Tz, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    crate::calendar::parse_timezone(&text).map_err(serde::de::Error::custom)
-}
-
-impl FromStr for TransportKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "smtp" => Ok(TransportKind::Smtp),
-            "file" => Ok(TransportKind::File),
-            other => Err(format!(
-                "unknown transport {other:?}: expected \"smtp\" or \"file\""
-            )),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2,12 +2,10 @@
 //! tracker. `run` takes its config, listeners and shutdown token, so tests start the real thing
 //! in-process on port 0, and `main` starts it with signals wired to the token.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,9 +13,12 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::diag::Diagnostics;
 use crate::dispatch::{DispatchSettings, Dispatcher, backoff};
+use crate::metrics::{Health, ReloadStatus};
 use crate::plan::{PlanSettings, Planner};
 use crate::playbook::Playbook;
-use crate::store::{self, MessageState, Outcome, SharedStore, StoreError};
+use crate::runtime::Shared;
+use crate::settings::Secret;
+use crate::store::{self, MessageState, SharedStore, StoreError};
 use crate::transport::{self, Transport};
 
 /// Why the daemon could not start (or stopped with an error).
@@ -35,6 +36,15 @@ pub enum DaemonError {
     /// with an error so that the service manager restarts it, rather than running on half.
     #[error("the {0} stopped unexpectedly ({1}); see the log above")]
     Stopped(&'static str, &'static str),
+}
+
+impl From<crate::web::SetupError> for DaemonError {
+    fn from(error: crate::web::SetupError) -> Self {
+        match error {
+            crate::web::SetupError::Store(error) => DaemonError::Store(error),
+            crate::web::SetupError::Config(message) => DaemonError::Config(message),
+        }
+    }
 }
 
 /// Sockets the daemon serves on, bound by the caller (port 0 in tests, or from the config).
@@ -57,218 +67,6 @@ impl Listeners {
             http: Some(listener),
         })
     }
-}
-
-/// What the daemon knows about its own health, for /healthz, /metrics and systemd's STATUS.
-#[derive(Debug)]
-pub struct Health {
-    started: Instant,
-    /// Milliseconds since `started` of the dispatcher's last loop turn.
-    dispatcher_seen: AtomicU64,
-    database_error: Mutex<Option<String>>,
-    pub database_errors: AtomicU64,
-    relay_error: Mutex<Option<(DateTime<Utc>, String)>>,
-    reload: Mutex<ReloadStatus>,
-    pub reloads: AtomicU64,
-    pub reload_failures: AtomicU64,
-    outcomes: Mutex<BTreeMap<(String, MessageState), u64>>,
-    send_seconds: Mutex<Histogram>,
-    lateness_seconds: Mutex<Histogram>,
-    /// `WatchdogSec=` as systemd passed it (WATCHDOG_USEC), if it is on for this process.
-    pub watchdog: Option<Duration>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ReloadStatus {
-    pub at: DateTime<Utc>,
-    pub ok: bool,
-    pub message: String,
-}
-
-/// Send latency buckets in seconds (claim to outcome).
-pub const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
-/// Lateness buckets in seconds (due time to sent).
-pub const LATENESS_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0];
-
-/// A Prometheus-style histogram (counts per upper bound; cumulative when written out).
-#[derive(Debug, Clone)]
-pub struct Histogram {
-    pub bounds: &'static [f64],
-    pub counts: Vec<u64>,
-    pub count: u64,
-    pub sum: f64,
-}
-
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: vec![0; bounds.len()],
-            count: 0,
-            sum: 0.0,
-        }
-    }
-
-    pub fn observe(&mut self, value: f64) {
-        for (count, bound) in self.counts.iter_mut().zip(self.bounds) {
-            if value <= *bound {
-                *count += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += value;
-    }
-}
-
-impl Health {
-    pub fn new() -> Health {
-        Health {
-            started: Instant::now(),
-            dispatcher_seen: AtomicU64::new(0),
-            database_error: Mutex::new(None),
-            database_errors: AtomicU64::new(0),
-            relay_error: Mutex::new(None),
-            reload: Mutex::new(ReloadStatus {
-                at: Utc::now(),
-                ok: true,
-                message: "rules and templates loaded".into(),
-            }),
-            reloads: AtomicU64::new(0),
-            reload_failures: AtomicU64::new(0),
-            outcomes: Mutex::new(BTreeMap::new()),
-            send_seconds: Mutex::new(Histogram::new(&LATENCY_BUCKETS)),
-            lateness_seconds: Mutex::new(Histogram::new(&LATENESS_BUCKETS)),
-            watchdog: crate::notify::watchdog_interval(),
-        }
-    }
-
-    fn millis(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    /// Called every turn of the dispatcher's loop; `watchdog` pets systemd's watchdog only while
-    /// the loop keeps turning, so a stuck loop gets the service restarted.
-    pub fn dispatcher_alive(&self) {
-        self.dispatcher_seen.store(self.millis(), Ordering::Relaxed);
-    }
-
-    /// How long ago the dispatcher's loop last turned.
-    pub fn dispatcher_idle_for(&self) -> Duration {
-        Duration::from_millis(
-            self.millis()
-                .saturating_sub(self.dispatcher_seen.load(Ordering::Relaxed)),
-        )
-    }
-
-    pub fn database_ok(&self) {
-        if let Ok(mut error) = self.database_error.lock() {
-            *error = None;
-        }
-    }
-
-    pub fn database_error(&self, error: &StoreError) {
-        self.database_errors.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut last) = self.database_error.lock() {
-            *last = Some(error.to_string());
-        }
-    }
-
-    pub fn last_database_error(&self) -> Option<String> {
-        self.database_error.lock().ok().and_then(|e| e.clone())
-    }
-
-    pub fn relay_trouble(&self, reason: &str) {
-        if let Ok(mut last) = self.relay_error.lock() {
-            *last = Some((Utc::now(), reason.to_string()));
-        }
-    }
-
-    pub fn last_relay_error(&self) -> Option<(DateTime<Utc>, String)> {
-        self.relay_error.lock().ok().and_then(|e| e.clone())
-    }
-
-    pub fn reloaded(&self, status: ReloadStatus) {
-        self.reloads.fetch_add(1, Ordering::Relaxed);
-        if !status.ok {
-            self.reload_failures.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Ok(mut last) = self.reload.lock() {
-            *last = status;
-        }
-    }
-
-    pub fn last_reload(&self) -> Option<ReloadStatus> {
-        self.reload.lock().ok().map(|r| r.clone())
-    }
-
-    pub fn record_outcome(&self, rule: &str, outcome: &Outcome, took: Duration) {
-        if let Ok(mut outcomes) = self.outcomes.lock() {
-            *outcomes
-                .entry((rule.to_string(), outcome.state()))
-                .or_default() += 1;
-        }
-        if matches!(
-            outcome,
-            Outcome::Sent { .. }
-                | Outcome::Retry { .. }
-                | Outcome::Failed { .. }
-                | Outcome::Unknown { .. }
-        ) && let Ok(mut histogram) = self.send_seconds.lock()
-        {
-            histogram.observe(took.as_secs_f64());
-        }
-    }
-
-    /// How late a sent message went out, after its due time.
-    pub fn record_lateness(&self, seconds: f64) {
-        if let Ok(mut histogram) = self.lateness_seconds.lock() {
-            histogram.observe(seconds.max(0.0));
-        }
-    }
-
-    pub fn lateness(&self) -> Histogram {
-        self.lateness_seconds
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|_| Histogram::new(&LATENESS_BUCKETS))
-    }
-
-    /// Outcomes recorded by this process since it started, by rule and state.
-    pub fn outcomes(&self) -> BTreeMap<(String, MessageState), u64> {
-        self.outcomes.lock().map(|o| o.clone()).unwrap_or_default()
-    }
-
-    pub fn send_latency(&self) -> Histogram {
-        self.send_seconds
-            .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|_| Histogram::new(&LATENCY_BUCKETS))
-    }
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Health::new()
-    }
-}
-
-/// Everything the HTTP handlers may look at.
-#[derive(Clone)]
-pub struct Shared {
-    pub store: SharedStore,
-    pub health: Arc<Health>,
-    pub playbook: watch::Receiver<Arc<Playbook>>,
-    pub links: Option<crate::links::LinkSigner>,
-    /// The bearer token of `POST /hooks/bounce`; `None` turns the hook off.
-    pub bounce_webhook_secret: Option<crate::config::Secret>,
-    /// What a bounce or complaint report must show to be believed, for the webhook.
-    pub bounce_rules: crate::bounce::BounceRules,
-    /// The bearer tokens of the ingest API; none turns it off.
-    pub api_tokens: Arc<crate::ingest::ApiTokens>,
-    /// The owner's web page; `None` when `web.enabled` is false.
-    pub web: Option<Arc<crate::web::Web>>,
-    /// The /metrics values that scan the messages table, shared between scrapes.
-    pub metrics: Arc<crate::http::MetricsCache>,
 }
 
 /// Opens the database, retrying while it is unavailable (it may still be starting).
@@ -313,7 +111,8 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let store = open_store(&config, &shutdown).await?;
     let playbook = Playbook::load(&config)?;
-    let transport = Arc::new(Transport::from_config(&config).map_err(DaemonError::Config)?);
+    let transport =
+        Arc::new(Transport::from_config(&config.transport).map_err(DaemonError::Config)?);
     let secret = link_secret(&config, &store).await?;
     let links = link_signer(&config, &secret);
     let bounce_rules = bounce_rules(&config, &secret);
@@ -334,10 +133,7 @@ pub async fn run(
     let planner = Planner {
         store: store.clone(),
         playbook: playbook_rx.clone(),
-        settings: PlanSettings {
-            default_timezone: config.defaults.timezone,
-            default_expire_after: config.defaults.expire_after,
-        },
+        settings: plan_settings(&config),
         interval: config
             .planner
             .interval
@@ -372,12 +168,12 @@ pub async fn run(
             bounce_webhook_secret,
             bounce_rules,
             api_tokens: Arc::new(api_tokens.clone()),
-            web: crate::web::Web::setup(&config, &store, address).await?,
+            web: setup_web(&config, &store, address).await?,
             metrics: Arc::default(),
         };
         // Measured now that the database pool and the listener are open.
-        let limits =
-            crate::listener::limits(&config, &crate::listener::Budget::of_this_process(&config));
+        let budget = crate::listener::Budget::of_this_process(&config.other_descriptors());
+        let limits = crate::listener::limits(&config.http, &budget);
         tracing::info!(%address, max_connections = limits.max_connections, "HTTP listener ready (the owner's page at /, /healthz, /metrics, /u, /o, /c, /hooks/bounce)");
         if !shared.api_tokens.is_off() {
             tracing::info!(tokens = ?shared.api_tokens.names(), "ingest API on (POST /api/v1/events, /api/v1/customers)");
@@ -464,26 +260,41 @@ pub async fn run(
     }
 }
 
-/// The key that signs links, VERP addresses and Message-IDs: from the config, else generated
-/// once and kept in the database (the same for every process using it).
-pub async fn link_secret(
+/// The owner's page's state, or `None` when `web.enabled` is false.
+async fn setup_web(
     config: &Config,
     store: &SharedStore,
-) -> Result<crate::config::Secret, DaemonError> {
+    listening: std::net::SocketAddr,
+) -> Result<Option<Arc<crate::web::Web>>, DaemonError> {
+    let around = crate::web::Surroundings {
+        listen: &config.http.listen,
+        base_url: config.links.base_url.as_deref(),
+        plan: plan_settings(config),
+    };
+    Ok(crate::web::Web::setup(&config.web, around, store, listening).await?)
+}
+
+fn plan_settings(config: &Config) -> PlanSettings {
+    PlanSettings {
+        default_timezone: config.defaults.timezone,
+        default_expire_after: config.defaults.expire_after,
+    }
+}
+
+/// The key that signs links, VERP addresses and Message-IDs: from the config, else generated
+/// once and kept in the database (the same for every process using it).
+pub async fn link_secret(config: &Config, store: &SharedStore) -> Result<Secret, DaemonError> {
     if let Some(secret) = config.link_secret().map_err(DaemonError::Config)? {
         return Ok(secret);
     }
     let stored = store
         .setting_or_insert("link_secret", &crate::links::new_secret())
         .await?;
-    Ok(crate::config::Secret(stored))
+    Ok(Secret(stored))
 }
 
 /// Signs links, when customers can reach the daemon at a URL.
-pub fn link_signer(
-    config: &Config,
-    secret: &crate::config::Secret,
-) -> Option<crate::links::LinkSigner> {
+pub fn link_signer(config: &Config, secret: &Secret) -> Option<crate::links::LinkSigner> {
     let Some(base_url) = config.links_base_url() else {
         tracing::warn!(
             "no links.base_url and no http.listen: messages go out without unsubscribe links"
@@ -498,7 +309,7 @@ pub fn link_signer(
 
 /// What a bounce or complaint report must show to be believed (`touchpoint bounce` and the
 /// webhook alike).
-pub fn bounce_rules(config: &Config, secret: &crate::config::Secret) -> crate::bounce::BounceRules {
+pub fn bounce_rules(config: &Config, secret: &Secret) -> crate::bounce::BounceRules {
     crate::bounce::BounceRules {
         tags: crate::links::MessageTags::new(secret.expose().as_bytes()),
         soft_bounce_limit: config.bounces.soft_bounce_limit,

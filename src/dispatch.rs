@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::daemon::Health;
 use crate::links::{self, Link, LinkSigner, MessageTags};
+use crate::metrics::Health;
 use crate::plan::{attributes_match, customer_timezone};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, message_context};

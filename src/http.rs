@@ -4,9 +4,8 @@
 //! ([`crate::ingest`]) and the owner's page ([`crate::web`]) are merged into the same router.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -15,11 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::bounce::BounceReport;
-use crate::daemon::Shared;
 use crate::links::Link;
 use crate::store::LogEntry;
 use crate::store::MessageState;
-use crate::store::{SharedStore, StoreError};
+use crate::store::StoreError;
+use crate::web::Shared;
+
+pub use crate::metrics::{METRICS_TTL, MetricsCache};
 
 /// The dispatcher turns its loop at least every 10 s; three missed turns mean it is stuck.
 const DISPATCHER_STALL: Duration = Duration::from_secs(30);
@@ -55,7 +56,7 @@ struct HealthReport {
     healthy: bool,
     database: Check,
     dispatcher: Check,
-    last_reload: Option<crate::daemon::ReloadStatus>,
+    last_reload: Option<crate::metrics::ReloadStatus>,
     /// Each source's latest use. A failing source does not make the daemon unhealthy: only its
     /// rules wait, and restarting touchpoint would not help.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -146,61 +147,6 @@ fn source_checks(sources: &crate::sources::Sources) -> Vec<SourceCheck> {
 async fn metrics(State(shared): State<Shared>) -> Response {
     let text = render_metrics(&shared).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-/// Scans of the messages table are shared for this long: a scrape costs a scan at most this
-/// often, however many clients scrape.
-pub const METRICS_TTL: Duration = Duration::from_secs(5);
-
-/// The /metrics values that scan the messages table, computed at most once per `METRICS_TTL`
-/// and shared by every scrape meanwhile; concurrent scrapes wait for the one scan in progress
-/// (single flight) rather than start their own.
-#[derive(Debug, Default)]
-pub struct MetricsCache {
-    latest: tokio::sync::Mutex<Option<(Instant, Arc<Scan>)>>,
-    /// Scans made, shown on /metrics.
-    scans: AtomicU64,
-}
-
-/// One scan's results; `None` where the database did not answer.
-#[derive(Debug)]
-struct Scan {
-    counts: Option<Vec<(String, MessageState, i64)>>,
-    backlog: Option<(i64, Option<f64>)>,
-}
-
-impl MetricsCache {
-    async fn scan(&self, store: &SharedStore) -> Arc<Scan> {
-        let mut latest = self.latest.lock().await;
-        if let Some((at, scan)) = latest.as_ref()
-            && at.elapsed() < METRICS_TTL
-        {
-            return scan.clone();
-        }
-        let scan = Arc::new(Scan::take(store).await);
-        self.scans.fetch_add(1, Ordering::Relaxed);
-        *latest = Some((Instant::now(), scan.clone()));
-        scan
-    }
-}
-
-impl Scan {
-    async fn take(store: &SharedStore) -> Scan {
-        let limit = Duration::from_secs(3);
-        let counts = match tokio::time::timeout(limit, store.counts()).await {
-            Ok(Ok(counts)) => Some(counts),
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "/metrics: cannot count messages");
-                None
-            }
-            Err(_) => None,
-        };
-        let backlog = match tokio::time::timeout(limit, store.due_backlog()).await {
-            Ok(Ok(backlog)) => Some(backlog),
-            _ => None,
-        };
-        Scan { counts, backlog }
-    }
 }
 
 async fn render_metrics(shared: &Shared) -> String {
@@ -373,7 +319,7 @@ fn render_counts(out: &mut String, counts: &[(String, MessageState, i64)]) {
     let _ = writeln!(out, "touchpoint_queue_depth {waiting}");
 }
 
-fn histogram(out: &mut String, name: &str, help: &str, h: &crate::daemon::Histogram) {
+fn histogram(out: &mut String, name: &str, help: &str, h: &crate::metrics::Histogram) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} histogram");
     for (bound, count) in h.bounds.iter().zip(&h.counts) {

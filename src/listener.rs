@@ -27,18 +27,79 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ConnectInfo;
+use chrono::TimeDelta;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+/// `[http]` in the config: the listener's address and limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the health, metrics and web listener; empty to turn it off.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Connections open at once. At the cap the oldest idle connection is closed for a new
+    /// one; lowered at start to what the open-files limit leaves after the database, SMTP and
+    /// the outbox (see [`Budget`]).
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
+    /// A request's head (request line and headers) must arrive within this of its first byte
+    /// (of the connection, for its first request).
+    #[serde(
+        default = "default_header_read_timeout",
+        deserialize_with = "crate::settings::duration"
+    )]
+    pub header_read_timeout: TimeDelta,
+    /// A request's body must arrive within this of its head.
+    #[serde(
+        default = "default_body_read_timeout",
+        deserialize_with = "crate::settings::duration"
+    )]
+    pub body_read_timeout: TimeDelta,
+    /// How long a kept-alive connection may wait for its next request.
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "crate::settings::duration"
+    )]
+    pub idle_timeout: TimeDelta,
+}
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+            max_connections: default_http_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+fn default_listen() -> String {
+    "127.0.0.1:8025".into()
+}
+fn default_http_max_connections() -> usize {
+    512
+}
+fn default_header_read_timeout() -> TimeDelta {
+    TimeDelta::seconds(10)
+}
+fn default_body_read_timeout() -> TimeDelta {
+    TimeDelta::seconds(30)
+}
+/// Longer than reverse proxies keep idle upstream connections by default (nginx 60 s), so the
+/// proxy, not touchpoint, closes them: no request is lost to a connection closed under it.
+fn default_idle_timeout() -> TimeDelta {
+    TimeDelta::seconds(75)
+}
 
 /// What bounds the listener, from `[http]` (with `max_connections` already fitted to the
 /// open-files limit).
@@ -81,11 +142,11 @@ pub struct Budget {
 
 impl Budget {
     /// This process's limit and open descriptors, from /proc.
-    pub fn of_this_process(config: &Config) -> Budget {
+    pub fn of_this_process(others: &OtherDescriptors) -> Budget {
         Budget {
             open_files_limit: open_files_limit(),
             open_now: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
-            reserved: reserved_descriptors(config),
+            reserved: others.reserved(),
         }
     }
 
@@ -103,29 +164,40 @@ impl Budget {
     }
 }
 
-/// Descriptors the rest of the daemon may still open: SQLite holds a database, a WAL and a
-/// shared-memory file per connection (readers plus the writer); PostgreSQL one socket.
-fn reserved_descriptors(config: &Config) -> u64 {
-    let pool = |connections: u32, sqlite: bool| {
-        if sqlite {
-            3 * (u64::from(connections) + 1)
-        } else {
-            u64::from(connections)
-        }
-    };
-    let database = pool(
-        config.database.max_connections,
-        matches!(config.database_url(), crate::config::DatabaseUrl::Sqlite(_)),
-    );
-    let smtp = config.transport.smtp.pool_size as u64;
-    // A source's URL is not known to be SQLite or PostgreSQL here without parsing it again:
-    // count the larger.
-    let sources: u64 = config
-        .sources
-        .values()
-        .map(|s| pool(s.max_connections, true))
-        .sum();
-    database + smtp + sources + FD_HEADROOM
+/// What else the daemon opens that may still need descriptors, from the config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtherDescriptors {
+    /// `database.max_connections`, and whether the database is SQLite.
+    pub database_connections: u32,
+    pub database_is_sqlite: bool,
+    /// `transport.smtp.pool_size`.
+    pub smtp_connections: usize,
+    /// Each source's `max_connections`.
+    pub source_connections: Vec<u32>,
+}
+
+impl OtherDescriptors {
+    /// Descriptors the rest of the daemon may still open: SQLite holds a database, a WAL and a
+    /// shared-memory file per connection (readers plus the writer); PostgreSQL one socket.
+    fn reserved(&self) -> u64 {
+        let pool = |connections: u32, sqlite: bool| {
+            if sqlite {
+                3 * (u64::from(connections) + 1)
+            } else {
+                u64::from(connections)
+            }
+        };
+        let database = pool(self.database_connections, self.database_is_sqlite);
+        let smtp = self.smtp_connections as u64;
+        // A source's URL is not known to be SQLite or PostgreSQL here without parsing it again:
+        // count the larger.
+        let sources: u64 = self
+            .source_connections
+            .iter()
+            .map(|&connections| pool(connections, true))
+            .sum();
+        database + smtp + sources + FD_HEADROOM
+    }
 }
 
 /// The soft limit on open files, from /proc/self/limits ("Max open files  1024  524288  files").
@@ -141,8 +213,7 @@ fn open_files_limit() -> Option<u64> {
 
 /// The listener's limits from the config, with the cap fitted to `budget`; says in the log
 /// when the cap had to be lowered.
-pub fn limits(config: &Config, budget: &Budget) -> Limits {
-    let http = &config.http;
+pub fn limits(http: &HttpConfig, budget: &Budget) -> Limits {
     let configured = http.max_connections;
     let cap = budget.connection_cap(configured);
     if cap < configured {

@@ -312,7 +312,7 @@ pub struct Planner {
     pub interval: std::time::Duration,
     pub reconcile_every: std::time::Duration,
     pub wake_dispatcher: Arc<Notify>,
-    pub health: Arc<crate::daemon::Health>,
+    pub health: Arc<crate::metrics::Health>,
 }
 
 impl Planner {

@@ -2,12 +2,13 @@
 //! daemon holds one `Arc<Playbook>` and swaps it whole on reload; a playbook with a mistake is
 //! never swapped in.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
-use crate::config::Config;
 use crate::diag::Diagnostics;
 use crate::render::{Business, Templates};
 use crate::rules::{self, Rule, RuleSet};
+use crate::sources::SourceConfig;
 
 #[derive(Debug)]
 pub struct Playbook {
@@ -20,21 +21,36 @@ pub struct Playbook {
     by_name: HashMap<String, usize>,
 }
 
+/// What a playbook is loaded from: the parts of the config it needs (the config module turns a
+/// whole `&Config` into one).
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub rules_dir: &'a Path,
+    pub templates_dir: &'a Path,
+    pub business: &'a Business,
+    pub sources: &'a BTreeMap<String, SourceConfig>,
+    /// What relative source paths are relative to: the config file's directory.
+    pub base_dir: &'a Path,
+    /// The config file, named in messages about sources.
+    pub config_path: &'a Path,
+}
+
 impl Playbook {
     /// Loads templates, then rules (which must name existing templates), then renders every
     /// rule with sample data. Every mistake of every file is reported together.
-    pub fn load(config: &Config) -> Result<Playbook, Diagnostics> {
-        let templates = Templates::load(&config.templates.dir)?;
-        let rules = rules::load_dir(&config.rules.dir, &|name| templates.exists(name))?;
+    pub fn load<'a>(origin: impl Into<Origin<'a>>) -> Result<Playbook, Diagnostics> {
+        let config = origin.into();
+        let templates = Templates::load(config.templates_dir)?;
+        let rules = rules::load_dir(config.rules_dir, &|name| templates.exists(name))?;
         let templates = templates.with_subjects(&rules)?;
-        let problems = templates.check(&rules, &config.business);
+        let problems = templates.check(&rules, config.business);
         if !problems.is_empty() {
             return Err(Diagnostics(problems));
         }
-        let sources = crate::sources::Sources::from_config(&config.sources, &config.base_dir)
+        let sources = crate::sources::Sources::from_config(config.sources, config.base_dir)
             .map_err(|message| {
                 Diagnostics(vec![crate::diag::Diagnostic::whole_file(
-                    &config.path,
+                    config.config_path,
                     message,
                 )])
             })?;

@@ -90,6 +90,24 @@ pub struct Business {
     pub website: Option<String>,
 }
 
+/// `[templates]` in the config: where the templates live.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesConfig {
+    #[serde(default = "default_templates_dir")]
+    pub dir: PathBuf,
+}
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        TemplatesConfig {
+            dir: default_templates_dir(),
+        }
+    }
+}
+fn default_templates_dir() -> PathBuf {
+    PathBuf::from("templates")
+}
+
 /// A rendered message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {

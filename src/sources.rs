@@ -22,7 +22,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::{Column, Executor, Row, TypeInfo, ValueRef};
 
-use crate::config::{DatabaseUrl, Secret};
+use crate::settings::Secret;
+use crate::store::DatabaseUrl;
 use crate::store::{Customer, Event};
 
 /// `[sources.NAME]` in the config.
@@ -37,7 +38,7 @@ pub struct SourceConfig {
     /// How long one query may run before it is cancelled.
     #[serde(
         default = "default_query_timeout",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::settings::duration"
     )]
     pub query_timeout: TimeDelta,
     /// How far before the last pass an incremental pass reads again: rows that become visible
@@ -46,7 +47,7 @@ pub struct SourceConfig {
     /// rest.
     #[serde(
         default = "default_lookback",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::settings::duration"
     )]
     pub lookback: TimeDelta,
     /// `[[sources.NAME.events]]`: queries that yield events.

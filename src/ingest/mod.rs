@@ -27,10 +27,9 @@ use axum::routing::post;
 use futures_util::StreamExt as _;
 use rand::Rng as _;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
-use crate::config::Secret;
-use crate::daemon::Shared;
+pub use crate::runtime::ApiTokens;
+use crate::runtime::Shared;
 use crate::store::{SharedStore, StoreError};
 use items::Problem;
 
@@ -39,64 +38,10 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// The most items in one batch: one transaction stays short and one mistake costs little.
 pub const MAX_ITEMS: usize = 1000;
 
-pub fn router() -> Router<Shared> {
+pub fn router<W: Send + Sync + 'static>() -> Router<Shared<W>> {
     Router::new()
         .route("/api/v1/events", post(post_events))
         .route("/api/v1/customers", post(post_customers))
-}
-
-/// The configured tokens, kept only as SHA-256 digests: comparing digests takes the same time
-/// whatever the presented token's length or how much of it matches.
-#[derive(Clone, Default)]
-pub struct ApiTokens {
-    tokens: Vec<(String, [u8; 32])>,
-}
-
-impl std::fmt::Debug for ApiTokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.tokens.iter().map(|(name, _)| name))
-            .finish()
-    }
-}
-
-impl ApiTokens {
-    pub fn new(tokens: &[(String, Secret)]) -> ApiTokens {
-        let tokens = tokens
-            .iter()
-            .map(|(name, secret)| (name.clone(), digest(secret.expose().trim())))
-            .collect();
-        ApiTokens { tokens }
-    }
-
-    /// No tokens: the API is off.
-    pub fn is_off(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
-    pub fn names(&self) -> Vec<&str> {
-        self.tokens.iter().map(|(name, _)| name.as_str()).collect()
-    }
-
-    /// The name of the token presented. Every token is compared, without early exits.
-    fn identify(&self, presented: &str) -> Option<&str> {
-        let presented = digest(presented);
-        let mut found = None;
-        for (name, expected) in &self.tokens {
-            let difference = expected
-                .iter()
-                .zip(&presented)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if difference == 0 {
-                found = Some(name.as_str());
-            }
-        }
-        found
-    }
-}
-
-fn digest(text: &str) -> [u8; 32] {
-    Sha256::digest(text.as_bytes()).into()
 }
 
 /// Why a request wrote nothing; each says what the caller can do about it.
@@ -282,8 +227,8 @@ fn batch(body: &[u8]) -> Result<Vec<Value>, IngestError> {
 }
 
 /// Authenticates, then reads and splits the body: (the token's name, the items).
-async fn accept(
-    shared: &Shared,
+async fn accept<W>(
+    shared: &Shared<W>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(String, Vec<Value>), IngestError> {
@@ -340,15 +285,19 @@ where
 
 /// `POST /api/v1/events`: `{"received": N, "created": M, "duplicates": N - M}`, 201 when
 /// something was new, 200 when every event existed already.
-async fn post_events(State(shared): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+async fn post_events<W: Send + Sync + 'static>(
+    State(shared): State<Shared<W>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     match ingest_events(&shared, &headers, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-async fn ingest_events(
-    shared: &Shared,
+async fn ingest_events<W>(
+    shared: &Shared<W>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, IngestError> {
@@ -406,15 +355,19 @@ async fn unknown_customers(
 
 /// `POST /api/v1/customers`: `{"received": N, "created": M, "updated": N - M}`, 201 when a
 /// customer was new, else 200.
-async fn post_customers(State(shared): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+async fn post_customers<W: Send + Sync + 'static>(
+    State(shared): State<Shared<W>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     match ingest_customers(&shared, &headers, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-async fn ingest_customers(
-    shared: &Shared,
+async fn ingest_customers<W>(
+    shared: &Shared<W>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, IngestError> {
@@ -441,6 +394,7 @@ async fn ingest_customers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::Secret;
 
     fn tokens() -> ApiTokens {
         ApiTokens::new(&[

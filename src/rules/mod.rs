@@ -3,7 +3,6 @@
 //! Loading reports every mistake at once, each with file, line and column, and never panics on
 //! what an operator wrote.
 
-mod duration;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -16,7 +15,7 @@ use chrono::{NaiveTime, TimeDelta};
 use crate::calendar::SendWindow;
 use crate::diag::{Diagnostic, Diagnostics};
 
-pub use duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
+pub use crate::duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
 
 /// All rules from a rules directory, in file-name order then file order.
 #[derive(Debug, Clone, Default, PartialEq)]

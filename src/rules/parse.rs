@@ -12,10 +12,10 @@ use chrono::{NaiveTime, TimeDelta, Weekday};
 use croner::parser::{CronParser, Seconds, Year};
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
-use super::duration::{parse_clock, parse_duration};
 use super::{AttributeCondition, AttributeTest, Origin, Rule, Trigger, Unless};
 use crate::calendar::SendWindow;
 use crate::diag::{Diagnostic, line_column};
+use crate::duration::{parse_clock, parse_duration};
 
 const RULE_KEYS: &[&str] = &[
     "name",

@@ -89,9 +89,11 @@ pub struct Event {
 
 mod postgres;
 mod rows;
+mod settings;
 mod sqlite;
 
 pub use postgres::PostgresStore;
+pub use settings::{DatabaseConfig, DatabaseUrl};
 pub use sqlite::SqliteStore;
 
 use std::fmt;
@@ -100,8 +102,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::TimeDelta;
-
-use crate::config::DatabaseUrl;
 
 /// Where a message is in its life. `sending` is the only state held under a claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -11,7 +11,8 @@ use lettre::message::header::HeaderName;
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::pkcs8::DecodePrivateKey;
 
-use crate::config::{self, DkimAlgorithm, SecretSource};
+use super::settings::{self as transport_settings, DkimAlgorithm};
+use crate::settings::SecretSource;
 
 /// The PKCS#8 prefix of an Ed25519 private key; the 32-byte seed follows.
 const ED25519_PKCS8_PREFIX: [u8; 16] = [
@@ -47,7 +48,7 @@ impl std::fmt::Debug for Dkim {
 }
 
 /// Loads the key and builds the signing config.
-pub fn load(settings: &config::DkimConfig) -> Result<Dkim, String> {
+pub fn load(settings: &transport_settings::DkimConfig) -> Result<Dkim, String> {
     let source = SecretSource {
         env: settings.key_env.clone(),
         file: settings.key_file.clone(),

@@ -5,6 +5,7 @@
 pub mod dkim;
 mod email;
 mod file;
+pub mod settings;
 mod smtp;
 
 pub use email::{EmailParts, OutgoingEmail, build_email, message_id_for, parse_mailbox};
@@ -13,7 +14,10 @@ pub use smtp::{SmtpSettings, SmtpTransport};
 
 use std::future::Future;
 
-use crate::config::{Config, TransportKind};
+pub use settings::{
+    DkimAlgorithm, DkimConfig, FileTransportConfig, SenderConfig, SmtpConfig, TlsMode,
+    TransportConfig, TransportKind,
+};
 
 /// Why a message did not go out, in the terms the dispatcher acts on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,15 +49,13 @@ pub enum Transport {
 
 impl Transport {
     /// Builds the configured transport. Reading the SMTP password happens here, once.
-    pub fn from_config(config: &Config) -> Result<Transport, String> {
-        Ok(match config.transport.kind {
-            TransportKind::File => {
-                Transport::File(FileTransport::new(config.transport.file.dir.clone())?)
-            }
+    pub fn from_config(settings: &TransportConfig) -> Result<Transport, String> {
+        Ok(match settings.kind {
+            TransportKind::File => Transport::File(FileTransport::new(settings.file.dir.clone())?),
             TransportKind::Smtp => {
-                let password = config.smtp_password()?;
+                let password = settings.smtp.password()?;
                 Transport::Smtp(SmtpTransport::new(SmtpSettings::from_config(
-                    &config.transport.smtp,
+                    &settings.smtp,
                     password,
                 )?))
             }

@@ -14,8 +14,9 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::response::Response;
 use tokio::sync::Semaphore;
 
+use super::settings::{SmtpConfig, TlsMode};
 use super::{OutgoingEmail, SendError};
-use crate::config::{Secret, SmtpConfig, TlsMode};
+use crate::settings::Secret;
 
 /// Everything needed to reach the relay. The password never appears in `Debug`.
 #[derive(Clone)]

@@ -23,7 +23,10 @@
 pub mod auth;
 pub mod client;
 mod pages;
+pub mod settings;
 pub mod why;
+
+pub use settings::WebConfig;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,14 +43,35 @@ use chrono_tz::Tz;
 use handlebars::Handlebars;
 use serde_json::json;
 
-use crate::config::Config;
-use crate::daemon::{DaemonError, Shared};
 use crate::plan::PlanSettings;
 use crate::store::{SharedStore, StoreError};
 
 /// A login waits this long for its password to be checked (one at a time, see
 /// [`auth::PasswordChecker`]) before it is told to try again (429).
 const HASH_WAIT: Duration = Duration::from_secs(5);
+
+/// What the page's handlers look at: the daemon's shared state, carrying the page's own.
+pub type Shared = crate::runtime::Shared<Web>;
+
+/// What the page needs to know from outside `[web]`.
+#[derive(Debug, Clone)]
+pub struct Surroundings<'a> {
+    /// `http.listen`.
+    pub listen: &'a str,
+    /// `links.base_url`.
+    pub base_url: Option<&'a str>,
+    /// Time zone and expiry defaults; times on the page are shown in `default_timezone`.
+    pub plan: PlanSettings,
+}
+
+/// Why the page could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Config(String),
+}
 
 /// The web page's own state, made once when the daemon starts.
 pub struct Web {
@@ -114,23 +138,23 @@ impl Web {
     /// The page's state, or `None` when `web.enabled` is false; `listening` is the listener's
     /// address. The key that signs sessions is generated once and kept in the database.
     pub async fn setup(
-        config: &Config,
+        settings: &WebConfig,
+        around: Surroundings<'_>,
         store: &SharedStore,
         listening: SocketAddr,
-    ) -> Result<Option<Arc<Web>>, DaemonError> {
-        if !config.web.enabled {
+    ) -> Result<Option<Arc<Web>>, SetupError> {
+        if !settings.enabled {
             return Ok(None);
         }
         let key = store
             .setting_or_insert("web_session_key", &auth::random_token())
             .await?;
-        let password_hash = config
-            .web
+        let password_hash = settings
             .password_hash
             .as_ref()
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty());
-        let base_url = config.links.base_url.as_deref();
+        let base_url = around.base_url;
         let closed = match &password_hash {
             Some(_) => None,
             None => client::exposure(listening, base_url),
@@ -139,7 +163,7 @@ impl Web {
         let passwords = match &password_hash {
             Some(hash) => Some(
                 auth::PasswordChecker::start(hash)
-                    .map_err(|e| DaemonError::Config(format!("web.password_hash: {e}")))?,
+                    .map_err(|e| SetupError::Config(format!("web.password_hash: {e}")))?,
             ),
             None => None,
         };
@@ -147,25 +171,14 @@ impl Web {
             keys: auth::Keys::new(key.as_bytes(), password_hash.as_deref()),
             password_hash,
             closed,
-            proxies: client::TrustedProxies::new(&config.web.trusted_proxies),
-            hosts: client::AllowedHosts::new(
-                &config.http.listen,
-                base_url,
-                &config.web.allowed_hosts,
-            ),
+            proxies: client::TrustedProxies::new(&settings.trusted_proxies),
+            hosts: client::AllowedHosts::new(around.listen, base_url, &settings.allowed_hosts),
             passwords,
-            secure_cookies: config.web.secure_cookies,
-            https_base: config
-                .links
-                .base_url
-                .as_deref()
-                .is_some_and(|u| u.trim().starts_with("https://")),
-            session_lifetime: config.web.session_lifetime,
-            timezone: config.defaults.timezone,
-            plan: PlanSettings {
-                default_timezone: config.defaults.timezone,
-                default_expire_after: config.defaults.expire_after,
-            },
+            secure_cookies: settings.secure_cookies,
+            https_base: base_url.is_some_and(|u| u.trim().starts_with("https://")),
+            session_lifetime: settings.session_lifetime,
+            timezone: around.plan.default_timezone,
+            plan: around.plan,
             templates: templates(),
         })))
     }

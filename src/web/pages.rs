@@ -11,8 +11,8 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Shared;
 use super::{Owner, Web, auth, encode_query, problem, redirect, safe_next};
-use crate::daemon::Shared;
 use crate::store::{LogEntry, LogFilter, MessageEvent, MessageState, StoreError};
 
 /// Messages on one page of the log.
