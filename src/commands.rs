@@ -6,14 +6,17 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use chrono::{TimeDelta, Utc};
 
-use crate::cli::{LogArgs, LogFormat, PlanArgs, PlanFormat, PreviewArgs};
+use crate::cli::{
+    CustomerAddArgs, EventAddArgs, ImportCommand, LogArgs, LogFormat, PlanArgs, PlanFormat,
+    PreviewArgs, SuppressCommand,
+};
 use crate::config::Config;
 use crate::output::{self, when};
 use crate::plan::{PlanSettings, customer_timezone, plan_rule};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, message_context};
 use crate::rules::{Trigger, parse_duration};
-use crate::store::{Event, LogEntry, LogFilter, MessageState, SharedStore};
+use crate::store::{Change, CustomerPatch, Event, LogEntry, LogFilter, MessageState, SharedStore};
 use crate::transport::Transport;
 
 /// `touchpoint check`: the config, rules and templates, the transport's settings, and each
@@ -466,4 +469,242 @@ pub async fn suppressions(store: &SharedStore, format: LogFormat) -> Result<Stri
 /// Reads the config for a command, with the path in every error.
 pub fn load_config(path: &Path) -> Result<Config> {
     Config::load(path, std::env::vars()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `touchpoint default-config`: the example config file, to start from.
+pub fn default_config() -> &'static str {
+    include_str!("../config/touchpoint.toml")
+}
+
+/// `touchpoint migrate`: opens the database, applies the migrations and says where.
+pub async fn migrate(config: &Config) -> Result<String> {
+    open_store(config).await?;
+    Ok(format!(
+        "migrations applied to {}",
+        config.database_url().describe()
+    ))
+}
+
+/// `touchpoint customer add`: saves a customer, or updates the one with this id.
+pub async fn customer_add(config: &Config, args: &CustomerAddArgs) -> Result<String> {
+    let attributes =
+        crate::import::key_values(&args.attrs, "--attr").map_err(anyhow::Error::msg)?;
+    let customer = crate::import::customer(
+        &args.id,
+        &args.email,
+        args.name.as_deref(),
+        args.timezone.as_deref(),
+        attributes,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let store = open_store(config).await?;
+    // Updating keeps what the command does not mention: a name, a time zone, and attributes
+    // not named by --attr. The database merges, so a change written by someone else at the
+    // same moment is kept too.
+    let patch = CustomerPatch {
+        id: customer.id,
+        email: customer.email,
+        name: customer.name.map_or(Change::Keep, Change::Set),
+        timezone: customer.timezone.map_or(Change::Keep, Change::Set),
+        attributes: match customer.attributes {
+            serde_json::Value::Object(attributes) => attributes,
+            _ => serde_json::Map::new(),
+        },
+    };
+    let created = store.merge_customers(std::slice::from_ref(&patch)).await?;
+    let verb = if created == 0 { "updated" } else { "saved" };
+    Ok(format!("customer {} {verb}", patch.id))
+}
+
+/// `touchpoint event add`: records one event of an existing customer (once per id).
+pub async fn event_add(config: &Config, args: &EventAddArgs) -> Result<String> {
+    use crate::import;
+    let store = open_store(config).await?;
+    if store.customer(&args.customer).await?.is_none() {
+        bail!(
+            "no customer with id {:?}: add it first with `touchpoint customer add`",
+            args.customer
+        );
+    }
+    let occurred_at = match &args.at {
+        Some(text) => import::parse_time(text).map_err(|e| anyhow::anyhow!("--at: {e}"))?,
+        None => Utc::now(),
+    };
+    let event = Event {
+        id: args
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        customer_id: args.customer.clone(),
+        kind: args.kind.trim().to_string(),
+        occurred_at,
+        data: import::key_values(&args.data, "--data").map_err(anyhow::Error::msg)?,
+    };
+    if event.kind.is_empty() {
+        bail!("--kind is empty");
+    }
+    for (what, key) in [
+        ("--customer", &event.customer_id),
+        ("--kind", &event.kind),
+        ("--id", &event.id),
+    ] {
+        import::check_key(what, key).map_err(anyhow::Error::msg)?;
+    }
+    let new = store.insert_events(std::slice::from_ref(&event)).await?;
+    Ok(if new == 0 {
+        format!("event {} exists already; nothing changed", event.id)
+    } else {
+        format!("event {} saved", event.id)
+    })
+}
+
+/// `touchpoint import customers|events`: a CSV file, all rows or none.
+pub async fn import(config: &Config, command: &ImportCommand) -> Result<String> {
+    let store = open_store(config).await?;
+    Ok(match command {
+        ImportCommand::Customers { file } => {
+            let count = crate::import::import_customers(&store, file).await?;
+            format!("imported {count} customers from {}", file.display())
+        }
+        ImportCommand::Events { file } => {
+            let (read, new) = crate::import::import_events(&store, file).await?;
+            format!("imported {read} events from {} ({new} new)", file.display())
+        }
+    })
+}
+
+/// `touchpoint suppress add|remove|list`; the text to print, with its line ends.
+pub async fn suppress(config: &Config, command: &SuppressCommand) -> Result<String> {
+    let store = open_store(config).await?;
+    Ok(match command {
+        SuppressCommand::Add { email, reason } => {
+            crate::import::check_email(email).map_err(anyhow::Error::msg)?;
+            store.suppress(email, reason, "operator").await?;
+            format!("{email} will not be mailed again\n")
+        }
+        SuppressCommand::Remove { email } => {
+            if store.unsuppress(email).await? {
+                format!("{email} may be mailed again\n")
+            } else {
+                format!("{email} was not suppressed\n")
+            }
+        }
+        SuppressCommand::List { format } => suppressions(&store, *format).await?,
+    })
+}
+
+/// What `touchpoint bounce` tells the MTA that piped the report in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BounceAnswer {
+    /// Handled, or not a report (nothing to retry): print this, exit 0.
+    Done(String),
+    /// The database is unavailable: print this as an error and exit 75 (EX_TEMPFAIL), so the
+    /// MTA tries again later.
+    TryLater(String),
+}
+
+/// `touchpoint bounce`: one bounce or complaint report from `raw` (standard input), recorded
+/// against its message.
+pub async fn bounce(
+    config: &Config,
+    raw: &[u8],
+    recipient: Option<String>,
+) -> Result<BounceAnswer> {
+    use crate::bounce::{BounceError, Sender, apply, parse_report};
+    let recipients: Vec<String> = recipient
+        .into_iter()
+        .chain(
+            ["ORIGINAL_RECIPIENT", "RECIPIENT"]
+                .iter()
+                .filter_map(|v| std::env::var(v).ok()),
+        )
+        .collect();
+    let report = match parse_report(raw, &recipients) {
+        Ok(report) => report,
+        Err(error) => return Ok(BounceAnswer::Done(format!("ignored: {error}"))),
+    };
+    let store = match open_store(config).await {
+        Ok(store) => store,
+        Err(error) => return Ok(BounceAnswer::TryLater(format!("{error:#}"))),
+    };
+    let rules = match crate::daemon::link_secret(config, &store).await {
+        Ok(secret) => crate::daemon::bounce_rules(config, &secret),
+        Err(crate::daemon::DaemonError::Store(error)) => {
+            return Ok(BounceAnswer::TryLater(error.to_string()));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    Ok(match apply(&store, &report, &rules, Sender::Anyone).await {
+        Ok(applied) => BounceAnswer::Done(format!(
+            "recorded {} for message {} ({}){}{}",
+            applied.kind.event(),
+            applied
+                .message
+                .map_or_else(|| "-".into(), |m| m.to_string()),
+            applied.email.unwrap_or_default(),
+            if applied.repeated {
+                "; a repeat of a report it had, counted once"
+            } else {
+                ""
+            },
+            if applied.suppressed {
+                "; the address is suppressed"
+            } else {
+                ""
+            }
+        )),
+        Err(BounceError::Store(error)) => BounceAnswer::TryLater(error.to_string()),
+        Err(error) => BounceAnswer::Done(format!("ignored: {error}")),
+    })
+}
+
+/// `touchpoint hash-password`: the password from standard input (asked for twice, without echo,
+/// on a terminal; the first line of piped input otherwise), its Argon2id hash to print.
+pub fn hash_password() -> Result<String> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    let read = |prompt: &str| -> Result<String> {
+        if terminal {
+            eprint!("{prompt}");
+            std::io::stderr().flush().ok();
+        }
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from standard input")?;
+        if terminal {
+            eprintln!();
+        }
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    };
+    // No echo while typing on a terminal; `stty` is on every system with a terminal.
+    let echo = |on: bool| {
+        if terminal {
+            let _ = std::process::Command::new("stty")
+                .arg(if on { "echo" } else { "-echo" })
+                .stdin(std::process::Stdio::inherit())
+                .status();
+        }
+    };
+    echo(false);
+    let password = read("Password: ");
+    let again = if terminal {
+        read("Again: ")
+    } else {
+        Ok(String::new())
+    };
+    echo(true);
+    let password = password?;
+    if terminal && again? != password {
+        bail!("the two passwords differ; nothing printed");
+    }
+    if password.is_empty() {
+        bail!("the password is empty (pipe it in, or type it when asked)");
+    }
+    if password.chars().count() < 8 {
+        eprintln!("warning: a password this short is easy to guess");
+    }
+    crate::web::auth::hash_password(&password).map_err(anyhow::Error::msg)
 }

@@ -69,6 +69,39 @@ impl Listeners {
     }
 }
 
+/// `touchpoint run`: binds the configured listeners, then runs until SIGTERM or SIGINT.
+pub async fn run_until_signalled(config: Config) -> Result<(), DaemonError> {
+    let shutdown = CancellationToken::new();
+    let listeners = Listeners::bind(&config).await?;
+    // Listening starts here, before the daemon can tell systemd it is ready.
+    let signals = stop_signals().map_err(|e| DaemonError::Config(e.to_string()))?;
+    let signals = tokio::spawn(stop_on_signal(signals, shutdown.clone()));
+    let result = run(config, listeners, shutdown).await;
+    signals.abort();
+    result
+}
+
+type StopSignals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+/// SIGTERM and SIGINT (Ctrl-C), listened for from the moment this returns.
+fn stop_signals() -> Result<StopSignals, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
+    let interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot listen for SIGINT: {e}"))?;
+    Ok((terminate, interrupt))
+}
+
+/// SIGTERM and SIGINT (Ctrl-C) stop the daemon cleanly.
+async fn stop_on_signal((mut terminate, mut interrupt): StopSignals, shutdown: CancellationToken) {
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
 /// Opens the database, retrying while it is unavailable (it may still be starting).
 pub async fn open_store(
     config: &Config,
