@@ -1,6 +1,12 @@
 //! The daemon's configuration: `touchpoint.toml`, with every key overridable from the
 //! environment (`TOUCHPOINT_DATABASE__URL` for `database.url`). Relative paths are relative to the
 //! config file's directory. Unknown keys are errors.
+//!
+//! Each subsystem owns its settings type (`[database]` the store's, `[transport]`, `[sender]`
+//! and `[dkim]` the transport's, `[web]` the page's, `[http]` the listener's, `[templates]`
+//! render's, `[sources.*]` the sources'); this module reads the file and the environment,
+//! gathers them into [`Config`], checks what spans several of them, and reports every mistake
+//! with its file, line and column. The types are re-exported here under their old paths.
 
 use std::path::{Path, PathBuf};
 

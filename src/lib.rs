@@ -6,6 +6,13 @@
 //! keeps everything in SQLite or PostgreSQL; [`http`] serves health and metrics, [`ingest`] the
 //! API applications push customers and events to, and [`web`] the owner's page; [`daemon`]
 //! runs it all under one cancellation token.
+//!
+//! The modules form layers, each importing only its own and those below (`tests/layers.rs`
+//! keeps it so): foundation ([`diag`], [`duration`], [`calendar`], [`settings`], ...),
+//! subsystems ([`rules`], [`store`], [`transport`], [`metrics`], ...), the engine ([`plan`],
+//! [`dispatch`], [`render`], [`sources`], [`playbook`], [`runtime`], ...), the surfaces
+//! ([`http`], [`ingest`], [`web`]) and the wiring ([`config`], [`commands`], [`daemon`],
+//! [`cli`]).
 #![forbid(unsafe_code)]
 
 pub mod bounce;

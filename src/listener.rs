@@ -4,7 +4,7 @@
 //!
 //! - At most `max_connections` connections are open at once, lowered at start to what the
 //!   open-files limit leaves after the database, SMTP, sources and the outbox have their share
-//!   ([`connection_budget`]). When a new connection arrives at the cap, the oldest connection
+//!   ([`Budget`]). When a new connection arrives at the cap, the oldest connection
 //!   without a request in progress (idle, or still sending its request head) is closed to make
 //!   room: idle clients cannot crowd out new ones. When every connection is in the middle of a
 //!   request, accepting pauses and new connections wait in the kernel's backlog, holding no
