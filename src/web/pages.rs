@@ -660,7 +660,7 @@ pub async fn log_csv(
         let mut writer = csv::Writer::from_writer(Vec::new());
         if !cursor.header {
             cursor.header = true;
-            let written = crate::output::write_csv_row(&mut writer, &crate::commands::LOG_HEADERS);
+            let written = crate::output::write_csv_row(&mut writer, &crate::query::LOG_HEADERS);
             let bytes = written.map_err(std::io::Error::other).and_then(|()| {
                 writer
                     .into_inner()
@@ -681,7 +681,7 @@ pub async fn log_csv(
         cursor.done = (entries.len() as i64) < CSV_BATCH;
         for entry in &entries {
             if let Err(error) =
-                crate::output::write_csv_row(&mut writer, &crate::commands::log_row(entry))
+                crate::output::write_csv_row(&mut writer, &crate::query::log_row(entry))
             {
                 return Some((Err(std::io::Error::other(error)), cursor));
             }
@@ -1009,7 +1009,7 @@ pub async fn customer(
 pub async fn upcoming(owner: Owner, State(shared): State<Shared>) -> Response {
     let web = owner.web.clone();
     let playbook = shared.playbook.borrow().clone();
-    let upcoming = crate::commands::upcoming(&playbook, &web.plan, &shared.store, 7).await;
+    let upcoming = crate::query::upcoming(&playbook, &web.plan, &shared.store, 7).await;
     let rows = match upcoming {
         Ok(upcoming) => {
             for problem in &upcoming.unreadable {
