@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 
 use super::{csrf_failed, unavailable};
 use crate::daemon::Shared;
-use crate::web::{Owner, redirect, safe_next};
+use crate::store::Suppression;
+use crate::web::{Owner, Web, redirect, safe_next};
 
 pub async fn suppressions(owner: Owner, State(shared): State<Shared>) -> Response {
     let web = owner.web.clone();
@@ -16,8 +17,18 @@ pub async fn suppressions(owner: Owner, State(shared): State<Shared>) -> Respons
         Ok(list) => list,
         Err(error) => return owner.with_cookie(unavailable(&web, &error)),
     };
-    let rows: Vec<Value> = list
-        .iter()
+    let data = json!({
+        "page": owner.page("Suppressions", "suppressions"),
+        "rows": rows(&web, &list),
+        "error": Value::Null,
+        "email": "",
+    });
+    owner.render("suppressions", &data)
+}
+
+/// The list, newest first.
+fn rows(web: &Web, list: &[Suppression]) -> Vec<Value> {
+    list.iter()
         .rev()
         .map(|s| {
             json!({
@@ -27,14 +38,7 @@ pub async fn suppressions(owner: Owner, State(shared): State<Shared>) -> Respons
                 "at": web.time(s.created_at),
             })
         })
-        .collect();
-    let data = json!({
-        "page": owner.page("Suppressions", "suppressions"),
-        "rows": rows,
-        "error": Value::Null,
-        "email": "",
-    });
-    owner.render("suppressions", &data)
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,18 +65,10 @@ pub async fn suppress(
     let email = form.email.trim();
     if let Err(message) = crate::import::check_email(email) {
         let web = owner.web.clone();
-        let rows: Vec<Value> = shared
-            .store
-            .suppressions()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .rev()
-            .map(|s| json!({ "email": s.email, "reason": s.reason, "source": s.source, "at": web.time(s.created_at) }))
-            .collect();
+        let list = shared.store.suppressions().await.unwrap_or_default();
         let data = json!({
             "page": owner.page("Suppressions", "suppressions"),
-            "rows": rows,
+            "rows": rows(&web, &list),
             "error": message,
             "email": email,
         });
