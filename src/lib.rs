@@ -25,6 +25,7 @@ pub mod notify;
 pub mod output;
 pub mod plan;
 pub mod playbook;
+pub mod query;
 pub mod render;
 pub mod rules;
 pub mod sources;
