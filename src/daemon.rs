@@ -14,7 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::diag::Diagnostics;
-use crate::dispatch::{DispatchSettings, Dispatcher, backoff};
+use crate::backoff::backoff;
+use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::plan::{PlanSettings, Planner};
 use crate::playbook::Playbook;
 use crate::store::{self, MessageState, Outcome, SharedStore, StoreError};

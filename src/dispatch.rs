@@ -12,12 +12,12 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use chrono_tz::Tz;
 use lettre::message::Mailbox;
-use rand::Rng;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::backoff;
 use crate::daemon::Health;
 use crate::links::{self, Link, LinkSigner, MessageTags};
 use crate::plan::{attributes_match, customer_timezone};
@@ -56,14 +56,6 @@ pub struct DispatchSettings {
     pub bounce_address: Option<lettre::Address>,
     /// Sign VERP addresses and make Message-IDs unguessable (from the link secret).
     pub tags: MessageTags,
-}
-
-/// `base * 2^(n-1)`, at most `max`, with +-25% jitter so retries of many messages spread out.
-pub fn backoff(failures: u32, base: Duration, max: Duration) -> Duration {
-    let exponent = failures.saturating_sub(1).min(20);
-    let raw = base.saturating_mul(1u32 << exponent).min(max);
-    let jitter = rand::rng().random_range(0.75..=1.25);
-    raw.mul_f64(jitter).min(max)
 }
 
 /// While the relay is unreachable, nobody sends: one failure pauses everyone, with backoff.
@@ -907,25 +899,6 @@ fn later(now: DateTime<Utc>, until: Instant) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_bounded_jitter() {
-        let base = Duration::from_secs(60);
-        let max = Duration::from_secs(3600);
-        for _ in 0..100 {
-            let first = backoff(1, base, max);
-            assert!(
-                first >= Duration::from_secs(45) && first <= Duration::from_secs(75),
-                "{first:?}"
-            );
-            let third = backoff(3, base, max);
-            assert!(
-                third >= Duration::from_secs(180) && third <= Duration::from_secs(300),
-                "{third:?}"
-            );
-            assert!(backoff(30, base, max) <= max);
-        }
-    }
 
     #[test]
     fn the_verp_address_carries_the_message_id_and_its_signature() {

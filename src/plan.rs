@@ -357,7 +357,7 @@ impl Planner {
                     failures += 1;
                     self.health.database_error(&error);
                     tracing::warn!(%error, failures, "planning failed; will retry");
-                    crate::dispatch::backoff(
+                    crate::backoff::backoff(
                         failures,
                         self.interval,
                         std::time::Duration::from_secs(60),
