@@ -12,9 +12,9 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::backoff;
 use crate::config::Config;
 use crate::diag::Diagnostics;
-use crate::backoff::backoff;
 use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::plan::{PlanSettings, Planner};
 use crate::playbook::Playbook;
