@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::calendar;
 use crate::playbook::Playbook;
-use crate::rules::{MessageDetail, Rule, Trigger, Unless, attributes_match};
+use crate::rules::{MessageDetail, Rule, Trigger, attributes_match};
 use crate::sources::{EventQuery, Source, SourceError, Sources};
 use crate::store::{
     Candidate, CandidateQuery, CandidateSource, Customer, Event, NewMessage, SharedStore,
@@ -153,14 +153,7 @@ fn source_for(rule: &Rule, now: DateTime<Utc>, settings: &PlanSettings) -> Candi
             } else {
                 TimeDelta::zero()
             };
-            let unless_since = rule
-                .unless
-                .iter()
-                .filter_map(|u| match u {
-                    Unless::SinceTrigger { event } => Some(event.clone()),
-                    Unless::Within { .. } => None,
-                })
-                .collect();
+            let unless_since = rule.unless_since_trigger();
             CandidateSource::NewEvents {
                 kind: kind.clone(),
                 occurred_from: now - *after - expire - slack,

@@ -400,6 +400,18 @@ impl Rule {
             None => at,
         }
     }
+
+    /// The event kinds of `unless = { event = KIND, since = "trigger" }`: planning leaves out
+    /// events already followed by one (an anti-join), so they never become messages.
+    pub fn unless_since_trigger(&self) -> Vec<String> {
+        self.unless
+            .iter()
+            .filter_map(|u| match u {
+                Unless::SinceTrigger { event } => Some(event.clone()),
+                Unless::Within { .. } => None,
+            })
+            .collect()
+    }
 }
 
 impl AttributeCondition {
@@ -435,5 +447,207 @@ fn json_equal(a: &Value, b: &Value) -> bool {
             .trim()
             .eq_ignore_ascii_case(if *b { "true" } else { "false" }),
         _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// A customer "c1" with an event "p1", and the events it had since (kind, at).
+    struct World {
+        attributes: Value,
+        suppressed: bool,
+        later_events: Vec<(&'static str, DateTime<Utc>)>,
+        gone: bool,
+    }
+
+    #[derive(Debug)]
+    struct Found(Value, DateTime<Utc>);
+
+    impl Subject for Found {
+        fn customer_id(&self) -> &str {
+            "c1"
+        }
+        fn attributes(&self) -> &Value {
+            &self.0
+        }
+        fn event(&self) -> Option<(&str, &str, DateTime<Utc>)> {
+            Some(("purchase", "p1", self.1))
+        }
+        fn timezone(&self) -> Tz {
+            Tz::UTC
+        }
+    }
+
+    #[async_trait]
+    impl Facts for World {
+        type Subject = Found;
+        type Error = ();
+        async fn subject(&self) -> Result<Result<Found, String>, ()> {
+            if self.gone {
+                return Ok(Err("the customer no longer exists".into()));
+            }
+            Ok(Ok(Found(
+                self.attributes.clone(),
+                at("2026-03-02T08:00:00Z"),
+            )))
+        }
+        async fn is_suppressed(&self, _: &Found) -> Result<bool, ()> {
+            Ok(self.suppressed)
+        }
+        async fn had_event_after(
+            &self,
+            _: &Found,
+            kind: &str,
+            after: DateTime<Utc>,
+        ) -> Result<bool, ()> {
+            Ok(self
+                .later_events
+                .iter()
+                .any(|(k, t)| *k == kind && *t > after))
+        }
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn rule() -> Rule {
+        let source = r#"[[rule]]
+name = "follow-up"
+template = "t"
+subject = "Hi"
+when = { event = "purchase", after = "2h" }
+only_if = [{ attribute = "plan", equals = "gold" }]
+unless = [{ event = "refund", since = "trigger" }, { event = "review", within = "7d" }]
+send_window = { from = "09:00", to = "17:00" }
+"#;
+        let (mut rules, problems) =
+            super::super::parse_file(Path::new("r.toml"), source, &|_| true);
+        assert!(problems.is_empty(), "{problems:?}");
+        rules.remove(0)
+    }
+
+    fn world() -> World {
+        World {
+            attributes: json!({ "plan": "gold" }),
+            suppressed: false,
+            later_events: vec![],
+            gone: false,
+        }
+    }
+
+    const MESSAGE: MessageState = MessageState {
+        expires_at: None,
+        attempts: 1,
+        max_attempts: 3,
+    };
+
+    fn verdicts(record: &CheckRecord) -> Vec<Verdict> {
+        record.checks.iter().map(|(_, v)| *v).collect()
+    }
+
+    #[tokio::test]
+    async fn a_message_that_passes_records_every_check_in_the_order_it_ran() {
+        let now = at("2026-03-02T10:00:00Z");
+        let evaluation = evaluate(&rule(), &MESSAGE, &world(), now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        assert_eq!(
+            evaluation.record.passed_lines(),
+            [
+                "the rule \"follow-up\" is enabled",
+                "no expiry",
+                "attempt 1",
+                "the triggering \"purchase\" event \"p1\" still exists",
+                "the address is not on the suppression list",
+                "only if the customer's \"plan\" is \"gold\": held (the customer's is \"gold\")",
+                "unless the customer had a \"refund\" event after the triggering one: held (no \"refund\" event after 2026-03-02 08:00 UTC)",
+                "unless the customer had a \"review\" event within 1w before sending: held (no \"review\" event since 2026-02-23 10:00 UTC)",
+                "between 09:00 and 17:00, in the customer's time zone: open (it was Mon 10:00 in UTC)",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_failing_check_stops_the_rest_which_are_not_reached() {
+        let now = at("2026-03-02T10:00:00Z");
+        let mut world = world();
+        world.later_events = vec![("refund", at("2026-03-02T09:00:00Z"))];
+        let evaluation = evaluate(&rule(), &MESSAGE, &world, now).await.unwrap();
+        let Decision::Skip(reason) = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(
+            reason,
+            "unless: the customer had a \"refund\" event since the triggering event"
+        );
+        use Verdict::{Failed, NotReached, Passed};
+        assert_eq!(
+            verdicts(&evaluation.record),
+            [
+                Passed, Passed, Passed, Passed, Passed, Passed, Failed, NotReached, NotReached
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_vanished_subject_or_a_closed_window_decide_with_the_old_reasons() {
+        let mut gone = world();
+        gone.gone = true;
+        let now = at("2026-03-02T10:00:00Z");
+        let evaluation = evaluate(&rule(), &MESSAGE, &gone, now).await.unwrap();
+        assert!(
+            matches!(&evaluation.decision, Decision::Skip(r) if r == "the customer no longer exists")
+        );
+        assert_eq!(evaluation.record.checks.len(), 9);
+
+        let evening = at("2026-03-02T20:00:00Z");
+        let evaluation = evaluate(&rule(), &MESSAGE, &world(), evening)
+            .await
+            .unwrap();
+        let Decision::Release { at: due, reason } = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(
+            (due, reason.as_str()),
+            (at("2026-03-03T09:00:00Z"), "outside the send window")
+        );
+        let soon = MessageState {
+            expires_at: Some(at("2026-03-02T22:00:00Z")),
+            ..MESSAGE
+        };
+        let evaluation = evaluate(&rule(), &soon, &world(), evening).await.unwrap();
+        assert!(
+            matches!(evaluation.decision, Decision::Skip(r) if r.starts_with("expired: the send window"))
+        );
+    }
+
+    #[tokio::test]
+    async fn expiry_and_attempts_come_before_any_lookup() {
+        let late = MessageState {
+            expires_at: Some(at("2026-03-01T00:00:00Z")),
+            attempts: 2,
+            max_attempts: 3,
+        };
+        let mut gone = world();
+        gone.gone = true;
+        let now = at("2026-03-02T10:00:00Z");
+        let evaluation = evaluate(&rule(), &late, &gone, now).await.unwrap();
+        assert!(
+            matches!(&evaluation.decision, Decision::Fail(r) if r.starts_with("expired while retrying"))
+        );
+        let tired = MessageState {
+            attempts: 4,
+            ..MESSAGE
+        };
+        let evaluation = evaluate(&rule(), &tired, &gone, now).await.unwrap();
+        assert!(
+            matches!(&evaluation.decision, Decision::Fail(r) if r == "gave up after 3 attempts")
+        );
     }
 }
