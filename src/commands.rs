@@ -13,7 +13,7 @@ use crate::plan::{PlanSettings, customer_timezone};
 use crate::playbook::Playbook;
 use crate::query::{Upcoming, activity, upcoming};
 use crate::render::{MessageExtras, message_context};
-use crate::rules::{Trigger, parse_duration};
+use crate::rules::{MessageDetail, Trigger, parse_duration};
 use crate::store::{LogFilter, MessageState, SharedStore};
 use crate::transport::Transport;
 
@@ -148,15 +148,15 @@ pub async fn preview(config: &Config, store: &SharedStore, args: &PreviewArgs) -
         (None, None) => None,
     };
     let tz = customer_timezone(&customer, config.defaults.timezone);
-    let years = match (&rule.trigger, &event) {
-        (Trigger::Anniversary { at, .. }, Some(event)) => {
-            let date = crate::calendar::anniversary_date(event.occurred_at, tz);
-            crate::calendar::next_anniversary(date, *at, tz, Utc::now()).map(|a| a.years)
-        }
-        _ => None,
-    };
+    // What planning would fix for the next occurrence, from now.
+    let detail = event
+        .as_ref()
+        .and_then(|e| rule.trigger.next_anniversary(e.occurred_at, tz, Utc::now()))
+        .map_or_else(MessageDetail::default, |next| {
+            MessageDetail::anniversary(next.years)
+        });
     let extras = MessageExtras {
-        years,
+        years: detail.years,
         message_id: "<preview@touchpoint>".into(),
         unsubscribe_url: None,
         timezone: tz.name().into(),

@@ -8,6 +8,7 @@
 //! runs it all under one cancellation token.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod bounce;
 pub mod calendar;
 pub mod cli;

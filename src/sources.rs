@@ -880,7 +880,7 @@ impl Source {
         if let Ok(mut pause) = self.pause.lock() {
             pause.0 += 1;
             let delay =
-                crate::dispatch::backoff(pause.0, Duration::from_secs(1), Duration::from_secs(300));
+                crate::backoff::backoff(pause.0, Duration::from_secs(1), Duration::from_secs(300));
             pause.1 = Some(Instant::now() + delay);
         }
     }
