@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 
 use crate::cli::{
     CustomerAddArgs, EventAddArgs, ImportCommand, LogArgs, LogFormat, PlanArgs, PlanFormat,
@@ -12,12 +12,17 @@ use crate::cli::{
 };
 use crate::config::Config;
 use crate::output::{self, when};
-use crate::plan::{PlanSettings, customer_timezone, plan_rule};
+use crate::plan::{PlanSettings, customer_timezone};
 use crate::playbook::Playbook;
+use crate::query::{Upcoming, activity, upcoming};
 use crate::render::{MessageExtras, message_context};
-use crate::rules::{Trigger, parse_duration};
-use crate::store::{Change, CustomerPatch, Event, LogEntry, LogFilter, MessageState, SharedStore};
+use crate::rules::{MessageDetail, Trigger, parse_duration};
+use crate::store::{Change, CustomerPatch, Event, LogFilter, MessageState, SharedStore};
 use crate::transport::Transport;
+
+/// The log's columns live with the queries the web page shares; named here too, where the
+/// `log` command's callers have always found them.
+pub use crate::query::{LOG_HEADERS, log_row};
 
 /// `touchpoint check`: the config, rules and templates, the transport's settings, and each
 /// source's queries (run once with a zero-width window).
@@ -115,150 +120,6 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
     })
 }
 
-/// What `plan` lists (and the web page's Upcoming): the messages due within `days` days, those
-/// already scheduled and those the rules would create now, soonest first.
-pub async fn upcoming(
-    playbook: &Playbook,
-    settings: &PlanSettings,
-    store: &SharedStore,
-    days: u32,
-) -> Result<Upcoming> {
-    let now = Utc::now();
-    let until = now + TimeDelta::days(i64::from(days));
-    let mut rows = Vec::new();
-    let waiting = store
-        .log(&LogFilter {
-            due_before: Some(until),
-            ..LogFilter::default()
-        })
-        .await?;
-    for entry in waiting {
-        let why = match &entry.event_id {
-            Some(id) => match store.event(id).await? {
-                Some(event) => why_event(&event),
-                None => format!("event {id}"),
-            },
-            None => "schedule".into(),
-        };
-        rows.push(PlannedRow {
-            due_at: entry.next_attempt_at,
-            rule: entry.rule,
-            customer_id: entry.customer_id,
-            email: entry.email.unwrap_or_default(),
-            status: entry.state.to_string(),
-            why,
-            message_id: Some(entry.id),
-        });
-    }
-    let (customers_hi, events_hi) = store.max_seqs().await?;
-    for rule in playbook.rules.rules.iter().filter(|r| r.enabled) {
-        let up_to = if matches!(rule.trigger, Trigger::Schedule { .. }) {
-            customers_hi
-        } else {
-            events_hi
-        };
-        let mut found = Vec::new();
-        plan_rule(
-            store,
-            rule,
-            0,
-            up_to,
-            now,
-            settings,
-            false,
-            |planned, candidates| {
-                for message in planned.iter().filter(|m| m.due_at <= until).cloned() {
-                    let candidate = candidates
-                        .iter()
-                        .find(|c| c.customer.id == message.customer_id);
-                    let email = candidate
-                        .map(|c| c.customer.email.clone())
-                        .unwrap_or_default();
-                    let event = candidate.and_then(|c| {
-                        c.event
-                            .as_ref()
-                            .filter(|e| Some(&e.id) == message.event_id.as_ref())
-                    });
-                    let why = event.map_or_else(|| "schedule".to_string(), why_event);
-                    found.push(PlannedRow {
-                        due_at: message.due_at,
-                        rule: message.rule,
-                        customer_id: message.customer_id,
-                        email,
-                        status: "not yet planned".into(),
-                        why,
-                        message_id: None,
-                    });
-                }
-            },
-        )
-        .await?;
-        rows.extend(found);
-    }
-    let from_sources = crate::plan::plan_sources(
-        store,
-        &playbook.sources,
-        playbook,
-        &crate::plan::SourceCursors::new(),
-        now,
-        settings,
-        false,
-    )
-    .await;
-    for planned in from_sources.planned {
-        let message = planned.message;
-        if message.due_at > until {
-            continue;
-        }
-        rows.push(PlannedRow {
-            due_at: message.due_at,
-            rule: message.rule,
-            customer_id: message.customer_id,
-            email: planned.customer.email,
-            status: "not yet planned".into(),
-            why: why_event(&planned.event),
-            message_id: None,
-        });
-    }
-    rows.sort_by(|a, b| {
-        (a.due_at, &a.rule, &a.customer_id).cmp(&(b.due_at, &b.rule, &b.customer_id))
-    });
-    Ok(Upcoming {
-        rows,
-        unreadable: from_sources.failures,
-    })
-}
-
-/// What `upcoming` found, and the sources it could not read (their messages are missing).
-#[derive(Debug)]
-pub struct Upcoming {
-    pub rows: Vec<PlannedRow>,
-    pub unreadable: Vec<String>,
-}
-
-/// One message `plan` expects to go out.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PlannedRow {
-    pub due_at: chrono::DateTime<Utc>,
-    pub rule: String,
-    pub customer_id: String,
-    pub email: String,
-    /// The message's state, or "not yet planned".
-    pub status: String,
-    /// The triggering event ("purchase p1 at ...") or "schedule".
-    pub why: String,
-    pub message_id: Option<i64>,
-}
-
-fn why_event(event: &Event) -> String {
-    format!(
-        "{} {} at {}",
-        event.kind,
-        event.id,
-        when(Some(event.occurred_at))
-    )
-}
-
 /// `touchpoint preview`: one rule rendered for one customer.
 pub async fn preview(config: &Config, store: &SharedStore, args: &PreviewArgs) -> Result<String> {
     let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
@@ -290,15 +151,15 @@ pub async fn preview(config: &Config, store: &SharedStore, args: &PreviewArgs) -
         (None, None) => None,
     };
     let tz = customer_timezone(&customer, config.defaults.timezone);
-    let years = match (&rule.trigger, &event) {
-        (Trigger::Anniversary { at, .. }, Some(event)) => {
-            let date = crate::calendar::anniversary_date(event.occurred_at, tz);
-            crate::calendar::next_anniversary(date, *at, tz, Utc::now()).map(|a| a.years)
-        }
-        _ => None,
-    };
+    // What planning would fix for the next occurrence, from now.
+    let detail = event
+        .as_ref()
+        .and_then(|e| rule.trigger.next_anniversary(e.occurred_at, tz, Utc::now()))
+        .map_or_else(MessageDetail::default, |next| {
+            MessageDetail::anniversary(next.years)
+        });
     let extras = MessageExtras {
-        years,
+        years: detail.years,
         message_id: "<preview@touchpoint>".into(),
         unsubscribe_url: None,
         timezone: tz.name().into(),
@@ -312,85 +173,6 @@ pub async fn preview(config: &Config, store: &SharedStore, args: &PreviewArgs) -
         rendered.text.trim_end(),
         rendered.html.trim_end()
     ))
-}
-
-/// One per value of [`log_row`], in the same order.
-pub const LOG_HEADERS: [&str; 21] = [
-    "id",
-    "rule",
-    "customer_id",
-    "email",
-    "subject",
-    "state",
-    "due_at",
-    "sent_at",
-    "attempts",
-    "smtp_reply",
-    "message_id",
-    "reason",
-    "event_id",
-    "updated_at",
-    "opened_at",
-    "opens",
-    "clicked_at",
-    "clicks",
-    "bounced_at",
-    "complained_at",
-    "unsubscribed_at",
-];
-
-/// What the recipient did, in a few words for the table: `opened 2x, clicked, unsubscribed`.
-pub fn activity(e: &LogEntry) -> String {
-    let times = |n: i64| {
-        if n > 1 {
-            format!(" {n}x")
-        } else {
-            String::new()
-        }
-    };
-    let mut parts = Vec::new();
-    if e.opens > 0 {
-        parts.push(format!("opened{}", times(e.opens)));
-    }
-    if e.clicks > 0 {
-        parts.push(format!("clicked{}", times(e.clicks)));
-    }
-    for (at, what) in [
-        (e.bounced_at, "bounced"),
-        (e.complained_at, "complained"),
-        (e.unsubscribed_at, "unsubscribed"),
-    ] {
-        if at.is_some() {
-            parts.push(what.to_string());
-        }
-    }
-    parts.join(", ")
-}
-
-pub fn log_row(e: &LogEntry) -> [String; LOG_HEADERS.len()] {
-    [
-        e.id.to_string(),
-        e.rule.clone(),
-        e.customer_id.clone(),
-        e.email.clone().unwrap_or_default(),
-        e.subject.clone().unwrap_or_default(),
-        e.state.to_string(),
-        when(Some(e.due_at)),
-        when(e.sent_at),
-        e.attempts.to_string(),
-        e.smtp_reply.clone().unwrap_or_default(),
-        e.message_id.clone().unwrap_or_default(),
-        e.reason.clone().unwrap_or_default(),
-        e.event_id.clone().unwrap_or_default(),
-        when(Some(e.updated_at)),
-        when(e.opened_at),
-        e.opens.to_string(),
-        when(e.clicked_at),
-        e.clicks.to_string(),
-        when(e.bounced_at),
-        when(e.complained_at),
-        when(e.unsubscribed_at),
-    ]
 }
 
 /// `touchpoint log`.

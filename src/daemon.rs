@@ -10,9 +10,10 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::backoff;
 use crate::config::Config;
 use crate::diag::Diagnostics;
-use crate::dispatch::{DispatchSettings, Dispatcher, backoff};
+use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::metrics::{Health, ReloadStatus};
 use crate::plan::{PlanSettings, Planner};
 use crate::playbook::Playbook;

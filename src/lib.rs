@@ -15,6 +15,7 @@
 //! [`cli`]).
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod bounce;
 pub mod calendar;
 pub mod cli;
@@ -34,6 +35,7 @@ pub mod notify;
 pub mod output;
 pub mod plan;
 pub mod playbook;
+pub mod query;
 pub mod render;
 pub mod rules;
 pub mod runtime;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::calendar;
 use crate::playbook::Playbook;
-use crate::rules::{AttributeCondition, AttributeTest, Rule, Trigger, Unless};
+use crate::rules::{MessageDetail, Rule, Trigger, attributes_match};
 use crate::sources::{EventQuery, Source, SourceError, Sources};
 use crate::store::{
     Candidate, CandidateQuery, CandidateSource, Customer, Event, NewMessage, SharedStore,
@@ -53,37 +53,6 @@ pub fn customer_timezone(customer: &Customer, default: Tz) -> Tz {
         .unwrap_or(default)
 }
 
-/// Whether every `only_if` condition holds for these attributes.
-pub fn attributes_match(conditions: &[AttributeCondition], attributes: &serde_json::Value) -> bool {
-    conditions.iter().all(|condition| {
-        let value = attributes
-            .get(&condition.attribute)
-            .filter(|v| !v.is_null());
-        match &condition.test {
-            AttributeTest::Exists(wanted) => value.is_some() == *wanted,
-            AttributeTest::Equals(expected) => value.is_some_and(|v| json_equal(v, expected)),
-            AttributeTest::In(options) => {
-                value.is_some_and(|v| options.iter().any(|o| json_equal(v, o)))
-            }
-        }
-    })
-}
-
-/// JSON equality where `1` equals `1.0`; a CSV import gives strings, so `"1"` equals `1` too.
-fn json_equal(a: &serde_json::Value, b: &serde_json::Value) -> bool {
-    use serde_json::Value::{Number, String};
-    match (a, b) {
-        (Number(x), Number(y)) => x.as_f64() == y.as_f64(),
-        (String(s), Number(n)) | (Number(n), String(s)) => {
-            s.trim().parse::<f64>().ok() == n.as_f64()
-        }
-        (String(s), serde_json::Value::Bool(b)) | (serde_json::Value::Bool(b), String(s)) => s
-            .trim()
-            .eq_ignore_ascii_case(if *b { "true" } else { "false" }),
-        _ => a == b,
-    }
-}
-
 /// The message a rule wants for one candidate row, if any, as of `now`.
 pub fn plan_candidate(
     rule: &Rule,
@@ -105,16 +74,17 @@ pub fn plan_candidate(
             (
                 trigger_at,
                 format!("{}:{}", rule.name, event.id),
-                serde_json::json!({}),
+                MessageDetail::default(),
             )
         }
-        Trigger::Anniversary { at, .. } => {
+        Trigger::Anniversary { .. } => {
             let event = candidate.event.as_ref()?;
-            let date = calendar::anniversary_date(event.occurred_at, tz);
             let not_before = after_last(earliest, candidate.last_trigger);
-            let next = calendar::next_anniversary(date, *at, tz, not_before)?;
+            let next = rule
+                .trigger
+                .next_anniversary(event.occurred_at, tz, not_before)?;
             let key = format!("{}:{}:{}", rule.name, event.id, next.year);
-            (next.at, key, serde_json::json!({ "years": next.years }))
+            (next.at, key, MessageDetail::anniversary(next.years))
         }
         Trigger::Schedule { cron, .. } => {
             let after = after_last(earliest, candidate.last_trigger) - TimeDelta::milliseconds(1);
@@ -123,13 +93,10 @@ pub fn plan_candidate(
             // changed defaults.timezone) must not get the same occurrence twice.
             let slot = at.with_timezone(&tz).format("%Y-%m-%dT%H:%M");
             let key = format!("{}:{}:{slot}", rule.name, candidate.customer.id);
-            (at, key, serde_json::json!({}))
+            (at, key, MessageDetail::default())
         }
     };
-    let due_at = match &rule.send_window {
-        Some(window) => window.next_open(trigger_at, tz),
-        None => trigger_at,
-    };
+    let due_at = rule.next_open(trigger_at, tz);
     let expires_at = due_at.checked_add_signed(expire)?;
     if expires_at < now {
         return None;
@@ -146,7 +113,7 @@ pub fn plan_candidate(
         trigger_at,
         due_at,
         expires_at: Some(expires_at),
-        detail,
+        detail: detail.to_json(),
     })
 }
 
@@ -186,14 +153,7 @@ fn source_for(rule: &Rule, now: DateTime<Utc>, settings: &PlanSettings) -> Candi
             } else {
                 TimeDelta::zero()
             };
-            let unless_since = rule
-                .unless
-                .iter()
-                .filter_map(|u| match u {
-                    Unless::SinceTrigger { event } => Some(event.clone()),
-                    Unless::Within { .. } => None,
-                })
-                .collect();
+            let unless_since = rule.unless_since_trigger();
             CandidateSource::NewEvents {
                 kind: kind.clone(),
                 occurred_from: now - *after - expire - slack,
@@ -357,7 +317,7 @@ impl Planner {
                     failures += 1;
                     self.health.database_error(&error);
                     tracing::warn!(%error, failures, "planning failed; will retry");
-                    crate::dispatch::backoff(
+                    crate::backoff::backoff(
                         failures,
                         self.interval,
                         std::time::Duration::from_secs(60),
@@ -619,11 +579,8 @@ fn from_source(
     event: &Event,
 ) -> NewMessage {
     message.dedupe_key = source_dedupe_key(&message.rule, &source.name, &event.id);
-    message.detail = serde_json::json!({
-        "source": source.name,
-        "query": query.name,
-        "occurred_at": event.occurred_at,
-    });
+    message.detail =
+        MessageDetail::from_source(&source.name, &query.name, event.occurred_at).to_json();
     message
 }
 
@@ -703,6 +660,7 @@ impl CursorHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::{AttributeCondition, AttributeTest};
     use serde_json::json;
 
     #[test]

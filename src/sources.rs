@@ -658,32 +658,18 @@ impl Source {
 
     /// What fails now: the latest error of each query whose latest run failed.
     pub fn last_error(&self) -> Option<String> {
-        let failing = self.failing.lock().ok()?;
-        if failing.is_empty() {
-            return None;
-        }
-        Some(
-            failing
-                .values()
-                .map(|f| f.detail.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
+        self.failures(|f| &f.detail)
     }
 
     /// Like [`Source::last_error`], without anything read from the source: for `/healthz`.
     pub fn last_error_summary(&self) -> Option<String> {
+        self.failures(|f| &f.summary)
+    }
+
+    fn failures(&self, text: impl Fn(&Failure) -> &String) -> Option<String> {
         let failing = self.failing.lock().ok()?;
-        if failing.is_empty() {
-            return None;
-        }
-        Some(
-            failing
-                .values()
-                .map(|f| f.summary.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
+        let texts: Vec<&str> = failing.values().map(|f| text(f).as_str()).collect();
+        (!texts.is_empty()).then(|| texts.join("; "))
     }
 
     /// Events of the query with `from <= occurred_at < to` (as the query filters them).
@@ -895,7 +881,7 @@ impl Source {
         if let Ok(mut pause) = self.pause.lock() {
             pause.0 += 1;
             let delay =
-                crate::dispatch::backoff(pause.0, Duration::from_secs(1), Duration::from_secs(300));
+                crate::backoff::backoff(pause.0, Duration::from_secs(1), Duration::from_secs(300));
             pause.1 = Some(Instant::now() + delay);
         }
     }

@@ -11,7 +11,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "foundation",
         &[
-            "diag", "duration", "calendar", "settings", "output", "notify",
+            "diag", "duration", "calendar", "settings", "output", "notify", "backoff",
         ],
     ),
     (
@@ -29,25 +29,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "engine",
         &[
-            "render", "sources", "playbook", "plan", "dispatch", "bounce", "runtime",
+            "render", "sources", "playbook", "plan", "query", "dispatch", "bounce", "runtime",
         ],
     ),
     ("surfaces", &["http", "ingest", "web"]),
     ("wiring", &["config", "commands", "daemon", "cli"]),
-];
-
-/// Imports that break the layering today and are being removed by the other #13 branches
-/// (rules: backoff out of dispatch, the explanation out of web; web: the queries shared by the
-/// CLI and the page out of commands). Delete each line when its edge is gone: the test then
-/// keeps it gone.
-const KNOWN_EXCEPTIONS: &[(&str, &str)] = &[
-    // dispatch uses web::why to record why a message was sent (rules helper).
-    ("dispatch", "web"),
-    // plan and sources use dispatch::backoff (rules helper: backoff gets its own module).
-    ("plan", "dispatch"),
-    ("sources", "dispatch"),
-    // the owner's page calls commands::upcoming (web helper: one query module for both).
-    ("web", "commands"),
 ];
 
 /// One import: `from` names `to` at `file:line`.
@@ -78,7 +64,7 @@ fn lower_layers_do_not_import_higher_ones() {
         ) else {
             continue;
         };
-        if to > from && !is_known_exception(import) {
+        if to > from {
             problems.push(format!(
                 "{}:{}: {} ({}) imports {} ({}), a higher layer",
                 import.file.display(),
@@ -97,7 +83,7 @@ fn lower_layers_do_not_import_higher_ones() {
 fn no_modules_import_each_other_in_a_circle() {
     let imports = imports_of(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")));
     let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for import in imports.iter().filter(|i| !is_known_exception(i)) {
+    for import in &imports {
         edges
             .entry(import.from.as_str())
             .or_default()
@@ -148,10 +134,6 @@ fn layer_of_each_module() -> BTreeMap<&'static str, usize> {
         }
     }
     layer
-}
-
-fn is_known_exception(import: &Import) -> bool {
-    KNOWN_EXCEPTIONS.contains(&(import.from.as_str(), import.to.as_str()))
 }
 
 /// Every import between different top-level modules of `src` (`main.rs` and `lib.rs`, which

@@ -3,6 +3,9 @@
 //! Loading reports every mistake at once, each with file, line and column, and never panics on
 //! what an operator wrote.
 
+mod check;
+mod detail;
+pub mod explain;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -10,12 +13,18 @@ mod tests;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use chrono::{NaiveTime, TimeDelta};
+use chrono::{DateTime, NaiveTime, TimeDelta, Utc};
+use chrono_tz::Tz;
 
-use crate::calendar::SendWindow;
+use crate::calendar::{self, Anniversary, SendWindow};
 use crate::diag::{Diagnostic, Diagnostics};
 
 pub use crate::duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
+pub use check::{
+    Check, CheckRecord, Decision, Evaluation, Facts, MessageState, Subject, Verdict,
+    attributes_match, evaluate, expired,
+};
+pub use detail::{MessageDetail, SourceEvent};
 
 /// All rules from a rules directory, in file-name order then file order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -70,6 +79,23 @@ pub enum Trigger {
         expression: String,
         cron: croner::Cron,
     },
+}
+
+impl Trigger {
+    /// For an anniversary rule, the next anniversary (not before `not_before`, in `tz`) of an
+    /// event that occurred at `occurred_at`: what planning schedules and `preview` shows.
+    pub fn next_anniversary(
+        &self,
+        occurred_at: DateTime<Utc>,
+        tz: Tz,
+        not_before: DateTime<Utc>,
+    ) -> Option<Anniversary> {
+        let Trigger::Anniversary { at, .. } = self else {
+            return None;
+        };
+        let date = calendar::anniversary_date(occurred_at, tz);
+        calendar::next_anniversary(date, *at, tz, not_before)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

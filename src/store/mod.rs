@@ -1,5 +1,11 @@
-//! Storage: customers, events, the message outbox/log, message events and suppressions, behind
-//! one trait with a SQLite and a PostgreSQL implementation.
+//! Storage: customers, events, the message outbox/log, message events and suppressions.
+//!
+//! One implementation (`SqlStore`, in `engine.rs`) writes every query once; it is generic over
+//! a driver (`sql::Driver`) that supplies the SQL that really differs per database (its
+//! dialect: placeholders, time encoding, the claim's lock clause, index hints, ...) and runs
+//! the statements: `sqlite.rs` and `postgres.rs`. The callers see role traits (`PlanningStore`,
+//! `OutboxStore`, `ConsentStore`, ...), gathered in `Store`. `tests/store_conformance.rs` is
+//! what every driver must pass.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -87,14 +93,17 @@ pub struct Event {
     pub data: serde_json::Value,
 }
 
+mod engine;
 mod postgres;
 mod rows;
 mod settings;
+mod sql;
 mod sqlite;
 
-pub use postgres::PostgresStore;
+pub use engine::SqlStore;
+pub use postgres::{PostgresDriver, PostgresStore};
 pub use settings::{DatabaseConfig, DatabaseUrl};
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteDriver, SqliteStore};
 
 use std::fmt;
 use std::str::FromStr;
@@ -503,14 +512,10 @@ fn by_id<T>(rows: &[T], id: impl Fn(&T) -> &str) -> Vec<&T> {
     sorted
 }
 
-/// All the daemon and the CLI need from a database. Every write that concerns a claimed message
-/// takes its token and changes nothing when the claim is no longer held (returns `false`).
+/// Customers and their events: written by ingest, the importer and the CLI; read by every
+/// part that renders or checks a message.
 #[async_trait]
-pub trait Store: Send + Sync + fmt::Debug {
-    async fn migrate(&self) -> StoreResult<()>;
-    async fn ping(&self) -> StoreResult<()>;
-
-    // --- customers and events -------------------------------------------------------------
+pub trait CustomerStore: Send + Sync {
     /// Inserts or replaces customers, all in one transaction. Every write of several rows
     /// goes in the order of their ids, so that writers of overlapping batches take the rows'
     /// locks in one order and cannot deadlock.
@@ -533,20 +538,31 @@ pub trait Store: Send + Sync + fmt::Debug {
         kind: &str,
         after: DateTime<Utc>,
     ) -> StoreResult<bool>;
+    /// A customer's latest events, newest first.
+    async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>>;
+}
+
+/// What the planner reads and writes.
+#[async_trait]
+pub trait PlanningStore: Send + Sync {
     /// The highest `seq` of customers and of events, for the planner's cursors.
     async fn max_seqs(&self) -> StoreResult<(i64, i64)>;
-
-    // --- planning ---------------------------------------------------------------------------
     async fn candidates(&self, query: &CandidateQuery) -> StoreResult<Vec<Candidate>>;
-    /// Inserts the messages that do not exist yet; returns how many were new.
+    /// Inserts the messages that do not exist yet (a `dedupe_key` is unique); returns how many
+    /// were new.
     async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64>;
     /// Which of these dedupe keys have a message already.
     async fn existing_dedupe_keys(
         &self,
         keys: &[String],
     ) -> StoreResult<std::collections::HashSet<String>>;
+}
 
-    // --- dispatch ---------------------------------------------------------------------------
+/// The outbox as the dispatcher works it: claims, the body fence, outcomes and the reaper.
+/// Every write that concerns a claimed message takes its token and changes nothing when the
+/// claim is no longer held (returns `false`).
+#[async_trait]
+pub trait OutboxStore: Send + Sync {
     /// Skips waiting messages whose `expires_at` has passed; returns their ids.
     async fn expire_overdue(&self) -> StoreResult<Vec<i64>>;
     /// Claims up to `limit` due messages for `lease`, moving them to `sending`.
@@ -559,19 +575,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// How long until the earliest waiting message is due, by the database's clock; zero if
     /// one is due now, `None` if nothing waits.
     async fn next_due_in(&self) -> StoreResult<Option<TimeDelta>>;
-    /// Records that the body is about to go out. `false` if the claim was lost, has less than
-    /// `margin` of its lease left, the message has expired, or the address has been suppressed
-    /// meanwhile (all judged in this one statement, by the database): then the body must not be
-    /// sent.
-    async fn begin_body(
-        &self,
-        id: i64,
-        token: &str,
-        delivery: &Delivery,
-        margin: TimeDelta,
-    ) -> StoreResult<bool>;
-    /// `begin_body` that also keeps what is about to go out (bodies and checks), in the same
-    /// write.
+    /// Records that the body is about to go out, and keeps what goes out (bodies and checks),
+    /// in one write. `false` if the claim was lost, has less than `margin` of its lease left,
+    /// the message has expired, or the address has been suppressed meanwhile (all judged in
+    /// this one statement, by the database): then the body must not be sent.
     async fn begin_body_with(
         &self,
         id: i64,
@@ -585,20 +592,22 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Returns expired claims: before the body to `scheduled`, after it to `unknown` (or to
     /// `retrying` with `resend_unknown`).
     async fn reap_expired(&self, resend_unknown: bool) -> StoreResult<Reaped>;
+}
 
-    // --- suppressions -------------------------------------------------------------------------
+/// The suppression list: addresses that must get nothing more. Addresses are kept normalised
+/// (`normalize_email`), whatever form they are given in.
+#[async_trait]
+pub trait ConsentStore: Send + Sync {
     async fn is_suppressed(&self, email: &str) -> StoreResult<bool>;
     /// Adds the address; `false` if it was suppressed already (the first reason is kept).
     async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<bool>;
     async fn unsuppress(&self, email: &str) -> StoreResult<bool>;
     async fn suppressions(&self) -> StoreResult<Vec<Suppression>>;
+}
 
-    // --- tracking -----------------------------------------------------------------------------
-    /// The stored value of a setting, creating it with `value` if it has none yet. Every
-    /// process gets the same value.
-    async fn setting_or_insert(&self, key: &str, value: &str) -> StoreResult<String>;
-    /// One message of the log.
-    async fn message(&self, id: i64) -> StoreResult<Option<LogEntry>>;
+/// What recipients did: opens, clicks, bounces, complaints, unsubscribes.
+#[async_trait]
+pub trait TrackingStore: Send + Sync {
     /// The message that went out with this Message-ID (with or without angle brackets).
     async fn message_by_message_id(&self, message_id: &str) -> StoreResult<Option<LogEntry>>;
     /// Adds a line to a message's history (opened, clicked, bounced, unsubscribed...).
@@ -621,16 +630,19 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// How many of the messages sent to `email` have had an event of `kind` (a message counts
     /// once, however often it had one).
     async fn events_for_address(&self, email: &str, kind: &str) -> StoreResult<i64>;
+}
 
-    // --- the log ------------------------------------------------------------------------------
+/// The log as the owner's web page, the CLI and the metrics read it.
+#[async_trait]
+pub trait ReportingStore: Send + Sync {
     async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>>;
+    /// One message of the log.
+    async fn message(&self, id: i64) -> StoreResult<Option<LogEntry>>;
     async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>>;
     /// Messages per (rule, state).
     async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>>;
     /// Waiting messages already due (by the database's clock), and how late the oldest is.
     async fn due_backlog(&self) -> StoreResult<(i64, Option<f64>)>;
-
-    // --- the owner's web page ---------------------------------------------------------------
     /// What a message looked like when it went out; `None` if nothing was kept (not sent yet,
     /// or sent before the bodies were kept).
     async fn sent_content(&self, message_id: i64) -> StoreResult<Option<SentContent>>;
@@ -641,21 +653,43 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>>;
     /// How many messages are in this state (by the state index; cheap for rare states).
     async fn count_state(&self, state: MessageState) -> StoreResult<i64>;
-    /// A customer's latest events, newest first.
-    async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>>;
     /// The latest history lines of a customer's messages, newest first.
     async fn customer_message_events(
         &self,
         customer_id: &str,
         limit: i64,
     ) -> StoreResult<Vec<CustomerMessageEvent>>;
+}
 
-    // --- the owner's web page: logged-out sessions ----------------------------------------------
+/// State every process shares: settings (the link-signing key) and the web page's logged-out
+/// sessions.
+#[async_trait]
+pub trait SharedStateStore: Send + Sync {
+    /// The stored value of a setting, creating it with `value` if it has none yet. Every
+    /// process gets the same value.
+    async fn setting_or_insert(&self, key: &str, value: &str) -> StoreResult<String>;
     /// Records a logged-out session (by a hash of its nonce) until `expires_at` (unix seconds),
     /// when its cookie would have expired anyway; deletes records that have expired.
     async fn revoke_session(&self, nonce_hash: &str, expires_at: i64) -> StoreResult<()>;
     /// Whether the session was logged out (by any process using this database).
     async fn session_revoked(&self, nonce_hash: &str) -> StoreResult<bool>;
+}
+
+/// All the daemon and the CLI need from a database: every role, and the schema. Callers that
+/// hold a `SharedStore` call any role's methods; code that needs one role can take just it.
+#[async_trait]
+pub trait Store:
+    CustomerStore
+    + PlanningStore
+    + OutboxStore
+    + ConsentStore
+    + TrackingStore
+    + ReportingStore
+    + SharedStateStore
+    + fmt::Debug
+{
+    async fn migrate(&self) -> StoreResult<()>;
+    async fn ping(&self) -> StoreResult<()>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

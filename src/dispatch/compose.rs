@@ -1,0 +1,172 @@
+//! Compose: the message as it will go out. Renders the rule's templates with what planning
+//! fixed ([`MessageDetail`]), adds click and open tracking, the unsubscribe headers and the
+//! VERP envelope sender, and keeps the bodies and the guard's checks for the owner.
+
+use lettre::Address;
+
+use super::DispatchSettings;
+use super::guard::Found;
+use crate::links::{self, Link, MessageTags};
+use crate::playbook::Playbook;
+use crate::render::{MessageExtras, message_context};
+use crate::rules::{CheckRecord, MessageDetail, Rule};
+use crate::store::{ClaimedMessage, Delivery, SentContent};
+use crate::transport::{self, OutgoingEmail};
+
+/// A message ready to go out.
+pub(super) struct Composed {
+    pub email: OutgoingEmail,
+    /// Written with the "body about to go out" phase.
+    pub delivery: Delivery,
+    /// Kept with the message for the owner: what went out, and why it was allowed to.
+    pub content: SentContent,
+}
+
+/// Renders and builds the email for a claimed message that passed its checks. `Err(reason)`
+/// when it cannot be rendered or built (the message fails with that reason).
+pub(super) fn compose(
+    settings: &DispatchSettings,
+    playbook: &Playbook,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+    found: &Found,
+    checks: &CheckRecord,
+) -> Result<Composed, String> {
+    let message_id = transport::message_id_for(
+        claim.id,
+        &settings.tags.message_id(claim.id),
+        &rule.name,
+        &settings.message_id_domain,
+    );
+    let unsubscribe_url = settings
+        .links
+        .as_ref()
+        .map(|l| l.url(&Link::Unsubscribe { message: claim.id }));
+    let detail = MessageDetail::from_json(&claim.detail);
+    let extras = MessageExtras {
+        years: detail.years,
+        message_id: message_id.clone(),
+        unsubscribe_url: unsubscribe_url.clone(),
+        timezone: found.tz.name().to_string(),
+    };
+    let event = found.event.as_ref();
+    let context = message_context(&found.customer, event, rule, &playbook.business, &extras);
+    let rendered = playbook
+        .templates
+        .render(rule, &context)
+        .map_err(|error| format!("cannot render: {error}"))?;
+    let unsubscribe = unsubscribe_url.as_deref();
+    let html = tracked_html(settings, rule, claim.id, rendered.html, unsubscribe);
+    let content = SentContent {
+        text: rendered.text.clone(),
+        html: html.clone(),
+        checks: checks.passed_lines(),
+    };
+    let email = transport::build_email(transport::EmailParts {
+        from: &settings.from,
+        reply_to: settings.reply_to.as_ref(),
+        to_name: found.customer.name.as_deref(),
+        to_email: &found.customer.email,
+        subject: &rendered.subject,
+        text: rendered.text,
+        html,
+        message_id: message_id.clone(),
+        headers: extra_headers(settings, rule, unsubscribe),
+        dkim: settings.dkim.as_deref(),
+        envelope_from: settings
+            .bounce_address
+            .as_ref()
+            .and_then(|a| verp(a, claim.id, &settings.tags)),
+    })?;
+    let delivery = Delivery {
+        email: found.customer.email.clone(),
+        subject: rendered.subject,
+        message_id,
+    };
+    Ok(Composed {
+        email,
+        delivery,
+        content,
+    })
+}
+
+/// Click tracking and the open pixel, where the rule asks for them.
+fn tracked_html(
+    settings: &DispatchSettings,
+    rule: &Rule,
+    message: i64,
+    html: String,
+    keep: Option<&str>,
+) -> String {
+    let Some(signer) = &settings.links else {
+        return html;
+    };
+    let mut html = html;
+    if rule.track_clicks {
+        html = links::track_clicks(&html, keep, |url| {
+            signer.url(&Link::Click {
+                message,
+                url: url.to_string(),
+            })
+        });
+    }
+    if rule.track_opens {
+        html = links::add_open_pixel(&html, &signer.url(&Link::Open { message }));
+    }
+    html
+}
+
+/// `List-Unsubscribe` (RFC 2369) with one-click `List-Unsubscribe-Post` (RFC 8058).
+fn extra_headers(
+    settings: &DispatchSettings,
+    rule: &Rule,
+    unsubscribe_url: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("X-Touchpoint-Rule", rule.name.clone())];
+    let mut targets = Vec::new();
+    if let Some(url) = unsubscribe_url {
+        targets.push(format!("<{url}>"));
+    }
+    if let Some(mailto) = &settings.unsubscribe_mailto {
+        targets.push(format!("<mailto:{mailto}?subject=unsubscribe>"));
+    }
+    if !targets.is_empty() {
+        headers.push(("List-Unsubscribe", targets.join(", ")));
+    }
+    if unsubscribe_url.is_some() {
+        headers.push(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click".into()));
+    }
+    headers
+}
+
+/// `bounces@acme.example` -> `bounces+42.TAG@acme.example`, TAG signing the message id (see
+/// [`crate::bounce::parse_verp`]).
+pub fn verp(bounce_address: &Address, message: i64, tags: &MessageTags) -> Option<Address> {
+    format!(
+        "{}+{message}.{}@{}",
+        bounce_address.user(),
+        tags.verp(message),
+        bounce_address.domain()
+    )
+    .parse()
+    .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verp_address_carries_the_message_id_and_its_signature() {
+        let tags = MessageTags::new(b"test secret");
+        let bounces: Address = "bounces@acme.example".parse().unwrap();
+        let address = verp(&bounces, 42, &tags).unwrap();
+        assert_eq!(
+            address.to_string(),
+            format!("bounces+42.{}@acme.example", tags.verp(42))
+        );
+        let parsed = crate::bounce::parse_verp(address.as_ref()).unwrap();
+        assert_eq!(parsed.message, 42);
+        assert!(tags.verp_matches(42, parsed.tag.as_deref().unwrap()));
+    }
+}

@@ -1,0 +1,191 @@
+//! Deliver: hand a composed message to the transport behind the phase fence, and turn what the
+//! mail server said into an outcome.
+//!
+//! The phase "the body is about to go out" is written (with the bodies and checks) before the
+//! body is sent, and only while the claim is still held: an expired claim that never reached
+//! it is simply rescheduled, one that did becomes `unknown` and is never resent behind the
+//! owner's back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chrono::{TimeDelta, Utc};
+use chrono_tz::Tz;
+
+use super::compose::Composed;
+use super::{Context, DispatchSettings, later};
+use crate::backoff::backoff;
+use crate::rules::{self, Decision, Rule};
+use crate::store::{ClaimedMessage, Outcome};
+use crate::transport::SendError;
+
+/// Sends the message and says what became of it.
+pub(super) async fn deliver(
+    context: &Context,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+    tz: Tz,
+    composed: Composed,
+) -> Outcome {
+    let Composed {
+        email,
+        delivery,
+        content,
+    } = composed;
+    let margin =
+        TimeDelta::from_std(context.transport.body_deadline()).unwrap_or(TimeDelta::seconds(30));
+    let store = &context.store;
+    let hard_stop = &context.hard_stop;
+    // Set once the body may be going out; from then on the send must be seen through.
+    let body_started = AtomicBool::new(false);
+    let started = &body_started;
+    let (delivery, content) = (&delivery, &content);
+    let delivering = context.transport.deliver(&email, || async move {
+        if hard_stop.is_cancelled() {
+            return false;
+        }
+        match store.begin_body_with(claim.id, &claim.token, delivery, content, margin).await {
+            Ok(held) => {
+                started.store(held, Ordering::SeqCst);
+                held
+            }
+            Err(error) => {
+                tracing::warn!(message_id = claim.id, %error, "cannot record the send; not sending the body");
+                false
+            }
+        }
+    });
+    tokio::pin!(delivering);
+    let result = tokio::select! {
+        result = &mut delivering => result,
+        () = hard_stop.cancelled() => {
+            if body_started.load(Ordering::SeqCst) {
+                delivering.await
+            } else {
+                // Still at MAIL/RCPT/DATA: dropping the send closes the connection and
+                // delivers nothing, so the message can wait for the next start.
+                return shutting_down();
+            }
+        }
+    };
+    outcome(context, rule, claim, tz, &delivery.email, result).await
+}
+
+fn shutting_down() -> Outcome {
+    Outcome::Released {
+        at: Utc::now(),
+        reason: "the daemon is shutting down".into(),
+    }
+}
+
+/// What the mail server's answer means for the message (and for the relay gate).
+async fn outcome(
+    context: &Context,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+    tz: Tz,
+    email: &str,
+    result: Result<String, SendError>,
+) -> Outcome {
+    let settings = &context.settings;
+    match result {
+        Ok(reply) => {
+            context.relay.succeeded();
+            Outcome::Sent { reply }
+        }
+        Err(SendError::Withdrawn) if context.hard_stop.is_cancelled() => shutting_down(),
+        // begin_body said no: the claim was lost (then the fenced write below changes nothing),
+        // or the message expired or its address was suppressed at the last moment.
+        Err(SendError::Withdrawn) => withdrawn(context, claim, email).await,
+        Err(SendError::RelayUnavailable(reason)) => {
+            let until = context.relay.failed();
+            tracing::warn!(%reason, "the mail relay is unavailable; pausing sending");
+            context.health.relay_trouble(&reason);
+            Outcome::Released {
+                at: later(Utc::now(), until),
+                reason: format!("the mail relay is unavailable: {reason}"),
+            }
+        }
+        Err(SendError::Transient(reply)) => {
+            context.relay.succeeded();
+            retry_or_fail(settings, rule, claim, tz, reply)
+        }
+        Err(SendError::Permanent { reply, bad_address }) => {
+            context.relay.succeeded();
+            if bad_address {
+                suppress_refused(context, claim, email, &reply).await;
+            }
+            Outcome::Failed {
+                reply: Some(reply),
+                reason: "the mail server refused the message permanently".into(),
+            }
+        }
+        Err(SendError::Ambiguous(reason)) if settings.resend_unknown => {
+            let reply = format!("no reply after the body: {reason}");
+            retry_or_fail(settings, rule, claim, tz, reply)
+        }
+        Err(SendError::Ambiguous(reason)) => Outcome::Unknown { reason },
+    }
+}
+
+/// An address the server refused as unknown goes on the suppression list.
+async fn suppress_refused(context: &Context, claim: &ClaimedMessage, email: &str, reply: &str) {
+    let reason = format!("rejected at SMTP: {reply}");
+    if let Err(error) = context.store.suppress(email, &reason, "smtp").await {
+        // The refusal is recorded either way; the next refusal suppresses.
+        tracing::warn!(message_id = claim.id, %error, "cannot add the refused address to the suppressions");
+    }
+}
+
+/// Why the body was not sent after all, as a fenced outcome.
+async fn withdrawn(context: &Context, claim: &ClaimedMessage, email: &str) -> Outcome {
+    if claim.expires_at.is_some_and(|expiry| Utc::now() >= expiry) {
+        return match rules::expired(claim.attempts) {
+            Decision::Fail(reason) => Outcome::Failed {
+                reply: None,
+                reason,
+            },
+            Decision::Skip(reason) => Outcome::Skipped { reason },
+            Decision::Release { at, reason } => Outcome::Released { at, reason },
+            Decision::Send(never) => match never {},
+        };
+    }
+    if matches!(context.store.is_suppressed(email).await, Ok(true)) {
+        return Outcome::Skipped {
+            reason: "the address was suppressed just before sending".into(),
+        };
+    }
+    Outcome::Released {
+        at: Utc::now() + TimeDelta::seconds(5),
+        reason: "not sent: the send could not be recorded before the body went out".into(),
+    }
+}
+
+/// A transient failure: retry with backoff, or fail when attempts or time run out.
+fn retry_or_fail(
+    settings: &DispatchSettings,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+    tz: Tz,
+    reply: String,
+) -> Outcome {
+    if claim.attempts >= settings.max_attempts as i32 {
+        return Outcome::Failed {
+            reply: Some(reply),
+            reason: format!("gave up after {} attempts", claim.attempts),
+        };
+    }
+    let delay = backoff(
+        claim.attempts.max(1) as u32,
+        settings.retry_base,
+        settings.retry_max,
+    );
+    let at = Utc::now() + TimeDelta::from_std(delay).unwrap_or(TimeDelta::hours(1));
+    let at = rule.next_open(at, tz);
+    if claim.expires_at.is_some_and(|expiry| at > expiry) {
+        return Outcome::Failed {
+            reply: Some(reply),
+            reason: "still not delivered when expire_after ran out".into(),
+        };
+    }
+    Outcome::Retry { at, reply }
+}

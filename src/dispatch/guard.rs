@@ -1,0 +1,217 @@
+//! The guard: just before sending, the rule's checks run again (`rules::evaluate`) against
+//! what the database and the sources say now. This file only reads the world for them: the
+//! message's customer and event (from touchpoint's tables or the source the message was
+//! planned from), the suppression list, and earlier events for `unless`.
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use chrono_tz::Tz;
+
+use super::Context;
+use crate::plan::customer_timezone;
+use crate::playbook::Playbook;
+use crate::rules::{self, Decision, Evaluation, MessageDetail, MessageState, Rule, SourceEvent};
+use crate::sources::{Source, SourceError};
+use crate::store::{ClaimedMessage, Customer, Event, Outcome, StoreError};
+
+/// How long a message waits when its source cannot be read.
+pub(super) const SOURCE_RETRY: TimeDelta = TimeDelta::seconds(30);
+
+/// A read before sending failed: touchpoint's own database, or a source.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LookupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// The message's customer and triggering event as read just now.
+pub(super) struct Found {
+    pub customer: Customer,
+    pub event: Option<Event>,
+    /// The customer's effective time zone.
+    pub tz: Tz,
+}
+
+impl rules::Subject for Found {
+    fn customer_id(&self) -> &str {
+        &self.customer.id
+    }
+
+    fn attributes(&self) -> &serde_json::Value {
+        &self.customer.attributes
+    }
+
+    fn event(&self) -> Option<(&str, &str, DateTime<Utc>)> {
+        self.event
+            .as_ref()
+            .map(|e| (e.kind.as_str(), e.id.as_str(), e.occurred_at))
+    }
+
+    fn timezone(&self) -> Tz {
+        self.tz
+    }
+}
+
+/// Runs the rule's checks for a claimed message; the evaluation says what to do and keeps the
+/// record of what was checked.
+pub(super) async fn guard(
+    context: &Context,
+    playbook: &Playbook,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+) -> Result<Evaluation<Found>, LookupError> {
+    let detail = MessageDetail::from_json(&claim.detail);
+    let source = detail.source.as_ref();
+    // Whose ids the customer's are: a source with its own customers, or touchpoint's.
+    let space = source
+        .and_then(|s| playbook.sources.source(&s.source))
+        .and_then(Source::id_space);
+    let facts = SendTime {
+        context,
+        playbook,
+        claim,
+        source,
+        space,
+    };
+    let message = MessageState {
+        expires_at: claim.expires_at,
+        attempts: claim.attempts,
+        max_attempts: context.settings.max_attempts,
+    };
+    rules::evaluate(rule, &message, &facts, Utc::now()).await
+}
+
+/// The outcome of a decision not to send now.
+pub(super) fn stop(decision: Decision<Found>) -> Option<Outcome> {
+    match decision {
+        Decision::Send(_) => None,
+        Decision::Skip(reason) => Some(Outcome::Skipped { reason }),
+        Decision::Fail(reason) => Some(Outcome::Failed {
+            reply: None,
+            reason,
+        }),
+        Decision::Release { at, reason } => Some(Outcome::Released { at, reason }),
+    }
+}
+
+/// What the checks read, for one claimed message.
+struct SendTime<'a> {
+    context: &'a Context,
+    playbook: &'a Playbook,
+    claim: &'a ClaimedMessage,
+    /// The source the message was planned from, if any.
+    source: Option<&'a SourceEvent>,
+    space: Option<&'a str>,
+}
+
+#[async_trait]
+impl rules::Facts for SendTime<'_> {
+    type Subject = Found;
+    type Error = LookupError;
+
+    async fn subject(&self) -> Result<Result<Found, String>, LookupError> {
+        let found = match self.source {
+            None => own_subject(self.context, self.claim).await?,
+            Some(source) => source_subject(self.context, self.playbook, self.claim, source).await?,
+        };
+        let tz = self.context.settings.default_timezone;
+        Ok(found.map(|(customer, event)| Found {
+            tz: customer_timezone(&customer, tz),
+            customer,
+            event,
+        }))
+    }
+
+    async fn is_suppressed(&self, subject: &Found) -> Result<bool, LookupError> {
+        Ok(self
+            .context
+            .store
+            .is_suppressed(&subject.customer.email)
+            .await?)
+    }
+
+    async fn had_event_after(
+        &self,
+        subject: &Found,
+        kind: &str,
+        after: DateTime<Utc>,
+    ) -> Result<bool, LookupError> {
+        let id = &subject.customer.id;
+        let store = &self.context.store;
+        if self.space.is_none() && store.has_event_after(id, kind, after).await? {
+            return Ok(true);
+        }
+        let sources = &self.playbook.sources;
+        Ok(sources.has_event_after(self.space, id, kind, after).await?)
+    }
+}
+
+/// What a subject lookup finds: the customer and event, or why the message is skipped.
+type Lookup = Result<(Customer, Option<Event>), String>;
+
+/// The customer and event from touchpoint's own tables.
+async fn own_subject(context: &Context, claim: &ClaimedMessage) -> Result<Lookup, LookupError> {
+    let store = &context.store;
+    let Some(customer) = store.customer(&claim.customer_id).await? else {
+        return Ok(Err("the customer no longer exists".into()));
+    };
+    let event = match &claim.event_id {
+        Some(id) => match store.event(id).await? {
+            Some(event) => Some(event),
+            None => return Ok(Err(format!("the triggering event {id:?} no longer exists"))),
+        },
+        None => None,
+    };
+    Ok(Ok((customer, event)))
+}
+
+/// The event from the source the message was planned from, and its customer from the source's
+/// customers (or touchpoint's table when the source has none).
+async fn source_subject(
+    context: &Context,
+    playbook: &Playbook,
+    claim: &ClaimedMessage,
+    planned_from: &SourceEvent,
+) -> Result<Lookup, LookupError> {
+    let source_name = &planned_from.source;
+    let Some(source) = playbook.sources.source(source_name) else {
+        return Ok(Err(format!(
+            "the source {source_name:?} is no longer configured"
+        )));
+    };
+    let query_name = &planned_from.query;
+    let Some(query) = source.events.iter().find(|q| &q.name == query_name) else {
+        return Ok(Err(format!(
+            "the source {source_name:?} no longer has the query {query_name:?}"
+        )));
+    };
+    let occurred_at = planned_from.occurred_at.unwrap_or(claim.trigger_at);
+    let id = claim.event_id.as_deref().unwrap_or_default();
+    let Some(event) = source.event(query, id, occurred_at).await? else {
+        return Ok(Err(format!(
+            "the triggering event {id:?} is no longer in the source {source_name:?}"
+        )));
+    };
+    let customer = if source.has_customers() {
+        match source.customer(&claim.customer_id).await {
+            Ok(customer) => customer,
+            Err(SourceError::Row { message, .. }) => {
+                return Ok(Err(format!(
+                    "the customer cannot be read from the source {source_name:?}: {message}"
+                )));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    } else {
+        context.store.customer(&claim.customer_id).await?
+    };
+    let Some(customer) = customer else {
+        return Ok(Err(format!(
+            "the customer {:?} is no longer in the source {source_name:?}",
+            claim.customer_id
+        )));
+    };
+    Ok(Ok((customer, Some(event))))
+}

@@ -1,0 +1,653 @@
+//! The send-time checks of a rule, in one place: [`evaluate`] runs them in order, stops at the
+//! first that fails, and keeps a [`CheckRecord`] of every check with what it saw and its
+//! verdict (passed, failed, or not reached). The dispatcher's guard acts on the decision and
+//! keeps the record's words with the message; the message page shows them, so "why was this
+//! sent" is what ran, not a second description of the rule.
+//!
+//! Adding a condition kind: a variant in [`Check`], its step in [`evaluate`] (and in
+//! [`Stage`]), and its words in `explain.rs`.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde_json::Value;
+
+use super::{AttributeCondition, AttributeTest, Rule, Unless};
+use crate::calendar::SendWindow;
+
+/// One check the guard runs before sending, with what it looked at.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Check {
+    /// The rule is enabled (`enabled = true`).
+    Enabled { rule: String },
+    /// The message is not past its expiry (`expire_after`); `None`: it never expires.
+    NotExpired { expires_at: Option<DateTime<Utc>> },
+    /// Attempts left (`delivery.max_attempts`); `attempt` counts this one.
+    Attempts { attempt: i32, max: u32 },
+    /// The customer, and the triggering event (kind, id) if there is one, still exist.
+    Subject {
+        customer: String,
+        event: Option<(String, String)>,
+    },
+    /// The address is not on the suppression list.
+    NotSuppressed,
+    /// One `only_if` condition, with the customer's value (`None`: absent, or not reached).
+    OnlyIf {
+        condition: AttributeCondition,
+        seen: Option<Value>,
+    },
+    /// One `unless` condition, with the moment events were looked for after (`None`: not
+    /// reached).
+    Unless {
+        condition: Unless,
+        after: Option<DateTime<Utc>>,
+    },
+    /// The send window, with the customer's local time when it was looked at.
+    SendWindow {
+        window: SendWindow,
+        local: Option<DateTime<Tz>>,
+    },
+}
+
+/// What became of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Passed,
+    Failed,
+    /// An earlier check failed, so this one did not run.
+    NotReached,
+}
+
+/// Every check of one evaluation, in the order they ran.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckRecord {
+    pub checks: Vec<(Check, Verdict)>,
+}
+
+impl CheckRecord {
+    fn push(&mut self, check: Check, verdict: Verdict) {
+        self.checks.push((check, verdict));
+    }
+}
+
+/// What the guard should do with the message.
+#[derive(Debug)]
+pub enum Decision<S> {
+    /// Every check passed: send to this subject.
+    Send(S),
+    /// Not sent, never will be: `skipped` with this reason.
+    Skip(String),
+    /// Not sent, never will be: `failed` with this reason.
+    Fail(String),
+    /// Not now: due again at `at`.
+    Release { at: DateTime<Utc>, reason: String },
+}
+
+/// An evaluation: the decision and the record of the checks behind it.
+#[derive(Debug)]
+pub struct Evaluation<S> {
+    pub decision: Decision<S>,
+    pub record: CheckRecord,
+}
+
+/// The state of the message being checked.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageState {
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Attempts so far, this one included.
+    pub attempts: i32,
+    pub max_attempts: u32,
+}
+
+/// The customer and triggering event a message is about, as read at send time.
+pub trait Subject {
+    fn customer_id(&self) -> &str;
+    fn attributes(&self) -> &Value;
+    /// The triggering event's kind, id and time, if the rule has one.
+    fn event(&self) -> Option<(&str, &str, DateTime<Utc>)>;
+    /// The customer's effective time zone.
+    fn timezone(&self) -> Tz;
+}
+
+/// What the checks read from the world at send time (the database, the sources).
+#[async_trait]
+pub trait Facts: Sync {
+    type Subject: Subject + Send + Sync;
+    type Error: Send;
+    /// The message's customer and event, read now; `Ok(Err(reason))` when either is gone.
+    async fn subject(&self) -> Result<Result<Self::Subject, String>, Self::Error>;
+    async fn is_suppressed(&self, subject: &Self::Subject) -> Result<bool, Self::Error>;
+    /// Whether the customer had an event of `kind` after `after`.
+    async fn had_event_after(
+        &self,
+        subject: &Self::Subject,
+        kind: &str,
+        after: DateTime<Utc>,
+    ) -> Result<bool, Self::Error>;
+}
+
+/// Where an evaluation stopped, to list the checks it did not reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Enabled,
+    Expiry,
+    Attempts,
+    Subject,
+    Suppression,
+    OnlyIf(usize),
+    Unless(usize),
+    Window,
+}
+
+/// An evaluation under way: the record so far, and how to end it.
+struct Run<'a> {
+    rule: &'a Rule,
+    message: &'a MessageState,
+    record: CheckRecord,
+}
+
+impl Run<'_> {
+    fn pass(&mut self, check: Check) {
+        self.record.push(check, Verdict::Passed);
+    }
+
+    /// Ends the run at `stage` with `check` failed; what comes after is not reached.
+    fn stop<S>(mut self, stage: Stage, check: Check, decision: Decision<S>) -> Evaluation<S> {
+        self.record.push(check, Verdict::Failed);
+        for later in stages(self.rule).into_iter().filter(|s| *s > stage) {
+            let check = unreached(self.rule, self.message, later);
+            self.record.push(check, Verdict::NotReached);
+        }
+        Evaluation {
+            decision,
+            record: self.record,
+        }
+    }
+}
+
+/// Every stage of `rule`'s checks, in order.
+fn stages(rule: &Rule) -> Vec<Stage> {
+    let mut stages = vec![
+        Stage::Enabled,
+        Stage::Expiry,
+        Stage::Attempts,
+        Stage::Subject,
+        Stage::Suppression,
+    ];
+    stages.extend((0..rule.only_if.len()).map(Stage::OnlyIf));
+    stages.extend((0..rule.unless.len()).map(Stage::Unless));
+    if rule.send_window.is_some() {
+        stages.push(Stage::Window);
+    }
+    stages
+}
+
+/// The check of a stage that did not run, with nothing seen.
+fn unreached(rule: &Rule, message: &MessageState, stage: Stage) -> Check {
+    match stage {
+        Stage::Enabled => Check::Enabled {
+            rule: rule.name.clone(),
+        },
+        Stage::Expiry => Check::NotExpired {
+            expires_at: message.expires_at,
+        },
+        Stage::Attempts => Check::Attempts {
+            attempt: message.attempts,
+            max: message.max_attempts,
+        },
+        Stage::Subject => Check::Subject {
+            customer: String::new(),
+            event: None,
+        },
+        Stage::Suppression => Check::NotSuppressed,
+        Stage::OnlyIf(i) => Check::OnlyIf {
+            condition: rule.only_if[i].clone(),
+            seen: None,
+        },
+        Stage::Unless(i) => Check::Unless {
+            condition: rule.unless[i].clone(),
+            after: None,
+        },
+        Stage::Window => Check::SendWindow {
+            window: rule.send_window.clone().unwrap_or_else(always_open),
+            local: None,
+        },
+    }
+}
+
+fn always_open() -> SendWindow {
+    SendWindow {
+        from: chrono::NaiveTime::MIN,
+        to: chrono::NaiveTime::MIN,
+        days: None,
+    }
+}
+
+/// The verdict on a message past its expiry: the same the periodic expiry sweep gives (and the
+/// dispatcher when the last-moment write refuses an expired message).
+pub fn expired(attempts: i32) -> Decision<std::convert::Infallible> {
+    if attempts > 1 {
+        Decision::Fail("expired while retrying: not delivered within expire_after".into())
+    } else {
+        Decision::Skip("expired: could not go out within expire_after of its due time".into())
+    }
+}
+
+fn widen<S>(decision: Decision<std::convert::Infallible>) -> Decision<S> {
+    match decision {
+        Decision::Send(never) => match never {},
+        Decision::Skip(reason) => Decision::Skip(reason),
+        Decision::Fail(reason) => Decision::Fail(reason),
+        Decision::Release { at, reason } => Decision::Release { at, reason },
+    }
+}
+
+/// Runs `rule`'s send-time checks for a message, in order, as of `now`: enabled, not expired,
+/// attempts left, the customer and event still there, not suppressed, each `only_if`, each
+/// `unless`, the send window. Stops at the first that fails.
+pub async fn evaluate<F: Facts>(
+    rule: &Rule,
+    message: &MessageState,
+    facts: &F,
+    now: DateTime<Utc>,
+) -> Result<Evaluation<F::Subject>, F::Error> {
+    let mut run = Run {
+        rule,
+        message,
+        record: CheckRecord::default(),
+    };
+    let enabled = Check::Enabled {
+        rule: rule.name.clone(),
+    };
+    if !rule.enabled {
+        let reason = format!("the rule {:?} is disabled", rule.name);
+        return Ok(run.stop(Stage::Enabled, enabled, Decision::Skip(reason)));
+    }
+    run.pass(enabled);
+    let not_expired = Check::NotExpired {
+        expires_at: message.expires_at,
+    };
+    if message.expires_at.is_some_and(|expiry| now > expiry) {
+        // Never sent late.
+        let decision = widen(expired(message.attempts));
+        return Ok(run.stop(Stage::Expiry, not_expired, decision));
+    }
+    run.pass(not_expired);
+    let attempts = Check::Attempts {
+        attempt: message.attempts,
+        max: message.max_attempts,
+    };
+    if message.attempts > message.max_attempts as i32 {
+        let reason = format!("gave up after {} attempts", message.max_attempts);
+        return Ok(run.stop(Stage::Attempts, attempts, Decision::Fail(reason)));
+    }
+    run.pass(attempts);
+    let subject = match facts.subject().await? {
+        Ok(subject) => subject,
+        Err(reason) => {
+            let check = unreached(rule, message, Stage::Subject);
+            return Ok(run.stop(Stage::Subject, check, Decision::Skip(reason)));
+        }
+    };
+    run.pass(Check::Subject {
+        customer: subject.customer_id().to_string(),
+        event: subject
+            .event()
+            .map(|(kind, id, _)| (kind.to_string(), id.to_string())),
+    });
+    conditions(run, facts, subject, now).await
+}
+
+/// Suppression and `only_if`, once the message's subject is known.
+async fn conditions<F: Facts>(
+    mut run: Run<'_>,
+    facts: &F,
+    subject: F::Subject,
+    now: DateTime<Utc>,
+) -> Result<Evaluation<F::Subject>, F::Error> {
+    let rule = run.rule;
+    if facts.is_suppressed(&subject).await? {
+        let reason = "the address is on the suppression list".to_string();
+        return Ok(run.stop(
+            Stage::Suppression,
+            Check::NotSuppressed,
+            Decision::Skip(reason),
+        ));
+    }
+    run.pass(Check::NotSuppressed);
+    for (i, condition) in rule.only_if.iter().enumerate() {
+        let value = subject.attributes().get(&condition.attribute);
+        let check = Check::OnlyIf {
+            condition: condition.clone(),
+            seen: value.filter(|v| !v.is_null()).cloned(),
+        };
+        if !condition.holds(subject.attributes()) {
+            let reason = "the customer no longer matches the rule's only_if conditions".into();
+            return Ok(run.stop(Stage::OnlyIf(i), check, Decision::Skip(reason)));
+        }
+        run.pass(check);
+    }
+    unless_and_window(run, facts, subject, now).await
+}
+
+/// The `unless` conditions and the send window, the checks that come last.
+async fn unless_and_window<F: Facts>(
+    mut run: Run<'_>,
+    facts: &F,
+    subject: F::Subject,
+    now: DateTime<Utc>,
+) -> Result<Evaluation<F::Subject>, F::Error> {
+    let rule = run.rule;
+    for (i, condition) in rule.unless.iter().enumerate() {
+        let (kind, after, why) = match condition {
+            Unless::SinceTrigger { event: kind } => {
+                // Only event triggers may say `since = "trigger"` (the parser sees to it).
+                let Some((_, _, occurred_at)) = subject.event() else {
+                    continue;
+                };
+                (kind, occurred_at, "since the triggering event")
+            }
+            Unless::Within {
+                event: kind,
+                within,
+            } => (kind, now - *within, "recently"),
+        };
+        let check = Check::Unless {
+            condition: condition.clone(),
+            after: Some(after),
+        };
+        if facts.had_event_after(&subject, kind, after).await? {
+            let reason = format!("unless: the customer had a {kind:?} event {why}");
+            return Ok(run.stop(Stage::Unless(i), check, Decision::Skip(reason)));
+        }
+        run.pass(check);
+    }
+    if let Some(window) = &rule.send_window {
+        let tz = subject.timezone();
+        let check = Check::SendWindow {
+            window: window.clone(),
+            local: Some(now.with_timezone(&tz)),
+        };
+        if !window.contains(now, tz) {
+            let at = window.next_open(now, tz);
+            let decision = if run.message.expires_at.is_some_and(|expiry| at > expiry) {
+                Decision::Skip(
+                    "expired: the send window does not open again before expire_after runs out"
+                        .into(),
+                )
+            } else {
+                Decision::Release {
+                    at,
+                    reason: "outside the send window".into(),
+                }
+            };
+            return Ok(run.stop(Stage::Window, check, decision));
+        }
+        run.pass(check);
+    }
+    Ok(Evaluation {
+        decision: Decision::Send(subject),
+        record: run.record,
+    })
+}
+
+impl Rule {
+    /// The first moment from `at` the rule lets a message go out: `at` itself, or the next
+    /// opening of its send window in `tz`.
+    pub fn next_open(&self, at: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
+        match &self.send_window {
+            Some(window) => window.next_open(at, tz),
+            None => at,
+        }
+    }
+
+    /// The event kinds of `unless = { event = KIND, since = "trigger" }`: planning leaves out
+    /// events already followed by one (an anti-join), so they never become messages.
+    pub fn unless_since_trigger(&self) -> Vec<String> {
+        self.unless
+            .iter()
+            .filter_map(|u| match u {
+                Unless::SinceTrigger { event } => Some(event.clone()),
+                Unless::Within { .. } => None,
+            })
+            .collect()
+    }
+}
+
+impl AttributeCondition {
+    /// Whether the condition holds for these customer attributes (null counts as absent).
+    pub fn holds(&self, attributes: &Value) -> bool {
+        let value = attributes.get(&self.attribute).filter(|v| !v.is_null());
+        match &self.test {
+            AttributeTest::Exists(wanted) => value.is_some() == *wanted,
+            AttributeTest::Equals(expected) => value.is_some_and(|v| json_equal(v, expected)),
+            AttributeTest::In(options) => {
+                value.is_some_and(|v| options.iter().any(|o| json_equal(v, o)))
+            }
+        }
+    }
+}
+
+/// Whether every `only_if` condition holds for these attributes.
+pub fn attributes_match(conditions: &[AttributeCondition], attributes: &Value) -> bool {
+    conditions
+        .iter()
+        .all(|condition| condition.holds(attributes))
+}
+
+/// JSON equality where `1` equals `1.0`; a CSV import gives strings, so `"1"` equals `1` too.
+fn json_equal(a: &Value, b: &Value) -> bool {
+    use serde_json::Value::{Number, String};
+    match (a, b) {
+        (Number(x), Number(y)) => x.as_f64() == y.as_f64(),
+        (String(s), Number(n)) | (Number(n), String(s)) => {
+            s.trim().parse::<f64>().ok() == n.as_f64()
+        }
+        (String(s), Value::Bool(b)) | (Value::Bool(b), String(s)) => s
+            .trim()
+            .eq_ignore_ascii_case(if *b { "true" } else { "false" }),
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// A customer "c1" with an event "p1", and the events it had since (kind, at).
+    struct World {
+        attributes: Value,
+        suppressed: bool,
+        later_events: Vec<(&'static str, DateTime<Utc>)>,
+        gone: bool,
+    }
+
+    #[derive(Debug)]
+    struct Found(Value, DateTime<Utc>);
+
+    impl Subject for Found {
+        fn customer_id(&self) -> &str {
+            "c1"
+        }
+        fn attributes(&self) -> &Value {
+            &self.0
+        }
+        fn event(&self) -> Option<(&str, &str, DateTime<Utc>)> {
+            Some(("purchase", "p1", self.1))
+        }
+        fn timezone(&self) -> Tz {
+            Tz::UTC
+        }
+    }
+
+    #[async_trait]
+    impl Facts for World {
+        type Subject = Found;
+        type Error = ();
+        async fn subject(&self) -> Result<Result<Found, String>, ()> {
+            if self.gone {
+                return Ok(Err("the customer no longer exists".into()));
+            }
+            Ok(Ok(Found(
+                self.attributes.clone(),
+                at("2026-03-02T08:00:00Z"),
+            )))
+        }
+        async fn is_suppressed(&self, _: &Found) -> Result<bool, ()> {
+            Ok(self.suppressed)
+        }
+        async fn had_event_after(
+            &self,
+            _: &Found,
+            kind: &str,
+            after: DateTime<Utc>,
+        ) -> Result<bool, ()> {
+            Ok(self
+                .later_events
+                .iter()
+                .any(|(k, t)| *k == kind && *t > after))
+        }
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn rule() -> Rule {
+        let source = r#"[[rule]]
+name = "follow-up"
+template = "t"
+subject = "Hi"
+when = { event = "purchase", after = "2h" }
+only_if = [{ attribute = "plan", equals = "gold" }]
+unless = [{ event = "refund", since = "trigger" }, { event = "review", within = "7d" }]
+send_window = { from = "09:00", to = "17:00" }
+"#;
+        let (mut rules, problems) =
+            super::super::parse_file(Path::new("r.toml"), source, &|_| true);
+        assert!(problems.is_empty(), "{problems:?}");
+        rules.remove(0)
+    }
+
+    fn world() -> World {
+        World {
+            attributes: json!({ "plan": "gold" }),
+            suppressed: false,
+            later_events: vec![],
+            gone: false,
+        }
+    }
+
+    const MESSAGE: MessageState = MessageState {
+        expires_at: None,
+        attempts: 1,
+        max_attempts: 3,
+    };
+
+    fn verdicts(record: &CheckRecord) -> Vec<Verdict> {
+        record.checks.iter().map(|(_, v)| *v).collect()
+    }
+
+    #[tokio::test]
+    async fn a_message_that_passes_records_every_check_in_the_order_it_ran() {
+        let now = at("2026-03-02T10:00:00Z");
+        let evaluation = evaluate(&rule(), &MESSAGE, &world(), now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        assert_eq!(
+            evaluation.record.passed_lines(),
+            [
+                "the rule \"follow-up\" is enabled",
+                "no expiry",
+                "attempt 1",
+                "the triggering \"purchase\" event \"p1\" still exists",
+                "the address is not on the suppression list",
+                "only if the customer's \"plan\" is \"gold\": held (the customer's is \"gold\")",
+                "unless the customer had a \"refund\" event after the triggering one: held (no \"refund\" event after 2026-03-02 08:00 UTC)",
+                "unless the customer had a \"review\" event within 1w before sending: held (no \"review\" event since 2026-02-23 10:00 UTC)",
+                "between 09:00 and 17:00, in the customer's time zone: open (it was Mon 10:00 in UTC)",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_failing_check_stops_the_rest_which_are_not_reached() {
+        let now = at("2026-03-02T10:00:00Z");
+        let mut world = world();
+        world.later_events = vec![("refund", at("2026-03-02T09:00:00Z"))];
+        let evaluation = evaluate(&rule(), &MESSAGE, &world, now).await.unwrap();
+        let Decision::Skip(reason) = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(
+            reason,
+            "unless: the customer had a \"refund\" event since the triggering event"
+        );
+        use Verdict::{Failed, NotReached, Passed};
+        assert_eq!(
+            verdicts(&evaluation.record),
+            [
+                Passed, Passed, Passed, Passed, Passed, Passed, Failed, NotReached, NotReached
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_vanished_subject_or_a_closed_window_decide_with_the_old_reasons() {
+        let mut gone = world();
+        gone.gone = true;
+        let now = at("2026-03-02T10:00:00Z");
+        let evaluation = evaluate(&rule(), &MESSAGE, &gone, now).await.unwrap();
+        assert!(
+            matches!(&evaluation.decision, Decision::Skip(r) if r == "the customer no longer exists")
+        );
+        assert_eq!(evaluation.record.checks.len(), 9);
+
+        let evening = at("2026-03-02T20:00:00Z");
+        let evaluation = evaluate(&rule(), &MESSAGE, &world(), evening)
+            .await
+            .unwrap();
+        let Decision::Release { at: due, reason } = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(
+            (due, reason.as_str()),
+            (at("2026-03-03T09:00:00Z"), "outside the send window")
+        );
+        let soon = MessageState {
+            expires_at: Some(at("2026-03-02T22:00:00Z")),
+            ..MESSAGE
+        };
+        let evaluation = evaluate(&rule(), &soon, &world(), evening).await.unwrap();
+        assert!(
+            matches!(evaluation.decision, Decision::Skip(r) if r.starts_with("expired: the send window"))
+        );
+    }
+
+    #[tokio::test]
+    async fn expiry_and_attempts_come_before_any_lookup() {
+        let late = MessageState {
+            expires_at: Some(at("2026-03-01T00:00:00Z")),
+            attempts: 2,
+            max_attempts: 3,
+        };
+        let mut gone = world();
+        gone.gone = true;
+        let now = at("2026-03-02T10:00:00Z");
+        let evaluation = evaluate(&rule(), &late, &gone, now).await.unwrap();
+        assert!(
+            matches!(&evaluation.decision, Decision::Fail(r) if r.starts_with("expired while retrying"))
+        );
+        let tired = MessageState {
+            attempts: 4,
+            ..MESSAGE
+        };
+        let evaluation = evaluate(&rule(), &tired, &gone, now).await.unwrap();
+        assert!(
+            matches!(&evaluation.decision, Decision::Fail(r) if r == "gave up after 3 attempts")
+        );
+    }
+}

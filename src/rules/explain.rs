@@ -1,0 +1,151 @@
+//! A rule and its checks in words, for the business owner: what the message page and the
+//! dispatcher's kept record say. Each condition kind's words sit next to each other here, so a
+//! new kind gets its words in the same place as its others.
+
+use chrono::{DateTime, Utc};
+
+use super::check::{Check, CheckRecord, Verdict};
+use super::{AttributeCondition, AttributeTest, Rule, Trigger, Unless, format_duration};
+use crate::calendar::SendWindow;
+
+/// When the rule fires, in words: "2h after a purchase event".
+pub fn trigger(rule: &Rule) -> String {
+    match &rule.trigger {
+        Trigger::Event { kind, after } => {
+            format!("{} after a {kind:?} event", format_duration(*after))
+        }
+        Trigger::Anniversary { kind, at } => format!(
+            "every year on the date of the {kind:?} event, at {} in the customer's time zone",
+            at.format("%H:%M")
+        ),
+        Trigger::Schedule { expression, .. } => {
+            format!("on the schedule {expression:?}, in each customer's time zone")
+        }
+    }
+}
+
+/// The rule's conditions, in words, as written in its file today.
+pub fn conditions(rule: &Rule) -> Vec<String> {
+    let mut lines = Vec::new();
+    if !rule.enabled {
+        lines.push("the rule is disabled (enabled = false)".into());
+    }
+    lines.extend(rule.only_if.iter().map(only_if));
+    lines.extend(rule.unless.iter().map(unless));
+    if let Some(window) = &rule.send_window {
+        lines.push(format!("only {}", window_words(window)));
+    }
+    if let Some(expire) = rule.expire_after {
+        lines.push(format!(
+            "skipped if it cannot go out within {} of its due time",
+            format_duration(expire)
+        ));
+    }
+    lines.push("never to an address on the suppression list".into());
+    lines
+}
+
+fn only_if(condition: &AttributeCondition) -> String {
+    let name = &condition.attribute;
+    match &condition.test {
+        AttributeTest::Equals(value) => format!("only if the customer's {name:?} is {value}"),
+        AttributeTest::In(values) => {
+            let list: Vec<String> = values.iter().map(ToString::to_string).collect();
+            format!(
+                "only if the customer's {name:?} is one of {}",
+                list.join(", ")
+            )
+        }
+        AttributeTest::Exists(true) => format!("only if the customer has a {name:?}"),
+        AttributeTest::Exists(false) => format!("only if the customer has no {name:?}"),
+    }
+}
+
+fn unless(condition: &Unless) -> String {
+    match condition {
+        Unless::SinceTrigger { event } => {
+            format!("unless the customer had a {event:?} event after the triggering one")
+        }
+        Unless::Within { event, within } => format!(
+            "unless the customer had a {event:?} event within {} before sending",
+            format_duration(*within)
+        ),
+    }
+}
+
+fn window_words(window: &SendWindow) -> String {
+    let days = match &window.days {
+        Some(days) => {
+            let names: Vec<String> = days.iter().map(ToString::to_string).collect();
+            format!(" on {}", names.join(", "))
+        }
+        None => String::new(),
+    };
+    format!(
+        "between {} and {}{days}, in the customer's time zone",
+        window.from.format("%H:%M"),
+        window.to.format("%H:%M")
+    )
+}
+
+fn utc_minute(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+impl CheckRecord {
+    /// The checks that passed, one line each with the values they saw, in the order they ran:
+    /// for a message that was sent, every check that ran.
+    pub fn passed_lines(&self) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter(|(_, verdict)| *verdict == Verdict::Passed)
+            .map(|(check, _)| check.passed())
+            .collect()
+    }
+}
+
+impl Check {
+    /// What the check found when it passed.
+    pub fn passed(&self) -> String {
+        match self {
+            Check::Enabled { rule } => format!("the rule {rule:?} is enabled"),
+            Check::NotExpired {
+                expires_at: Some(expiry),
+            } => format!("not expired (too late after {})", utc_minute(*expiry)),
+            Check::NotExpired { expires_at: None } => "no expiry".into(),
+            Check::Attempts { attempt, .. } => format!("attempt {attempt}"),
+            Check::Subject {
+                event: Some((kind, id)),
+                ..
+            } => format!("the triggering {kind:?} event {id:?} still exists"),
+            Check::Subject {
+                customer,
+                event: None,
+            } => format!("the customer {customer:?} still exists"),
+            Check::NotSuppressed => "the address is not on the suppression list".into(),
+            Check::OnlyIf { condition, seen } => {
+                let value = seen
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), ToString::to_string);
+                format!("{}: held (the customer's is {value})", only_if(condition))
+            }
+            Check::Unless { condition, after } => {
+                let since = after.map(utc_minute).unwrap_or_default();
+                let found = match condition {
+                    Unless::SinceTrigger { event } => format!("no {event:?} event after {since}"),
+                    Unless::Within { event, .. } => format!("no {event:?} event since {since}"),
+                };
+                format!("{}: held ({found})", unless(condition))
+            }
+            Check::SendWindow { window, local } => match local {
+                Some(local) => format!(
+                    "{}: open (it was {} in {})",
+                    window_words(window),
+                    local.format("%a %H:%M"),
+                    local.timezone().name()
+                ),
+                None => format!("only {}", window_words(window)),
+            },
+        }
+    }
+}

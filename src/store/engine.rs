@@ -1,0 +1,823 @@
+//! The one storage implementation: every query written once, over a `Driver` that supplies
+//! the SQL text that differs per database and runs the statements.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::rows::{
+    self, CandidateRow, ClaimRow, CustomerMessageEventRow, CustomerRow, EventRow, LogRow,
+    MessageEventRow, SentContentRow, SuppressionRow,
+};
+use super::sql::{Arg, Driver, LoggedUpdate, Reply, Sql, Via};
+use super::*;
+
+/// The store over one database. `SqliteStore` and `PostgresStore` name its two drivers.
+#[derive(Debug, Clone)]
+pub struct SqlStore<D> {
+    pub(super) driver: D,
+}
+
+/// How many rows one multi-row INSERT writes.
+const CHUNK: usize = 500;
+
+const CUSTOMER_COLUMNS: &str = "id, email, name, timezone, attributes";
+const EVENT_COLUMNS: &str = "id, customer_id, kind, occurred_at, data";
+const MESSAGE_WITH_CUSTOMER: &str = "FROM messages m LEFT JOIN customers c ON c.id = m.customer_id";
+const NOT_SUPPRESSED: &str =
+    " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))";
+
+/// Inserts the customers, or replaces every field of those that exist: one statement per
+/// chunk.
+pub(super) fn customer_upserts<D: Driver>(customers: &[&Customer]) -> Vec<Sql> {
+    customers
+        .chunks(CHUNK)
+        .map(|chunk| {
+            let mut sql = Sql::new(format!("INSERT INTO customers ({CUSTOMER_COLUMNS}) "));
+            sql.values(chunk, |c| {
+                vec![
+                    c.id.as_str().into(),
+                    c.email.as_str().into(),
+                    (&c.name).into(),
+                    (&c.timezone).into(),
+                    Arg::json(&c.attributes),
+                ]
+            });
+            sql.push(format!(
+                " ON CONFLICT (id) DO UPDATE SET email = excluded.email, name = excluded.name, \
+                 timezone = excluded.timezone, attributes = excluded.attributes, updated_at = {}",
+                D::NOW
+            ));
+            sql
+        })
+        .collect()
+}
+
+/// `SELECT` of the customers with these ids.
+pub(super) fn customers_by_id(ids: &[String]) -> Sql {
+    let mut sql = Sql::new(format!(
+        "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id IN "
+    ));
+    sql.list(ids);
+    sql
+}
+
+#[async_trait]
+impl<D: Driver> CustomerStore for SqlStore<D> {
+    async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()> {
+        let customers = by_id(customers, |c| &c.id);
+        self.driver
+            .execute_all(customer_upserts::<D>(&customers))
+            .await?;
+        Ok(())
+    }
+
+    async fn merge_customers(&self, patches: &[CustomerPatch]) -> StoreResult<u64> {
+        if patches.is_empty() {
+            return Ok(0);
+        }
+        let patches = by_id(patches, |p| &p.id);
+        self.driver.merge_customers(&patches).await
+    }
+
+    async fn insert_events(&self, events: &[Event]) -> StoreResult<u64> {
+        let events = by_id(events, |e| &e.id);
+        let statements = events
+            .chunks(CHUNK)
+            .map(|chunk| {
+                let mut sql = Sql::new(format!("INSERT INTO events ({EVENT_COLUMNS}) "));
+                sql.values(chunk, |e| {
+                    vec![
+                        e.id.as_str().into(),
+                        e.customer_id.as_str().into(),
+                        e.kind.as_str().into(),
+                        e.occurred_at.into(),
+                        Arg::json(&e.data),
+                    ]
+                });
+                sql.push(" ON CONFLICT (id) DO NOTHING");
+                sql
+            })
+            .collect();
+        self.driver.execute_all(statements).await
+    }
+
+    async fn customer(&self, id: &str) -> StoreResult<Option<Customer>> {
+        let sql = Sql::new(format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = ?"
+        ))
+        .arg(id);
+        let row: Option<CustomerRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
+        Ok(row.map(Customer::from))
+    }
+
+    async fn event(&self, id: &str) -> StoreResult<Option<Event>> {
+        let sql = Sql::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?")).arg(id);
+        let row: Option<EventRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
+        Ok(row.map(Event::from))
+    }
+
+    async fn latest_event(&self, customer_id: &str, kind: &str) -> StoreResult<Option<Event>> {
+        let sql = Sql::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE customer_id = ? AND kind = ? \
+             ORDER BY occurred_at DESC LIMIT 1"
+        ))
+        .arg(customer_id)
+        .arg(kind);
+        let row: Option<EventRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
+        Ok(row.map(Event::from))
+    }
+
+    async fn has_event_after(
+        &self,
+        customer_id: &str,
+        kind: &str,
+        after: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let sql = Sql::new(
+            "SELECT 1 FROM events WHERE customer_id = ? AND kind = ? AND occurred_at > ? LIMIT 1",
+        )
+        .arg(customer_id)
+        .arg(kind)
+        .arg(after);
+        self.driver.exists(Via::Reader, sql).await
+    }
+
+    async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>> {
+        let sql = Sql::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE customer_id = ? \
+             ORDER BY occurred_at DESC, seq DESC LIMIT ?"
+        ))
+        .arg(customer_id)
+        .arg(limit);
+        let rows: Vec<EventRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(Event::from).collect())
+    }
+}
+
+impl<D: Driver> SqlStore<D> {
+    /// Events of a kind with no message of this rule yet (see `CandidateSource::NewEvents`).
+    fn new_events(q: &CandidateQuery, kind: &str, from: DateTime<Utc>, unless: &[String]) -> Sql {
+        let mut sql = Sql::new(format!(
+            "SELECT e.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+             e.id AS event_id, e.kind, e.occurred_at, e.data, {} AS last_trigger \
+             FROM events e JOIN customers c ON c.id = e.customer_id WHERE e.kind = ",
+            D::null("timestamptz")
+        ));
+        sql.bind(kind).push(" AND e.seq > ").bind(q.after_seq);
+        sql.push(" AND e.seq <= ").bind(q.up_to_seq);
+        sql.push(" AND e.occurred_at >= ").bind(from);
+        // The fence in each anti-join on `messages` keeps the check a lookup in the index per
+        // row. Without it, while `messages` has no statistics yet (a new database, or millions
+        // of rows planned since the last ANALYZE), PostgreSQL joined every candidate against a
+        // materialized list of all of this rule's messages: 43 s instead of 32 ms for one page
+        // with 50,000 messages (BENCHMARKS.md, planning).
+        sql.push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.dedupe_key = ");
+        sql.bind(format!("{}:", q.rule))
+            .push(format!(" || e.id{})", D::FENCE));
+        for later in unless {
+            sql.push(
+                " AND NOT EXISTS (SELECT 1 FROM events u WHERE u.customer_id = e.customer_id \
+                 AND u.occurred_at > e.occurred_at AND u.kind = ",
+            );
+            sql.bind(later).push(")");
+        }
+        sql.push(NOT_SUPPRESSED);
+        sql.push(" ORDER BY e.seq");
+        sql
+    }
+
+    /// Events of a kind with no occurrence of this rule still to come.
+    fn recurring_events(q: &CandidateQuery, kind: &str) -> Sql {
+        let mut sql = Sql::new(
+            "SELECT e.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+             e.id AS event_id, e.kind, e.occurred_at, e.data, \
+             (SELECT MAX(m.trigger_at) FROM messages m WHERE m.rule = ",
+        );
+        sql.bind(&q.rule)
+            .push(" AND m.event_id = e.id) AS last_trigger ");
+        sql.push("FROM events e JOIN customers c ON c.id = e.customer_id WHERE e.kind = ");
+        sql.bind(kind).push(" AND e.seq > ").bind(q.after_seq);
+        sql.push(" AND e.seq <= ").bind(q.up_to_seq);
+        sql.push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.rule = ")
+            .bind(&q.rule);
+        sql.push(" AND m.event_id = e.id AND m.trigger_at >= ")
+            .bind(q.now)
+            .push(format!("{})", D::FENCE));
+        sql.push(NOT_SUPPRESSED);
+        sql.push(" ORDER BY e.seq");
+        sql
+    }
+
+    /// Customers with no occurrence of this rule still to come.
+    fn recurring_customers(q: &CandidateQuery) -> Sql {
+        let mut sql = Sql::new(format!(
+            "SELECT c.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
+             {} AS event_id, {} AS kind, {} AS occurred_at, {} AS data, \
+             (SELECT MAX(m.trigger_at) FROM messages m WHERE m.rule = ",
+            D::null("text"),
+            D::null("text"),
+            D::null("timestamptz"),
+            D::null("jsonb"),
+        ));
+        sql.bind(&q.rule)
+            .push(" AND m.customer_id = c.id) AS last_trigger ");
+        sql.push("FROM customers c WHERE c.seq > ")
+            .bind(q.after_seq);
+        sql.push(" AND c.seq <= ").bind(q.up_to_seq);
+        sql.push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.rule = ")
+            .bind(&q.rule);
+        sql.push(" AND m.customer_id = c.id AND m.trigger_at >= ")
+            .bind(q.now)
+            .push(format!("{})", D::FENCE));
+        sql.push(NOT_SUPPRESSED);
+        sql.push(" ORDER BY c.seq");
+        sql
+    }
+}
+
+#[async_trait]
+impl<D: Driver> PlanningStore for SqlStore<D> {
+    async fn max_seqs(&self) -> StoreResult<(i64, i64)> {
+        let sql = Sql::new(
+            "SELECT (SELECT COALESCE(MAX(seq), 0) FROM customers), (SELECT COALESCE(MAX(seq), 0) FROM events)",
+        );
+        self.driver.fetch_one(Via::Reader, sql).await
+    }
+
+    async fn candidates(&self, q: &CandidateQuery) -> StoreResult<Vec<Candidate>> {
+        let mut sql = match &q.source {
+            CandidateSource::NewEvents {
+                kind,
+                occurred_from,
+                unless_since,
+            } => Self::new_events(q, kind, *occurred_from, unless_since),
+            CandidateSource::RecurringEvents { kind } => Self::recurring_events(q, kind),
+            CandidateSource::RecurringCustomers => Self::recurring_customers(q),
+        };
+        sql.push(" LIMIT ").bind(q.limit);
+        // PostgreSQL plans it afresh each time: the generic plan it settles on after five runs
+        // was made while `messages` was still small (a nested loop over all of it), and stays
+        // when a first pass has grown it to millions.
+        sql.persistent(D::CACHE_CANDIDATE_PLANS);
+        let rows: Vec<CandidateRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(Candidate::from).collect())
+    }
+
+    async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64> {
+        let statements = messages
+            .chunks(CHUNK)
+            .map(|chunk| {
+                let mut sql = Sql::new(
+                    "INSERT INTO messages (rule, customer_id, event_id, dedupe_key, trigger_at, due_at, \
+                     expires_at, next_attempt_at, detail) ",
+                );
+                sql.values(chunk, |m| {
+                    vec![
+                        m.rule.as_str().into(),
+                        m.customer_id.as_str().into(),
+                        (&m.event_id).into(),
+                        m.dedupe_key.as_str().into(),
+                        m.trigger_at.into(),
+                        m.due_at.into(),
+                        m.expires_at.into(),
+                        m.due_at.into(),
+                        Arg::json(&m.detail),
+                    ]
+                });
+                sql.push(" ON CONFLICT (dedupe_key) DO NOTHING");
+                sql
+            })
+            .collect();
+        self.driver.execute_all(statements).await
+    }
+
+    async fn existing_dedupe_keys(&self, keys: &[String]) -> StoreResult<HashSet<String>> {
+        let mut found = HashSet::new();
+        for chunk in keys.chunks(D::LIST_CHUNK) {
+            let mut sql = Sql::new("SELECT dedupe_key FROM messages WHERE dedupe_key");
+            D::push_in(&mut sql, chunk);
+            let rows: Vec<(String,)> = self.driver.fetch_all(Via::Reader, sql).await?;
+            found.extend(rows.into_iter().map(|(key,)| key));
+        }
+        Ok(found)
+    }
+}
+
+/// Waiting messages past `expires_at`: never attempted ones are skipped; ones that were tried
+/// and are waiting to retry have failed (their last reply is kept).
+const EXPIRY_TRANSITIONS: [(&str, &str, &str); 2] = [
+    (
+        "scheduled",
+        "skipped",
+        "expired: could not go out within expire_after of its due time",
+    ),
+    (
+        "retrying",
+        "failed",
+        "expired while retrying: still not delivered at the end of expire_after",
+    ),
+];
+
+/// What happens to a claim whose lease ran out, by the phase its attempt reached.
+fn reap_transitions(resend_unknown: bool) -> [(&'static str, &'static str, &'static str); 2] {
+    [
+        (
+            "claimed",
+            "scheduled",
+            "claim expired before the body was sent; rescheduled",
+        ),
+        if resend_unknown {
+            (
+                "body",
+                "retrying",
+                "claim expired after the body was handed over; resending as configured",
+            )
+        } else {
+            (
+                "body",
+                "unknown",
+                "claim expired after the body was handed to the SMTP server; it may or may not have been delivered",
+            )
+        },
+    ]
+}
+
+#[async_trait]
+impl<D: Driver> OutboxStore for SqlStore<D> {
+    async fn expire_overdue(&self) -> StoreResult<Vec<i64>> {
+        let updates = EXPIRY_TRANSITIONS
+            .iter()
+            .map(|(from, to, reason)| LoggedUpdate {
+                set: Sql::new(format!(
+                    "state = '{to}', reason = ?, updated_at = {}",
+                    D::NOW
+                ))
+                .arg(*reason),
+                rows: Sql::new(format!(
+                    "state = '{from}' AND expires_at IS NOT NULL AND expires_at < {}",
+                    D::NOW
+                )),
+                skip_locked: true,
+                kind: to.to_string(),
+                attempt_offset: 0,
+                reply: Reply::Kept,
+                detail: serde_json::json!({ "reason": reason }),
+            })
+            .collect();
+        let changed = self.driver.update_logged(updates, true).await?;
+        Ok(changed.into_iter().flatten().collect())
+    }
+
+    async fn claim_due(
+        &self,
+        instance: &str,
+        limit: u32,
+        lease: TimeDelta,
+    ) -> StoreResult<Vec<ClaimedMessage>> {
+        let token = uuid::Uuid::new_v4().to_string();
+        // The index hint here, in next_due_in and in due_backlog: without statistics (no
+        // ANALYZE) SQLite takes `messages_expiring (state, ...)` for `state IN (...)` and sorts
+        // every waiting message on each call, which made sending quadratic and an idle daemon
+        // with a million future messages scan them all every few seconds (BENCHMARKS.md).
+        let mut sql = Sql::new("UPDATE messages SET state = 'sending', claim_token = ");
+        sql.bind(token.as_str())
+            .push(", claimed_by = ")
+            .bind(instance);
+        sql.push(", lease_expires_at = ");
+        D::push_later(&mut sql, D::NOW, lease);
+        sql.push(format!(
+            ", phase = 'claimed', attempts = attempts + 1, updated_at = {now} \
+             WHERE id IN (SELECT id FROM messages{hint} WHERE state IN ('scheduled', 'retrying') \
+             AND next_attempt_at <= {now} ORDER BY next_attempt_at LIMIT ",
+            now = D::NOW,
+            hint = D::indexed_by("messages_waiting"),
+        ));
+        sql.bind(i64::from(limit));
+        sql.push(format!(
+            "{}) RETURNING {}",
+            D::SKIP_LOCKED,
+            rows::CLAIM_COLUMNS
+        ));
+        let rows: Vec<ClaimRow> = self.driver.fetch_all(Via::Writer, sql).await?;
+        let mut claims: Vec<_> = rows.into_iter().map(|row| row.into_claim(&token)).collect();
+        claims.sort_by_key(|c| (c.due_at, c.id));
+        Ok(claims)
+    }
+
+    async fn next_due_in(&self) -> StoreResult<Option<TimeDelta>> {
+        let sql = Sql::new(format!(
+            "SELECT {} FROM messages{} WHERE state IN ('scheduled', 'retrying')",
+            D::millis_until("MIN(next_attempt_at)"),
+            D::indexed_by("messages_waiting"),
+        ));
+        let (millis,): (Option<f64>,) = self.driver.fetch_one(Via::Reader, sql).await?;
+        Ok(millis.map(|ms| TimeDelta::milliseconds(ms.max(0.0).ceil() as i64)))
+    }
+
+    async fn begin_body_with(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: &SentContent,
+        margin: TimeDelta,
+    ) -> StoreResult<bool> {
+        let mut sql = Sql::new("UPDATE messages SET phase = 'body', email = ");
+        sql.bind(delivery.email.as_str())
+            .push(", subject = ")
+            .bind(delivery.subject.as_str());
+        sql.push(", message_id = ")
+            .bind(delivery.message_id.as_str());
+        sql.push(", body_text = COALESCE(")
+            .bind(content.text.as_str());
+        sql.push(", body_text), body_html = COALESCE(")
+            .bind(content.html.as_str());
+        sql.push(", body_html), checks = COALESCE(")
+            .bind(Arg::Json(Some(serde_json::Value::from(
+                content.checks.clone(),
+            ))));
+        sql.push(format!(", checks), updated_at = {} WHERE id = ", D::NOW));
+        sql.bind(id).push(" AND claim_token = ").bind(token);
+        sql.push(" AND state = 'sending' AND lease_expires_at > ");
+        D::push_later(&mut sql, D::CLOCK, margin);
+        sql.push(format!(
+            " AND (expires_at IS NULL OR expires_at > {}) \
+             AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = ",
+            D::CLOCK
+        ));
+        sql.bind(normalize_email(&delivery.email)).push(")");
+        Ok(self.driver.execute(Via::Writer, sql).await? == 1)
+    }
+
+    async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool> {
+        let columns = rows::outcome_columns(outcome);
+        let (kind, reply, detail) = rows::outcome_event(outcome);
+        let mut set = Sql::new("state = ");
+        set.bind(columns.state)
+            .push(", next_attempt_at = COALESCE(")
+            .bind(columns.next_attempt_at);
+        set.push(", next_attempt_at), smtp_reply = COALESCE(")
+            .bind(columns.smtp_reply);
+        set.push(", smtp_reply), reason = ").bind(columns.reason);
+        set.push(", sent_at = CASE WHEN ").bind(columns.sent);
+        set.push(format!(
+            " THEN {} ELSE sent_at END, attempts = attempts - ",
+            D::NOW
+        ));
+        set.bind(columns.uncount);
+        set.push(format!(
+            ", claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, phase = NULL, \
+             updated_at = {}",
+            D::NOW
+        ));
+        let update = LoggedUpdate {
+            set,
+            rows: Sql::new("id = ? AND claim_token = ? AND state = 'sending'")
+                .arg(id)
+                .arg(token),
+            skip_locked: false,
+            kind: kind.to_string(),
+            attempt_offset: columns.uncount,
+            reply: Reply::Given(reply.map(str::to_string)),
+            detail,
+        };
+        let changed = self.driver.update_logged(vec![update], false).await?;
+        Ok(changed.iter().any(|ids| !ids.is_empty()))
+    }
+
+    async fn reap_expired(&self, resend_unknown: bool) -> StoreResult<Reaped> {
+        let transitions = reap_transitions(resend_unknown);
+        let updates = transitions
+            .iter()
+            .map(|(phase, to, reason)| LoggedUpdate {
+                set: Sql::new(format!(
+                    "state = '{to}', reason = ?, claim_token = NULL, claimed_by = NULL, \
+                     lease_expires_at = NULL, phase = NULL, updated_at = {}",
+                    D::NOW
+                ))
+                .arg(*reason),
+                rows: Sql::new(format!(
+                    "state = 'sending' AND phase = '{phase}' AND lease_expires_at < {}",
+                    D::NOW
+                )),
+                skip_locked: true,
+                kind: to.to_string(),
+                attempt_offset: 0,
+                reply: Reply::Given(None),
+                detail: serde_json::json!({ "reason": reason }),
+            })
+            .collect();
+        let changed = self.driver.update_logged(updates, false).await?;
+        let mut reaped = Reaped::default();
+        for ((phase, _, _), ids) in transitions.iter().zip(changed) {
+            let count = ids.len() as u64;
+            if *phase == "claimed" {
+                reaped.rescheduled += count
+            } else {
+                reaped.unknown += count
+            }
+        }
+        Ok(reaped)
+    }
+}
+
+#[async_trait]
+impl<D: Driver> ConsentStore for SqlStore<D> {
+    async fn is_suppressed(&self, email: &str) -> StoreResult<bool> {
+        let sql =
+            Sql::new("SELECT 1 FROM suppressions WHERE email = ?").arg(normalize_email(email));
+        self.driver.exists(Via::Reader, sql).await
+    }
+
+    async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<bool> {
+        let sql = Sql::new(
+            "INSERT INTO suppressions (email, reason, source) VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING",
+        )
+        .arg(normalize_email(email))
+        .arg(reason)
+        .arg(source);
+        Ok(self.driver.execute(Via::Writer, sql).await? > 0)
+    }
+
+    async fn unsuppress(&self, email: &str) -> StoreResult<bool> {
+        let sql = Sql::new("DELETE FROM suppressions WHERE email = ?").arg(normalize_email(email));
+        Ok(self.driver.execute(Via::Writer, sql).await? > 0)
+    }
+
+    async fn suppressions(&self) -> StoreResult<Vec<Suppression>> {
+        let sql = Sql::new(
+            "SELECT email, reason, source, created_at FROM suppressions ORDER BY created_at, email",
+        );
+        let rows: Vec<SuppressionRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(Suppression::from).collect())
+    }
+}
+
+#[async_trait]
+impl<D: Driver> TrackingStore for SqlStore<D> {
+    async fn message_by_message_id(&self, message_id: &str) -> StoreResult<Option<LogEntry>> {
+        let wanted = format!("<{}>", message_id.trim().trim_matches(['<', '>']));
+        let sql = Sql::new(format!(
+            "SELECT {} {MESSAGE_WITH_CUSTOMER} WHERE m.message_id = ? ORDER BY m.id DESC LIMIT 1",
+            rows::LOG_COLUMNS
+        ))
+        .arg(wanted);
+        let row: Option<LogRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
+        Ok(row.map(LogEntry::from))
+    }
+
+    async fn add_message_event(
+        &self,
+        message_id: i64,
+        kind: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<()> {
+        let sql =
+            Sql::new("INSERT INTO message_events (message_id, kind, detail) VALUES (?, ?, ?)")
+                .arg(message_id)
+                .arg(kind)
+                .arg(Arg::json(detail));
+        self.driver.execute(Via::Writer, sql).await?;
+        Ok(())
+    }
+
+    async fn record_message_event_once(
+        &self,
+        message_id: i64,
+        kind: &str,
+        key: &str,
+        detail: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        let sql = Sql::new(
+            "INSERT INTO message_events (message_id, kind, detail, once_key) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (message_id, kind, once_key) WHERE once_key IS NOT NULL \
+             DO UPDATE SET count = message_events.count + 1 RETURNING count = 1",
+        )
+        .arg(message_id)
+        .arg(kind)
+        .arg(Arg::json(detail))
+        .arg(key);
+        let (first,): (bool,) = self.driver.fetch_one(Via::Writer, sql).await?;
+        Ok(first)
+    }
+
+    async fn events_for_address(&self, email: &str, kind: &str) -> StoreResult<i64> {
+        let sql = Sql::new(
+            "SELECT COUNT(DISTINCT e.message_id) FROM message_events e JOIN messages m ON m.id = e.message_id \
+             WHERE lower(m.email) = ? AND e.kind = ?",
+        )
+        .arg(normalize_email(email))
+        .arg(kind);
+        let (count,): (i64,) = self.driver.fetch_one(Via::Reader, sql).await?;
+        Ok(count)
+    }
+}
+
+#[async_trait]
+impl<D: Driver> ReportingStore for SqlStore<D> {
+    async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {
+        let narrowing = self.driver.log_narrowing(filter).await?;
+        let other = |column: &str| {
+            if narrowing.unindexed_rule_state {
+                D::unindexed(column)
+            } else {
+                column.to_string()
+            }
+        };
+        let mut sql = Sql::new(format!(
+            "SELECT {} {MESSAGE_WITH_CUSTOMER} WHERE 1 = 1",
+            rows::LOG_COLUMNS
+        ));
+        if let Some(since) = filter.since {
+            sql.push(" AND m.updated_at >= ").bind(since);
+        }
+        if let Some(rule) = &filter.rule {
+            sql.push(format!(" AND {} = ", other("m.rule"))).bind(rule);
+        }
+        if let Some(state) = filter.state {
+            sql.push(format!(" AND {} = ", other("m.state")))
+                .bind(state.as_str());
+        }
+        if let Some(customer) = &filter.customer_id {
+            sql.push(" AND m.customer_id = ").bind(customer);
+        }
+        if let Some(due_before) = filter.due_before {
+            sql.push(" AND m.state IN ('scheduled', 'retrying') AND m.next_attempt_at <= ")
+                .bind(due_before);
+        }
+        if let Some(before) = filter.before_id {
+            sql.push(" AND m.id < ").bind(before);
+        }
+        sql.append(narrowing.conditions);
+        if filter.due_before.is_some() {
+            sql.push(" ORDER BY m.next_attempt_at, m.id");
+        } else {
+            sql.push(" ORDER BY m.id DESC");
+        }
+        if let Some(limit) = filter.limit {
+            sql.push(" LIMIT ").bind(limit);
+        }
+        let rows: Vec<LogRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(LogEntry::from).collect())
+    }
+
+    async fn message(&self, id: i64) -> StoreResult<Option<LogEntry>> {
+        let sql = Sql::new(format!(
+            "SELECT {} {MESSAGE_WITH_CUSTOMER} WHERE m.id = ?",
+            rows::LOG_COLUMNS
+        ))
+        .arg(id);
+        let row: Option<LogRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
+        Ok(row.map(LogEntry::from))
+    }
+
+    async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>> {
+        let sql = Sql::new(
+            "SELECT kind, at, attempt, smtp_reply, detail, count FROM message_events WHERE message_id = ? ORDER BY id",
+        )
+        .arg(message_id);
+        let rows: Vec<MessageEventRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(MessageEvent::from).collect())
+    }
+
+    async fn counts(&self) -> StoreResult<Vec<(String, MessageState, i64)>> {
+        let sql = Sql::new(
+            "SELECT rule, state, COUNT(*) FROM messages GROUP BY rule, state ORDER BY rule, state",
+        );
+        let rows: Vec<(String, String, i64)> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(rule, state, n)| {
+                MessageState::from_str(&state).ok().map(|s| (rule, s, n))
+            })
+            .collect())
+    }
+
+    async fn due_backlog(&self) -> StoreResult<(i64, Option<f64>)> {
+        let sql = Sql::new(format!(
+            "SELECT COUNT(*), {} FROM messages{} \
+             WHERE state IN ('scheduled', 'retrying') AND next_attempt_at <= {}",
+            D::OLDEST_DUE_SECONDS,
+            D::indexed_by("messages_waiting"),
+            D::NOW
+        ));
+        self.driver.fetch_one(Via::Reader, sql).await
+    }
+
+    async fn sent_content(&self, message_id: i64) -> StoreResult<Option<SentContent>> {
+        let sql = Sql::new("SELECT body_text, body_html, checks FROM messages WHERE id = ?")
+            .arg(message_id);
+        let row: Option<SentContentRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
+        Ok(row.and_then(SentContentRow::into_content))
+    }
+
+    async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>> {
+        let sql = Sql::new(format!(
+            "SELECT {} AS hour, rule, state, COUNT(*) FROM messages \
+             WHERE {} IN ('sent', 'failed', 'skipped', 'unknown') AND updated_at >= ? \
+             GROUP BY hour, rule, state ORDER BY hour, rule, state",
+            D::hour_of("updated_at"),
+            D::unindexed("state"),
+        ))
+        .arg(since);
+        let rows: Vec<(DateTime<Utc>, String, String, i64)> =
+            self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(hour, rule, state, count)| {
+                Some(ActivityCount {
+                    hour,
+                    rule,
+                    state: state.parse().ok()?,
+                    count,
+                })
+            })
+            .collect())
+    }
+
+    async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>> {
+        let sql = Sql::new(
+            "SELECT m.rule, e.kind, COUNT(DISTINCT e.message_id) FROM message_events e \
+             JOIN messages m ON m.id = e.message_id \
+             WHERE e.kind IN ('opened', 'clicked') AND e.at >= ? GROUP BY m.rule, e.kind ORDER BY m.rule, e.kind",
+        )
+        .arg(since);
+        self.driver.fetch_all(Via::Reader, sql).await
+    }
+
+    async fn count_state(&self, state: MessageState) -> StoreResult<i64> {
+        let sql = Sql::new("SELECT COUNT(*) FROM messages WHERE state = ?").arg(state.as_str());
+        let (count,): (i64,) = self.driver.fetch_one(Via::Reader, sql).await?;
+        Ok(count)
+    }
+
+    async fn customer_message_events(
+        &self,
+        customer_id: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<CustomerMessageEvent>> {
+        let sql = Sql::new(
+            "SELECT e.message_id, m.rule, e.kind, e.at, e.attempt, e.smtp_reply, e.detail, e.count \
+             FROM message_events e JOIN messages m ON m.id = e.message_id \
+             WHERE m.customer_id = ? ORDER BY e.at DESC, e.id DESC LIMIT ?",
+        )
+        .arg(customer_id)
+        .arg(limit);
+        let rows: Vec<CustomerMessageEventRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(CustomerMessageEvent::from).collect())
+    }
+}
+
+#[async_trait]
+impl<D: Driver> SharedStateStore for SqlStore<D> {
+    async fn setting_or_insert(&self, key: &str, value: &str) -> StoreResult<String> {
+        let insert = Sql::new(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .arg(key)
+        .arg(value);
+        self.driver.execute(Via::Writer, insert).await?;
+        let select = Sql::new("SELECT value FROM settings WHERE key = ?").arg(key);
+        let (value,): (String,) = self.driver.fetch_one(Via::Writer, select).await?;
+        Ok(value)
+    }
+
+    async fn revoke_session(&self, nonce_hash: &str, expires_at: i64) -> StoreResult<()> {
+        let expired = Sql::new(format!(
+            "DELETE FROM web_session_revocations WHERE expires_at < {}",
+            D::EPOCH_SECONDS
+        ));
+        self.driver.execute(Via::Writer, expired).await?;
+        let insert = Sql::new(
+            "INSERT INTO web_session_revocations (nonce_hash, expires_at) VALUES (?, ?) \
+             ON CONFLICT (nonce_hash) DO NOTHING",
+        )
+        .arg(nonce_hash)
+        .arg(expires_at);
+        self.driver.execute(Via::Writer, insert).await?;
+        Ok(())
+    }
+
+    async fn session_revoked(&self, nonce_hash: &str) -> StoreResult<bool> {
+        let sql =
+            Sql::new("SELECT 1 FROM web_session_revocations WHERE nonce_hash = ?").arg(nonce_hash);
+        self.driver.exists(Via::Reader, sql).await
+    }
+}
+
+#[async_trait]
+impl<D: Driver> Store for SqlStore<D> {
+    async fn migrate(&self) -> StoreResult<()> {
+        self.driver.migrate().await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.driver
+            .execute(Via::Reader, Sql::new("SELECT 1"))
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! `/messages/{id}`: one message as it was sent, its history, and why it was sent;
+//! `/messages/{id}/body.html`: its HTML body for the page's sandboxed frame.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{customer_names, detail_pairs, entry_row, kind_class, not_found, unavailable};
+use crate::rules::Rule;
+use crate::store::{Customer, Event, LogEntry, MessageEvent, SentContent, SharedStore, StoreError};
+use crate::web::Shared;
+use crate::web::{Owner, Web, why};
+
+/// What the message page reads from the database.
+struct Loaded {
+    entry: LogEntry,
+    history: Vec<MessageEvent>,
+    content: Option<SentContent>,
+    customer: Option<Customer>,
+    event: Option<Event>,
+}
+
+impl Loaded {
+    /// `None` when there is no such message.
+    async fn read(store: &SharedStore, id: i64) -> Result<Option<Loaded>, StoreError> {
+        let Some(entry) = store.message(id).await? else {
+            return Ok(None);
+        };
+        let history = store.message_events(id).await?;
+        let content = store.sent_content(id).await?;
+        let customer = store.customer(&entry.customer_id).await?;
+        let event = match &entry.event_id {
+            Some(event) => store.event(event).await?,
+            None => None,
+        };
+        Ok(Some(Loaded {
+            entry,
+            history,
+            content,
+            customer,
+            event,
+        }))
+    }
+}
+
+fn history_row(web: &Web, event: &MessageEvent) -> Value {
+    json!({
+        "at": web.time(event.at),
+        "kind": event.kind,
+        "kind_class": kind_class(&event.kind),
+        "attempt": event.attempt,
+        "smtp_reply": event.smtp_reply,
+        "detail": detail_pairs(&event.detail),
+    })
+}
+
+/// One line per link, counting every click on it.
+fn clicks(web: &Web, history: &[MessageEvent]) -> Vec<Value> {
+    history
+        .iter()
+        .filter(|e| e.kind == "clicked")
+        .map(|e| {
+            json!({
+                "at": web.time(e.at),
+                "url": e.detail.get("url").and_then(Value::as_str).unwrap_or_default(),
+                "times": (e.count > 1).then(|| format!("{} times", e.count)),
+            })
+        })
+        .collect()
+}
+
+pub async fn message(
+    owner: Owner,
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return not_found(&owner, "message");
+    };
+    let loaded = match Loaded::read(&shared.store, id).await {
+        Ok(Some(loaded)) => loaded,
+        Ok(None) => return not_found(&owner, "message"),
+        Err(error) => return owner.with_cookie(unavailable(&owner.web, &error)),
+    };
+    let playbook = shared.playbook.borrow().clone();
+    let rule = playbook.rule(&loaded.entry.rule);
+    let names = customer_names(&shared, std::slice::from_ref(&loaded.entry)).await;
+    let mut data = page_data(&owner.web, id, &loaded, rule);
+    data["page"] = owner.page(&format!("Message {id}"), "log");
+    data["m"] = entry_row(&owner.web, &loaded.entry, &names);
+    owner.render("message", &data)
+}
+
+/// The page's data but for the layout and the message's row.
+fn page_data(web: &Web, id: i64, loaded: &Loaded, rule: Option<&Rule>) -> Value {
+    let Loaded {
+        entry,
+        history,
+        content,
+        customer,
+        event,
+    } = loaded;
+    // The checks the guard recorded when it sent; for older messages, the rule's conditions.
+    let (checks, checks_recorded) = match content {
+        Some(content) if !content.checks.is_empty() => (content.checks.clone(), true),
+        _ => (rule.map(why::conditions).unwrap_or_default(), false),
+    };
+    json!({
+        "message_id": entry.message_id,
+        "due": web.time(entry.due_at),
+        "trigger_at": web.time(entry.trigger_at),
+        "next_attempt": if entry.state.is_final() { None } else { Some(web.time(entry.next_attempt_at)) },
+        "sent_at": entry.sent_at.map(|t| web.time(t)),
+        "attempts": entry.attempts,
+        "smtp_reply": entry.smtp_reply,
+        "reason": entry.reason,
+        "opens": entry.opens,
+        "opened_at": entry.opened_at.map(|t| web.time(t)),
+        "clicks_count": entry.clicks,
+        "clicked_at": entry.clicked_at.map(|t| web.time(t)),
+        "clicks": clicks(web, history),
+        "tracks_opens": rule.is_some_and(|r| r.track_opens),
+        "tracks_clicks": rule.is_some_and(|r| r.track_clicks),
+        "history": history.iter().map(|e| history_row(web, e)).collect::<Vec<_>>(),
+        "rule": rule.map(|r| json!({
+            "name": r.name,
+            "description": r.description,
+            "trigger": why::trigger(r),
+            "file": format!("{}:{}", r.origin.file.display(), r.origin.line),
+        })),
+        "rule_name": entry.rule,
+        "event": event.as_ref().map(|e| json!({
+            "id": e.id,
+            "kind": e.kind,
+            "at": web.time(e.occurred_at),
+            "data": detail_pairs(&e.data),
+        })),
+        "event_id": entry.event_id,
+        "checks": checks,
+        "checks_recorded": checks_recorded,
+        "customer": customer.as_ref().map(|c| json!({
+            "name": c.name, "email": c.email, "timezone": c.timezone,
+        })),
+        "content": content.as_ref().map(|c| json!({
+            "text": c.text,
+            "html": c.html,
+            "has_html": !c.html.is_empty(),
+            "html_link": format!("/messages/{id}/body.html"),
+        })),
+    })
+}
+
+/// The HTML body as it was sent, for the sandboxed frame on the message page: no scripts, no
+/// remote images (so looking at it never counts as an open), no forms.
+pub async fn message_html(
+    owner: Owner,
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let content = match shared.store.sent_content(id).await {
+        Ok(Some(content)) if !content.html.is_empty() => content,
+        Ok(_) => return (StatusCode::NOT_FOUND, "no HTML body was kept\n").into_response(),
+        Err(error) => return unavailable(&owner.web, &error),
+    };
+    let mut response = content.html.into_response();
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "SAMEORIGIN"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'",
+        ),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    owner.with_cookie(response)
+}

@@ -1,0 +1,1857 @@
+//! The store's conformance suite: every scenario runs against each backend (a real SQLite file;
+//! a fresh PostgreSQL database), through the role traits the rest of touchpoint uses. A new
+//! backend is done when it passes this file.
+//!
+//! - customers and events (`CustomerStore`): upserts, merges that keep what a patch does not
+//!   name, events inserted once, the latest and later events;
+//! - planning (`PlanningStore`): dedupe keys unique, `existing_dedupe_keys`, candidates;
+//! - the outbox (`OutboxStore`): claims fenced by token and lease, `begin_body_with` and
+//!   `finish` refusing a stale token, reaping by phase, expiry; and a model of the whole state
+//!   machine driven by random operations (`state_machine_*`), and two claimers racing;
+//! - consent (`ConsentStore`): suppressions normalised, first reason kept, and the body fence
+//!   refusing a suppressed address;
+//! - tracking (`TrackingStore`): message events recorded once per key, counted per address;
+//! - reporting (`ReportingStore`): log paging and filtering;
+//! - shared state (`SharedStateStore`): settings, session revocation.
+
+mod support;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use support::{Backend, Sink, TestEnv};
+use touchpoint::store::{
+    CandidateQuery, CandidateSource, Change, ClaimedMessage, Customer, CustomerPatch, Delivery,
+    Event, LogFilter, MessageState, NewMessage, Outcome, SentContent, SharedStore,
+};
+
+async fn open(backend: Backend) -> (TestEnv, SharedStore) {
+    let env = TestEnv::build(backend, Sink::Files, &[], "").await;
+    let store = env.store().await;
+    (env, store)
+}
+
+fn message(key: &str, customer: &str, due: DateTime<Utc>) -> NewMessage {
+    NewMessage {
+        rule: "r".into(),
+        customer_id: customer.into(),
+        event_id: None,
+        dedupe_key: key.into(),
+        trigger_at: due,
+        due_at: due,
+        expires_at: None,
+        detail: serde_json::json!({ "n": key }),
+    }
+}
+
+fn customer(id: &str, email: &str, name: &str) -> Customer {
+    Customer {
+        id: id.into(),
+        email: email.into(),
+        name: Some(name.into()),
+        timezone: None,
+        attributes: serde_json::json!({}),
+    }
+}
+
+fn delivery(email: &str) -> Delivery {
+    Delivery {
+        email: email.into(),
+        subject: "Hello".into(),
+        message_id: "<m@test>".into(),
+    }
+}
+
+fn content() -> SentContent {
+    SentContent {
+        text: "text".into(),
+        html: "<p>html</p>".into(),
+        checks: vec!["customer is not on the suppression list".into()],
+    }
+}
+
+const LEASE: TimeDelta = TimeDelta::minutes(5);
+const MARGIN: TimeDelta = TimeDelta::seconds(1);
+
+async fn state_of(store: &SharedStore, id: i64) -> MessageState {
+    store
+        .message(id)
+        .await
+        .expect("message")
+        .expect("exists")
+        .state
+}
+
+/// Makes every live claim's lease look run out, as if the clock had passed it.
+async fn expire_leases(env: &TestEnv) {
+    env.execute_sql(
+        "UPDATE messages SET lease_expires_at = '2000-01-01T00:00:00.000Z' WHERE lease_expires_at IS NOT NULL",
+    )
+    .await;
+}
+
+async fn claim_all(store: &SharedStore, instance: &str) -> Vec<ClaimedMessage> {
+    store.claim_due(instance, 10, LEASE).await.expect("claim")
+}
+
+// --- customers and events ------------------------------------------------------------------
+
+async fn customers_and_events(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[
+            customer("b", "b@example.com", "B"),
+            customer("a", "a@example.com", "A"),
+        ])
+        .await
+        .expect("upsert");
+    let mut renamed = customer("a", "a2@example.com", "A2");
+    renamed.attributes = serde_json::json!({ "plan": "gold" });
+    store
+        .upsert_customers(&[renamed.clone()])
+        .await
+        .expect("upsert again");
+    assert_eq!(store.customer("a").await.expect("read"), Some(renamed));
+    assert_eq!(store.customer("nobody").await.expect("read"), None);
+
+    let at = |h: i64| Utc::now() - TimeDelta::hours(h);
+    let event = |id: &str, kind: &str, hours: i64| Event {
+        id: id.into(),
+        customer_id: "a".into(),
+        kind: kind.into(),
+        occurred_at: at(hours),
+        data: serde_json::json!({ "id": id }),
+    };
+    let events = [
+        event("e1", "purchase", 3),
+        event("e2", "purchase", 1),
+        event("e3", "refund", 2),
+    ];
+    assert_eq!(store.insert_events(&events).await.expect("insert"), 3);
+    assert_eq!(
+        store
+            .insert_events(&events[..1])
+            .await
+            .expect("insert again"),
+        0,
+        "ids are unique"
+    );
+    let read = store.event("e1").await.expect("read").expect("exists");
+    assert_eq!(read.data, serde_json::json!({ "id": "e1" }));
+    assert!(
+        (read.occurred_at - events[0].occurred_at)
+            .num_milliseconds()
+            .abs()
+            < 1
+    );
+    let latest = store.latest_event("a", "purchase").await.expect("latest");
+    assert_eq!(latest.map(|e| e.id), Some("e2".to_string()));
+    assert!(
+        store
+            .has_event_after("a", "purchase", at(2))
+            .await
+            .expect("after")
+    );
+    assert!(
+        !store
+            .has_event_after("a", "purchase", at(0))
+            .await
+            .expect("after")
+    );
+    assert!(
+        !store
+            .has_event_after("a", "refund", at(2))
+            .await
+            .expect("strictly after")
+    );
+    let recent: Vec<String> = store
+        .customer_events("a", 2)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(recent, ["e2", "e3"], "newest first, limited");
+    let (customers, events) = store.max_seqs().await.expect("seqs");
+    assert!(customers >= 2 && events >= 3, "{customers} {events}");
+}
+
+async fn merge_customers_keeps_what_a_patch_does_not_name(backend: Backend) {
+    let (env, store) = open(backend).await;
+    let patch = |name: Change, timezone: Change, attributes: serde_json::Value| CustomerPatch {
+        id: "c".into(),
+        email: "c@example.com".into(),
+        name,
+        timezone,
+        attributes: attributes.as_object().cloned().unwrap_or_default(),
+    };
+    let first = patch(
+        Change::Set("Cleo".into()),
+        Change::Set("Europe/Paris".into()),
+        serde_json::json!({ "plan": "gold", "city": "Paris", "tags": { "a": 1 } }),
+    );
+    assert_eq!(
+        store.merge_customers(&[first]).await.expect("merge"),
+        1,
+        "one new"
+    );
+    let second = patch(
+        Change::Keep,
+        Change::Clear,
+        serde_json::json!({ "city": null, "vip": true, "tags": { "b": 2 } }),
+    );
+    assert_eq!(
+        store.merge_customers(&[second]).await.expect("merge"),
+        0,
+        "none new"
+    );
+    let stored = store.customer("c").await.expect("read").expect("exists");
+    assert_eq!(stored.name.as_deref(), Some("Cleo"), "kept: not named");
+    assert_eq!(stored.timezone, None, "cleared");
+    assert_eq!(
+        stored.attributes,
+        serde_json::json!({ "plan": "gold", "vip": true, "tags": { "b": 2 } }),
+        "null removes; a set value replaces whole, nested objects are not merged"
+    );
+    assert_eq!(store.merge_customers(&[]).await.expect("empty"), 0);
+
+    // Two writers (two stores, as two processes) patching one customer at once keep both.
+    let other = env.store().await;
+    for round in 0..10 {
+        let key = |who: &str| format!("{who}{round}");
+        let a = CustomerPatch {
+            attributes: [(key("a"), serde_json::json!(round))].into_iter().collect(),
+            ..patch(Change::Keep, Change::Keep, serde_json::json!({}))
+        };
+        let b = CustomerPatch {
+            attributes: [(key("b"), serde_json::json!(round))].into_iter().collect(),
+            ..patch(Change::Keep, Change::Keep, serde_json::json!({}))
+        };
+        let (a, b) = ([a], [b]);
+        let (one, two) = tokio::join!(store.merge_customers(&a), other.merge_customers(&b));
+        one.expect("merge a");
+        two.expect("merge b");
+        let attributes = store
+            .customer("c")
+            .await
+            .expect("read")
+            .expect("exists")
+            .attributes;
+        assert!(
+            attributes.get(key("a")).is_some() && attributes.get(key("b")).is_some(),
+            "round {round}: {attributes}"
+        );
+    }
+}
+
+// --- planning -------------------------------------------------------------------------------
+
+async fn dedupe_keys_are_unique(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let now = Utc::now() + TimeDelta::hours(1);
+    let batch = [message("r:1", "c", now), message("r:2", "c", now)];
+    assert_eq!(store.insert_messages(&batch).await.expect("insert"), 2);
+    let again = [message("r:2", "c", now), message("r:3", "c", now)];
+    assert_eq!(
+        store.insert_messages(&again).await.expect("insert"),
+        1,
+        "r:2 exists"
+    );
+    assert_eq!(
+        store.log(&LogFilter::default()).await.expect("log").len(),
+        3
+    );
+    let keys: Vec<String> = ["r:1", "r:3", "r:9"].map(String::from).to_vec();
+    let found = store.existing_dedupe_keys(&keys).await.expect("keys");
+    assert_eq!(
+        found,
+        ["r:1", "r:3"].map(String::from).into_iter().collect()
+    );
+    assert!(
+        store
+            .existing_dedupe_keys(&[])
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    let many: Vec<String> = (0..1200).map(|i| format!("r:{i}")).collect();
+    assert_eq!(
+        store.existing_dedupe_keys(&many).await.expect("many").len(),
+        3
+    );
+}
+
+async fn candidates_skip_planned_and_suppressed(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[
+            customer("a", "A@example.com", "A"),
+            customer("b", "b@example.com", "B"),
+        ])
+        .await
+        .expect("customers");
+    let now = Utc::now();
+    let event = |id: &str, who: &str| Event {
+        id: id.into(),
+        customer_id: who.into(),
+        kind: "purchase".into(),
+        occurred_at: now - TimeDelta::minutes(5),
+        data: serde_json::json!({}),
+    };
+    store
+        .insert_events(&[event("e1", "a"), event("e2", "a"), event("e3", "b")])
+        .await
+        .expect("events");
+    store
+        .insert_messages(&[NewMessage {
+            event_id: Some("e1".into()),
+            ..message("thanks:e1", "a", now)
+        }])
+        .await
+        .expect("planned");
+    store
+        .suppress("b@example.com", "asked", "test")
+        .await
+        .expect("suppress");
+    let (_, up_to) = store.max_seqs().await.expect("seqs");
+    let query = CandidateQuery {
+        rule: "thanks".into(),
+        source: CandidateSource::NewEvents {
+            kind: "purchase".into(),
+            occurred_from: now - TimeDelta::hours(1),
+            unless_since: vec![],
+        },
+        after_seq: 0,
+        up_to_seq: up_to,
+        now,
+        limit: 10,
+    };
+    let found = store.candidates(&query).await.expect("candidates");
+    let ids: Vec<_> = found
+        .iter()
+        .filter_map(|c| c.event.as_ref().map(|e| e.id.clone()))
+        .collect();
+    assert_eq!(ids, ["e2"], "e1 is planned, e3's customer is suppressed");
+    assert_eq!(found[0].customer.email, "A@example.com");
+    let recurring = CandidateQuery {
+        source: CandidateSource::RecurringCustomers,
+        ..query
+    };
+    let found = store.candidates(&recurring).await.expect("customers");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].customer.id, "a");
+    assert!(found[0].event.is_none());
+}
+
+// --- the outbox -------------------------------------------------------------------------------
+
+async fn claims_are_fenced_by_token_and_lease(backend: Backend) {
+    let (env, store) = open(backend).await;
+    let now = Utc::now();
+    store
+        .insert_messages(&[
+            message("r:1", "c", now - TimeDelta::seconds(2)),
+            message("r:2", "c", now - TimeDelta::seconds(1)),
+            message("r:later", "c", now + TimeDelta::hours(1)),
+        ])
+        .await
+        .expect("insert");
+    let next = store.next_due_in().await.expect("next due");
+    assert_eq!(next, Some(TimeDelta::zero()), "due now");
+    let claims = claim_all(&store, "one").await;
+    assert_eq!(claims.len(), 2, "only the due ones");
+    assert_eq!(
+        claims[0].detail,
+        serde_json::json!({ "n": "r:1" }),
+        "soonest first"
+    );
+    assert!(
+        claims
+            .iter()
+            .all(|c| c.token == claims[0].token && c.attempts == 1)
+    );
+    assert!(
+        claim_all(&store, "two").await.is_empty(),
+        "a claimed message is not claimed again"
+    );
+    let (one, two) = (&claims[0], &claims[1]);
+
+    let to = delivery("c@example.com");
+    assert!(
+        !store
+            .begin_body_with(one.id, "stale", &to, &content(), MARGIN)
+            .await
+            .expect("stale")
+    );
+    assert!(
+        !store
+            .begin_body_with(one.id, &one.token, &to, &content(), LEASE * 2)
+            .await
+            .expect("margin"),
+        "less than the margin left"
+    );
+    assert!(
+        !store
+            .finish(
+                one.id,
+                "stale",
+                &Outcome::Sent {
+                    reply: "250".into()
+                }
+            )
+            .await
+            .expect("stale")
+    );
+    assert!(
+        store
+            .begin_body_with(one.id, &one.token, &to, &content(), MARGIN)
+            .await
+            .expect("body")
+    );
+    let sent = Outcome::Sent {
+        reply: "250 ok".into(),
+    };
+    assert!(
+        store
+            .finish(one.id, &one.token, &sent)
+            .await
+            .expect("finish")
+    );
+    assert!(
+        !store
+            .finish(one.id, &one.token, &sent)
+            .await
+            .expect("again"),
+        "the token is spent"
+    );
+    let entry = store.message(one.id).await.expect("read").expect("exists");
+    assert_eq!(entry.state, MessageState::Sent);
+    assert_eq!(entry.smtp_reply.as_deref(), Some("250 ok"));
+    assert_eq!(entry.email.as_deref(), Some("c@example.com"));
+    assert!(entry.sent_at.is_some());
+    assert_eq!(
+        store.sent_content(one.id).await.expect("content"),
+        Some(content())
+    );
+    let kinds: Vec<String> = store
+        .message_events(one.id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["sent"], "one line per transition");
+
+    // A lease that ran out fences the body too.
+    expire_leases(&env).await;
+    assert!(
+        !store
+            .begin_body_with(two.id, &two.token, &to, &content(), MARGIN)
+            .await
+            .expect("lapsed")
+    );
+    // Released: back to scheduled, the attempt not counted.
+    let at = Utc::now() + TimeDelta::hours(2);
+    let released = Outcome::Released {
+        at,
+        reason: "relay down".into(),
+    };
+    assert!(
+        store
+            .finish(two.id, &two.token, &released)
+            .await
+            .expect("release")
+    );
+    let entry = store.message(two.id).await.expect("read").expect("exists");
+    assert_eq!((entry.state, entry.attempts), (MessageState::Scheduled, 0));
+    assert!((entry.next_attempt_at - at).num_milliseconds().abs() < 1);
+    let (waiting, _) = store.due_backlog().await.expect("backlog");
+    assert_eq!(waiting, 0, "nothing due now");
+    let next = store
+        .next_due_in()
+        .await
+        .expect("next")
+        .expect("some waits");
+    assert!(next > TimeDelta::minutes(50), "{next}");
+}
+
+async fn reaping_goes_by_phase(backend: Backend) {
+    let (env, store) = open(backend).await;
+    let due = Utc::now() - TimeDelta::seconds(1);
+    let batch: Vec<_> = (0..3)
+        .map(|i| message(&format!("r:{i}"), "c", due))
+        .collect();
+    store.insert_messages(&batch).await.expect("insert");
+    let claims = claim_all(&store, "one").await;
+    let to = delivery("c@example.com");
+    let body = &claims[2];
+    assert!(
+        store
+            .begin_body_with(body.id, &body.token, &to, &content(), MARGIN)
+            .await
+            .expect("body")
+    );
+    assert_eq!(
+        store.reap_expired(false).await.expect("reap"),
+        Default::default(),
+        "leases live"
+    );
+    expire_leases(&env).await;
+    let reaped = store.reap_expired(false).await.expect("reap");
+    assert_eq!((reaped.rescheduled, reaped.unknown), (2, 1));
+    assert_eq!(
+        state_of(&store, claims[0].id).await,
+        MessageState::Scheduled
+    );
+    assert_eq!(state_of(&store, body.id).await, MessageState::Unknown);
+    assert!(
+        !store
+            .finish(
+                body.id,
+                &body.token,
+                &Outcome::Sent {
+                    reply: "250".into()
+                }
+            )
+            .await
+            .expect("late")
+    );
+    let lines = store.message_events(body.id).await.expect("events");
+    assert_eq!(
+        lines.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["unknown"]
+    );
+    assert_eq!(lines[0].attempt, Some(1));
+
+    // With resend_unknown, a body that may have gone out is tried again.
+    let again = claim_all(&store, "one").await;
+    assert_eq!(again.len(), 2);
+    let claim = &again[0];
+    assert_eq!(claim.attempts, 2);
+    assert!(
+        store
+            .begin_body_with(claim.id, &claim.token, &to, &content(), MARGIN)
+            .await
+            .expect("body")
+    );
+    expire_leases(&env).await;
+    let reaped = store.reap_expired(true).await.expect("reap");
+    assert_eq!((reaped.rescheduled, reaped.unknown), (1, 1));
+    assert_eq!(state_of(&store, claim.id).await, MessageState::Retrying);
+}
+
+async fn overdue_messages_expire(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let now = Utc::now();
+    let expired = NewMessage {
+        expires_at: Some(now - TimeDelta::seconds(1)),
+        ..message("r:old", "c", now + TimeDelta::hours(1))
+    };
+    let fresh = NewMessage {
+        expires_at: Some(now + TimeDelta::hours(2)),
+        ..message("r:new", "c", now + TimeDelta::hours(1))
+    };
+    store
+        .insert_messages(&[expired, fresh])
+        .await
+        .expect("insert");
+    let ids = store.expire_overdue().await.expect("expire");
+    assert_eq!(ids.len(), 1);
+    let entry = store.message(ids[0]).await.expect("read").expect("exists");
+    assert_eq!(entry.state, MessageState::Skipped);
+    assert!(
+        entry
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("expired")
+    );
+    assert!(store.expire_overdue().await.expect("again").is_empty());
+}
+
+// --- consent ----------------------------------------------------------------------------------
+
+async fn suppressions_are_normalised(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    assert!(
+        store
+            .suppress(" Ann@Example.COM ", "bounced", "smtp")
+            .await
+            .expect("add")
+    );
+    assert!(
+        !store
+            .suppress("ann@example.com", "asked", "web")
+            .await
+            .expect("again")
+    );
+    assert!(store.is_suppressed("ANN@example.com").await.expect("check"));
+    let list = store.suppressions().await.expect("list");
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].email.as_str(), list[0].reason.as_str()),
+        ("ann@example.com", "bounced")
+    );
+
+    // The body fence refuses an address suppressed after the claim.
+    store
+        .insert_messages(&[message("r:1", "c", Utc::now() - TimeDelta::seconds(1))])
+        .await
+        .expect("insert");
+    let claim = claim_all(&store, "one").await.remove(0);
+    let to = delivery("ANN@example.com");
+    assert!(
+        !store
+            .begin_body_with(claim.id, &claim.token, &to, &content(), MARGIN)
+            .await
+            .expect("fenced")
+    );
+
+    assert!(store.unsuppress("Ann@Example.com").await.expect("remove"));
+    assert!(!store.unsuppress("ann@example.com").await.expect("gone"));
+    assert!(!store.is_suppressed("ann@example.com").await.expect("check"));
+    assert!(
+        store
+            .begin_body_with(claim.id, &claim.token, &to, &content(), MARGIN)
+            .await
+            .expect("body")
+    );
+}
+
+// --- tracking ---------------------------------------------------------------------------------
+
+async fn message_events_are_recorded_once(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .insert_messages(&[message("r:1", "c", Utc::now() - TimeDelta::seconds(1))])
+        .await
+        .expect("insert");
+    let claim = claim_all(&store, "one").await.remove(0);
+    let to = delivery("Pat@example.com");
+    assert!(
+        store
+            .begin_body_with(claim.id, &claim.token, &to, &content(), MARGIN)
+            .await
+            .expect("body")
+    );
+    assert!(
+        store
+            .finish(
+                claim.id,
+                &claim.token,
+                &Outcome::Sent {
+                    reply: "250".into()
+                }
+            )
+            .await
+            .expect("sent")
+    );
+    let found = store
+        .message_by_message_id("m@test")
+        .await
+        .expect("by id")
+        .expect("found");
+    assert_eq!(found.id, claim.id, "with or without angle brackets");
+
+    let detail = serde_json::json!({ "ip": "192.0.2.1" });
+    let once =
+        |key: &'static str| store.record_message_event_once(claim.id, "opened", key, &detail);
+    assert!(once("pixel").await.expect("first"));
+    assert!(!once("pixel").await.expect("repeat"));
+    assert!(!once("pixel").await.expect("repeat"));
+    assert!(once("other").await.expect("another key"));
+    store
+        .add_message_event(
+            claim.id,
+            "clicked",
+            &serde_json::json!({ "url": "https://x.example" }),
+        )
+        .await
+        .expect("click");
+    let lines = store.message_events(claim.id).await.expect("events");
+    let opened: Vec<i64> = lines
+        .iter()
+        .filter(|e| e.kind == "opened")
+        .map(|e| e.count)
+        .collect();
+    assert_eq!(opened, [3, 1], "a repeat adds to the count, not a row");
+    let entry = store
+        .message(claim.id)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!((entry.opens, entry.clicks), (4, 1));
+    assert!(entry.opened_at.is_some() && entry.clicked_at.is_some());
+    assert_eq!(
+        store
+            .events_for_address("pat@EXAMPLE.com", "opened")
+            .await
+            .expect("count"),
+        1
+    );
+    assert_eq!(
+        store
+            .events_for_address("pat@example.com", "bounced")
+            .await
+            .expect("count"),
+        0
+    );
+    let engagement = store
+        .engagement(Utc::now() - TimeDelta::hours(1))
+        .await
+        .expect("engagement");
+    assert_eq!(
+        engagement,
+        [
+            ("r".to_string(), "clicked".to_string(), 1),
+            ("r".to_string(), "opened".to_string(), 1)
+        ]
+    );
+    let activity = store
+        .activity(Utc::now() - TimeDelta::hours(1))
+        .await
+        .expect("activity");
+    assert_eq!(
+        activity
+            .iter()
+            .map(|a| (a.state, a.count))
+            .collect::<Vec<_>>(),
+        [(MessageState::Sent, 1)]
+    );
+    let history = store
+        .customer_message_events("c", 10)
+        .await
+        .expect("history");
+    assert_eq!(
+        history.len(),
+        4,
+        "sent, two opened lines, clicked: {history:?}"
+    );
+}
+
+// --- reporting --------------------------------------------------------------------------------
+
+async fn the_log_pages_and_filters(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[
+            customer("ann", "ann@example.com", "Ann Smith"),
+            customer("bob", "bob@example.com", "Bob 100%_Real"),
+        ])
+        .await
+        .expect("customers");
+    let now = Utc::now();
+    let batch: Vec<NewMessage> = (0..6)
+        .map(|i| NewMessage {
+            rule: if i % 2 == 0 { "even" } else { "odd" }.into(),
+            ..message(
+                &format!("k{i}"),
+                if i < 4 { "ann" } else { "bob" },
+                now + TimeDelta::hours(i),
+            )
+        })
+        .collect();
+    store.insert_messages(&batch).await.expect("insert");
+    let ids = |entries: Vec<touchpoint::store::LogEntry>| -> Vec<i64> {
+        entries.into_iter().map(|e| e.id).collect()
+    };
+    let all = ids(store.log(&LogFilter::default()).await.expect("log"));
+    assert_eq!(all.len(), 6);
+    assert!(all.windows(2).all(|w| w[0] > w[1]), "newest first: {all:?}");
+
+    let page = |before_id| LogFilter {
+        limit: Some(4),
+        before_id,
+        ..LogFilter::default()
+    };
+    let first = ids(store.log(&page(None)).await.expect("page"));
+    let second = ids(store.log(&page(first.last().copied())).await.expect("page"));
+    assert_eq!([first, second].concat(), all, "keyset pages");
+
+    let by = |filter: LogFilter| {
+        let store = store.clone();
+        async move { store.log(&filter).await.expect("log").len() }
+    };
+    assert_eq!(
+        by(LogFilter {
+            rule: Some("even".into()),
+            ..Default::default()
+        })
+        .await,
+        3
+    );
+    assert_eq!(
+        by(LogFilter {
+            state: Some(MessageState::Scheduled),
+            ..Default::default()
+        })
+        .await,
+        6
+    );
+    assert_eq!(
+        by(LogFilter {
+            state: Some(MessageState::Sent),
+            ..Default::default()
+        })
+        .await,
+        0
+    );
+    assert_eq!(
+        by(LogFilter {
+            customer_id: Some("bob".into()),
+            ..Default::default()
+        })
+        .await,
+        2
+    );
+    let search = |text: &str| LogFilter {
+        customer_search: Some(text.into()),
+        ..Default::default()
+    };
+    assert_eq!(by(search("ANN@")).await, 4, "email, case-insensitive");
+    assert_eq!(by(search("smith")).await, 4, "name");
+    assert_eq!(by(search("bob")).await, 2, "id");
+    assert_eq!(
+        by(search("100%_r")).await,
+        2,
+        "LIKE's wildcards are literal"
+    );
+    assert_eq!(by(search("0%_x")).await, 0);
+    assert_eq!(
+        by(LogFilter {
+            customer_search: Some("ann".into()),
+            rule: Some("odd".into()),
+            ..Default::default()
+        })
+        .await,
+        2
+    );
+    let window = LogFilter {
+        from: Some(now + TimeDelta::minutes(90)),
+        until: Some(now + TimeDelta::minutes(270)),
+        ..Default::default()
+    };
+    assert_eq!(by(window).await, 3, "due at +2h, +3h and +4h");
+    assert_eq!(
+        by(LogFilter {
+            from: Some(now + TimeDelta::minutes(90)),
+            ..Default::default()
+        })
+        .await,
+        4
+    );
+    assert_eq!(
+        by(LogFilter {
+            until: Some(now + TimeDelta::minutes(30)),
+            ..Default::default()
+        })
+        .await,
+        1
+    );
+    let upcoming = store
+        .log(&LogFilter {
+            due_before: Some(now + TimeDelta::minutes(150)),
+            ..Default::default()
+        })
+        .await
+        .expect("upcoming");
+    let due: Vec<_> = upcoming.iter().map(|e| e.due_at).collect();
+    assert_eq!(due.len(), 3);
+    assert!(due.windows(2).all(|w| w[0] <= w[1]), "soonest first");
+    assert_eq!(
+        by(LogFilter {
+            since: Some(now - TimeDelta::minutes(5)),
+            ..Default::default()
+        })
+        .await,
+        6
+    );
+
+    let counts = store.counts().await.expect("counts");
+    assert_eq!(
+        counts,
+        [
+            ("even".to_string(), MessageState::Scheduled, 3),
+            ("odd".to_string(), MessageState::Scheduled, 3)
+        ]
+    );
+    assert_eq!(
+        store
+            .count_state(MessageState::Scheduled)
+            .await
+            .expect("count"),
+        6
+    );
+    assert_eq!(
+        store.sent_content(all[0]).await.expect("content"),
+        None,
+        "nothing kept yet"
+    );
+}
+
+// --- shared state -----------------------------------------------------------------------------
+
+async fn settings_and_sessions(backend: Backend) {
+    let (env, store) = open(backend).await;
+    assert_eq!(
+        store.setting_or_insert("key", "one").await.expect("set"),
+        "one"
+    );
+    let other = env.store().await;
+    assert_eq!(
+        other.setting_or_insert("key", "two").await.expect("get"),
+        "one",
+        "first wins"
+    );
+
+    let future = Utc::now().timestamp() + 3600;
+    assert!(!store.session_revoked("h1").await.expect("check"));
+    store.revoke_session("h1", future).await.expect("revoke");
+    store
+        .revoke_session("h1", future)
+        .await
+        .expect("revoke twice");
+    assert!(
+        other.session_revoked("h1").await.expect("check"),
+        "seen by every process"
+    );
+    store
+        .revoke_session("old", 1)
+        .await
+        .expect("revoke an expired one");
+    store.revoke_session("h2", future).await.expect("revoke");
+    assert!(
+        !store.session_revoked("old").await.expect("check"),
+        "expired records are deleted"
+    );
+    assert!(store.session_revoked("h2").await.expect("check"));
+    store.ping().await.expect("ping");
+}
+
+on_both_backends!(
+    customers_and_events,
+    merge_customers_keeps_what_a_patch_does_not_name,
+    dedupe_keys_are_unique,
+    candidates_skip_planned_and_suppressed,
+    claims_are_fenced_by_token_and_lease,
+    reaping_goes_by_phase,
+    overdue_messages_expire,
+    suppressions_are_normalised,
+    message_events_are_recorded_once,
+    the_log_pages_and_filters,
+    settings_and_sessions,
+);
+
+// --- the state machine, against a model --------------------------------------------------------
+
+pub mod model {
+    //! A model of one store's message state machine, driven by random operations.
+    //!
+    //! Invariants checked after every step:
+    //! - the model predicts every row exactly: state, attempts, claim token and owner, phase,
+    //!   and one `message_events` line per transition (claims and `begin_body` add none);
+    //! - `claim_due` returns only waiting, due messages, as many as it may, under one new
+    //!   token, and never one that holds a claim: there is at most one live claim per message;
+    //! - `begin_body` and `finish` with a stale or finished token return false and change no
+    //!   byte of the table; `begin_body` also refuses an expired lease or one shorter than the
+    //!   margin;
+    //! - a message whose body may have been delivered (`begin_body` returned true and the
+    //!   attempt did not end with a definite refusal: sent, unknown, or reaped) is never
+    //!   claimable again, unless `resend_unknown`; without it, no message is possibly
+    //!   delivered twice;
+    //! - `sent` is only ever reached by a `finish` with the live token, after `begin_body`;
+    //! - attempts never decrease except by exactly one on `Released`;
+    //! - after a final time warp past every lease, a reap and an expiry, no message is left in
+    //!   `sending`: each is final, or `scheduled`/`retrying`.
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    use chrono::{TimeDelta, Utc};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use touchpoint::store::{
+        Delivery, MessageState, NewMessage, Outcome, PostgresStore, SentContent, SqliteStore, Store,
+    };
+
+    /// How long a normal claim lasts; `Advance` always jumps past it.
+    const LEASE_MINUTES: i64 = 10;
+    const SMALL_STEP: i64 = 15;
+    const BIG_STEP: i64 = 120;
+    /// `expires_at` of the messages that have one, in model minutes from the start.
+    const EXPIRES: i64 = 50;
+
+    #[derive(Debug, Clone)]
+    pub enum Op {
+        Claim {
+            instance: u8,
+            limit: u32,
+            tiny: bool,
+        },
+        BeginBody {
+            claim: usize,
+            wide_margin: bool,
+        },
+        Finish {
+            claim: usize,
+            verdict: u8,
+            delay: u8,
+        },
+        Crash {
+            claim: usize,
+        },
+        Advance {
+            big: bool,
+        },
+        Reap,
+        Expire,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..2u8, 1..4u32, prop::bool::weighted(0.2))
+                .prop_map(|(instance, limit, tiny)| Op::Claim { instance, limit, tiny }),
+            4 => (any::<usize>(), prop::bool::weighted(0.1))
+                .prop_map(|(claim, wide_margin)| Op::BeginBody { claim, wide_margin }),
+            4 => (any::<usize>(), any::<u8>(), any::<u8>())
+                .prop_map(|(claim, verdict, delay)| Op::Finish { claim, verdict, delay }),
+            1 => any::<usize>().prop_map(|claim| Op::Crash { claim }),
+            2 => prop::bool::weighted(0.3).prop_map(|big| Op::Advance { big }),
+            2 => Just(Op::Reap),
+            1 => Just(Op::Expire),
+        ]
+    }
+
+    /// (resend_unknown, messages as (due now, has expires_at), operations)
+    pub fn case() -> impl Strategy<Value = (bool, Vec<(bool, bool)>, Vec<Op>)> {
+        (
+            prop::bool::weighted(0.3),
+            prop::collection::vec((prop::bool::weighted(0.75), any::<bool>()), 1..5),
+            prop::collection::vec(op(), 1..40),
+        )
+    }
+
+    /// Direct SQL for what the trait does not offer: reading whole rows and moving the clock.
+    pub enum Raw {
+        Sqlite(sqlx::SqlitePool),
+        Postgres(sqlx::PgPool),
+    }
+
+    type RowTuple = (
+        i64,
+        String,
+        i32,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i64,
+    );
+
+    /// One `messages` row, every column that can change, times as text.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Row {
+        pub state: MessageState,
+        pub attempts: i32,
+        pub token: Option<String>,
+        pub claimed_by: Option<String>,
+        pub phase: Option<String>,
+        pub smtp_reply: Option<String>,
+        pub reason: Option<String>,
+        pub next_attempt_at: Option<String>,
+        pub lease_expires_at: Option<String>,
+        pub updated_at: Option<String>,
+        pub sent_at: Option<String>,
+        pub events: i64,
+    }
+
+    const SNAPSHOT: &str = "SELECT m.id, m.state, m.attempts, m.claim_token, m.claimed_by, m.phase, \
+        m.smtp_reply, m.reason, CAST(m.next_attempt_at AS TEXT), CAST(m.lease_expires_at AS TEXT), \
+        CAST(m.updated_at AS TEXT), CAST(m.sent_at AS TEXT), \
+        (SELECT COUNT(*) FROM message_events e WHERE e.message_id = m.id) \
+        FROM messages m ORDER BY m.id";
+
+    impl Raw {
+        async fn execute(&self, sql: &str) {
+            match self {
+                Raw::Sqlite(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+                Raw::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+            }
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+
+        pub async fn clear(&self) {
+            self.execute("DELETE FROM message_events").await;
+            self.execute("DELETE FROM messages").await;
+        }
+
+        pub async fn snapshot(&self) -> BTreeMap<i64, Row> {
+            let rows: Vec<RowTuple> = match self {
+                Raw::Sqlite(pool) => sqlx::query_as(SNAPSHOT).fetch_all(pool).await,
+                Raw::Postgres(pool) => sqlx::query_as(SNAPSHOT).fetch_all(pool).await,
+            }
+            .expect("snapshot");
+            rows.into_iter()
+                .map(|r| {
+                    let row = Row {
+                        state: MessageState::from_str(&r.1).expect("state"),
+                        attempts: r.2,
+                        token: r.3,
+                        claimed_by: r.4,
+                        phase: r.5,
+                        smtp_reply: r.6,
+                        reason: r.7,
+                        next_attempt_at: r.8,
+                        lease_expires_at: r.9,
+                        updated_at: r.10,
+                        sent_at: r.11,
+                        events: r.12,
+                    };
+                    (r.0, row)
+                })
+                .collect()
+        }
+
+        /// Moves the clock forward by `minutes`, as the rows see it: every stored instant that is
+        /// compared with "now" moves back.
+        async fn advance(&self, minutes: i64) {
+            let sql = match self {
+                Raw::Sqlite(_) => {
+                    let shift = |c: &str| {
+                        format!(
+                            "{c} = strftime('%Y-%m-%dT%H:%M:%fZ', {c}, '-{} seconds')",
+                            minutes * 60
+                        )
+                    };
+                    format!(
+                        "UPDATE messages SET {}, {}, {}, {}",
+                        shift("next_attempt_at"),
+                        shift("lease_expires_at"),
+                        shift("expires_at"),
+                        shift("due_at")
+                    )
+                }
+                Raw::Postgres(_) => {
+                    let shift = |c: &str| format!("{c} = {c} - interval '{minutes} minutes'");
+                    format!(
+                        "UPDATE messages SET {}, {}, {}, {}",
+                        shift("next_attempt_at"),
+                        shift("lease_expires_at"),
+                        shift("expires_at"),
+                        shift("due_at")
+                    )
+                }
+            };
+            self.execute(&sql).await;
+        }
+    }
+
+    /// What the model expects of one message.
+    #[derive(Debug, Clone)]
+    struct Expected {
+        state: MessageState,
+        attempts: i32,
+        token: Option<String>,
+        claimed_by: Option<String>,
+        body: bool,
+        lease_expired: bool,
+        /// `next_attempt_at`, in model minutes.
+        due: i64,
+        expires: Option<i64>,
+        events: i64,
+        /// Bodies that may have reached the server (sent, unknown, or reaped after the body).
+        deliveries: u32,
+    }
+
+    #[derive(Debug)]
+    struct ClaimRecord {
+        id: i64,
+        token: String,
+        /// `begin_body` returned true for this claim.
+        body: bool,
+        /// The process holding it crashed: it never acts again.
+        dead: bool,
+    }
+
+    struct Run<'a> {
+        store: &'a dyn Store,
+        raw: &'a Raw,
+        resend_unknown: bool,
+        /// Model minutes since the case started.
+        now: i64,
+        messages: BTreeMap<i64, Expected>,
+        claims: Vec<ClaimRecord>,
+        tokens: BTreeSet<String>,
+        rows: BTreeMap<i64, Row>,
+        log: Vec<String>,
+    }
+
+    macro_rules! check {
+        ($run:expr, $cond:expr, $($arg:tt)+) => {
+            if !$cond {
+                return Err(TestCaseError::fail(format!(
+                    "{}\nsteps:\n  {}",
+                    format!($($arg)+),
+                    $run.log.join("\n  ")
+                )));
+            }
+        };
+    }
+
+    fn is_waiting(state: MessageState) -> bool {
+        matches!(state, MessageState::Scheduled | MessageState::Retrying)
+    }
+
+    impl Run<'_> {
+        fn claim_index(&self, selector: usize) -> Option<usize> {
+            (!self.claims.is_empty()).then(|| selector % self.claims.len())
+        }
+
+        async fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
+            self.log.push(format!("{op:?}"));
+            let before = self.rows.clone();
+            let mut unchanged = false;
+            let mut released: Option<i64> = None;
+            let mut sent_by: Option<(i64, String)> = None;
+            match *op {
+                Op::Claim {
+                    instance,
+                    limit,
+                    tiny,
+                } => {
+                    let name = format!("instance-{instance}");
+                    let lease = if tiny {
+                        TimeDelta::milliseconds(1)
+                    } else {
+                        TimeDelta::minutes(LEASE_MINUTES)
+                    };
+                    let due: BTreeSet<i64> = self
+                        .messages
+                        .iter()
+                        .filter(|(_, m)| is_waiting(m.state) && m.due <= self.now)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    let claims = self
+                        .store
+                        .claim_due(&name, limit, lease)
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    if tiny {
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                    }
+                    self.log.push(format!(
+                        "  -> claimed {:?}",
+                        claims.iter().map(|c| c.id).collect::<Vec<_>>()
+                    ));
+                    check!(
+                        self,
+                        claims.len() == due.len().min(limit as usize),
+                        "claimed {} of {:?} due (limit {limit})",
+                        claims.len(),
+                        due
+                    );
+                    let ids: BTreeSet<i64> = claims.iter().map(|c| c.id).collect();
+                    check!(
+                        self,
+                        ids.len() == claims.len(),
+                        "a message claimed twice at once"
+                    );
+                    if let Some(first) = claims.first() {
+                        check!(
+                            self,
+                            claims.iter().all(|c| c.token == first.token),
+                            "one claim, several tokens"
+                        );
+                        check!(
+                            self,
+                            self.tokens.insert(first.token.clone()),
+                            "a token was reused"
+                        );
+                    }
+                    for claim in &claims {
+                        check!(
+                            self,
+                            due.contains(&claim.id),
+                            "claimed {} which was not waiting and due: {:?}",
+                            claim.id,
+                            self.messages.get(&claim.id)
+                        );
+                        let resend_unknown = self.resend_unknown;
+                        let m = self.messages.get_mut(&claim.id).expect("known message");
+                        check!(
+                            self,
+                            m.deliveries == 0 || resend_unknown,
+                            "message {} may have been delivered, yet it was claimed again",
+                            claim.id
+                        );
+                        m.state = MessageState::Sending;
+                        m.attempts += 1;
+                        m.token = Some(claim.token.clone());
+                        m.claimed_by = Some(name.clone());
+                        m.body = false;
+                        m.lease_expired = tiny;
+                        let expected = m.attempts;
+                        check!(
+                            self,
+                            claim.attempts == expected,
+                            "claim says attempt {} for {}, model {expected}",
+                            claim.attempts,
+                            claim.id
+                        );
+                        self.claims.push(ClaimRecord {
+                            id: claim.id,
+                            token: claim.token.clone(),
+                            body: false,
+                            dead: false,
+                        });
+                    }
+                }
+                Op::BeginBody { claim, wide_margin } => {
+                    let Some(index) = self.claim_index(claim) else {
+                        return Ok(());
+                    };
+                    if self.claims[index].dead {
+                        return Ok(());
+                    }
+                    let (id, token) = (self.claims[index].id, self.claims[index].token.clone());
+                    let margin = if wide_margin {
+                        TimeDelta::minutes(LEASE_MINUTES * 2)
+                    } else {
+                        TimeDelta::seconds(1)
+                    };
+                    let m = &self.messages[&id];
+                    // begin_body also refuses a message whose expires_at has passed (the
+                    // database's last word before the body goes out).
+                    let expect = m.token.as_deref() == Some(token.as_str())
+                        && !m.lease_expired
+                        && !wide_margin
+                        && m.expires.is_none_or(|e| e > self.now);
+                    let delivery = Delivery {
+                        email: format!("customer-{id}@example.com"),
+                        subject: "Hello".into(),
+                        message_id: format!("{id}@touchpoint.test"),
+                    };
+                    let held = self
+                        .store
+                        .begin_body_with(id, &token, &delivery, &SentContent::default(), margin)
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    self.log.push(format!("  -> {held} (message {id})"));
+                    check!(
+                        self,
+                        held == expect,
+                        "begin_body on {id} returned {held}, model {expect}: {m:?}"
+                    );
+                    if held {
+                        let resend_unknown = self.resend_unknown;
+                        let m = self.messages.get_mut(&id).expect("known");
+                        check!(
+                            self,
+                            m.deliveries == 0 || resend_unknown,
+                            "a second body of message {id} went out"
+                        );
+                        m.body = true;
+                        self.claims[index].body = true;
+                    } else {
+                        unchanged = true;
+                    }
+                }
+                Op::Finish {
+                    claim,
+                    verdict,
+                    delay,
+                } => {
+                    let Some(index) = self.claim_index(claim) else {
+                        return Ok(());
+                    };
+                    if self.claims[index].dead {
+                        return Ok(());
+                    }
+                    let record = &self.claims[index];
+                    let (id, token, body) = (record.id, record.token.clone(), record.body);
+                    let offset = [0, 5, 24 * 60][delay as usize % 3];
+                    let at = Utc::now() + TimeDelta::minutes(offset);
+                    // What the dispatcher can record: after the body, the server's verdict;
+                    // before it, a refusal, a skip by the guard, or a release.
+                    let outcome = match (body, verdict % 4) {
+                        (true, 0) => Outcome::Sent {
+                            reply: "250 2.0.0 Ok".into(),
+                        },
+                        (true, 3) => Outcome::Unknown {
+                            reason: "no reply after the dot".into(),
+                        },
+                        (false, 2) => Outcome::Skipped {
+                            reason: "unless".into(),
+                        },
+                        (false, 3) => Outcome::Released {
+                            at,
+                            reason: "relay paused".into(),
+                        },
+                        (_, 1) => Outcome::Retry {
+                            at,
+                            reply: "451 4.3.0 later".into(),
+                        },
+                        _ => Outcome::Failed {
+                            reply: Some("554 5.7.1 no".into()),
+                            reason: "refused".into(),
+                        },
+                    };
+                    let expect = self.messages[&id].token.as_deref() == Some(token.as_str());
+                    let done = self
+                        .store
+                        .finish(id, &token, &outcome)
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    self.log
+                        .push(format!("  -> {done} (message {id}, {:?})", outcome.state()));
+                    check!(
+                        self,
+                        done == expect,
+                        "finish on {id} returned {done}, model {expect}"
+                    );
+                    if done {
+                        let now = self.now;
+                        let m = self.messages.get_mut(&id).expect("known");
+                        if m.body
+                            && matches!(outcome, Outcome::Sent { .. } | Outcome::Unknown { .. })
+                        {
+                            m.deliveries += 1;
+                        }
+                        match &outcome {
+                            Outcome::Retry { .. } => m.due = now + offset,
+                            Outcome::Released { .. } => {
+                                m.due = now + offset;
+                                m.attempts -= 1;
+                                released = Some(id);
+                            }
+                            Outcome::Sent { .. } => sent_by = Some((id, token.clone())),
+                            _ => {}
+                        }
+                        m.state = outcome.state();
+                        m.token = None;
+                        m.claimed_by = None;
+                        m.body = false;
+                        m.lease_expired = false;
+                        m.events += 1;
+                    } else {
+                        unchanged = true;
+                    }
+                }
+                Op::Crash { claim } => {
+                    if let Some(index) = self.claim_index(claim) {
+                        self.claims[index].dead = true;
+                    }
+                    unchanged = true;
+                }
+                Op::Advance { big } => {
+                    let minutes = if big { BIG_STEP } else { SMALL_STEP };
+                    self.raw.advance(minutes).await;
+                    self.now += minutes;
+                    for m in self.messages.values_mut() {
+                        if m.token.is_some() {
+                            m.lease_expired = true;
+                        }
+                    }
+                }
+                Op::Reap => {
+                    let reaped = self
+                        .store
+                        .reap_expired(self.resend_unknown)
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    self.log.push(format!("  -> {reaped:?}"));
+                    let (mut rescheduled, mut unknown) = (0, 0);
+                    let now = self.now;
+                    for m in self.messages.values_mut() {
+                        if m.token.is_none() || !m.lease_expired {
+                            continue;
+                        }
+                        if m.body {
+                            unknown += 1;
+                            m.deliveries += 1;
+                            m.state = if self.resend_unknown {
+                                MessageState::Retrying
+                            } else {
+                                MessageState::Unknown
+                            };
+                        } else {
+                            rescheduled += 1;
+                            m.state = MessageState::Scheduled;
+                        }
+                        m.token = None;
+                        m.claimed_by = None;
+                        m.body = false;
+                        m.lease_expired = false;
+                        m.due = now;
+                        m.events += 1;
+                    }
+                    check!(
+                        self,
+                        (reaped.rescheduled, reaped.unknown) == (rescheduled, unknown),
+                        "reaped {reaped:?}, model rescheduled {rescheduled} unknown {unknown}"
+                    );
+                }
+                Op::Expire => {
+                    let expired = self
+                        .store
+                        .expire_overdue()
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let expired: BTreeSet<i64> = expired.into_iter().collect();
+                    self.log.push(format!("  -> expired {expired:?}"));
+                    let mut expected = BTreeSet::new();
+                    for (id, m) in self.messages.iter_mut() {
+                        if is_waiting(m.state) && m.expires.is_some_and(|e| e < self.now) {
+                            expected.insert(*id);
+                            m.state = if m.state == MessageState::Scheduled {
+                                MessageState::Skipped
+                            } else {
+                                MessageState::Failed
+                            };
+                            m.events += 1;
+                        }
+                    }
+                    check!(
+                        self,
+                        expired == expected,
+                        "expired {expired:?}, model {expected:?}"
+                    );
+                }
+            }
+            self.rows = self.raw.snapshot().await;
+            if unchanged {
+                check!(
+                    self,
+                    self.rows == before,
+                    "a refused write changed the table:\nbefore {before:#?}\nafter {:#?}",
+                    self.rows
+                );
+            }
+            self.compare(&before, released, sent_by.as_ref())
+        }
+
+        /// The rows against the model, and the step-to-step invariants.
+        fn compare(
+            &self,
+            before: &BTreeMap<i64, Row>,
+            released: Option<i64>,
+            sent_by: Option<&(i64, String)>,
+        ) -> Result<(), TestCaseError> {
+            check!(
+                self,
+                self.rows.keys().eq(self.messages.keys()),
+                "rows {:?}, model {:?}",
+                self.rows.keys(),
+                self.messages.keys()
+            );
+            for (id, row) in &self.rows {
+                let m = &self.messages[id];
+                let phase = match (&m.token, m.body) {
+                    (None, _) => None,
+                    (Some(_), false) => Some("claimed"),
+                    (Some(_), true) => Some("body"),
+                };
+                check!(
+                    self,
+                    row.state == m.state
+                        && row.attempts == m.attempts
+                        && row.token == m.token
+                        && row.claimed_by == m.claimed_by
+                        && row.phase.as_deref() == phase
+                        && row.events == m.events,
+                    "message {id}: row {row:#?}\nmodel {m:#?}"
+                );
+                check!(
+                    self,
+                    (row.state == MessageState::Sending) == row.token.is_some(),
+                    "message {id}: a claim token outside `sending`: {row:#?}"
+                );
+                check!(
+                    self,
+                    self.resend_unknown || m.deliveries <= 1,
+                    "message {id} may have been delivered {} times",
+                    m.deliveries
+                );
+                check!(
+                    self,
+                    row.state != MessageState::Sent || m.deliveries >= 1,
+                    "message {id} is sent but no body went out"
+                );
+                let Some(old) = before.get(id) else { continue };
+                if released == Some(*id) {
+                    check!(
+                        self,
+                        row.attempts == old.attempts - 1,
+                        "released {id}: attempts {} -> {}",
+                        old.attempts,
+                        row.attempts
+                    );
+                } else {
+                    check!(
+                        self,
+                        row.attempts >= old.attempts,
+                        "attempts of {id} went down: {} -> {}",
+                        old.attempts,
+                        row.attempts
+                    );
+                }
+                if row.state == MessageState::Sent && old.state != MessageState::Sent {
+                    check!(
+                        self,
+                        sent_by.is_some_and(|(sid, token)| sid == id
+                            && old.token.as_deref() == Some(token.as_str())),
+                        "message {id} became sent other than by finish with its live token"
+                    );
+                }
+                if old.state.is_final() {
+                    // A time warp moves every stored instant; nothing else may change.
+                    let unwarped = Row {
+                        next_attempt_at: old.next_attempt_at.clone(),
+                        ..row.clone()
+                    };
+                    check!(
+                        self,
+                        &unwarped == old,
+                        "final message {id} changed: {old:#?} -> {row:#?}"
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// One case: fresh messages, the operations, then everything expired and reaped.
+    pub async fn run_case(
+        store: &dyn Store,
+        raw: &Raw,
+        resend_unknown: bool,
+        messages: &[(bool, bool)],
+        ops: &[Op],
+    ) -> Result<(), TestCaseError> {
+        raw.clear().await;
+        let now = Utc::now();
+        let batch = uuid::Uuid::new_v4().simple().to_string();
+        let new: Vec<NewMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, &(due_now, expires))| NewMessage {
+                rule: "model".into(),
+                customer_id: format!("c{i}"),
+                event_id: None,
+                dedupe_key: format!("model:{batch}:{i}"),
+                trigger_at: now,
+                due_at: if due_now {
+                    now - TimeDelta::minutes(1)
+                } else {
+                    now + TimeDelta::minutes(30)
+                },
+                expires_at: expires.then(|| now + TimeDelta::minutes(EXPIRES)),
+                detail: serde_json::json!({}),
+            })
+            .collect();
+        let inserted = store
+            .insert_messages(&new)
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(inserted as usize, new.len());
+        let rows = raw.snapshot().await;
+        prop_assert_eq!(rows.len(), new.len());
+        let expected = rows
+            .keys()
+            .zip(messages)
+            .map(|(id, &(due_now, expires))| {
+                let m = Expected {
+                    state: MessageState::Scheduled,
+                    attempts: 0,
+                    token: None,
+                    claimed_by: None,
+                    body: false,
+                    lease_expired: false,
+                    due: if due_now { -1 } else { 30 },
+                    expires: expires.then_some(EXPIRES),
+                    events: 0,
+                    deliveries: 0,
+                };
+                (*id, m)
+            })
+            .collect();
+        let mut run = Run {
+            store,
+            raw,
+            resend_unknown,
+            now: 0,
+            messages: expected,
+            claims: Vec::new(),
+            tokens: BTreeSet::new(),
+            rows,
+            log: vec![format!(
+                "resend_unknown = {resend_unknown}, messages {messages:?}"
+            )],
+        };
+        for op in ops {
+            run.step(op).await?;
+        }
+        // Every process is gone; time passes; the reaper and the expiry run.
+        for op in [Op::Advance { big: true }, Op::Reap, Op::Expire] {
+            run.step(&op).await?;
+        }
+        for (id, row) in &run.rows {
+            check!(
+                run,
+                row.state != MessageState::Sending,
+                "message {id} is stuck in sending: {row:#?}"
+            );
+            check!(
+                run,
+                row.state.is_final() || is_waiting(row.state),
+                "message {id}: {row:#?}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `cases` random cases against one store.
+    pub fn check_store(
+        runtime: &tokio::runtime::Runtime,
+        store: &dyn Store,
+        raw: &Raw,
+        cases: u32,
+    ) {
+        let mut runner = TestRunner::new(Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let result = runner.run(&case(), |(resend_unknown, messages, ops)| {
+            runtime.block_on(run_case(store, raw, resend_unknown, &messages, &ops))
+        });
+        if let Err(error) = result {
+            panic!("{error}");
+        }
+    }
+
+    pub async fn sqlite(dir: &std::path::Path) -> (SqliteStore, Raw) {
+        let path = dir.join("model.db");
+        let store = SqliteStore::open(&path, 2).await.expect("open sqlite");
+        store.migrate().await.expect("migrate");
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .expect("raw sqlite");
+        (store, Raw::Sqlite(pool))
+    }
+
+    pub async fn postgres(url: &str) -> (PostgresStore, Raw) {
+        let store = PostgresStore::open(url, 4).await.expect("open postgres");
+        store.migrate().await.expect("migrate");
+        let raw = Raw::Postgres(store.pool().clone());
+        (store, raw)
+    }
+}
+
+fn model_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn state_machine_sqlite() {
+    let runtime = model_runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, raw) = runtime.block_on(model::sqlite(dir.path()));
+    model::check_store(&runtime, &store, &raw, 300);
+}
+
+#[test]
+fn state_machine_postgres() {
+    let runtime = model_runtime();
+    let env = runtime.block_on(TestEnv::build(Backend::Postgres, Sink::Files, &[], ""));
+    let (store, raw) = runtime.block_on(model::postgres(&env.database_url));
+    model::check_store(&runtime, &store, &raw, 150);
+    drop(store);
+    drop(raw);
+    drop(env);
+}
+
+/// Two instances claiming at once, in a loop, over one set of due messages: every message is
+/// claimed exactly once (SKIP LOCKED on PostgreSQL; the write lock on SQLite, here with two
+/// stores, as two processes would have, on one file).
+async fn concurrent_claims(backend: Backend) {
+    use touchpoint::store::NewMessage;
+    let env = TestEnv::build(backend, Sink::Files, &[], "").await;
+    let (a, b): (SharedStore, SharedStore) = match backend {
+        Backend::Sqlite => (env.store().await, env.store().await),
+        Backend::Postgres => (env.store().await, env.store().await),
+    };
+    let now = Utc::now();
+    let messages: Vec<NewMessage> = (0..60)
+        .map(|i| NewMessage {
+            rule: "race".into(),
+            customer_id: format!("c{i}"),
+            event_id: None,
+            dedupe_key: format!("race:{i}"),
+            trigger_at: now,
+            due_at: now - TimeDelta::seconds(1),
+            expires_at: None,
+            detail: serde_json::json!({}),
+        })
+        .collect();
+    a.insert_messages(&messages).await.expect("insert");
+    let claimer = |store: SharedStore, name: &'static str| {
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut errors = Vec::new();
+            loop {
+                match store.claim_due(name, 3, TimeDelta::minutes(5)).await {
+                    Ok(claims) if claims.is_empty() => break,
+                    Ok(claims) => {
+                        for claim in claims {
+                            let outcome = touchpoint::store::Outcome::Skipped {
+                                reason: "race".into(),
+                            };
+                            match store.finish(claim.id, &claim.token, &outcome).await {
+                                Ok(true) => ids.push(claim.id),
+                                Ok(false) => errors.push(format!("lost claim {}", claim.id)),
+                                Err(e) => errors.push(format!("finish: {e}")),
+                            }
+                        }
+                    }
+                    Err(e) => errors.push(format!("claim: {e}")),
+                }
+                if errors.len() > 20 {
+                    break;
+                }
+            }
+            (ids, errors)
+        })
+    };
+    let (one, two) = tokio::join!(claimer(a.clone(), "one"), claimer(b.clone(), "two"));
+    let (mut ids, errors_one) = one.expect("task");
+    let (ids_two, errors_two) = two.expect("task");
+    assert!(
+        errors_one.is_empty() && errors_two.is_empty(),
+        "{errors_one:?} {errors_two:?}"
+    );
+    ids.extend(ids_two);
+    let total = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "a message was claimed twice");
+    assert_eq!(total, 60);
+    let log = a.log(&LogFilter::default()).await.expect("log");
+    assert!(log.iter().all(|m| m.state == MessageState::Skipped));
+    assert!(log.iter().all(|m| m.attempts == 1), "{log:#?}");
+}
+
+on_both_backends!(concurrent_claims);
