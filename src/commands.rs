@@ -11,11 +11,11 @@ use crate::cli::{
     PreviewArgs, SuppressCommand,
 };
 use crate::config::Config;
+use crate::dispatch::{MessageInputs, render_message};
 use crate::output::{self, when};
 use crate::plan::{PlanSettings, customer_timezone};
 use crate::playbook::Playbook;
 use crate::query::{Upcoming, activity, upcoming};
-use crate::render::{MessageExtras, message_context};
 use crate::rules::{MessageDetail, Trigger, parse_duration};
 use crate::store::{Change, CustomerPatch, Event, LogFilter, MessageState, SharedStore};
 use crate::transport::Transport;
@@ -158,14 +158,16 @@ pub async fn preview(config: &Config, store: &SharedStore, args: &PreviewArgs) -
         .map_or_else(MessageDetail::default, |next| {
             MessageDetail::anniversary(next.years)
         });
-    let extras = MessageExtras {
-        years: detail.years,
+    // The dispatcher's own rendering, with stand-ins for what only sending fixes.
+    let inputs = MessageInputs {
+        customer: &customer,
+        event: event.as_ref(),
+        tz,
+        detail: &detail,
         message_id: "<preview@touchpoint>".into(),
         unsubscribe_url: None,
-        timezone: tz.name().into(),
     };
-    let context = message_context(&customer, event.as_ref(), rule, &playbook.business, &extras);
-    let rendered = playbook.templates.render(rule, &context)?;
+    let rendered = render_message(&playbook, rule, &inputs)?;
     Ok(format!(
         "Subject: {}\nTo: {}\n\n--- text ---\n{}\n--- html ---\n{}\n",
         rendered.subject,

@@ -1,16 +1,18 @@
 //! Compose: the message as it will go out. Renders the rule's templates with what planning
 //! fixed ([`MessageDetail`]), adds click and open tracking, the unsubscribe headers and the
 //! VERP envelope sender, and keeps the bodies and the guard's checks for the owner.
+//! [`render_message`] is the rendering step on its own, shared with `touchpoint preview`.
 
+use chrono_tz::Tz;
 use lettre::Address;
 
 use super::DispatchSettings;
 use super::guard::Found;
 use crate::links::{self, Link, MessageTags};
 use crate::playbook::Playbook;
-use crate::render::{MessageExtras, message_context};
+use crate::render::{MessageExtras, RenderError, Rendered, message_context};
 use crate::rules::{CheckRecord, MessageDetail, Rule};
-use crate::store::{ClaimedMessage, Delivery, SentContent};
+use crate::store::{ClaimedMessage, Customer, Delivery, Event, SentContent};
 use crate::transport::{self, OutgoingEmail};
 
 /// A message ready to go out.
@@ -43,18 +45,19 @@ pub(super) fn compose(
         .as_ref()
         .map(|l| l.url(&Link::Unsubscribe { message: claim.id }));
     let detail = MessageDetail::from_json(&claim.detail);
-    let extras = MessageExtras {
-        years: detail.years,
-        message_id: message_id.clone(),
-        unsubscribe_url: unsubscribe_url.clone(),
-        timezone: found.tz.name().to_string(),
-    };
-    let event = found.event.as_ref();
-    let context = message_context(&found.customer, event, rule, &playbook.business, &extras);
-    let rendered = playbook
-        .templates
-        .render(rule, &context)
-        .map_err(|error| format!("cannot render: {error}"))?;
+    let rendered = render_message(
+        playbook,
+        rule,
+        &MessageInputs {
+            customer: &found.customer,
+            event: found.event.as_ref(),
+            tz: found.tz,
+            detail: &detail,
+            message_id: message_id.clone(),
+            unsubscribe_url: unsubscribe_url.clone(),
+        },
+    )
+    .map_err(|error| format!("cannot render: {error}"))?;
     let unsubscribe = unsubscribe_url.as_deref();
     let html = tracked_html(settings, rule, claim.id, rendered.html, unsubscribe);
     let content = SentContent {
@@ -88,6 +91,41 @@ pub(super) fn compose(
         delivery,
         content,
     })
+}
+
+/// What one message is rendered from: its customer and event, what planning fixed, and the
+/// headers the templates may show. `touchpoint preview` passes stand-ins for the last two.
+pub struct MessageInputs<'a> {
+    pub customer: &'a Customer,
+    pub event: Option<&'a Event>,
+    /// The customer's effective time zone.
+    pub tz: Tz,
+    pub detail: &'a MessageDetail,
+    pub message_id: String,
+    pub unsubscribe_url: Option<String>,
+}
+
+/// Renders the rule's templates for one message: the dispatcher's first step, and all of
+/// `touchpoint preview`, so a preview shows the words that would go out.
+pub fn render_message(
+    playbook: &Playbook,
+    rule: &Rule,
+    inputs: &MessageInputs<'_>,
+) -> Result<Rendered, RenderError> {
+    let extras = MessageExtras {
+        years: inputs.detail.years,
+        message_id: inputs.message_id.clone(),
+        unsubscribe_url: inputs.unsubscribe_url.clone(),
+        timezone: inputs.tz.name().to_string(),
+    };
+    let context = message_context(
+        inputs.customer,
+        inputs.event,
+        rule,
+        &playbook.business,
+        &extras,
+    );
+    playbook.templates.render(rule, &context)
 }
 
 /// Click tracking and the open pixel, where the rule asks for them.

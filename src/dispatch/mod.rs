@@ -10,7 +10,7 @@ mod compose;
 mod deliver;
 mod guard;
 
-pub use compose::verp;
+pub use compose::{MessageInputs, render_message, verp};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
