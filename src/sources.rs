@@ -23,8 +23,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRo
 use sqlx::{Column, Executor, Row, TypeInfo, ValueRef};
 
 use crate::settings::Secret;
-use crate::store::DatabaseUrl;
 use crate::store::{Customer, Event};
+use crate::store::{DatabaseUrl, Dialect};
 
 /// `[sources.NAME]` in the config.
 #[derive(Debug, Clone, Deserialize)]
@@ -150,7 +150,10 @@ pub fn validate(sources: &BTreeMap<String, SourceConfig>, base_dir: &Path) -> Ve
 }
 
 /// A query with its `:name` parameters replaced by numbered placeholders: `?1` for SQLite,
-/// `$1` for PostgreSQL, numbered in the order of `names`.
+/// `$1` for PostgreSQL ([`Dialect::placeholder`]), numbered in the order of `names`. Not the
+/// store's `Sql`: that numbers each `?` of text touchpoint wrote as a new value, while this is
+/// the operator's text, where a parameter may appear twice, `?` is PostgreSQL's JSON operator
+/// and dollar quotes, `E''` strings and comments must be skipped.
 #[derive(Debug, Clone, PartialEq)]
 struct Sql {
     /// The text split at parameters: `parts[0] param[0] parts[1] ...`.
@@ -291,21 +294,6 @@ fn list_params(names: &[&str]) -> String {
     names.join(" and ")
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dialect {
-    Sqlite,
-    Postgres,
-}
-
-impl Dialect {
-    fn placeholder(self, n: usize) -> String {
-        match self {
-            Dialect::Sqlite => format!("?{n}"),
-            Dialect::Postgres => format!("${n}"),
-        }
-    }
-}
-
 /// Why a source could not be read. `Unavailable` is worth retrying soon; the rest needs the
 /// operator (a query or a column that is wrong).
 #[derive(Debug, thiserror::Error)]
@@ -406,9 +394,20 @@ enum Cell {
 /// A row as column name -> value.
 type Record = BTreeMap<String, Cell>;
 
+/// The source's own read-only pool: not a store driver, which writes (migrations, a writer
+/// connection) and owns its schema.
 enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+}
+
+impl Pool {
+    fn dialect(&self) -> Dialect {
+        match self {
+            Pool::Sqlite(_) => Dialect::Sqlite,
+            Pool::Postgres(_) => Dialect::Postgres,
+        }
+    }
 }
 
 /// An event query, ready for its backend.
@@ -601,10 +600,7 @@ impl Source {
                 )
             }
         };
-        let dialect = match pool {
-            Pool::Sqlite(_) => Dialect::Sqlite,
-            Pool::Postgres(_) => Dialect::Postgres,
-        };
+        let dialect = pool.dialect();
         let mut events = Vec::new();
         for query in &config.events {
             let sql = Sql::parse(&query.query, &["from", "to"])
@@ -640,10 +636,7 @@ impl Source {
     }
 
     fn dialect(&self) -> Dialect {
-        match self.pool {
-            Pool::Sqlite(_) => Dialect::Sqlite,
-            Pool::Postgres(_) => Dialect::Postgres,
-        }
+        self.pool.dialect()
     }
 
     /// Whether this source has its own customers query.

@@ -103,6 +103,7 @@ mod sqlite;
 pub use engine::SqlStore;
 pub use postgres::{PostgresDriver, PostgresStore};
 pub use settings::{DatabaseConfig, DatabaseUrl};
+pub use sql::Dialect;
 pub use sqlite::{SqliteDriver, SqliteStore};
 
 use std::fmt;

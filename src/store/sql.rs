@@ -102,6 +102,25 @@ impl From<Option<DateTime<Utc>>> for Arg {
     }
 }
 
+/// Which database a statement is written for, where SQL is written outside a [`Driver`] (the
+/// queries an operator writes for a source) or numbered for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The placeholder of the `n`th value (from 1): `?1` on SQLite, `$1` on PostgreSQL. Either
+    /// may appear more than once in a statement, every time standing for the same value.
+    pub fn placeholder(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("?{n}"),
+            Dialect::Postgres => format!("${n}"),
+        }
+    }
+}
+
 /// A statement (or a piece of one) with a `?` for each of its values, in order. The driver
 /// turns the `?`s into its own placeholders when it runs the statement.
 pub struct Sql {
@@ -202,8 +221,7 @@ impl Sql {
                 }
                 '?' if !quoted => {
                     n += 1;
-                    text.push('$');
-                    text.push_str(&n.to_string());
+                    text.push_str(&Dialect::Postgres.placeholder(n));
                 }
                 _ => text.push(c),
             }
@@ -365,6 +383,12 @@ mod tests {
             "SELECT '?', x FROM t WHERE a = $1 AND b LIKE $2 ESCAPE '\\' AND c = $3"
         );
         assert_eq!(args.len(), 3);
+    }
+
+    #[test]
+    fn placeholders_are_numbered_in_each_dialect() {
+        assert_eq!(Dialect::Sqlite.placeholder(3), "?3");
+        assert_eq!(Dialect::Postgres.placeholder(12), "$12");
     }
 
     #[test]
