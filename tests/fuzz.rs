@@ -285,7 +285,7 @@ fn bounce_seeds_are_reports() {
 
 #[test]
 fn bounce_any_bytes() {
-    let mut runner = TestRunner::new(config(512));
+    let mut runner = TestRunner::new(config(1024));
     let input = (prop::collection::vec(any::<u8>(), 0..2048), recipients());
     runner
         .run(&input, |(raw, recipients)| check_report(&raw, &recipients))
@@ -295,7 +295,7 @@ fn bounce_any_bytes() {
 #[test]
 fn bounce_mutated_fixtures() {
     let seeds = bounce_seeds();
-    let mut runner = TestRunner::new(config(512));
+    let mut runner = TestRunner::new(config(1024));
     let input = (
         prop::sample::select(seeds),
         prop::collection::vec(mutation(hostile_bytes()), 1..8),
@@ -357,8 +357,7 @@ fn rule_seeds() -> Vec<String> {
         .map(|(name, bytes)| String::from_utf8(bytes).unwrap_or_else(|_| panic!("{name}")))
         .collect();
     let readme = std::fs::read_to_string(repo_path("README.md")).expect("README.md");
-    let mut blocks = readme.split("```toml\n").skip(1);
-    while let Some(block) = blocks.next() {
+    for block in readme.split("```toml\n").skip(1) {
         let block = block.split("```").next().unwrap_or_default();
         if block.contains("[[rule]]") {
             seeds.push(block.to_string());
@@ -556,20 +555,20 @@ fn rules_seeds_are_valid() {
 
 #[test]
 fn rules_any_text() {
-    let mut runner = TestRunner::new(config(512));
+    let mut runner = TestRunner::new(config(1024));
     runner.run(&any::<String>(), |s| check_rules(&s)).unwrap();
 }
 
 #[test]
 fn rules_toml_soup() {
-    let mut runner = TestRunner::new(config(512));
+    let mut runner = TestRunner::new(config(1024));
     runner.run(&toml_soup(), |s| check_rules(&s)).unwrap();
 }
 
 #[test]
 fn rules_mutated_examples() {
     let seeds = rule_seeds();
-    let mut runner = TestRunner::new(config(512));
+    let mut runner = TestRunner::new(config(1024));
     let input = (
         prop::sample::select(seeds),
         prop::collection::vec(mutation(toml_values()), 1..6),
