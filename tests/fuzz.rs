@@ -8,18 +8,25 @@
 //! something stronger: a valid duration reads back from its compact form, a rules mistake
 //! points inside the file, an ingest problem names an item of the batch.
 //!
-//! `cargo test --test fuzz` runs a few hundred cases per property (seconds). For a long run set
-//! `TOUCHPOINT_FUZZ_CASES`, which applies to every property, and pick the parser by name:
-//! `TOUCHPOINT_FUZZ_CASES=1000000 cargo test --release --test fuzz bounce_`. The libFuzzer
-//! targets in fuzz/ (cargo fuzz) cover the bounce, rules, duration and ingest parsers too.
+//! `cargo test --test fuzz` runs 64 to 2,048 cases per property (a few seconds in all). For a
+//! long run set `TOUCHPOINT_FUZZ_CASES`, which applies to every property, and pick the parser by
+//! name prefix (`bounce_`, `rules_`, `duration_`, `csv_`, `ingest_`):
+//! `TOUCHPOINT_FUZZ_CASES=1000000 cargo test --test fuzz bounce_ -- --test-threads=1`.
+//! The coverage-guided libFuzzer targets in fuzz/ (fuzz/README.md) cover the bounce, rules,
+//! duration and ingest parsers too.
 
+mod support;
+
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use chrono::{NaiveTime, TimeDelta, Timelike};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
+use support::{Backend, Sink, TestEnv};
 use touchpoint::bounce::parse_report;
 use touchpoint::config::DatabaseUrl;
 use touchpoint::diag::Diagnostic;
@@ -1199,6 +1206,9 @@ fn rules_deeply_nested_values_are_mistakes_not_crashes() {
 
 // --- regressions: inputs the fuzzers found ---------------------------------------------------
 
+/// The smallest input found that reaches mail-parser's assertion (see below).
+const MAIL_PARSER_ASSERTION: &str = "Content-Type: multipart/\n\tboundary=\"B\n\n--B\nContent-Type: message/rfc822\n\nContent-Type: message/rfc822\n\n\n--B--";
+
 /// A multipart whose boundary parameter is never closed, holding a message/rfc822 part whose
 /// body is only another Content-Type line: mail-parser 0.11.9 reaches its
 /// `debug_assert!(false, "Invalid part ID, could not find multipart.")` (src/parsers/message.rs
@@ -1207,8 +1217,36 @@ fn rules_deeply_nested_values_are_mistakes_not_crashes() {
 /// ARF fixture (one line dropped, one `Content-Type: message/rfc822` line inserted).
 #[test]
 fn bounce_mail_parser_debug_assertion() {
-    let raw = "Content-Type: multipart/\n\tboundary=\"B\n\n--B\nContent-Type: message/rfc822\n\nContent-Type: message/rfc822\n\n\n--B--";
-    assert!(parse_report(raw.as_bytes(), &[]).is_err());
+    assert!(parse_report(MAIL_PARSER_ASSERTION.as_bytes(), &[]).is_err());
     let found = "Content-Type: multipart/\n\tboundary=\"----=_Part_1234567_890123456.1731412345678\n\n------=_Part_1234567_890123456.1731412345678\nContent-Type: message/rfc822\n\nContent-Type: message/rfc822\n\n\n------=_Part_1234567_890123456.1731412345678--";
     assert!(parse_report(found.as_bytes(), &[]).is_err());
+}
+
+/// The same input piped into `touchpoint bounce` (a test build, as the MTA's pipe would run it):
+/// ignored as no report, exit 0; not a panic (exit 101) that the MTA would retry or bounce.
+#[tokio::test]
+async fn bounce_cli_ignores_the_mail_parser_assertion_input() {
+    let env = TestEnv::new(Backend::Sqlite, Sink::Files, &[], "").await;
+    let mut child = env
+        .command()
+        .arg("bounce")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn touchpoint bounce");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(MAIL_PARSER_ASSERTION.as_bytes())
+        .expect("write the report");
+    let output = child.wait_with_output().expect("wait");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.starts_with("ignored: not a bounce or complaint report"),
+        "{stdout}"
+    );
 }
