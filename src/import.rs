@@ -72,6 +72,11 @@ pub fn key_values(pairs: &[String], flag: &str) -> Result<serde_json::Value, Str
         if key.is_empty() {
             return Err(format!("{flag} {pair:?}: the key is empty"));
         }
+        if pair.contains('\0') {
+            return Err(format!(
+                "{flag} {pair:?}: holds a NUL character, which cannot be stored"
+            ));
+        }
         object.insert(key.to_string(), typed_value(value));
     }
     Ok(serde_json::Value::Object(object))
@@ -289,6 +294,12 @@ fn read_rows<T>(
         };
         let line = record.position().map_or(0, |p| p.line());
         bar.set_position(record.position().map_or(0, |p| p.byte()));
+        if let Some(column) = column_with_nul(&reader.headers, &record) {
+            let message =
+                format!("the column {column:?} holds a NUL character, which cannot be stored");
+            errors.push(RowError { line, message });
+            continue;
+        }
         match parse(&reader.headers, &record, &positions) {
             Ok(value) => values.push(value),
             Err(message) => errors.push(RowError { line, message }),
@@ -296,6 +307,13 @@ fn read_rows<T>(
     }
     bar.finish_and_clear();
     Ok((values, errors))
+}
+
+/// The first column whose cell holds NUL: PostgreSQL text and JSON cannot store it, and the
+/// row must be refused here, naming its line, not fail the whole import in the database.
+fn column_with_nul<'a>(headers: &'a [String], record: &csv::StringRecord) -> Option<&'a str> {
+    let position = record.iter().position(|cell| cell.contains('\0'))?;
+    Some(headers.get(position).map_or("(unnamed)", String::as_str))
 }
 
 /// The columns not named in `known`, as a JSON object of typed values (empty cells left out).

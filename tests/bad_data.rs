@@ -152,6 +152,27 @@ async fn writers_refuse_control_characters_and_far_future_times(backend: Backend
         1,
         "a refused file was written"
     );
+    // A NUL in an attribute cell: PostgreSQL cannot store it, so the row is refused by line
+    // (it used to fail the whole import in the database as "unavailable").
+    std::fs::write(
+        &customers,
+        "id,email,name,plan\nc2,bob@example.com,Bob,gold\nc3,carol@example.com,Carol,go\0ld\n",
+    )
+    .unwrap();
+    refused(
+        &env,
+        &["import", "customers", customers.to_str().unwrap()],
+        &format!(
+            "{}:3: the column \"plan\" holds a NUL character",
+            customers.display()
+        ),
+    )
+    .await;
+    assert_eq!(
+        customer_count(&store).await,
+        1,
+        "a refused file was written"
+    );
     let events = env.path().join("events.csv");
     std::fs::write(
         &events,
