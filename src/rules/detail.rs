@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-/// Facts fixed at planning that the guard, the renderer, `preview` and the web page read.
+/// Facts fixed at planning that the guard, the renderer and `preview` read (the message page does
+/// not show them yet).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MessageDetail {
     /// Whole years since the original event, for anniversaries (`{{years}}` in templates).
