@@ -15,14 +15,10 @@ use crate::dispatch::{MessageInputs, render_message};
 use crate::output::{self, when};
 use crate::plan::{PlanSettings, customer_timezone};
 use crate::playbook::Playbook;
-use crate::query::{Upcoming, activity, upcoming};
+use crate::query::{LOG_HEADERS, Upcoming, activity, log_row, upcoming};
 use crate::rules::{MessageDetail, Trigger, parse_duration};
 use crate::store::{Change, CustomerPatch, Event, LogFilter, MessageState, SharedStore};
 use crate::transport::Transport;
-
-/// The log's columns live with the queries the web page shares; named here too, where the
-/// `log` command's callers have always found them.
-pub use crate::query::{LOG_HEADERS, log_row};
 
 /// `touchpoint check`: the config, rules and templates, the transport's settings, and each
 /// source's queries (run once with a zero-width window).

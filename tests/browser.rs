@@ -501,14 +501,14 @@ async fn owner_scenario() {
         .iter()
         .map(str::to_string)
         .collect();
-    assert_eq!(headers, touchpoint::commands::LOG_HEADERS);
+    assert_eq!(headers, touchpoint::query::LOG_HEADERS);
     let rows: Vec<Vec<String>> = reader
         .records()
         .map(|r| r.unwrap().iter().map(str::to_string).collect())
         .collect();
     let wanted: Vec<Vec<String>> = expected
         .iter()
-        .map(|e| touchpoint::commands::log_row(e).to_vec())
+        .map(|e| touchpoint::query::log_row(e).to_vec())
         .collect();
     assert_eq!(rows, wanted);
 

@@ -289,7 +289,7 @@ async fn concurrent_scrapes_share_one_count_of_the_messages_table() {
             .all(|s| *s == (1, 0))
     );
     // After the TTL, 16 scrapes at once make one new count between them, and see it.
-    tokio::time::sleep(touchpoint::http::METRICS_TTL + Duration::from_millis(200)).await;
+    tokio::time::sleep(touchpoint::metrics::METRICS_TTL + Duration::from_millis(200)).await;
     let seen = scrape_together(daemon.http).await;
     assert!(seen.iter().all(|s| *s == (2, 1)), "{seen:?}");
     daemon.stop().await;

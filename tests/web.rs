@@ -595,7 +595,7 @@ async fn pages_show_the_database(backend: Backend) {
         .iter()
         .map(str::to_string)
         .collect();
-    assert_eq!(headers, touchpoint::commands::LOG_HEADERS);
+    assert_eq!(headers, touchpoint::query::LOG_HEADERS);
     let rows: Vec<Vec<String>> = reader
         .records()
         .map(|r| r.unwrap().iter().map(str::to_string).collect())
@@ -609,7 +609,7 @@ async fn pages_show_the_database(backend: Backend) {
         .unwrap();
     assert_eq!(rows.len(), 60);
     for (row, entry) in rows.iter().zip(&bulk) {
-        assert_eq!(row, &touchpoint::commands::log_row(entry).to_vec());
+        assert_eq!(row, &touchpoint::query::log_row(entry).to_vec());
     }
 
     // One message: as sent, its history with SMTP replies, opens and clicks, and why.

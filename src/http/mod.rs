@@ -15,7 +15,6 @@ use axum::routing::{get, post};
 
 use crate::web::Shared;
 
-pub use crate::metrics::{METRICS_TTL, MetricsCache};
 pub use links::escape_html;
 
 pub fn router(shared: Shared) -> Router {
