@@ -652,6 +652,13 @@ async fn the_daemon_rides_out_terminated_database_connections() {
         let mut ended = terminate_connections(&database).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         ended += terminate_connections(&database).await;
+        // A daemon backing off after the previous blow may hold no connection for a moment:
+        // wait (at most 3 s) for one to strike, so that every round is a real outage.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while ended == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            ended += terminate_connections(&database).await;
+        }
         terminated.push(ended);
         fleet.assert_alive(daemon);
         assert!(
