@@ -15,7 +15,7 @@ use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use sqlx::Connection;
 use support::smtp::{Fault, SmtpPeer, Stage};
 use support::{Backend, Sink, TestEnv, eventually, repo_path, states};
-use touchpoint::config::DatabaseUrl;
+use touchpoint::store::DatabaseUrl;
 
 // --- helpers ----------------------------------------------------------------------------------
 
