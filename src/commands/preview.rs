@@ -78,7 +78,10 @@ fn find_rule<'a>(playbook: &'a Playbook, name: &str) -> Result<&'a Rule> {
         .iter()
         .map(|r| r.name.as_str())
         .collect();
-    bail!("no rule named {name:?}; the rules are: {}", names.join(", "))
+    bail!(
+        "no rule named {name:?}; the rules are: {}",
+        names.join(", ")
+    )
 }
 
 /// The customer, and the event that triggers the rule for them: `--event`, else their latest

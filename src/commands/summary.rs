@@ -116,7 +116,12 @@ async fn relay_answers(target: &str, tls: TlsMode, wait: Duration) -> Result<Str
         Err(_) => return Err(format!("no greeting within {wait:?}")),
     };
     let greeting = String::from_utf8_lossy(&buffer[..read]);
-    let first = greeting.lines().next().unwrap_or_default().trim().to_string();
+    let first = greeting
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     if first.starts_with("220") {
         Ok(first)
     } else {
@@ -150,7 +155,9 @@ async fn owner_page_line(config: &Config) -> String {
         return format!("owner's page: http://{listen}/ asks for the password");
     }
     let Some(address) = resolve(listen).await else {
-        return format!("owner's page: http://{listen}/ (cannot resolve {listen} to tell who may see it)");
+        return format!(
+            "owner's page: http://{listen}/ (cannot resolve {listen} to tell who may see it)"
+        );
     };
     match crate::web::client::exposure(address, config.links.base_url.as_deref()) {
         Some(reason) => format!(

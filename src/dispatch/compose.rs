@@ -95,7 +95,10 @@ pub fn compose_draft(
     id: i64,
     test_send_to: Option<&str>,
 ) -> Result<OutgoingEmail, String> {
-    debug_assert!(links::is_test_send(id), "a draft never takes a message's id");
+    debug_assert!(
+        links::is_test_send(id),
+        "a draft never takes a message's id"
+    );
     let (to_name, to_email, subject_prefix) = match test_send_to {
         Some(address) => (None, address, TEST_SUBJECT_PREFIX),
         None => (

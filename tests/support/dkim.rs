@@ -89,4 +89,3 @@ pub fn dkim_section(algorithm: &str) -> String {
         "\n[dkim]\nselector = \"{DKIM_SELECTOR}\"\ndomain = \"acme.example\"\nalgorithm = \"{algorithm}\"\nkey_file = \"dkim.pem\"\n"
     )
 }
-
