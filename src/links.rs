@@ -340,6 +340,25 @@ mod tests {
     }
 
     #[test]
+    fn test_send_links_round_trip_and_are_told_from_messages() {
+        let s = signer();
+        let id = new_test_send_id();
+        assert!(is_test_send(id) && !is_test_send(1));
+        for link in [
+            Link::Unsubscribe { message: id },
+            Link::Open { message: id },
+            Link::Click {
+                message: id,
+                url: "https://shop.example/a.b?c=d".into(),
+            },
+        ] {
+            let verified = s.verify(&s.token(&link)).expect("verifies");
+            assert!(is_test_send(verified.message()));
+            assert_eq!(verified, link);
+        }
+    }
+
+    #[test]
     fn tokens_round_trip_and_urls_point_at_the_daemon() {
         let s = signer();
         for link in [
