@@ -640,6 +640,13 @@ async fn cli(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
     .expect("join")
 }
 
+/// `touchpoint preview --rule welcome --customer ada ARGS`.
+async fn preview_welcome(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["preview", "--rule", "welcome", "--customer", "ada"];
+    all.extend_from_slice(args);
+    cli(env, &all).await
+}
+
 /// What a customer has in the database: their row, messages and suppressions.
 async fn customer_state(store: &SharedStore, id: &str) -> String {
     let customer = store.customer(id).await.expect("customer");
@@ -689,21 +696,7 @@ async fn a_test_send_goes_out_signed_to_that_address_only_and_changes_nothing(ba
     let before = customer_state(&store, "ada").await;
 
     // --format eml: the message as it would go out, on standard output; nothing is sent.
-    let (ok, eml, err) = cli(
-        &env,
-        &[
-            "preview",
-            "--rule",
-            "welcome",
-            "--customer",
-            "ada",
-            "--event",
-            "signup-old",
-            "--format",
-            "eml",
-        ],
-    )
-    .await;
+    let (ok, eml, err) = preview_welcome(&env, &["--event", "signup-old", "--format", "eml"]).await;
     assert!(ok, "{err}");
     let message = parse(eml.as_bytes());
     assert_eq!(to_addresses(&message), ["ada@example.net"]);
@@ -727,19 +720,7 @@ async fn a_test_send_goes_out_signed_to_that_address_only_and_changes_nothing(ba
     assert_eq!(peer.accepted_count(), 0, "--format eml sent something");
 
     // --send-to: through the real SMTP peer, to that address only.
-    let (ok, out, err) = cli(
-        &env,
-        &[
-            "preview",
-            "--rule",
-            "welcome",
-            "--customer",
-            "ada",
-            "--send-to",
-            "tester@example.org",
-        ],
-    )
-    .await;
+    let (ok, out, err) = preview_welcome(&env, &["--send-to", "tester@example.org"]).await;
     assert!(ok, "{err}");
     assert!(
         out.contains("sent a test of rule \"welcome\" for customer \"ada\" to tester@example.org"),
@@ -881,52 +862,15 @@ async fn a_test_send_to_something_that_is_not_an_address_is_refused_before_anyth
         .await;
     env.add_event(&store, "signup-ada", "ada", "signup", Utc::now())
         .await;
-    let (ok, _, err) = cli(
-        &env,
-        &[
-            "preview",
-            "--rule",
-            "welcome",
-            "--customer",
-            "ada",
-            "--send-to",
-            "not an address",
-        ],
-    )
-    .await;
+    let (ok, _, err) = preview_welcome(&env, &["--send-to", "not an address"]).await;
     assert!(
         !ok && err.contains("--send-to \"not an address\" is not an email address"),
         "{err}"
     );
-    let (ok, _, err) = cli(
-        &env,
-        &[
-            "preview",
-            "--rule",
-            "welcome",
-            "--customer",
-            "ada",
-            "--send-to",
-            "x@example.org\r\nBcc: y@example.org",
-        ],
-    )
-    .await;
+    let (ok, _, err) =
+        preview_welcome(&env, &["--send-to", "x@example.org\r\nBcc: y@example.org"]).await;
     assert!(!ok && err.contains("line break"), "{err}");
-    let (ok, _, err) = cli(
-        &env,
-        &[
-            "preview",
-            "--rule",
-            "welcome",
-            "--customer",
-            "ada",
-            "--event",
-            "nope",
-            "--format",
-            "eml",
-        ],
-    )
-    .await;
+    let (ok, _, err) = preview_welcome(&env, &["--event", "nope", "--format", "eml"]).await;
     assert!(!ok && err.contains("no event with id \"nope\""), "{err}");
     assert_eq!(peer.accepted_count(), 0);
     assert!(

@@ -131,10 +131,7 @@ fn next_detail(rule: &Rule, event: Option<&Event>, tz: chrono_tz::Tz) -> Message
 /// `--format text`: subject, text and HTML, with stand-ins for what only sending fixes.
 fn words(playbook: &Playbook, rule: &Rule, draft: &Draft<'_>) -> Result<String> {
     let inputs = MessageInputs {
-        customer: draft.customer,
-        event: draft.event,
-        tz: draft.tz,
-        detail: draft.detail,
+        draft,
         message_id: "<preview@touchpoint>".into(),
         unsubscribe_url: None,
     };

@@ -70,7 +70,7 @@ pub(super) fn compose(
     })
 }
 
-/// What a message is rendered from, outside the dispatcher (`touchpoint preview`).
+/// What a message is rendered from: its customer and event, and what planning fixed.
 pub struct Draft<'a> {
     pub customer: &'a Customer,
     pub event: Option<&'a Event>,
@@ -154,15 +154,11 @@ fn build(
         .links
         .as_ref()
         .map(|l| l.url(&Link::Unsubscribe { message: id }));
-    let draft = &envelope.draft;
     let rendered = render_message(
         playbook,
         rule,
         &MessageInputs {
-            customer: draft.customer,
-            event: draft.event,
-            tz: draft.tz,
-            detail: draft.detail,
+            draft: &envelope.draft,
             message_id: message_id.clone(),
             unsubscribe_url: unsubscribe_url.clone(),
         },
@@ -198,11 +194,7 @@ fn build(
 /// What one message is rendered from: its customer and event, what planning fixed, and the
 /// headers the templates may show. `touchpoint preview` passes stand-ins for the last two.
 pub struct MessageInputs<'a> {
-    pub customer: &'a Customer,
-    pub event: Option<&'a Event>,
-    /// The customer's effective time zone.
-    pub tz: Tz,
-    pub detail: &'a MessageDetail,
+    pub draft: &'a Draft<'a>,
     pub message_id: String,
     pub unsubscribe_url: Option<String>,
 }
@@ -215,14 +207,14 @@ pub fn render_message(
     inputs: &MessageInputs<'_>,
 ) -> Result<Rendered, RenderError> {
     let extras = MessageExtras {
-        years: inputs.detail.years,
+        years: inputs.draft.detail.years,
         message_id: inputs.message_id.clone(),
         unsubscribe_url: inputs.unsubscribe_url.clone(),
-        timezone: inputs.tz.name().to_string(),
+        timezone: inputs.draft.tz.name().to_string(),
     };
     let context = message_context(
-        inputs.customer,
-        inputs.event,
+        inputs.draft.customer,
+        inputs.draft.event,
         rule,
         &playbook.business,
         &extras,
