@@ -63,7 +63,7 @@ pub(super) fn compose(
     let content = SentContent {
         text: rendered.text.clone(),
         html: html.clone(),
-        checks: checks.passed_lines(),
+        checks: super::guard::check_lines(checks),
     };
     let email = transport::build_email(transport::EmailParts {
         from: &settings.from,

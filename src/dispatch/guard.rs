@@ -10,9 +10,11 @@ use chrono_tz::Tz;
 use super::Context;
 use crate::plan::customer_timezone;
 use crate::playbook::Playbook;
-use crate::rules::{self, Decision, Evaluation, MessageDetail, MessageState, Rule, SourceEvent};
+use crate::rules::{
+    self, CheckRecord, Decision, Evaluation, MessageDetail, MessageState, Rule, SourceEvent,
+};
 use crate::sources::{Source, SourceError};
-use crate::store::{ClaimedMessage, Customer, Event, Outcome, StoreError};
+use crate::store::{CheckLine, ClaimedMessage, Customer, Event, Outcome, StoreError};
 
 /// How long a message waits when its source cannot be read.
 pub(super) const SOURCE_RETRY: TimeDelta = TimeDelta::seconds(30);
@@ -96,6 +98,18 @@ pub(super) fn stop(decision: Decision<Found>) -> Option<Outcome> {
     }
 }
 
+/// The record's checks in words with their verdicts, as kept with the message.
+pub(super) fn check_lines(record: &CheckRecord) -> Vec<CheckLine> {
+    record
+        .lines()
+        .into_iter()
+        .map(|(text, verdict)| CheckLine {
+            text,
+            verdict: verdict.name().to_string(),
+        })
+        .collect()
+}
+
 /// What the checks read, for one claimed message.
 struct SendTime<'a> {
     context: &'a Context,
@@ -130,6 +144,18 @@ impl rules::Facts for SendTime<'_> {
             .store
             .is_suppressed(&subject.customer.email)
             .await?)
+    }
+
+    async fn was_suppressed_at(
+        &self,
+        subject: &Found,
+        at: DateTime<Utc>,
+    ) -> Result<bool, LookupError> {
+        let store = &self.context.store;
+        Ok(store
+            .suppressed_at(&subject.customer.email, Some(at))
+            .await?
+            .is_some())
     }
 
     async fn had_event_after(
