@@ -1,6 +1,8 @@
 //! What each subcommand does (except `run`, which is the daemon). Each returns the text to
 //! print, so tests can call them without a terminal.
 
+pub mod why;
+
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};

@@ -11,6 +11,8 @@
 //! `planner.reconcile_every`) that also plans the next occurrence of yearly and recurring rules
 //! and picks up edits to existing rows.
 
+pub mod why;
+
 use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, TimeDelta, Utc};
