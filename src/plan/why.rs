@@ -150,6 +150,7 @@ fn seen_message(entry: &LogEntry, expire: TimeDelta) -> SeenMessage {
         id: entry.id,
         standing,
         state: entry.state.as_str().to_string(),
+        trigger_at: entry.trigger_at,
         next_attempt_at: entry.next_attempt_at,
         expires_at: entry.due_at.checked_add_signed(expire),
         sent_at: entry.sent_at,

@@ -54,6 +54,7 @@ pub struct SeenMessage {
     pub standing: Standing,
     /// Its state's name (`skipped`, `failed`, ...).
     pub state: String,
+    pub trigger_at: DateTime<Utc>,
     pub next_attempt_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub sent_at: Option<DateTime<Utc>>,
@@ -102,7 +103,7 @@ pub enum Answer {
     NotYetPlanned {
         at: DateTime<Utc>,
     },
-    /// Waiting for the send window to open.
+    /// Waiting for the send window to open (it was closed when the rule fired).
     OutsideWindow {
         message: Option<i64>,
         at: DateTime<Utc>,
@@ -219,17 +220,24 @@ pub async fn explain<F: Witnesses>(
                 attempts: m.attempts + 1,
                 max_attempts: circumstances.max_attempts,
             };
-            (Some(m.id), Some((state, m.next_attempt_at.max(now))))
+            let at = m.next_attempt_at.max(now);
+            (Some(m.id), Some((state, m.trigger_at, at)))
         }
         None => (None, hypothetical(rule, circumstances, now)),
     };
-    let Some((state, at)) = at else {
+    let Some((state, trigger_at, at)) = at else {
         // A yearly or recurring rule with no occurrence left (after the last storable year).
         let check = "no occurrence left to plan".to_string();
         return Ok(why(Answer::Stopped { check }));
     };
     let evaluation = evaluate(rule, &state, facts, at).await?;
-    let answer = decide(&evaluation, message, at, event, facts).await?;
+    let mut answer = decide(&evaluation, message, at, event, facts).await?;
+    if matches!(answer, Answer::Planned { .. } | Answer::NotYetPlanned { .. })
+        && at > now
+        && held_by_window(rule, trigger_at, circumstances.tz)
+    {
+        answer = Answer::OutsideWindow { message, at };
+    }
     Ok(Why {
         rule: rule.name.clone(),
         answer,
@@ -245,13 +253,21 @@ fn trigger_kind(rule: &Rule) -> Option<&str> {
     }
 }
 
+/// Whether the send window was closed when the message was triggered, so it waits for the
+/// window's next opening.
+fn held_by_window(rule: &Rule, trigger_at: DateTime<Utc>, tz: Tz) -> bool {
+    rule.send_window
+        .as_ref()
+        .is_some_and(|window| !window.contains(trigger_at, tz))
+}
+
 /// The message planning would make for the latest event (or the next occurrence), and when its
-/// checks would run: when it is due, or now if that has passed.
+/// checks would run: its trigger time, and when it is due (or now if that has passed).
 fn hypothetical(
     rule: &Rule,
     circumstances: &Circumstances,
     now: DateTime<Utc>,
-) -> Option<(MessageState, DateTime<Utc>)> {
+) -> Option<(MessageState, DateTime<Utc>, DateTime<Utc>)> {
     let tz = circumstances.tz;
     let expire = rule
         .expire_after
@@ -272,7 +288,7 @@ fn hypothetical(
         attempts: 1,
         max_attempts: circumstances.max_attempts,
     };
-    Some((state, due_at.max(now)))
+    Some((state, trigger_at, due_at.max(now)))
 }
 
 /// The answer an evaluation gives: the decision, and for a stop, the check that made it with
