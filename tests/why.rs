@@ -118,7 +118,8 @@ async fn why_names_the_check_that_decided(backend: Backend) {
         .await;
     let call_at = now - TimeDelta::hours(5);
     let bought_at = now - TimeDelta::hours(3);
-    env.add_event(&store, "bob-call", "bob", "call", call_at).await;
+    env.add_event(&store, "bob-call", "bob", "call", call_at)
+        .await;
     env.add_event(&store, "bob-buy", "bob", "purchase", bought_at)
         .await;
     env.add_event(&store, "silver-buy", "silver", "purchase", now)
@@ -134,7 +135,11 @@ async fn why_names_the_check_that_decided(backend: Backend) {
     env.add_event(&store, "blocked-buy", "blocked", "purchase", now)
         .await;
     store
-        .suppress("gone@example.com", "unsubscribed with the link", "unsubscribe")
+        .suppress(
+            "gone@example.com",
+            "unsubscribed with the link",
+            "unsubscribe",
+        )
         .await
         .unwrap();
     env.add_event(&store, "gone-buy", "gone", "purchase", now)
@@ -191,7 +196,10 @@ async fn why_names_the_check_that_decided(backend: Backend) {
     assert_eq!(answer["matched"]["id"], "bob-buy", "{answer}");
     assert_eq!(answer["trigger"]["id"], "bob-call", "{answer}");
     let bought = touchpoint::output::when(Some(bought_at));
-    assert!(says(&answer).contains(&bought[..16]), "{bought} in {answer}");
+    assert!(
+        says(&answer).contains(&bought[..16]),
+        "{bought} in {answer}"
+    );
     let failed: Vec<&Value> = answer["checks"]
         .as_array()
         .unwrap()
@@ -258,7 +266,10 @@ async fn why_names_the_check_that_decided(backend: Backend) {
 
     // Mistakes are named.
     let (ok, _, err) = env.run_cli(&["why", "--customer", "nobody-at-all"]);
-    assert!(!ok && err.contains("no customer \"nobody-at-all\""), "{err}");
+    assert!(
+        !ok && err.contains("no customer \"nobody-at-all\""),
+        "{err}"
+    );
     let (ok, _, err) = env.run_cli(&["why", "--customer", "bob", "--rule", "nope"]);
     assert!(!ok && err.contains("no rule \"nope\""), "{err}");
 }

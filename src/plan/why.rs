@@ -14,8 +14,7 @@ use crate::rules::why::{
 use crate::rules::{self, Rule, Trigger};
 use crate::sources::SourceError;
 use crate::store::{
-    Customer, Event, LogEntry, LogFilter, MessageState, SharedStore, StoreError,
-    SuppressionPeriod,
+    Customer, Event, LogEntry, LogFilter, MessageState, SharedStore, StoreError, SuppressionPeriod,
 };
 
 /// The rule's messages for the customer looked at, newest first, to find the latest.
@@ -87,9 +86,10 @@ async fn why_rule(
     let expire = rule
         .expire_after
         .unwrap_or(settings.plan.default_expire_after);
-    let message = latest_message(store, rule, customer, event.as_ref())
-        .await?
-        .map(|entry| seen_message(&entry, expire));
+    let message = match latest_message(store, rule, customer, event.as_ref()).await? {
+        Some(entry) => Some(seen_message(store, &entry, expire).await?),
+        None => None,
+    };
     let circumstances = Circumstances {
         event: event.as_ref().map(seen_event),
         message,
@@ -140,13 +140,25 @@ fn seen_event(event: &Event) -> SeenEvent {
 
 /// A message as the answer sees it. Its expiry is the planner's (`due_at` plus the rule's
 /// `expire_after`), which the log does not carry.
-fn seen_message(entry: &LogEntry, expire: TimeDelta) -> SeenMessage {
+async fn seen_message(
+    store: &SharedStore,
+    entry: &LogEntry,
+    expire: TimeDelta,
+) -> Result<SeenMessage, StoreError> {
     let standing = match entry.state {
         MessageState::Sent => Standing::Sent,
         state if state.is_final() => Standing::Ended,
         _ => Standing::Waiting,
     };
-    SeenMessage {
+    let stopped_by = match standing {
+        Standing::Ended => store
+            .sent_content(entry.id)
+            .await?
+            .and_then(|kept| kept.checks.into_iter().find(|c| c.verdict == "failed"))
+            .map(|line| line.text),
+        _ => None,
+    };
+    Ok(SeenMessage {
         id: entry.id,
         standing,
         state: entry.state.as_str().to_string(),
@@ -156,7 +168,8 @@ fn seen_message(entry: &LogEntry, expire: TimeDelta) -> SeenMessage {
         sent_at: entry.sent_at,
         attempts: entry.attempts,
         reason: entry.reason.clone(),
-    }
+        stopped_by,
+    })
 }
 
 fn seen_suppression(period: SuppressionPeriod) -> SeenSuppression {

@@ -60,6 +60,8 @@ pub struct SeenMessage {
     pub sent_at: Option<DateTime<Utc>>,
     pub attempts: i32,
     pub reason: Option<String>,
+    /// For a message its checks stopped: the check that did, in words, as kept when it ran.
+    pub stopped_by: Option<String>,
 }
 
 /// What the answer reads besides the checks' own facts.
@@ -117,6 +119,8 @@ pub enum Answer {
         message: i64,
         state: String,
         why: Option<String>,
+        /// The check that stopped it, as kept when it ran.
+        check: Option<String>,
     },
     RuleDisabled,
     NoTriggeringEvent {
@@ -211,6 +215,7 @@ pub async fn explain<F: Witnesses>(
                 message: m.id,
                 state: m.state.clone(),
                 why: m.reason.clone(),
+                check: m.stopped_by.clone(),
             };
             return Ok(why(answer));
         }
@@ -232,8 +237,10 @@ pub async fn explain<F: Witnesses>(
     };
     let evaluation = evaluate(rule, &state, facts, at).await?;
     let mut answer = decide(&evaluation, message, at, event, facts).await?;
-    if matches!(answer, Answer::Planned { .. } | Answer::NotYetPlanned { .. })
-        && at > now
+    if matches!(
+        answer,
+        Answer::Planned { .. } | Answer::NotYetPlanned { .. }
+    ) && at > now
         && held_by_window(rule, trigger_at, circumstances.tz)
     {
         answer = Answer::OutsideWindow { message, at };
@@ -409,10 +416,14 @@ impl Answer {
                 message,
                 state,
                 why,
-            } => format!(
-                "not sent: message {message} was {state}{}",
-                why.as_ref().map(|w| format!(" ({w})")).unwrap_or_default()
-            ),
+                check,
+            } => match check {
+                Some(check) => format!("not sent: message {message} was {state}: {check}"),
+                None => format!(
+                    "not sent: message {message} was {state}{}",
+                    why.as_ref().map(|w| format!(" ({w})")).unwrap_or_default()
+                ),
+            },
             Answer::RuleDisabled => "not sent: the rule is disabled".into(),
             Answer::NoTriggeringEvent { kind } => {
                 format!("not sent: the customer has no {kind:?} event")
