@@ -1016,8 +1016,9 @@ only_if = [{ attribute = "plan", equals = "gold" }]
     let page = get(daemon.http, &format!("/messages/{}", entry.id), &[]).await;
     let page = unescape(&page.text());
     let line = |needle: &str| -> String {
-        page.lines()
-            .find(|l| l.contains(needle) && l.contains("<li"))
+        page.split("<li")
+            .map(|item| item.split("</li>").next().unwrap_or_default())
+            .find(|item| item.contains(needle))
             .unwrap_or_else(|| panic!("no check line with {needle:?} in {page}"))
             .to_string()
     };
@@ -1036,19 +1037,21 @@ only_if = [{ attribute = "plan", equals = "gold" }]
     let page = get(daemon.http, "/customers/bob", &[]).await;
     let page = unescape(&page.text());
     let section = &page[page.find("What each rule does").expect("the rules section")..];
-    let follow_up = section
-        .lines()
-        .find(|l| l.contains("<strong>follow-up</strong>"))
-        .unwrap_or_else(|| panic!("{section}"));
+    let rule_line = |rule: &str| -> String {
+        section
+            .split("<li")
+            .map(|item| item.split("</li>").next().unwrap_or_default())
+            .find(|item| item.contains(&format!("<strong>{rule}</strong>")))
+            .unwrap_or_else(|| panic!("no line for {rule} in {section}"))
+            .to_string()
+    };
+    let follow_up = rule_line("follow-up");
     assert!(
         follow_up.contains(&format!("message {} was skipped", entry.id))
             && follow_up.contains("\"purchase\" event after the triggering one: matched"),
         "{follow_up}"
     );
-    let vip = section
-        .lines()
-        .find(|l| l.contains("<strong>vip</strong>"))
-        .unwrap_or_else(|| panic!("{section}"));
+    let vip = rule_line("vip");
     assert!(
         vip.contains("not sent") && vip.contains("\"plan\" is not set"),
         "{vip}"
