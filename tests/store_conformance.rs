@@ -716,7 +716,11 @@ async fn suppressed_periods_are_kept_and_their_events_left_out(backend: Backend)
         .collect();
     let mut ids = ids;
     ids.sort();
-    assert_eq!(ids, ["after", "before"], "the event while suppressed is left out");
+    assert_eq!(
+        ids,
+        ["after", "before"],
+        "the event while suppressed is left out"
+    );
 }
 
 /// What `why` and the message page read: the first event after a time, a message's detail,

@@ -516,6 +516,8 @@ mod tests {
     struct World {
         attributes: Value,
         suppressed: bool,
+        /// A suppression that has ended: (since, until).
+        suppressed_during: Option<(DateTime<Utc>, DateTime<Utc>)>,
         later_events: Vec<(&'static str, DateTime<Utc>)>,
         gone: bool,
     }
@@ -554,6 +556,11 @@ mod tests {
         async fn is_suppressed(&self, _: &Found) -> Result<bool, ()> {
             Ok(self.suppressed)
         }
+        async fn was_suppressed_at(&self, _: &Found, at: DateTime<Utc>) -> Result<bool, ()> {
+            Ok(self
+                .suppressed_during
+                .is_some_and(|(from, to)| from <= at && at < to))
+        }
         async fn had_event_after(
             &self,
             _: &Found,
@@ -591,6 +598,7 @@ send_window = { from = "09:00", to = "17:00" }
         World {
             attributes: json!({ "plan": "gold" }),
             suppressed: false,
+            suppressed_during: None,
             later_events: vec![],
             gone: false,
         }
@@ -619,6 +627,7 @@ send_window = { from = "09:00", to = "17:00" }
                 "attempt 1",
                 "the triggering \"purchase\" event \"p1\" still exists",
                 "the address is not on the suppression list",
+                "the address was not on the suppression list when the event occurred (2026-03-02 08:00 UTC)",
                 "only if the customer's \"plan\" is \"gold\": held (the customer's is \"gold\")",
                 "unless the customer had a \"refund\" event after the triggering one: held (no \"refund\" event after 2026-03-02 08:00 UTC)",
                 "unless the customer had a \"review\" event within 1w before sending: held (no \"review\" event since 2026-02-23 10:00 UTC)",
@@ -644,7 +653,8 @@ send_window = { from = "09:00", to = "17:00" }
         assert_eq!(
             verdicts(&evaluation.record),
             [
-                Passed, Passed, Passed, Passed, Passed, Passed, Failed, NotReached, NotReached
+                Passed, Passed, Passed, Passed, Passed, Passed, Passed, Failed, NotReached,
+                NotReached
             ]
         );
     }
@@ -658,7 +668,7 @@ send_window = { from = "09:00", to = "17:00" }
         assert!(
             matches!(&evaluation.decision, Decision::Skip(r) if r == "the customer no longer exists")
         );
-        assert_eq!(evaluation.record.checks.len(), 9);
+        assert_eq!(evaluation.record.checks.len(), 10);
 
         let evening = at("2026-03-02T20:00:00Z");
         let evaluation = evaluate(&rule(), &MESSAGE, &world(), evening)
@@ -679,6 +689,30 @@ send_window = { from = "09:00", to = "17:00" }
         assert!(
             matches!(evaluation.decision, Decision::Skip(r) if r.starts_with("expired: the send window"))
         );
+    }
+
+    #[tokio::test]
+    async fn an_event_from_a_suppressed_period_is_skipped_after_the_address_is_allowed_again() {
+        let now = at("2026-03-02T10:00:00Z");
+        let mut world = world();
+        world.suppressed_during = Some((at("2026-03-02T07:00:00Z"), at("2026-03-02T09:00:00Z")));
+        let evaluation = evaluate(&rule(), &MESSAGE, &world, now).await.unwrap();
+        let Decision::Skip(reason) = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert!(
+            reason.contains("when the triggering event occurred"),
+            "{reason}"
+        );
+        let failed = evaluation.record.failed().unwrap();
+        assert_eq!(
+            failed.words(Verdict::Failed),
+            "the address was on the suppression list when the event occurred (2026-03-02 08:00 UTC)"
+        );
+        // A period that ended before the event does not count.
+        world.suppressed_during = Some((at("2026-03-01T07:00:00Z"), at("2026-03-02T07:59:00Z")));
+        let evaluation = evaluate(&rule(), &MESSAGE, &world, now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
     }
 
     #[tokio::test]

@@ -535,3 +535,227 @@ impl Verdict {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::rules::Subject;
+
+    /// Customer "c1", their call "k1", and their later events.
+    struct World {
+        later: Vec<SeenEvent>,
+        plan: &'static str,
+    }
+
+    struct Found(Value, DateTime<Utc>);
+
+    impl Subject for Found {
+        fn customer_id(&self) -> &str {
+            "c1"
+        }
+        fn attributes(&self) -> &Value {
+            &self.0
+        }
+        fn event(&self) -> Option<(&str, &str, DateTime<Utc>)> {
+            Some(("call", "k1", self.1))
+        }
+        fn timezone(&self) -> Tz {
+            Tz::UTC
+        }
+    }
+
+    #[async_trait]
+    impl Facts for World {
+        type Subject = Found;
+        type Error = ();
+        async fn subject(&self) -> Result<Result<Found, String>, ()> {
+            Ok(Ok(Found(
+                json!({ "plan": self.plan }),
+                at("2026-03-02T08:00:00Z"),
+            )))
+        }
+        async fn is_suppressed(&self, _: &Found) -> Result<bool, ()> {
+            Ok(false)
+        }
+        async fn was_suppressed_at(&self, _: &Found, _: DateTime<Utc>) -> Result<bool, ()> {
+            Ok(false)
+        }
+        async fn had_event_after(
+            &self,
+            _: &Found,
+            kind: &str,
+            after: DateTime<Utc>,
+        ) -> Result<bool, ()> {
+            Ok(self.event_after(kind, after).await?.is_some())
+        }
+    }
+
+    #[async_trait]
+    impl Witnesses for World {
+        async fn event_after(
+            &self,
+            kind: &str,
+            after: DateTime<Utc>,
+        ) -> Result<Option<SeenEvent>, ()> {
+            Ok(self
+                .later
+                .iter()
+                .find(|e| e.kind == kind && e.at > after)
+                .cloned())
+        }
+        async fn suppression_at(
+            &self,
+            _: Option<DateTime<Utc>>,
+        ) -> Result<Option<SeenSuppression>, ()> {
+            Ok(None)
+        }
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn rule() -> Rule {
+        let source = r#"[[rule]]
+name = "follow-up"
+template = "t"
+subject = "Hi"
+when = { event = "call", after = "2d" }
+only_if = [{ attribute = "plan", equals = "gold" }]
+unless = [{ event = "purchase", since = "trigger" }]
+send_window = { from = "09:00", to = "17:00" }
+expire_after = "3d"
+"#;
+        let (mut rules, problems) =
+            super::super::parse_file(Path::new("r.toml"), source, &|_| true);
+        assert!(problems.is_empty(), "{problems:?}");
+        rules.remove(0)
+    }
+
+    fn circumstances(message: Option<SeenMessage>) -> Circumstances {
+        Circumstances {
+            event: Some(SeenEvent {
+                id: "k1".into(),
+                kind: "call".into(),
+                at: at("2026-03-02T08:00:00Z"),
+            }),
+            message,
+            tz: Tz::UTC,
+            default_expire_after: TimeDelta::days(1),
+            max_attempts: 3,
+        }
+    }
+
+    fn waiting(attempts: i32) -> SeenMessage {
+        SeenMessage {
+            id: 7,
+            standing: Standing::Waiting,
+            state: "retrying".into(),
+            trigger_at: at("2026-03-04T10:00:00Z"),
+            next_attempt_at: at("2026-03-04T10:00:00Z"),
+            expires_at: Some(at("2026-03-07T09:00:00Z")),
+            sent_at: None,
+            attempts,
+            reason: None,
+            stopped_by: None,
+        }
+    }
+
+    async fn answer(message: Option<SeenMessage>, world: &World, now: DateTime<Utc>) -> Why {
+        explain(&rule(), &circumstances(message), world, now)
+            .await
+            .unwrap()
+    }
+
+    fn utc(t: DateTime<Utc>) -> String {
+        t.to_rfc3339()
+    }
+
+    #[tokio::test]
+    async fn an_unless_names_the_event_that_matched_and_the_trigger() {
+        let world = World {
+            later: vec![SeenEvent {
+                id: "p9".into(),
+                kind: "purchase".into(),
+                at: at("2026-03-02T09:00:00Z"),
+            }],
+            plan: "gold",
+        };
+        let now = at("2026-03-02T12:00:00Z");
+        let why = answer(None, &world, now).await;
+        let Answer::Unless {
+            matched, trigger, ..
+        } = &why.answer
+        else {
+            panic!("{:?}", why.answer);
+        };
+        assert_eq!(matched.as_ref().map(|e| e.id.as_str()), Some("p9"));
+        assert_eq!(trigger.as_ref().map(|e| e.id.as_str()), Some("k1"));
+        assert!(!why.applies());
+        let words = why.answer.words(&utc);
+        assert!(
+            words.contains("\"p9\" on 2026-03-02T09:00:00+00:00"),
+            "{words}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_message_is_planned_or_stopped_by_the_check_that_would_fail() {
+        let world = World {
+            later: vec![],
+            plan: "gold",
+        };
+        let now = at("2026-03-02T12:00:00Z");
+        let planned = answer(Some(waiting(1)), &world, now).await;
+        assert_eq!(
+            planned.answer,
+            Answer::Planned {
+                message: 7,
+                at: at("2026-03-04T10:00:00Z")
+            }
+        );
+        // A check with no answer of its own (here: attempts) speaks in its own words, as a
+        // check kind added later will.
+        let tired = answer(Some(waiting(3)), &world, now).await;
+        assert_eq!(
+            tired.answer,
+            Answer::Stopped {
+                check: "no attempts left (at most 3)".into()
+            }
+        );
+        let silver = World {
+            later: vec![],
+            plan: "silver",
+        };
+        let why = answer(None, &silver, now).await;
+        assert!(
+            matches!(&why.answer, Answer::OnlyIf { attribute, value: Some(v), .. } if attribute == "plan" && v == "silver"),
+            "{:?}",
+            why.answer
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_triggered_outside_the_window_waits_for_it() {
+        let world = World {
+            later: vec![],
+            plan: "gold",
+        };
+        let now = at("2026-03-02T12:00:00Z");
+        let mut message = waiting(1);
+        message.trigger_at = at("2026-03-04T20:00:00Z");
+        message.next_attempt_at = at("2026-03-05T09:00:00Z");
+        let why = answer(Some(message), &world, now).await;
+        assert_eq!(
+            why.answer,
+            Answer::OutsideWindow {
+                message: Some(7),
+                at: at("2026-03-05T09:00:00Z")
+            }
+        );
+    }
+}
