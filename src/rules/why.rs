@@ -198,10 +198,6 @@ pub async fn explain<F: Witnesses>(
         return Ok(why(Answer::RuleDisabled));
     }
     let event = circumstances.event.as_ref();
-    if let (Some(kind), None) = (trigger_kind(rule), event) {
-        let kind = kind.to_string();
-        return Ok(why(Answer::NoTriggeringEvent { kind }));
-    }
     let (message, at) = match &circumstances.message {
         Some(m) if m.standing == Standing::Sent => {
             let answer = Answer::AlreadySent {
@@ -228,7 +224,14 @@ pub async fn explain<F: Witnesses>(
             let at = m.next_attempt_at.max(now);
             (Some(m.id), Some((state, m.trigger_at, at)))
         }
-        None => (None, hypothetical(rule, circumstances, now)),
+        None => {
+            // A message planned from a source's event has no event here: it is looked at above.
+            if let (Some(kind), None) = (trigger_kind(rule), event) {
+                let kind = kind.to_string();
+                return Ok(why(Answer::NoTriggeringEvent { kind }));
+            }
+            (None, hypothetical(rule, circumstances, now))
+        }
     };
     let Some((state, trigger_at, at)) = at else {
         // A yearly or recurring rule with no occurrence left (after the last storable year).
