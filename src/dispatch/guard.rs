@@ -5,7 +5,6 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
-use chrono_tz::Tz;
 
 use super::Context;
 use crate::plan::customer_timezone;
@@ -28,33 +27,7 @@ pub(super) enum LookupError {
     Source(#[from] SourceError),
 }
 
-/// The message's customer and triggering event as read just now.
-pub(super) struct Found {
-    pub customer: Customer,
-    pub event: Option<Event>,
-    /// The customer's effective time zone.
-    pub tz: Tz,
-}
-
-impl rules::Subject for Found {
-    fn customer_id(&self) -> &str {
-        &self.customer.id
-    }
-
-    fn attributes(&self) -> &serde_json::Value {
-        &self.customer.attributes
-    }
-
-    fn event(&self) -> Option<(&str, &str, DateTime<Utc>)> {
-        self.event
-            .as_ref()
-            .map(|e| (e.kind.as_str(), e.id.as_str(), e.occurred_at))
-    }
-
-    fn timezone(&self) -> Tz {
-        self.tz
-    }
-}
+pub(super) use crate::plan::why::Found;
 
 /// Runs the rule's checks for a claimed message; the evaluation says what to do and keeps the
 /// record of what was checked.

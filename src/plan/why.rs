@@ -181,14 +181,17 @@ fn seen_suppression(period: SuppressionPeriod) -> SeenSuppression {
     }
 }
 
-/// The customer and their latest triggering event, as the guard's checks see them.
-pub struct Subject {
-    customer: Customer,
-    event: Option<Event>,
-    tz: Tz,
+/// A customer and the triggering event (if the rule has one) as just read: what the checks
+/// look at, for the guard (a message's) and for `why` (the latest event's).
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub customer: Customer,
+    pub event: Option<Event>,
+    /// The customer's effective time zone.
+    pub tz: Tz,
 }
 
-impl rules::Subject for Subject {
+impl rules::Subject for Found {
     fn customer_id(&self) -> &str {
         &self.customer.id
     }
@@ -219,24 +222,24 @@ struct StoreFacts<'a> {
 
 #[async_trait]
 impl rules::Facts for StoreFacts<'_> {
-    type Subject = Subject;
+    type Subject = Found;
     type Error = WhyError;
 
-    async fn subject(&self) -> Result<Result<Subject, String>, WhyError> {
-        Ok(Ok(Subject {
+    async fn subject(&self) -> Result<Result<Found, String>, WhyError> {
+        Ok(Ok(Found {
             customer: self.customer.clone(),
             event: self.event.cloned(),
             tz: self.tz,
         }))
     }
 
-    async fn is_suppressed(&self, subject: &Subject) -> Result<bool, WhyError> {
+    async fn is_suppressed(&self, subject: &Found) -> Result<bool, WhyError> {
         Ok(self.store.is_suppressed(&subject.customer.email).await?)
     }
 
     async fn was_suppressed_at(
         &self,
-        subject: &Subject,
+        subject: &Found,
         at: DateTime<Utc>,
     ) -> Result<bool, WhyError> {
         let email = &subject.customer.email;
@@ -245,7 +248,7 @@ impl rules::Facts for StoreFacts<'_> {
 
     async fn had_event_after(
         &self,
-        subject: &Subject,
+        subject: &Found,
         kind: &str,
         after: DateTime<Utc>,
     ) -> Result<bool, WhyError> {

@@ -152,6 +152,9 @@ impl Check {
 
     /// What the check found when it failed: the condition that stopped the message.
     pub fn failed(&self) -> String {
+        if let Some(words) = self.judged(false) {
+            return words;
+        }
         match self {
             Check::Enabled { rule } => format!("the rule {rule:?} is disabled"),
             Check::NotExpired {
@@ -161,43 +164,15 @@ impl Check {
             Check::Attempts { max, .. } => format!("no attempts left (at most {max})"),
             Check::Subject { .. } => "the customer or the triggering event no longer exists".into(),
             Check::NotSuppressed => "the address is on the suppression list".into(),
-            Check::NotSuppressedAtEvent { occurred_at } => format!(
-                "the address was on the suppression list when the event occurred{}",
-                occurred_at
-                    .map(|at| format!(" ({})", utc_minute(at)))
-                    .unwrap_or_default()
-            ),
-            Check::OnlyIf { condition, seen } => {
-                let value = seen
-                    .as_ref()
-                    .map_or_else(|| "none".to_string(), ToString::to_string);
-                format!(
-                    "{}: not met (the customer's is {value})",
-                    only_if(condition)
-                )
-            }
-            Check::Unless { condition, after } => {
-                let since = after.map(utc_minute).unwrap_or_default();
-                let found = match condition {
-                    Unless::SinceTrigger { event } => format!("a {event:?} event after {since}"),
-                    Unless::Within { event, .. } => format!("a {event:?} event since {since}"),
-                };
-                format!("{}: matched ({found})", unless(condition))
-            }
-            Check::SendWindow { window, local } => match local {
-                Some(local) => format!(
-                    "{}: closed (it was {} in {})",
-                    window_words(window),
-                    local.format("%a %H:%M"),
-                    local.timezone().name()
-                ),
-                None => format!("only {}: closed", window_words(window)),
-            },
+            other => format!("{}: not met", other.condition()),
         }
     }
 
     /// What the check found when it passed.
     pub fn passed(&self) -> String {
+        if let Some(words) = self.judged(true) {
+            return words;
+        }
         match self {
             Check::Enabled { rule } => format!("the rule {rule:?} is enabled"),
             Check::NotExpired {
@@ -213,9 +188,17 @@ impl Check {
                 customer,
                 event: None,
             } => format!("the customer {customer:?} still exists"),
-            Check::NotSuppressed => "the address is not on the suppression list".into(),
+            other => other.condition(),
+        }
+    }
+
+    /// A condition's words with what it saw, as it `held` or not; `None` for the checks whose
+    /// words do not follow that pattern.
+    fn judged(&self, held: bool) -> Option<String> {
+        Some(match self {
             Check::NotSuppressedAtEvent { occurred_at } => format!(
-                "the address was not on the suppression list when the event occurred{}",
+                "the address was {}on the suppression list when the event occurred{}",
+                if held { "not " } else { "" },
                 occurred_at
                     .map(|at| format!(" ({})", utc_minute(at)))
                     .unwrap_or_default()
@@ -224,25 +207,38 @@ impl Check {
                 let value = seen
                     .as_ref()
                     .map_or_else(|| "none".to_string(), ToString::to_string);
-                format!("{}: held (the customer's is {value})", only_if(condition))
+                let verdict = if held { "held" } else { "not met" };
+                format!(
+                    "{}: {verdict} (the customer's is {value})",
+                    only_if(condition)
+                )
             }
             Check::Unless { condition, after } => {
                 let since = after.map(utc_minute).unwrap_or_default();
-                let found = match condition {
-                    Unless::SinceTrigger { event } => format!("no {event:?} event after {since}"),
-                    Unless::Within { event, .. } => format!("no {event:?} event since {since}"),
+                let (verdict, some) = if held {
+                    ("held", "no")
+                } else {
+                    ("matched", "a")
                 };
-                format!("{}: held ({found})", unless(condition))
+                let found = match condition {
+                    Unless::SinceTrigger { event } => {
+                        format!("{some} {event:?} event after {since}")
+                    }
+                    Unless::Within { event, .. } => format!("{some} {event:?} event since {since}"),
+                };
+                format!("{}: {verdict} ({found})", unless(condition))
             }
-            Check::SendWindow { window, local } => match local {
-                Some(local) => format!(
-                    "{}: open (it was {} in {})",
-                    window_words(window),
-                    local.format("%a %H:%M"),
-                    local.timezone().name()
-                ),
-                None => format!("only {}", window_words(window)),
-            },
-        }
+            Check::SendWindow {
+                window,
+                local: Some(local),
+            } => format!(
+                "{}: {} (it was {} in {})",
+                window_words(window),
+                if held { "open" } else { "closed" },
+                local.format("%a %H:%M"),
+                local.timezone().name()
+            ),
+            _ => return None,
+        })
     }
 }
