@@ -397,36 +397,16 @@ async fn stopped_by_condition<F: Witnesses>(
 impl Answer {
     /// The answer in words for the owner, with times written by `time`.
     pub fn words(&self, time: &dyn Fn(DateTime<Utc>) -> String) -> String {
+        if let Some(words) = self.message_words(time) {
+            return words;
+        }
         let event = |e: &SeenEvent| format!("the {:?} event {:?} on {}", e.kind, e.id, time(e.at));
+        let suppression = |s: &Option<SeenSuppression>| {
+            s.as_ref()
+                .map(|s| suppression_words(s, time))
+                .unwrap_or_default()
+        };
         match self {
-            Answer::Planned { message, at } => {
-                format!("planned: message {message}, due {}", time(*at))
-            }
-            Answer::NotYetPlanned { at } => format!(
-                "applies: planning will make the message on its next pass (due {})",
-                time(*at)
-            ),
-            Answer::OutsideWindow { message, at } => format!(
-                "waiting for the send window: {} goes out at {}",
-                message.map_or_else(|| "the message".to_string(), |m| format!("message {m}")),
-                time(*at)
-            ),
-            Answer::AlreadySent { message, at } => format!(
-                "already sent: message {message}{}",
-                at.map(|at| format!(" on {}", time(at))).unwrap_or_default()
-            ),
-            Answer::Ended {
-                message,
-                state,
-                why,
-                check,
-            } => match check {
-                Some(check) => format!("not sent: message {message} was {state}: {check}"),
-                None => format!(
-                    "not sent: message {message} was {state}{}",
-                    why.as_ref().map(|w| format!(" ({w})")).unwrap_or_default()
-                ),
-            },
             Answer::RuleDisabled => "not sent: the rule is disabled".into(),
             Answer::NoTriggeringEvent { kind } => {
                 format!("not sent: the customer has no {kind:?} event")
@@ -443,21 +423,15 @@ impl Answer {
             ),
             Answer::SuppressedAtEvent {
                 event: e,
-                suppression,
+                suppression: s,
             } => format!(
                 "not sent: the address was suppressed when {} happened{}",
                 e.as_ref().map_or_else(|| "the event".to_string(), event),
-                suppression
-                    .as_ref()
-                    .map(|s| suppression_words(s, time))
-                    .unwrap_or_default()
+                suppression(s)
             ),
-            Answer::Suppressed { suppression } => format!(
+            Answer::Suppressed { suppression: s } => format!(
                 "not sent: the address is on the suppression list{}",
-                suppression
-                    .as_ref()
-                    .map(|s| suppression_words(s, time))
-                    .unwrap_or_default()
+                suppression(s)
             ),
             Answer::Unsubscribed { suppression } => format!(
                 "not sent: the customer unsubscribed{}",
@@ -491,7 +465,44 @@ impl Answer {
                 format!("not sent: {condition} — {matched}{after}")
             }
             Answer::Stopped { check } => format!("not sent: {check}"),
+            _ => String::new(),
         }
+    }
+
+    /// The words of an answer about a message (planned, waiting, sent, ended); `None` for the
+    /// others.
+    fn message_words(&self, time: &dyn Fn(DateTime<Utc>) -> String) -> Option<String> {
+        Some(match self {
+            Answer::Planned { message, at } => {
+                format!("planned: message {message}, due {}", time(*at))
+            }
+            Answer::NotYetPlanned { at } => format!(
+                "applies: planning will make the message on its next pass (due {})",
+                time(*at)
+            ),
+            Answer::OutsideWindow { message, at } => format!(
+                "waiting for the send window: {} goes out at {}",
+                message.map_or_else(|| "the message".to_string(), |m| format!("message {m}")),
+                time(*at)
+            ),
+            Answer::AlreadySent { message, at } => format!(
+                "already sent: message {message}{}",
+                at.map(|at| format!(" on {}", time(at))).unwrap_or_default()
+            ),
+            Answer::Ended {
+                message,
+                state,
+                why,
+                check,
+            } => match check {
+                Some(check) => format!("not sent: message {message} was {state}: {check}"),
+                None => format!(
+                    "not sent: message {message} was {state}{}",
+                    why.as_ref().map(|w| format!(" ({w})")).unwrap_or_default()
+                ),
+            },
+            _ => return None,
+        })
     }
 
     /// A short name of the answer, the `reason` of the JSON form.
