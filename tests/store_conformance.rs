@@ -710,11 +710,10 @@ async fn suppressed_periods_are_kept_and_their_events_left_out(backend: Backend)
         limit: 10,
     };
     let found = store.candidates(&query).await.expect("candidates");
-    let ids: Vec<_> = found
+    let mut ids: Vec<_> = found
         .iter()
         .filter_map(|c| c.event.as_ref().map(|e| e.id.clone()))
         .collect();
-    let mut ids = ids;
     ids.sort();
     assert_eq!(
         ids,
