@@ -52,6 +52,8 @@ pub enum Command {
     Preview(PreviewArgs),
     /// The message log.
     Log(LogArgs),
+    /// Why each rule did, will, or will not message a customer: the check that decided it.
+    Why(WhyArgs),
     /// The addresses that are never mailed.
     #[command(subcommand)]
     Suppress(SuppressCommand),
@@ -197,6 +199,24 @@ pub struct LogArgs {
     pub limit: i64,
     #[arg(long, value_enum, default_value_t = LogFormat::Table)]
     pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WhyFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct WhyArgs {
+    /// The customer's id.
+    #[arg(long)]
+    pub customer: String,
+    /// Only this rule (by name).
+    #[arg(long)]
+    pub rule: Option<String>,
+    #[arg(long, value_enum, default_value_t = WhyFormat::Table)]
+    pub format: WhyFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,6 +4,7 @@
 mod init;
 mod preview;
 mod summary;
+pub mod why;
 
 pub use init::init;
 pub use preview::preview;

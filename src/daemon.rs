@@ -304,6 +304,7 @@ async fn setup_web(
         listen: &config.http.listen,
         base_url: config.links.base_url.as_deref(),
         plan: plan_settings(config),
+        max_attempts: config.delivery.max_attempts,
     };
     Ok(crate::web::Web::setup(&config.web, around, store, listening).await?)
 }

@@ -61,7 +61,7 @@ pub(super) fn compose(
     let content = SentContent {
         text: built.text,
         html: built.html,
-        checks: checks.passed_lines(),
+        checks: super::guard::check_lines(checks),
     };
     Ok(Composed {
         email: built.email,

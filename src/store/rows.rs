@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::{
-    Candidate, ClaimedMessage, Customer, CustomerMessageEvent, Event, LogEntry, MessageEvent,
-    MessageState, SentContent, Suppression,
+    Candidate, CheckLine, ClaimedMessage, Customer, CustomerMessageEvent, Event, LogEntry,
+    MessageEvent, MessageState, SentContent, Suppression, SuppressionPeriod,
 };
 
 #[derive(sqlx::FromRow)]
@@ -238,7 +238,7 @@ impl From<CustomerMessageEventRow> for CustomerMessageEvent {
 pub(super) struct SentContentRow {
     body_text: Option<String>,
     body_html: Option<String>,
-    checks: Option<Json<Vec<String>>>,
+    checks: Option<Json<Vec<CheckLine>>>,
 }
 
 impl SentContentRow {
@@ -261,6 +261,27 @@ pub(super) struct SuppressionRow {
     reason: String,
     source: String,
     created_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct SuppressionPeriodRow {
+    email: String,
+    reason: String,
+    source: String,
+    since: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+}
+
+impl From<SuppressionPeriodRow> for SuppressionPeriod {
+    fn from(row: SuppressionPeriodRow) -> Self {
+        SuppressionPeriod {
+            email: row.email,
+            reason: row.reason,
+            source: row.source,
+            since: row.since,
+            until: row.until,
+        }
+    }
 }
 
 impl From<SuppressionRow> for Suppression {
