@@ -209,17 +209,9 @@ fn unreached(rule: &Rule, message: &MessageState, stage: Stage) -> Check {
             after: None,
         },
         Stage::Window => Check::SendWindow {
-            window: rule.send_window.clone().unwrap_or_else(always_open),
+            window: rule.send_window.clone().unwrap_or_else(SendWindow::all_day),
             local: None,
         },
-    }
-}
-
-fn always_open() -> SendWindow {
-    SendWindow {
-        from: chrono::NaiveTime::MIN,
-        to: chrono::NaiveTime::MIN,
-        days: None,
     }
 }
 

@@ -103,7 +103,8 @@ fn design_examples_parse_into_the_right_types() {
         Some(SendWindow {
             from: time(9, 0),
             to: time(18, 0),
-            days: None
+            days: None,
+            skip_dates: Vec::new(),
         })
     );
     assert_eq!(thanks.expire_after, Some(TimeDelta::days(2)));
@@ -239,6 +240,7 @@ expire_after = "1d12h"
             from: time(20, 0),
             to: time(8, 0),
             days: Some(vec![Weekday::Mon, Weekday::Tue, Weekday::Fri]),
+            skip_dates: Vec::new(),
         })
     );
     assert_eq!(rule.expire_after, Some(TimeDelta::hours(36)));
