@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::Value;
 
-use super::{AttributeCondition, AttributeTest, Rule, Unless};
-use crate::calendar::SendWindow;
+use super::{AttributeCondition, AttributeTest, FrequencyLimit, Rule, Unless, format_duration};
+use crate::calendar::{QuietDate, SendWindow};
 
 /// One check the guard runs before sending, with what it looked at.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +47,29 @@ pub enum Check {
         window: SendWindow,
         local: Option<DateTime<Tz>>,
     },
+    /// The message was planned for a quiet date (`planned`, in the customer's zone) and goes
+    /// out on the next allowed day instead.
+    MovedFromQuietDate {
+        planned: DateTime<Tz>,
+        date: QuietDate,
+    },
+    /// The frequency limit, with how many counted messages went out to the customer within
+    /// its window and how many of higher priority wait to go first (`None`: not reached).
+    FrequencyLimit {
+        limit: FrequencyLimit,
+        counted: Option<usize>,
+        outranked_by: usize,
+    },
+}
+
+/// What the frequency limit looks at for one message, as of the check.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FrequencyUsage {
+    /// When the customer's counted messages went out within the limit's window.
+    pub counted: Vec<DateTime<Utc>>,
+    /// When the customer's waiting messages of higher-priority rules are due, those due within
+    /// the limit's window from now: they compete for the same allowance and go first.
+    pub outranked_by: Vec<DateTime<Utc>>,
 }
 
 /// What became of a check.
@@ -124,6 +147,22 @@ pub trait Facts: Sync {
         kind: &str,
         after: DateTime<Utc>,
     ) -> Result<bool, Self::Error>;
+    /// What counts toward `rule`'s frequency `limit` for this customer as of `now`. The
+    /// default sees no earlier messages: facts that can read the outbox must say what it holds.
+    async fn frequency_usage(
+        &self,
+        _subject: &Self::Subject,
+        _rule: &Rule,
+        _limit: &FrequencyLimit,
+        _now: DateTime<Utc>,
+    ) -> Result<FrequencyUsage, Self::Error> {
+        Ok(FrequencyUsage::default())
+    }
+    /// When the message was planned to go (its trigger), if known: a message moved off a quiet
+    /// date says so.
+    fn planned_for(&self) -> Option<DateTime<Utc>> {
+        None
+    }
 }
 
 /// Where an evaluation stopped, to list the checks it did not reach.
@@ -137,6 +176,7 @@ enum Stage {
     OnlyIf(usize),
     Unless(usize),
     Window,
+    Frequency,
 }
 
 /// An evaluation under way: the record so far, and how to end it.
@@ -149,6 +189,14 @@ struct Run<'a> {
 impl Run<'_> {
     fn pass(&mut self, check: Check) {
         self.record.push(check, Verdict::Passed);
+    }
+
+    /// Ends the run with every check passed.
+    fn send<S>(self, subject: S) -> Evaluation<S> {
+        Evaluation {
+            decision: Decision::Send(subject),
+            record: self.record,
+        }
     }
 
     /// Ends the run at `stage` with `check` failed; what comes after is not reached.
@@ -178,6 +226,9 @@ fn stages(rule: &Rule) -> Vec<Stage> {
     stages.extend((0..rule.unless.len()).map(Stage::Unless));
     if rule.send_window.is_some() {
         stages.push(Stage::Window);
+    }
+    if rule.limited().is_some() {
+        stages.push(Stage::Frequency);
     }
     stages
 }
@@ -211,6 +262,14 @@ fn unreached(rule: &Rule, message: &MessageState, stage: Stage) -> Check {
         Stage::Window => Check::SendWindow {
             window: rule.send_window.clone().unwrap_or_else(SendWindow::all_day),
             local: None,
+        },
+        Stage::Frequency => Check::FrequencyLimit {
+            limit: rule.limited().unwrap_or(FrequencyLimit {
+                max: 1,
+                per: chrono::TimeDelta::zero(),
+            }),
+            counted: None,
+            outranked_by: 0,
         },
     }
 }
@@ -354,33 +413,105 @@ async fn unless_and_window<F: Facts>(
         }
         run.pass(check);
     }
-    if let Some(window) = &rule.send_window {
-        let tz = subject.timezone();
-        let check = Check::SendWindow {
-            window: window.clone(),
-            local: Some(now.with_timezone(&tz)),
-        };
-        if !window.contains(now, tz) {
-            let at = window.next_open(now, tz);
-            let decision = if run.message.expires_at.is_some_and(|expiry| at > expiry) {
-                Decision::Skip(
-                    "expired: the send window does not open again before expire_after runs out"
-                        .into(),
-                )
-            } else {
-                Decision::Release {
-                    at,
-                    reason: "outside the send window".into(),
-                }
-            };
-            return Ok(run.stop(Stage::Window, check, decision));
-        }
+    let run = match window(run, &subject, facts.planned_for(), now) {
+        Ok(run) => run,
+        Err(stopped) => return Ok(stopped),
+    };
+    frequency(run, facts, subject, now).await
+}
+
+/// The send window (with its quiet dates): `Err` with the evaluation when it is closed.
+fn window<'a, S: Subject>(
+    mut run: Run<'a>,
+    subject: &S,
+    planned: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<Run<'a>, Evaluation<S>> {
+    let rule = run.rule;
+    let Some(window) = &rule.send_window else {
+        return Ok(run);
+    };
+    let tz = subject.timezone();
+    let check = Check::SendWindow {
+        window: window.clone(),
+        local: Some(now.with_timezone(&tz)),
+    };
+    if window.contains(now, tz) {
         run.pass(check);
+        let moved = planned.and_then(|p| Some((p, window.quiet_at(p, tz)?)));
+        if let Some((planned, date)) = moved {
+            let planned = planned.with_timezone(&tz);
+            if planned.date_naive() != now.with_timezone(&tz).date_naive() {
+                run.pass(Check::MovedFromQuietDate { planned, date });
+            }
+        }
+        return Ok(run);
     }
-    Ok(Evaluation {
-        decision: Decision::Send(subject),
-        record: run.record,
-    })
+    let reason = match window.quiet_at(now, tz) {
+        Some(date) => format!("a quiet date ({date}) in the customer's time zone"),
+        None => "outside the send window".into(),
+    };
+    let at = window.next_open(now, tz);
+    let decision = if run.message.expires_at.is_some_and(|expiry| at > expiry) {
+        Decision::Skip(
+            "expired: the send window does not open again before expire_after runs out".into(),
+        )
+    } else {
+        Decision::Release { at, reason }
+    };
+    Err(run.stop(Stage::Window, check, decision))
+}
+
+/// How long a message outranked by one due now waits before it looks again.
+const OUTRANKED_WAIT: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+
+/// The frequency limit, the last check: the customer is under it, and no message of higher
+/// priority is waiting for what is left of the allowance.
+async fn frequency<F: Facts>(
+    mut run: Run<'_>,
+    facts: &F,
+    subject: F::Subject,
+    now: DateTime<Utc>,
+) -> Result<Evaluation<F::Subject>, F::Error> {
+    let rule = run.rule;
+    let Some(limit) = rule.limited() else {
+        return Ok(run.send(subject));
+    };
+    let usage = facts.frequency_usage(&subject, rule, &limit, now).await?;
+    let check = Check::FrequencyLimit {
+        limit,
+        counted: Some(usage.counted.len()),
+        outranked_by: usage.outranked_by.len(),
+    };
+    let free_at = limit.next_allowed(&usage.counted, now);
+    let left = (limit.max as usize).saturating_sub(usage.counted.len());
+    let (at, why) = if free_at > now {
+        let why = format!(
+            "the frequency limit: {} sent to this customer within {}",
+            usage.counted.len(),
+            format_duration(limit.per)
+        );
+        (free_at, why)
+    } else if usage.outranked_by.len() >= left {
+        let first = usage.outranked_by.iter().min().copied().unwrap_or(now);
+        let why = "the frequency limit: a message of a higher-priority rule goes first".into();
+        (first.max(now) + OUTRANKED_WAIT, why)
+    } else {
+        run.pass(check);
+        return Ok(run.send(subject));
+    };
+    let at = rule.next_open(at, subject.timezone());
+    let decision = if run.message.expires_at.is_some_and(|expiry| at > expiry) {
+        Decision::Skip(format!(
+            "expired: held back by {why}, and it allows the next message only after expire_after runs out"
+        ))
+    } else {
+        Decision::Release {
+            at,
+            reason: format!("held back by {why}"),
+        }
+    };
+    Ok(run.stop(Stage::Frequency, check, decision))
 }
 
 impl Rule {
@@ -391,6 +522,12 @@ impl Rule {
             Some(window) => window.next_open(at, tz),
             None => at,
         }
+    }
+
+    /// The frequency limit that holds this rule's messages back, if any.
+    pub fn limited(&self) -> Option<FrequencyLimit> {
+        self.frequency_limit
+            .filter(|_| !self.ignore_frequency_limit)
     }
 
     /// The event kinds of `unless = { event = KIND, since = "trigger" }`: planning leaves out

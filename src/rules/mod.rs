@@ -21,7 +21,7 @@ use crate::diag::{Diagnostic, Diagnostics};
 
 pub use crate::duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
 pub use check::{
-    Check, CheckRecord, Decision, Evaluation, Facts, MessageState, Subject, Verdict,
+    Check, CheckRecord, Decision, Evaluation, Facts, FrequencyUsage, MessageState, Subject, Verdict,
     attributes_match, evaluate, expired,
 };
 pub use detail::{MessageDetail, SourceEvent};
