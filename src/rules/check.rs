@@ -463,7 +463,7 @@ fn window<'a, S: Subject>(
 }
 
 /// How long a message outranked by one due now waits before it looks again.
-const OUTRANKED_WAIT: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+const OUTRANKED_WAIT: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
 /// The frequency limit, the last check: the customer is under it, and no message of higher
 /// priority is waiting for what is left of the allowance.
