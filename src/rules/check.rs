@@ -583,6 +583,7 @@ fn json_equal(a: &Value, b: &Value) -> bool {
 mod tests {
     use std::path::Path;
 
+    use chrono::TimeDelta;
     use serde_json::json;
 
     use super::*;
@@ -593,6 +594,8 @@ mod tests {
         suppressed: bool,
         later_events: Vec<(&'static str, DateTime<Utc>)>,
         gone: bool,
+        usage: FrequencyUsage,
+        planned: Option<DateTime<Utc>>,
     }
 
     #[derive(Debug)]
@@ -640,6 +643,18 @@ mod tests {
                 .iter()
                 .any(|(k, t)| *k == kind && *t > after))
         }
+        async fn frequency_usage(
+            &self,
+            _: &Found,
+            _: &Rule,
+            _: &FrequencyLimit,
+            _: DateTime<Utc>,
+        ) -> Result<FrequencyUsage, ()> {
+            Ok(self.usage.clone())
+        }
+        fn planned_for(&self) -> Option<DateTime<Utc>> {
+            self.planned
+        }
     }
 
     fn at(text: &str) -> DateTime<Utc> {
@@ -668,6 +683,8 @@ send_window = { from = "09:00", to = "17:00" }
             suppressed: false,
             later_events: vec![],
             gone: false,
+            usage: FrequencyUsage::default(),
+            planned: None,
         }
     }
 
@@ -778,5 +795,122 @@ send_window = { from = "09:00", to = "17:00" }
         assert!(
             matches!(&evaluation.decision, Decision::Fail(r) if r == "gave up after 3 attempts")
         );
+    }
+
+    /// The test rule with a limit of one per 3 days, or another rule text appended.
+    fn limited(extra: &str) -> Rule {
+        let source = format!(
+            "[[rule]]\nname = \"r\"\ntemplate = \"t\"\nsubject = \"Hi\"\n\
+             when = {{ event = \"purchase\", after = \"2h\" }}\n\
+             send_window = {{ from = \"09:00\", to = \"17:00\", skip_dates = [\"12-25\"] }}\n{extra}\n"
+        );
+        let (mut rules, problems) =
+            super::super::parse_file(Path::new("r.toml"), &source, &|_| true);
+        assert!(problems.is_empty(), "{problems:?}");
+        rules.remove(0)
+    }
+
+    #[tokio::test]
+    async fn the_frequency_limit_holds_a_message_until_the_oldest_leaves_the_window() {
+        let rule = limited("frequency_limit = { max = 1, per = \"3d\" }");
+        let now = at("2026-03-02T10:00:00Z");
+        let evaluation = evaluate(&rule, &MESSAGE, &world(), now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        assert_eq!(
+            evaluation.record.passed_lines().last().map(String::as_str),
+            Some(
+                "at most 1 message to a customer within 3d, across all rules: held (0 counted within 3d, none of higher priority waiting)"
+            )
+        );
+        // One went out yesterday at 20:00: the next may go three days on, in the window.
+        let mut busy = world();
+        busy.usage.counted = vec![at("2026-03-01T20:00:00Z")];
+        let evaluation = evaluate(&rule, &MESSAGE, &busy, now).await.unwrap();
+        let Decision::Release { at: due, reason } = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(due, at("2026-03-05T09:00:00Z"), "20:00 is outside the window");
+        assert_eq!(
+            reason,
+            "held back by the frequency limit: 1 sent to this customer within 3d"
+        );
+        assert_eq!(
+            evaluation.record.checks.last().map(|(_, v)| *v),
+            Some(Verdict::Failed)
+        );
+        // Too late for expire_after: skipped, with the reason.
+        let soon = MessageState {
+            expires_at: Some(at("2026-03-03T10:00:00Z")),
+            ..MESSAGE
+        };
+        let evaluation = evaluate(&rule, &soon, &busy, now).await.unwrap();
+        assert!(
+            matches!(&evaluation.decision, Decision::Skip(r) if r.starts_with("expired: held back by the frequency limit")),
+            "{:?}",
+            evaluation.decision
+        );
+        // A limit of two lets the second go.
+        let two = limited("frequency_limit = { max = 2, per = \"3d\" }");
+        let evaluation = evaluate(&two, &MESSAGE, &busy, now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+    }
+
+    #[tokio::test]
+    async fn a_higher_priority_message_due_within_the_window_goes_first() {
+        let rule = limited("frequency_limit = { max = 1, per = \"1d\" }");
+        let now = at("2026-03-02T10:00:00Z");
+        let mut contested = world();
+        contested.usage.outranked_by = vec![at("2026-03-02T12:00:00Z")];
+        let evaluation = evaluate(&rule, &MESSAGE, &contested, now).await.unwrap();
+        let Decision::Release { at: due, reason } = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(due, at("2026-03-02T12:00:05Z"));
+        assert_eq!(
+            reason,
+            "held back by the frequency limit: a message of a higher-priority rule goes first"
+        );
+        // With room for both, nothing is held back.
+        let roomy = limited("frequency_limit = { max = 2, per = \"1d\" }");
+        let evaluation = evaluate(&roomy, &MESSAGE, &contested, now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        // A rule that ignores the limit has no such check at all.
+        let alert = limited("ignore_frequency_limit = true");
+        let mut busy = contested;
+        busy.usage.counted = vec![now - TimeDelta::hours(1)];
+        let evaluation = evaluate(&alert, &MESSAGE, &busy, now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        assert!(!evaluation
+            .record
+            .checks
+            .iter()
+            .any(|(c, _)| matches!(c, Check::FrequencyLimit { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_quiet_date_moves_the_message_and_its_why_says_so() {
+        let rule = limited("");
+        // Christmas, 10:00 UTC: closed for the quiet date, open on the 26th at 09:00.
+        let christmas = at("2026-12-25T10:00:00Z");
+        let evaluation = evaluate(&rule, &MESSAGE, &world(), christmas).await.unwrap();
+        let Decision::Release { at: due, reason } = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(due, at("2026-12-26T09:00:00Z"));
+        assert_eq!(reason, "a quiet date (12-25) in the customer's time zone");
+        // Sent on the 26th, its record says it was planned for the quiet date.
+        let mut planned = world();
+        planned.planned = Some(christmas);
+        let evaluation = evaluate(&rule, &MESSAGE, &planned, due).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        let lines = evaluation.record.passed_lines();
+        assert!(
+            lines.contains(
+                &"planned for Fri 25 Dec 2026 10:00, a quiet date (12-25) in UTC: moved to the next allowed day"
+                    .to_string()
+            ),
+            "{lines:#?}"
+        );
+        assert!(lines.iter().any(|l| l.contains("except on 12-25")), "{lines:#?}");
     }
 }
