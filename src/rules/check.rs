@@ -448,7 +448,7 @@ fn window<'a, S: Subject>(
         return Ok(run);
     }
     let reason = match window.quiet_at(now, tz) {
-        Some(date) => format!("a quiet date ({date}) in the customer's time zone"),
+        Some(date) => format!("{QUIET_DATE} ({date}) in the customer's time zone"),
         None => "outside the send window".into(),
     };
     let at = window.next_open(now, tz);
@@ -461,6 +461,12 @@ fn window<'a, S: Subject>(
     };
     Err(run.stop(Stage::Window, check, decision))
 }
+
+/// How a reason starts when the frequency limit holds a message back (`plan` and Upcoming show
+/// such waiting messages with it).
+pub const HELD_BACK: &str = "held back by the frequency limit";
+/// How a reason starts when a quiet date holds a message back.
+pub const QUIET_DATE: &str = "a quiet date";
 
 /// How long a message outranked by one due now waits before it looks again.
 const OUTRANKED_WAIT: chrono::TimeDelta = chrono::TimeDelta::seconds(5);

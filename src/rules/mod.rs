@@ -21,8 +21,8 @@ use crate::diag::{Diagnostic, Diagnostics};
 
 pub use crate::duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
 pub use check::{
-    Check, CheckRecord, Decision, Evaluation, Facts, FrequencyUsage, MessageState, Subject, Verdict,
-    attributes_match, evaluate, expired,
+    Check, CheckRecord, Decision, Evaluation, Facts, FrequencyUsage, HELD_BACK, MessageState,
+    QUIET_DATE, Subject, Verdict, attributes_match, evaluate, expired,
 };
 pub use detail::{MessageDetail, SourceEvent};
 
