@@ -55,7 +55,9 @@ impl QuietDate {
                 (Some(_), Some(_)) => Err(format!("no such date \"{text}\": {expected}")),
                 _ => Err(format!("bad date \"{text}\": {expected}")),
             },
-            [y, m, d] if number(y, 4).is_some() && number(m, 2).is_some() && number(d, 2).is_some() => {
+            [y, m, d]
+                if number(y, 4).is_some() && number(m, 2).is_some() && number(d, 2).is_some() =>
+            {
                 NaiveDate::parse_from_str(text, "%Y-%m-%d")
                     .map(QuietDate::Once)
                     .map_err(|_| format!("no such date \"{text}\": {expected}"))
@@ -693,7 +695,16 @@ mod tests {
             Ok(QuietDate::Once(date(2026, 12, 31)))
         );
         assert!(QuietDate::parse("02-29").is_ok());
-        for bad in ["02-30", "13-01", "2026-02-29", "12/25", "1-5", "", "2026-1-05", "xx-yy"] {
+        for bad in [
+            "02-30",
+            "13-01",
+            "2026-02-29",
+            "12/25",
+            "1-5",
+            "",
+            "2026-1-05",
+            "xx-yy",
+        ] {
             let error = QuietDate::parse(bad).unwrap_err();
             assert!(error.contains(&format!("\"{bad}\"")), "{bad}: {error}");
             assert!(error.contains("MM-DD"), "{bad}: {error}");
@@ -701,7 +712,10 @@ mod tests {
         let leap = QuietDate::parse("02-29").unwrap();
         assert!(leap.matches(date(2028, 2, 29)));
         assert!(!leap.matches(date(2027, 2, 28)) && !leap.matches(date(2027, 3, 1)));
-        assert_eq!(QuietDate::parse("2026-12-31").unwrap().to_string(), "2026-12-31");
+        assert_eq!(
+            QuietDate::parse("2026-12-31").unwrap().to_string(),
+            "2026-12-31"
+        );
         assert_eq!(QuietDate::parse("01-05").unwrap().to_string(), "01-05");
     }
 
@@ -737,7 +751,11 @@ mod tests {
     fn quiet_dates_across_dst_changes() {
         // The spring-forward day (23 hours) in New York is quiet: open again at local midnight.
         let w = quiet(SendWindow::all_day(), &["2026-03-08"]);
-        for t in [utc(2026, 3, 8, 5, 0), utc(2026, 3, 8, 6, 30), utc(2026, 3, 9, 3, 59)] {
+        for t in [
+            utc(2026, 3, 8, 5, 0),
+            utc(2026, 3, 8, 6, 30),
+            utc(2026, 3, 9, 3, 59),
+        ] {
             assert!(!w.contains(t, NY), "{t}");
             assert_eq!(w.next_open(t, NY), utc(2026, 3, 9, 4, 0), "{t}");
         }
@@ -750,7 +768,11 @@ mod tests {
         );
         // The fall-back day (25 hours) is quiet in both of its 01:30s.
         let w = quiet(SendWindow::all_day(), &["11-01"]);
-        for t in [utc(2026, 11, 1, 5, 30), utc(2026, 11, 1, 6, 30), utc(2026, 11, 2, 4, 59)] {
+        for t in [
+            utc(2026, 11, 1, 5, 30),
+            utc(2026, 11, 1, 6, 30),
+            utc(2026, 11, 2, 4, 59),
+        ] {
             assert!(!w.contains(t, NY), "{t}");
             assert_eq!(w.next_open(t, NY), utc(2026, 11, 2, 5, 0), "{t}");
         }
@@ -763,7 +785,10 @@ mod tests {
         // Lord Howe moves by half an hour; its quiet day still ends at its local midnight.
         let w = quiet(SendWindow::all_day(), &["2026-04-05"]);
         let next = w.next_open(utc(2026, 4, 5, 2, 0), LORD_HOWE);
-        assert_eq!(next.with_timezone(&LORD_HOWE).date_naive(), date(2026, 4, 6));
+        assert_eq!(
+            next.with_timezone(&LORD_HOWE).date_naive(),
+            date(2026, 4, 6)
+        );
         assert_eq!(next.with_timezone(&LORD_HOWE).time(), hm(0, 0));
     }
 

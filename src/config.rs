@@ -831,9 +831,15 @@ address = "1 Main St, Springfield"
         assert_eq!(defaults.quiet_dates.len(), 2);
         for (bad, says) in [
             ("frequency_limit = { max = 0, per = \"3d\" }", "from 1 up"),
-            ("frequency_limit = { max = 1, per = \"0s\" }", "longer than 0s"),
+            (
+                "frequency_limit = { max = 1, per = \"0s\" }",
+                "longer than 0s",
+            ),
             ("frequency_limit = { max = 1 }", "missing field `per`"),
-            ("frequency_limit = { max = 1, per = \"3d\", min = 2 }", "unknown field `min`"),
+            (
+                "frequency_limit = { max = 1, per = \"3d\", min = 2 }",
+                "unknown field `min`",
+            ),
             ("quiet_dates = [\"12-32\"]", "no such date \"12-32\""),
         ] {
             let text = format!("{MINIMAL}\n[defaults]\n{bad}\n");

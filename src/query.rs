@@ -193,7 +193,13 @@ async fn forecast_limits(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let rules = &playbook.rules;
-    let Some(longest) = rules.rules.iter().filter_map(Rule::limited).map(|l| l.per).max() else {
+    let Some(longest) = rules
+        .rules
+        .iter()
+        .filter_map(Rule::limited)
+        .map(|l| l.per)
+        .max()
+    else {
         return Ok(());
     };
     let exempt = rules.ignoring_frequency_limit();

@@ -866,10 +866,24 @@ async fn the_frequency_limit_holds_across_replicas_and_kill_nine(backend: Backen
             assert!(reason.contains("frequency limit"), "{entry:?}");
         }
     }
-    assert_eq!(receipts, CUSTOMERS, "every receipt went out: {:?}", audit.by_state);
-    let doubled: Vec<_> = limited_out.iter().filter(|(_, rules)| rules.len() > 1).collect();
-    assert!(doubled.is_empty(), "two limited messages to one customer: {doubled:?}");
-    assert_eq!(limited_out.len(), CUSTOMERS, "each customer got one limited message");
+    assert_eq!(
+        receipts, CUSTOMERS,
+        "every receipt went out: {:?}",
+        audit.by_state
+    );
+    let doubled: Vec<_> = limited_out
+        .iter()
+        .filter(|(_, rules)| rules.len() > 1)
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "two limited messages to one customer: {doubled:?}"
+    );
+    assert_eq!(
+        limited_out.len(),
+        CUSTOMERS,
+        "each customer got one limited message"
+    );
     // What the peer took, by recipient: never two limited messages to one address.
     let mut at_peer: HashMap<String, usize> = HashMap::new();
     for message in peer.accepted() {
@@ -879,12 +893,17 @@ async fn the_frequency_limit_holds_across_replicas_and_kill_nine(backend: Backen
         }
     }
     let twice: Vec<_> = at_peer.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "the peer got two limited messages for {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "the peer got two limited messages for {twice:?}"
+    );
     let firsts: std::collections::BTreeMap<&str, usize> =
-        limited_out.values().fold(Default::default(), |mut by_rule, rules| {
-            *by_rule.entry(rules[0].as_str()).or_default() += 1;
-            by_rule
-        });
+        limited_out
+            .values()
+            .fold(Default::default(), |mut by_rule, rules| {
+                *by_rule.entry(rules[0].as_str()).or_default() += 1;
+                by_rule
+            });
     eprintln!(
         "frequency limit ({backend:?}): {CUSTOMERS} customers x 3 limited + 1 receipt, \
          {REPLICAS} replicas, {KILLS} kills ({accepted_during_kills} accepted by the last); \

@@ -62,9 +62,11 @@ async fn frequency_limit_and_priority(backend: Backend) {
     let peer = SmtpPeer::start().await;
     let env = TestEnv::new(backend, Sink::Smtp(&peer), &[("rules.toml", RULES)], LIMIT).await;
     let store = env.store().await;
-    env.add_customer(&store, "c1", "ada@example.com", "Ada", None).await;
+    env.add_customer(&store, "c1", "ada@example.com", "Ada", None)
+        .await;
     let bought = Utc::now() - TimeDelta::minutes(1);
-    env.add_event(&store, "order-1", "c1", "purchase", bought).await;
+    env.add_event(&store, "order-1", "c1", "purchase", bought)
+        .await;
     let daemon = env.start().await;
 
     // The receipt goes at once; the two due now yield to `vip`, due in a few seconds.
@@ -75,8 +77,12 @@ async fn frequency_limit_and_priority(backend: Backend) {
     .await;
     let vip = message_of(&store, "vip").await.expect("vip planned");
     let low = message_of(&store, "low").await.expect("low planned");
-    let patient = message_of(&store, "patient").await.expect("patient planned");
-    let receipt = message_of(&store, "receipt").await.expect("receipt planned");
+    let patient = message_of(&store, "patient")
+        .await
+        .expect("patient planned");
+    let receipt = message_of(&store, "receipt")
+        .await
+        .expect("receipt planned");
     assert!(settled, "low: {low:?}");
     assert_eq!(vip.state, MessageState::Sent, "{vip:?}");
     assert_eq!(receipt.state, MessageState::Sent, "{receipt:?}");
@@ -95,10 +101,17 @@ async fn frequency_limit_and_priority(backend: Backend) {
     // patient may wait three days: it waits until a day after vip went.
     assert_eq!(patient.state, MessageState::Scheduled, "{patient:?}");
     let reason = patient.reason.as_deref().unwrap_or_default();
-    assert!(reason.starts_with("held back by the frequency limit"), "{reason}");
+    assert!(
+        reason.starts_with("held back by the frequency limit"),
+        "{reason}"
+    );
     let free = vip_sent + TimeDelta::days(1);
     let off = (patient.next_attempt_at - free).num_seconds().abs();
-    assert!(off <= 2, "patient waits until {} not {free}", patient.next_attempt_at);
+    assert!(
+        off <= 2,
+        "patient waits until {} not {free}",
+        patient.next_attempt_at
+    );
     // What the peer took: the receipt and vip, no more.
     let mut subjects: Vec<String> = peer
         .accepted()
@@ -159,9 +172,11 @@ ignore_frequency_limit = true
     let limit = "[defaults]\nfrequency_limit = { max = 1, per = \"1d\" }\nexpire_after = \"3d\"\n";
     let env = TestEnv::new(backend, Sink::Files, &[("rules.toml", rules)], limit).await;
     let store = env.store().await;
-    env.add_customer(&store, "c1", "ada@example.com", "Ada", None).await;
+    env.add_customer(&store, "c1", "ada@example.com", "Ada", None)
+        .await;
     let bought = Utc::now() - TimeDelta::minutes(1);
-    env.add_event(&store, "order-1", "c1", "purchase", bought).await;
+    env.add_event(&store, "order-1", "c1", "purchase", bought)
+        .await;
     let (ok, out, err) = env.run_cli(&["plan", "--format", "json"]);
     assert!(ok, "{err}");
     let rows: serde_json::Value = serde_json::from_str(&out).expect("plan JSON");
@@ -179,16 +194,27 @@ ignore_frequency_limit = true
         .collect();
     let due = bought + TimeDelta::hours(1);
     assert_eq!(rows.len(), 3, "{rows:#?}");
-    assert_eq!((rows[0].0.as_str(), rows[1].0.as_str()), ("alert", "second"), "{rows:#?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[1].0.as_str()),
+        ("alert", "second"),
+        "{rows:#?}"
+    );
     assert_eq!(rows[2].0, "first", "{rows:#?}");
     assert!(
-        rows[2].2.starts_with("not yet planned: held back by the frequency limit until"),
+        rows[2]
+            .2
+            .starts_with("not yet planned: held back by the frequency limit until"),
         "{rows:#?}"
     );
     let first_due: DateTime<Utc> = rows[2].1.parse().expect("time");
     // The event's time is stored to the millisecond (SQLite) or microsecond.
-    let off = (first_due - (due + TimeDelta::days(1))).num_milliseconds().abs();
-    assert!(off < 1000, "{rows:#?}: first due {first_due}, a day after {due}");
+    let off = (first_due - (due + TimeDelta::days(1)))
+        .num_milliseconds()
+        .abs();
+    assert!(
+        off < 1000,
+        "{rows:#?}: first due {first_due}, a day after {due}"
+    );
 }
 
 on_both_backends!(frequency_limit_and_priority, plan_forecasts_the_limit);

@@ -1912,7 +1912,14 @@ async fn the_frequency_limit_counts_what_went_out(backend: Backend) {
         let to = to.clone();
         async move {
             store
-                .begin_body_limited(m.id, &m.token, &to, &content(), MARGIN, &gate(&m.customer_id, max, day))
+                .begin_body_limited(
+                    m.id,
+                    &m.token,
+                    &to,
+                    &content(),
+                    MARGIN,
+                    &gate(&m.customer_id, max, day),
+                )
                 .await
                 .expect("body")
         }
@@ -1920,7 +1927,10 @@ async fn the_frequency_limit_counts_what_went_out(backend: Backend) {
     assert!(limited(&a, 1).await, "nothing went out yet");
     // a's body is going out now: it counts, for f only, and the alert does not.
     assert!(!limited(&b, 1).await, "a's body is going out");
-    assert!(limited(&other, 1).await, "another customer has their own allowance");
+    assert!(
+        limited(&other, 1).await,
+        "another customer has their own allowance"
+    );
     assert!(
         store
             .begin_body_with(alert.id, &alert.token, &to, &content(), MARGIN)
@@ -1940,7 +1950,12 @@ async fn the_frequency_limit_counts_what_went_out(backend: Backend) {
         reply: Some("554 no".into()),
         reason: "refused".into(),
     };
-    assert!(store.finish(a.id, &a.token, &refused).await.expect("finish"));
+    assert!(
+        store
+            .finish(a.id, &a.token, &refused)
+            .await
+            .expect("finish")
+    );
     assert!(limited(&b, 1).await, "a failed: b may go");
     let sent = Outcome::Sent {
         reply: "250 ok".into(),
@@ -1989,7 +2004,10 @@ async fn waiting_messages_by_rule_and_due_time(backend: Backend) {
     let none = store.waiting_due("f", &[], until, 0).await.expect("none");
     assert!(none.is_empty());
     let other = ["other".to_string()];
-    let none = store.waiting_due("f", &other, until, 0).await.expect("none");
+    let none = store
+        .waiting_due("f", &other, until, 0)
+        .await
+        .expect("none");
     assert!(none.is_empty());
 }
 

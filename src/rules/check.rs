@@ -835,7 +835,11 @@ send_window = { from = "09:00", to = "17:00" }
         let Decision::Release { at: due, reason } = evaluation.decision else {
             panic!("{:?}", evaluation.decision);
         };
-        assert_eq!(due, at("2026-03-05T09:00:00Z"), "20:00 is outside the window");
+        assert_eq!(
+            due,
+            at("2026-03-05T09:00:00Z"),
+            "20:00 is outside the window"
+        );
         assert_eq!(
             reason,
             "held back by the frequency limit: 1 sent to this customer within 3d"
@@ -886,11 +890,13 @@ send_window = { from = "09:00", to = "17:00" }
         busy.usage.counted = vec![now - TimeDelta::hours(1)];
         let evaluation = evaluate(&alert, &MESSAGE, &busy, now).await.unwrap();
         assert!(matches!(evaluation.decision, Decision::Send(_)));
-        assert!(!evaluation
-            .record
-            .checks
-            .iter()
-            .any(|(c, _)| matches!(c, Check::FrequencyLimit { .. })));
+        assert!(
+            !evaluation
+                .record
+                .checks
+                .iter()
+                .any(|(c, _)| matches!(c, Check::FrequencyLimit { .. }))
+        );
     }
 
     #[tokio::test]
@@ -898,7 +904,9 @@ send_window = { from = "09:00", to = "17:00" }
         let rule = limited("");
         // Christmas, 10:00 UTC: closed for the quiet date, open on the 26th at 09:00.
         let christmas = at("2026-12-25T10:00:00Z");
-        let evaluation = evaluate(&rule, &MESSAGE, &world(), christmas).await.unwrap();
+        let evaluation = evaluate(&rule, &MESSAGE, &world(), christmas)
+            .await
+            .unwrap();
         let Decision::Release { at: due, reason } = evaluation.decision else {
             panic!("{:?}", evaluation.decision);
         };
@@ -917,6 +925,9 @@ send_window = { from = "09:00", to = "17:00" }
             ),
             "{lines:#?}"
         );
-        assert!(lines.iter().any(|l| l.contains("except on 12-25")), "{lines:#?}");
+        assert!(
+            lines.iter().any(|l| l.contains("except on 12-25")),
+            "{lines:#?}"
+        );
     }
 }

@@ -103,7 +103,11 @@ fn window_words(window: &SendWindow) -> String {
 }
 
 fn limit_words(limit: &FrequencyLimit) -> String {
-    let messages = if limit.max == 1 { "message" } else { "messages" };
+    let messages = if limit.max == 1 {
+        "message"
+    } else {
+        "messages"
+    };
     format!(
         "at most {} {messages} to a customer within {}, across all rules",
         limit.max,

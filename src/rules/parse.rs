@@ -579,7 +579,11 @@ impl Cx<'_> {
         match FrequencyLimit::new(count, per) {
             Ok(limit) => Some(limit),
             Err(why) => {
-                let at = if per <= TimeDelta::zero() { per_at } else { max.at };
+                let at = if per <= TimeDelta::zero() {
+                    per_at
+                } else {
+                    max.at
+                };
                 self.error(at, format!("bad frequency_limit: {why}"));
                 None
             }

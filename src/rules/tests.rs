@@ -979,10 +979,17 @@ fn frequency_limit_priority_and_skip_dates_are_read() {
             per: TimeDelta::days(3)
         })
     );
-    assert_eq!((limited.priority, limited.ignore_frequency_limit), (-3, false));
+    assert_eq!(
+        (limited.priority, limited.ignore_frequency_limit),
+        (-3, false)
+    );
     let plain = one_rule(&rule(""));
     assert_eq!(
-        (plain.frequency_limit, plain.priority, plain.ignore_frequency_limit),
+        (
+            plain.frequency_limit,
+            plain.priority,
+            plain.ignore_frequency_limit
+        ),
         (None, 0, false)
     );
     let alert = one_rule(&rule("ignore_frequency_limit = true\npriority = 100"));
@@ -1064,7 +1071,10 @@ fn frequency_limit_priority_and_skip_dates_mistakes() {
     ];
     for (extra, expected) in cases {
         let err = one_error(&rule(extra));
-        assert!(err.starts_with(expected), "{extra}\n  got: {err}\n want: {expected}");
+        assert!(
+            err.starts_with(expected),
+            "{extra}\n  got: {err}\n want: {expected}"
+        );
     }
 }
 
@@ -1103,9 +1113,14 @@ fn defaults_fill_in_the_limit_and_quiet_dates() {
     let own_dates = &own.send_window.as_ref().unwrap().skip_dates;
     assert_eq!(own_dates.len(), 2);
     assert_eq!(set.ignoring_frequency_limit(), ["alert"]);
-    assert!(explain::conditions(plain).iter().any(|l| l
-        == "at most 1 message to a customer within 3d, across all rules"));
-    assert!(explain::conditions(plain)
-        .iter()
-        .any(|l| l == "only at any time except on 12-25, in the customer's time zone"));
+    assert!(
+        explain::conditions(plain)
+            .iter()
+            .any(|l| l == "at most 1 message to a customer within 3d, across all rules")
+    );
+    assert!(
+        explain::conditions(plain)
+            .iter()
+            .any(|l| l == "only at any time except on 12-25, in the customer's time zone")
+    );
 }

@@ -355,7 +355,8 @@ impl<D: Driver> SqlStore<D> {
 fn push_counted(sql: &mut Sql, customer_id: &str, exempt_rules: &[String], except: i64) {
     sql.push("FROM messages o WHERE o.customer_id = ")
         .bind(customer_id);
-    sql.push(" AND o.body_at IS NOT NULL AND o.id <> ").bind(except);
+    sql.push(" AND o.body_at IS NOT NULL AND o.id <> ")
+        .bind(except);
     sql.push(" AND (o.state IN ('sent', 'unknown') OR (o.state = 'sending' AND o.phase = 'body'))");
     if !exempt_rules.is_empty() {
         sql.push(" AND o.rule NOT IN ").list(exempt_rules);
