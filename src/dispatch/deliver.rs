@@ -188,7 +188,7 @@ async fn withdrawn(
 
 /// When the body fence refused because another message to the customer went out first (from
 /// this process or another): the message waits until the limit allows it, or is skipped if
-/// that is past its expiry. Never sent, never failed.
+/// that is past its expiry. Never sent, never failed. (`None`: the limit was not the reason.)
 async fn limit_reached(
     context: &Context,
     rule: &Rule,
@@ -203,24 +203,13 @@ async fn limit_reached(
         .counted_sends(&claim.customer_id, now - limit.per, &exempt, claim.id)
         .await
         .ok()?;
-    let free_at = limit.next_allowed(&counted, now);
-    if free_at <= now {
-        return None;
-    }
-    let at = rule.next_open(free_at, tz);
-    let why = "the frequency limit: another message to this customer went out first";
-    Some(if claim.expires_at.is_some_and(|expiry| at > expiry) {
-        Outcome::Skipped {
-            reason: format!(
-                "expired: held back by {why}, and it allows the next message only after expire_after runs out"
-            ),
-        }
-    } else {
-        Outcome::Released {
-            at,
-            reason: format!("held back by {why}"),
-        }
-    })
+    let usage = rules::FrequencyUsage {
+        counted,
+        outranked_by: Vec::new(),
+    };
+    let decision: Decision<super::guard::Found> =
+        rules::limit_decision(rule, &limit, &usage, claim.expires_at, tz, now)?;
+    super::guard::stop(decision)
 }
 
 /// A transient failure: retry with backoff, or fail when attempts or time run out.

@@ -452,13 +452,9 @@ fn window<'a, S: Subject>(
         None => "outside the send window".into(),
     };
     let at = window.next_open(now, tz);
-    let decision = if run.message.expires_at.is_some_and(|expiry| at > expiry) {
-        Decision::Skip(
-            "expired: the send window does not open again before expire_after runs out".into(),
-        )
-    } else {
-        Decision::Release { at, reason }
-    };
+    let decision = wait_or_expire(run.message.expires_at, at, reason, || {
+        "expired: the send window does not open again before expire_after runs out".into()
+    });
     Err(run.stop(Stage::Window, check, decision))
 }
 
@@ -489,6 +485,27 @@ async fn frequency<F: Facts>(
         counted: Some(usage.counted.len()),
         outranked_by: usage.outranked_by.len(),
     };
+    let expires_at = run.message.expires_at;
+    let tz = subject.timezone();
+    let Some(decision) = limit_decision(rule, &limit, &usage, expires_at, tz, now) else {
+        run.pass(check);
+        return Ok(run.send(subject));
+    };
+    Ok(run.stop(Stage::Frequency, check, decision))
+}
+
+/// What the frequency `limit` of `rule` does to a message as of `now`, given what counts
+/// (`usage`): `None` if it may go; else it waits until the limit (and the send window) lets it,
+/// or is skipped if that is past `expires_at`. Used by the guard, and by the dispatcher when the
+/// body fence refused because another message went out first.
+pub fn limit_decision<S>(
+    rule: &Rule,
+    limit: &FrequencyLimit,
+    usage: &FrequencyUsage,
+    expires_at: Option<DateTime<Utc>>,
+    tz: Tz,
+    now: DateTime<Utc>,
+) -> Option<Decision<S>> {
     let free_at = limit.next_allowed(&usage.counted, now);
     let left = (limit.max as usize).saturating_sub(usage.counted.len());
     let (at, why) = if free_at > now {
@@ -498,26 +515,39 @@ async fn frequency<F: Facts>(
             format_duration(limit.per)
         );
         (free_at, why)
-    } else if usage.outranked_by.len() >= left {
+    } else if !usage.outranked_by.is_empty() && usage.outranked_by.len() >= left {
         let first = usage.outranked_by.iter().min().copied().unwrap_or(now);
         let why = "the frequency limit: a message of a higher-priority rule goes first".into();
         (first.max(now) + OUTRANKED_WAIT, why)
     } else {
-        run.pass(check);
-        return Ok(run.send(subject));
+        return None;
     };
-    let at = rule.next_open(at, subject.timezone());
-    let decision = if run.message.expires_at.is_some_and(|expiry| at > expiry) {
-        Decision::Skip(format!(
-            "expired: held back by {why}, and it allows the next message only after expire_after runs out"
-        ))
+    let at = rule.next_open(at, tz);
+    Some(wait_or_expire(
+        expires_at,
+        at,
+        format!("held back by {why}"),
+        || {
+            format!(
+                "expired: held back by {why}, and it allows the next message only after expire_after runs out"
+            )
+        },
+    ))
+}
+
+/// Due again at `at` for `reason`, or skipped (with the words `expired` gives) when that is
+/// past `expires_at`: never sent late.
+fn wait_or_expire<S>(
+    expires_at: Option<DateTime<Utc>>,
+    at: DateTime<Utc>,
+    reason: String,
+    expired: impl FnOnce() -> String,
+) -> Decision<S> {
+    if expires_at.is_some_and(|expiry| at > expiry) {
+        Decision::Skip(expired())
     } else {
-        Decision::Release {
-            at,
-            reason: format!("held back by {why}"),
-        }
-    };
-    Ok(run.stop(Stage::Frequency, check, decision))
+        Decision::Release { at, reason }
+    }
 }
 
 impl Rule {

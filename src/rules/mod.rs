@@ -22,7 +22,7 @@ use crate::diag::{Diagnostic, Diagnostics};
 pub use crate::duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
 pub use check::{
     Check, CheckRecord, Decision, Evaluation, Facts, FrequencyUsage, HELD_BACK, MessageState,
-    QUIET_DATE, Subject, Verdict, attributes_match, evaluate, expired,
+    QUIET_DATE, Subject, Verdict, attributes_match, evaluate, expired, limit_decision,
 };
 pub use detail::{MessageDetail, SourceEvent};
 
