@@ -463,14 +463,11 @@ impl Cx<'_> {
         if self.diags.len() != before {
             return None;
         }
-        let Some(Limits {
+        let Limits {
             frequency_limit,
             priority,
             ignore_frequency_limit,
-        }) = limits
-        else {
-            return None;
-        };
+        } = limits?;
         let (
             Some(name),
             Some(description),
