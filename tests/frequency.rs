@@ -127,6 +127,15 @@ async fn frequency_limit_and_priority(backend: Backend) {
         subjects,
         ["Subject: A note for you, Ada", "Subject: Your receipt, Ada"]
     );
+    // The owner's Upcoming page (from this machine, no password) shows it held back.
+    let page = support::http::get(daemon.http, "/upcoming", &[]).await;
+    assert_eq!(page.status, 200, "{}", page.text());
+    let html = page.text();
+    let row = html
+        .split("<tr")
+        .find(|row| row.contains("patient"))
+        .unwrap_or_default();
+    assert!(row.contains("held back by the frequency limit"), "{html}");
     daemon.stop().await;
 
     // `plan` shows patient held back, due when the limit lets it go.
