@@ -351,6 +351,17 @@ pub fn bounce_rules(config: &Config, secret: &Secret) -> crate::bounce::BounceRu
     }
 }
 
+/// What the dispatcher would compose a message with, for `touchpoint preview`: the same link
+/// signer, tags, sender, VERP and DKIM key as `run`.
+pub async fn preview_settings(
+    config: &Config,
+    store: &SharedStore,
+) -> Result<DispatchSettings, DaemonError> {
+    let secret = link_secret(config, store).await?;
+    let tags = crate::links::MessageTags::new(secret.expose().as_bytes());
+    dispatch_settings(config, link_signer(config, &secret), tags)
+}
+
 fn dispatch_settings(
     config: &Config,
     links: Option<crate::links::LinkSigner>,

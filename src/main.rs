@@ -68,6 +68,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{}", commands::hash_password()?);
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Init { dir } => {
+            print!("{}", commands::init(&dir)?);
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let config = commands::load_config(&cli.config_path())?;
@@ -96,7 +100,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Suppress(command) => print!("{}", commands::suppress(&config, command).await?),
         Command::Bounce { recipient } => return bounce(&config, recipient.clone()).await,
-        Command::DefaultConfig | Command::HashPassword => {}
+        Command::DefaultConfig | Command::HashPassword | Command::Init { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }

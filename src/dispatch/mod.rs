@@ -10,7 +10,7 @@ mod compose;
 mod deliver;
 mod guard;
 
-pub use compose::{MessageInputs, render_message, verp};
+pub use compose::{Draft, MessageInputs, TEST_SUBJECT_PREFIX, compose_draft, render_message, verp};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
