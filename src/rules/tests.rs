@@ -1124,3 +1124,28 @@ fn defaults_fill_in_the_limit_and_quiet_dates() {
             .any(|l| l == "only at any time except on 12-25, in the customer's time zone")
     );
 }
+
+#[test]
+fn the_next_allowed_moment_waits_for_enough_to_leave_the_window() {
+    let limit = FrequencyLimit::new(2, TimeDelta::days(1)).unwrap();
+    let now: chrono::DateTime<chrono::Utc> = "2026-03-10T12:00:00Z".parse().unwrap();
+    let hours_ago = |h: i64| now - TimeDelta::hours(h);
+    assert_eq!(limit.next_allowed(&[], now), now);
+    assert_eq!(
+        limit.next_allowed(&[hours_ago(3)], now),
+        now,
+        "one of two used"
+    );
+    // Three within the day (in any order): two must leave, the second oldest at 10 h ago.
+    let counted = [hours_ago(3), hours_ago(20), hours_ago(10)];
+    assert_eq!(
+        limit.next_allowed(&counted, now),
+        hours_ago(10) + TimeDelta::days(1)
+    );
+    // Exactly `per` ago has left the window.
+    let edge = [hours_ago(24), hours_ago(1)];
+    assert_eq!(limit.next_allowed(&edge, now), now);
+    assert!(FrequencyLimit::new(0, TimeDelta::days(1)).is_err());
+    assert!(FrequencyLimit::new(i64::from(u32::MAX) + 1, TimeDelta::days(1)).is_err());
+    assert!(FrequencyLimit::new(1, TimeDelta::zero()).is_err());
+}
