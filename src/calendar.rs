@@ -15,6 +15,7 @@ use chrono_tz::Tz;
 
 /// When a customer may be mailed, in their own time zone. `from > to` is an overnight window
 /// (e.g. 20:00 to 08:00). `days` limits the window to some weekdays (the day the window opens).
+/// `skip_dates` are local dates on which it does not open at all (quiet dates).
 ///
 /// `from == to` is a 24-hour window (open all day on each opening day). An empty `days` list
 /// is treated like `None`: a window that never opens would leave a message waiting forever, so
@@ -24,6 +25,63 @@ pub struct SendWindow {
     pub from: NaiveTime,
     pub to: NaiveTime,
     pub days: Option<Vec<Weekday>>,
+    pub skip_dates: Vec<QuietDate>,
+}
+
+/// A local date on which nothing goes out: every year (`"12-25"`) or once (`"2026-12-31"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum QuietDate {
+    Yearly { month: u32, day: u32 },
+    Once(NaiveDate),
+}
+
+impl QuietDate {
+    /// Reads `"MM-DD"` (every year) or `"YYYY-MM-DD"` (that date only); the error says what was
+    /// expected. `"02-29"` is kept in leap years only.
+    pub fn parse(text: &str) -> Result<QuietDate, String> {
+        let expected = "expected \"MM-DD\" (every year, like \"12-25\") or \"YYYY-MM-DD\" (once, like \"2026-12-31\")";
+        let parts: Vec<&str> = text.split('-').collect();
+        let number = |s: &str, len: usize| {
+            (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| s.parse::<u32>().ok())
+                .flatten()
+        };
+        match parts.as_slice() {
+            [m, d] => match (number(m, 2), number(d, 2)) {
+                // 2024 is a leap year: any day that exists in some year exists in it.
+                (Some(month), Some(day)) if NaiveDate::from_ymd_opt(2024, month, day).is_some() => {
+                    Ok(QuietDate::Yearly { month, day })
+                }
+                (Some(_), Some(_)) => Err(format!("no such date \"{text}\": {expected}")),
+                _ => Err(format!("bad date \"{text}\": {expected}")),
+            },
+            [y, m, d]
+                if number(y, 4).is_some() && number(m, 2).is_some() && number(d, 2).is_some() =>
+            {
+                NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                    .map(QuietDate::Once)
+                    .map_err(|_| format!("no such date \"{text}\": {expected}"))
+            }
+            _ => Err(format!("bad date \"{text}\": {expected}")),
+        }
+    }
+
+    /// Whether local `day` is this quiet date.
+    pub fn matches(&self, day: NaiveDate) -> bool {
+        match *self {
+            QuietDate::Yearly { month, day: d } => day.month() == month && day.day() == d,
+            QuietDate::Once(date) => day == date,
+        }
+    }
+}
+
+impl std::fmt::Display for QuietDate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuietDate::Yearly { month, day } => write!(f, "{month:02}-{day:02}"),
+            QuietDate::Once(date) => write!(f, "{}", date.format("%Y-%m-%d")),
+        }
+    }
 }
 
 /// A local wall-clock time in `tz` as an instant. In a DST gap (02:30 on a spring-forward night)
@@ -83,8 +141,31 @@ fn shift_days(day: NaiveDate, n: i64) -> Option<NaiveDate> {
 }
 
 impl SendWindow {
+    /// A window open all day, every day: the carrier of quiet dates for a rule without one.
+    pub fn all_day() -> SendWindow {
+        SendWindow {
+            from: NaiveTime::MIN,
+            to: NaiveTime::MIN,
+            days: None,
+            skip_dates: Vec::new(),
+        }
+    }
+
+    /// The quiet date local `day` is, if it is one.
+    pub fn quiet_date(&self, day: NaiveDate) -> Option<QuietDate> {
+        self.skip_dates.iter().copied().find(|q| q.matches(day))
+    }
+
+    /// The quiet date it is at `t` in `tz`, if it is one.
+    pub fn quiet_at(&self, t: DateTime<Utc>, tz: Tz) -> Option<QuietDate> {
+        self.quiet_date(local_of(t, tz).date())
+    }
+
     /// Whether the window opens on local `day`.
     fn opens_on(&self, day: NaiveDate) -> bool {
+        if self.quiet_date(day).is_some() {
+            return false;
+        }
         match &self.days {
             Some(days) if !days.is_empty() => days.contains(&day.weekday()),
             _ => true,
@@ -135,13 +216,17 @@ impl SendWindow {
     pub fn contains(&self, t: DateTime<Utc>, tz: Tz) -> bool {
         // A window containing `t` opened at most a day (overnight) before t's local date, or,
         // if its opening was pushed over midnight by a gap, on the day after.
-        self.intervals_near(t, tz, -2, 1)
-            .any(|(open, close)| open <= t && t < close)
+        // On a quiet date nothing goes out, even in the morning part of an overnight window
+        // that opened the evening before.
+        self.quiet_at(t, tz).is_none()
+            && self
+                .intervals_near(t, tz, -2, 1)
+                .any(|(open, close)| open <= t && t < close)
     }
 
     /// The earliest instant >= t inside the window (t itself if inside). Handles DST days (a
-    /// window opening at 02:30 on a spring-forward day opens at 03:30), overnight windows, and
-    /// `days`. Always returns within 8 days.
+    /// window opening at 02:30 on a spring-forward day opens at 03:30), overnight windows,
+    /// `days` and quiet dates. Always returns within 8 days plus one per quiet date.
     ///
     /// Only at the very edge of chrono's range, where no later window can be expressed, is `t`
     /// returned unchanged.
@@ -149,8 +234,10 @@ impl SendWindow {
         if self.contains(t, tz) {
             return t;
         }
-        // Every weekday recurs within 7 days, so one of the next 8 local days opens a window.
-        self.intervals_near(t, tz, -1, 8)
+        // Every weekday recurs within 7 days, so one of the next 8 local days opens a window;
+        // each quiet date can close at most one more of them.
+        let reach = 8 + i64::try_from(self.skip_dates.len()).unwrap_or(i64::MAX / 2);
+        self.intervals_near(t, tz, -1, reach)
             .map(|(open, _)| open)
             .filter(|open| *open > t)
             .min()
@@ -341,7 +428,12 @@ mod tests {
     }
 
     fn window(from: NaiveTime, to: NaiveTime, days: Option<Vec<Weekday>>) -> SendWindow {
-        SendWindow { from, to, days }
+        SendWindow {
+            from,
+            to,
+            days,
+            skip_dates: Vec::new(),
+        }
     }
 
     // ---- resolve_local ----
@@ -581,6 +673,144 @@ mod tests {
             assert!(w.contains(t, NY));
             assert_eq!(w.next_open(t, NY), t);
         }
+    }
+
+    // ---- quiet dates ----
+
+    fn quiet(w: SendWindow, dates: &[&str]) -> SendWindow {
+        SendWindow {
+            skip_dates: dates.iter().map(|d| QuietDate::parse(d).unwrap()).collect(),
+            ..w
+        }
+    }
+
+    #[test]
+    fn quiet_dates_read_yearly_and_single_dates_and_name_what_is_wrong() {
+        assert_eq!(
+            QuietDate::parse("12-25"),
+            Ok(QuietDate::Yearly { month: 12, day: 25 })
+        );
+        assert_eq!(
+            QuietDate::parse("2026-12-31"),
+            Ok(QuietDate::Once(date(2026, 12, 31)))
+        );
+        assert!(QuietDate::parse("02-29").is_ok());
+        for bad in [
+            "02-30",
+            "13-01",
+            "2026-02-29",
+            "12/25",
+            "1-5",
+            "",
+            "2026-1-05",
+            "xx-yy",
+        ] {
+            let error = QuietDate::parse(bad).unwrap_err();
+            assert!(error.contains(&format!("\"{bad}\"")), "{bad}: {error}");
+            assert!(error.contains("MM-DD"), "{bad}: {error}");
+        }
+        let leap = QuietDate::parse("02-29").unwrap();
+        assert!(leap.matches(date(2028, 2, 29)));
+        assert!(!leap.matches(date(2027, 2, 28)) && !leap.matches(date(2027, 3, 1)));
+        assert_eq!(
+            QuietDate::parse("2026-12-31").unwrap().to_string(),
+            "2026-12-31"
+        );
+        assert_eq!(QuietDate::parse("01-05").unwrap().to_string(), "01-05");
+    }
+
+    #[test]
+    fn a_quiet_date_is_the_customers_local_date() {
+        let w = quiet(window(hm(9, 0), hm(17, 0), None), &["12-25"]);
+        // 10:00 on Christmas in New York: closed, opens at 09:00 EST on the 26th.
+        assert!(!w.contains(utc(2026, 12, 25, 15, 0), NY));
+        assert_eq!(
+            w.next_open(utc(2026, 12, 25, 15, 0), NY),
+            utc(2026, 12, 26, 14, 0)
+        );
+        // 01:30 on the 25th in Kolkata is still the 24th in UTC: quiet in Kolkata.
+        assert_eq!(
+            w.next_open(utc(2026, 12, 24, 20, 0), KOLKATA),
+            utc(2026, 12, 26, 3, 30)
+        );
+        // One instant, two verdicts: 02:00 UTC on the 25th is the 24th in New York.
+        let all_day = quiet(SendWindow::all_day(), &["12-25"]);
+        assert!(all_day.contains(utc(2026, 12, 25, 2, 0), NY));
+        assert!(!all_day.contains(utc(2026, 12, 25, 2, 0), BERLIN));
+        assert_eq!(
+            all_day.next_open(utc(2026, 12, 25, 2, 0), BERLIN),
+            utc(2026, 12, 25, 23, 0)
+        );
+        // A single date closes that year only.
+        let once = quiet(SendWindow::all_day(), &["2026-12-31"]);
+        assert!(!once.contains(utc(2026, 12, 31, 12, 0), UTC));
+        assert!(once.contains(utc(2027, 12, 31, 12, 0), UTC));
+    }
+
+    #[test]
+    fn quiet_dates_across_dst_changes() {
+        // The spring-forward day (23 hours) in New York is quiet: open again at local midnight.
+        let w = quiet(SendWindow::all_day(), &["2026-03-08"]);
+        for t in [
+            utc(2026, 3, 8, 5, 0),
+            utc(2026, 3, 8, 6, 30),
+            utc(2026, 3, 9, 3, 59),
+        ] {
+            assert!(!w.contains(t, NY), "{t}");
+            assert_eq!(w.next_open(t, NY), utc(2026, 3, 9, 4, 0), "{t}");
+        }
+        assert!(w.contains(utc(2026, 3, 9, 4, 0), NY));
+        // The day before is quiet: the 09:00 window opens on the first EDT day at 13:00 UTC.
+        let w = quiet(window(hm(9, 0), hm(17, 0), None), &["03-07"]);
+        assert_eq!(
+            w.next_open(utc(2026, 3, 7, 15, 0), NY),
+            utc(2026, 3, 8, 13, 0)
+        );
+        // The fall-back day (25 hours) is quiet in both of its 01:30s.
+        let w = quiet(SendWindow::all_day(), &["11-01"]);
+        for t in [
+            utc(2026, 11, 1, 5, 30),
+            utc(2026, 11, 1, 6, 30),
+            utc(2026, 11, 2, 4, 59),
+        ] {
+            assert!(!w.contains(t, NY), "{t}");
+            assert_eq!(w.next_open(t, NY), utc(2026, 11, 2, 5, 0), "{t}");
+        }
+        // Berlin changes on another day: its quiet Oct 25 ends at 23:00 UTC (CET midnight).
+        let w = quiet(SendWindow::all_day(), &["10-25"]);
+        assert_eq!(
+            w.next_open(utc(2026, 10, 25, 12, 0), BERLIN),
+            utc(2026, 10, 25, 23, 0)
+        );
+        // Lord Howe moves by half an hour; its quiet day still ends at its local midnight.
+        let w = quiet(SendWindow::all_day(), &["2026-04-05"]);
+        let next = w.next_open(utc(2026, 4, 5, 2, 0), LORD_HOWE);
+        assert_eq!(
+            next.with_timezone(&LORD_HOWE).date_naive(),
+            date(2026, 4, 6)
+        );
+        assert_eq!(next.with_timezone(&LORD_HOWE).time(), hm(0, 0));
+    }
+
+    #[test]
+    fn quiet_mornings_of_overnight_windows_and_long_quiet_runs() {
+        // 20:00-08:00: the morning of a quiet date is closed too, and the evening's window,
+        // opening on the quiet date, does not open.
+        let w = quiet(window(hm(20, 0), hm(8, 0), None), &["12-25"]);
+        assert!(!w.contains(utc(2026, 12, 25, 6, 0), UTC));
+        assert_eq!(
+            w.next_open(utc(2026, 12, 25, 6, 0), UTC),
+            utc(2026, 12, 26, 20, 0)
+        );
+        // Eight quiet days in a row and Mondays only: beyond the 8 days a plain window needs.
+        let days: Vec<String> = (24..=31).map(|d| format!("12-{d}")).collect();
+        let days: Vec<&str> = days.iter().map(String::as_str).collect();
+        let w = quiet(window(hm(9, 0), hm(17, 0), Some(vec![Weekday::Mon])), &days);
+        // Mon 2029-12-24 and Mon 12-31 are quiet: the next Monday is 2030-01-07.
+        assert_eq!(
+            w.next_open(utc(2029, 12, 23, 12, 0), UTC),
+            utc(2030, 1, 7, 9, 0)
+        );
     }
 
     #[test]
@@ -992,7 +1222,12 @@ mod tests {
             any_time(),
             prop::option::of(prop::collection::vec(weekday, 0..4)),
         )
-            .prop_map(|(from, to, days)| SendWindow { from, to, days })
+            .prop_map(|(from, to, days)| SendWindow {
+                from,
+                to,
+                days,
+                skip_dates: Vec::new(),
+            })
     }
 
     proptest! {

@@ -98,14 +98,64 @@ pub struct DefaultsConfig {
     /// rule does not reach back further than this.
     #[serde(default = "default_expire_after", deserialize_with = "duration")]
     pub expire_after: TimeDelta,
+    /// `frequency_limit = { max = 1, per = "3d" }`: for rules without their own.
+    #[serde(default, deserialize_with = "frequency_limit")]
+    pub frequency_limit: Option<crate::rules::FrequencyLimit>,
+    /// `quiet_dates = ["12-25", "2026-12-31"]`: local dates on which nothing goes out.
+    #[serde(default, deserialize_with = "quiet_dates")]
+    pub quiet_dates: Vec<crate::calendar::QuietDate>,
 }
 impl Default for DefaultsConfig {
     fn default() -> Self {
         DefaultsConfig {
             timezone: default_timezone(),
             expire_after: default_expire_after(),
+            frequency_limit: None,
+            quiet_dates: Vec::new(),
         }
     }
+}
+impl DefaultsConfig {
+    /// What the defaults say about every rule.
+    pub fn rules(&self) -> crate::rules::RuleDefaults {
+        crate::rules::RuleDefaults {
+            frequency_limit: self.frequency_limit,
+            quiet_dates: self.quiet_dates.clone(),
+        }
+    }
+}
+
+/// Serde: `{ max = N, per = DURATION }`.
+fn frequency_limit<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<crate::rules::FrequencyLimit>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Written {
+        max: i64,
+        #[serde(deserialize_with = "duration")]
+        per: TimeDelta,
+    }
+    let written = Written::deserialize(deserializer)?;
+    crate::rules::FrequencyLimit::new(written.max, written.per)
+        .map(Some)
+        .map_err(|why| serde::de::Error::custom(format!("bad frequency_limit: {why}")))
+}
+
+/// Serde: a list of `"MM-DD"` and `"YYYY-MM-DD"`.
+fn quiet_dates<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<crate::calendar::QuietDate>, D::Error> {
+    let texts = Vec::<String>::deserialize(deserializer)?;
+    let mut dates = Vec::new();
+    for text in texts {
+        let date = crate::calendar::QuietDate::parse(&text)
+            .map_err(|why| serde::de::Error::custom(format!("in quiet_dates: {why}")))?;
+        if !dates.contains(&date) {
+            dates.push(date);
+        }
+    }
+    Ok(dates)
 }
 fn default_timezone() -> Tz {
     Tz::UTC
@@ -335,6 +385,7 @@ impl<'a> From<&'a Config> for crate::playbook::Origin<'a> {
             sources: &config.sources,
             base_dir: &config.base_dir,
             config_path: &config.path,
+            defaults: config.defaults.rules(),
         }
     }
 }
@@ -758,6 +809,43 @@ address = "1 Main St, Springfield"
             error.contains("TOUCHPOINT_NOPE") && error.contains("unknown field `nope`"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn frequency_limit_and_quiet_dates_in_defaults() {
+        let text = format!(
+            "{MINIMAL}\n[defaults]\nfrequency_limit = {{ max = 2, per = \"3d\" }}\nquiet_dates = [\"12-25\", \"2026-12-31\"]\n"
+        );
+        let config = load(&text, &[]).unwrap();
+        let defaults = config.defaults.rules();
+        assert_eq!(
+            defaults.frequency_limit,
+            Some(crate::rules::FrequencyLimit {
+                max: 2,
+                per: TimeDelta::days(3)
+            })
+        );
+        assert_eq!(defaults.quiet_dates.len(), 2);
+        for (bad, says) in [
+            ("frequency_limit = { max = 0, per = \"3d\" }", "from 1 up"),
+            (
+                "frequency_limit = { max = 1, per = \"0s\" }",
+                "longer than 0s",
+            ),
+            ("frequency_limit = { max = 1 }", "missing field `per`"),
+            (
+                "frequency_limit = { max = 1, per = \"3d\", min = 2 }",
+                "unknown field `min`",
+            ),
+            ("quiet_dates = [\"12-32\"]", "no such date \"12-32\""),
+        ] {
+            let text = format!("{MINIMAL}\n[defaults]\n{bad}\n");
+            let error = load(&text, &[]).unwrap_err().to_string();
+            assert!(
+                error.contains("touchpoint.toml:9:") && error.contains(says),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub struct Playbook {
 
 /// What a playbook is loaded from: the parts of the config it needs (the config module turns a
 /// whole `&Config` into one).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Origin<'a> {
     pub rules_dir: &'a Path,
     pub templates_dir: &'a Path,
@@ -33,6 +33,8 @@ pub struct Origin<'a> {
     pub base_dir: &'a Path,
     /// The config file, named in messages about sources.
     pub config_path: &'a Path,
+    /// What `[defaults]` says about every rule (frequency limit, quiet dates).
+    pub defaults: rules::RuleDefaults,
 }
 
 impl Playbook {
@@ -41,7 +43,8 @@ impl Playbook {
     pub fn load<'a>(origin: impl Into<Origin<'a>>) -> Result<Playbook, Diagnostics> {
         let config = origin.into();
         let templates = Templates::load(config.templates_dir)?;
-        let rules = rules::load_dir(config.rules_dir, &|name| templates.exists(name))?;
+        let mut rules = rules::load_dir(config.rules_dir, &|name| templates.exists(name))?;
+        rules.apply_defaults(&config.defaults);
         let templates = templates.with_subjects(&rules)?;
         let problems = templates.check(&rules, config.business);
         if !problems.is_empty() {

@@ -2,12 +2,14 @@
 //! the page's Upcoming) and the log's columns (`touchpoint log --format csv`, the page's CSV
 //! download). It sits below both, so neither depends on the other.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::output::when;
 use crate::plan::{PlanSettings, plan_rule};
 use crate::playbook::Playbook;
-use crate::rules::Trigger;
+use crate::rules::{HELD_BACK, QUIET_DATE, Rule, Trigger};
 use crate::store::{Event, LogEntry, LogFilter, SharedStore, StoreError};
 
 /// What `plan` lists (and the web page's Upcoming): the messages due within `days` days, those
@@ -47,6 +49,7 @@ pub async fn upcoming(
             message_id: None,
         });
     }
+    forecast_limits(playbook, store, &mut rows, now).await?;
     rows.sort_by(|a, b| {
         (a.due_at, &a.rule, &a.customer_id).cmp(&(b.due_at, &b.rule, &b.customer_id))
     });
@@ -76,12 +79,13 @@ async fn scheduled_rows(
             },
             None => "schedule".into(),
         };
+        let status = waiting_status(&entry);
         rows.push(PlannedRow {
             due_at: entry.next_attempt_at,
             rule: entry.rule,
             customer_id: entry.customer_id,
             email: entry.email.unwrap_or_default(),
-            status: entry.state.to_string(),
+            status,
             why,
             message_id: Some(entry.id),
         });
@@ -166,6 +170,72 @@ pub struct PlannedRow {
     /// The triggering event ("purchase p1 at ...") or "schedule".
     pub why: String,
     pub message_id: Option<i64>,
+}
+
+/// A waiting message's state, and why it waits when the frequency limit or a quiet date held
+/// it back (its due time is then when it may go).
+fn waiting_status(entry: &LogEntry) -> String {
+    match entry.reason.as_deref() {
+        Some(reason) if reason.starts_with(HELD_BACK) || reason.starts_with(QUIET_DATE) => {
+            format!("{}: {reason}", entry.state)
+        }
+        _ => entry.state.to_string(),
+    }
+}
+
+/// Moves the rows the frequency limit will hold back to when it lets them go, and says so: per
+/// customer, what went out within the longest limit's window and the rows before each one
+/// count (the higher priority first among rows due at once). A forecast: the guard decides.
+async fn forecast_limits(
+    playbook: &Playbook,
+    store: &SharedStore,
+    rows: &mut [PlannedRow],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let rules = &playbook.rules;
+    let Some(longest) = rules
+        .rules
+        .iter()
+        .filter_map(Rule::limited)
+        .map(|l| l.per)
+        .max()
+    else {
+        return Ok(());
+    };
+    let exempt = rules.ignoring_frequency_limit();
+    let priority = |row: &PlannedRow| playbook.rule(&row.rule).map_or(0, |r| r.priority);
+    rows.sort_by_key(|row| (row.due_at, std::cmp::Reverse(priority(row))));
+    let mut counted: HashMap<String, Vec<DateTime<Utc>>> = HashMap::new();
+    for row in rows.iter_mut() {
+        let Some(rule) = playbook.rule(&row.rule) else {
+            continue;
+        };
+        if rule.ignore_frequency_limit {
+            continue;
+        }
+        if !counted.contains_key(&row.customer_id) {
+            let sent = store
+                .counted_sends(&row.customer_id, now - longest, &exempt, 0)
+                .await?;
+            counted.insert(row.customer_id.clone(), sent);
+        }
+        let Some(sent) = counted.get_mut(&row.customer_id) else {
+            continue;
+        };
+        if let Some(limit) = rule.limited() {
+            let free = limit.next_allowed(sent, row.due_at);
+            if free > row.due_at {
+                row.status = format!(
+                    "{}: {HELD_BACK} until {} (skipped if that is past its expiry)",
+                    row.status,
+                    when(Some(free))
+                );
+                row.due_at = free;
+            }
+        }
+        sent.push(row.due_at);
+    }
+    Ok(())
 }
 
 fn why_event(event: &Event) -> String {

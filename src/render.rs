@@ -1274,6 +1274,9 @@ mod tests {
             origin: origin(1, 1),
             subject_origin: origin(4, 11),
             template_origin: origin(3, 12),
+            frequency_limit: None,
+            priority: 0,
+            ignore_frequency_limit: false,
         }
     }
 

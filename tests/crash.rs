@@ -768,3 +768,151 @@ async fn two_daemons_share_one_sqlite_file() {
         audit.by_state
     );
 }
+
+// --- 5. the frequency limit under replicas and kill -9 ------------------------------------------
+
+/// Three more rules on the same purchase: two held by the limit (of the same priority, so that
+/// nothing but the limit keeps their messages apart), and a receipt that ignores it.
+const MORE_RULES: &str = r#"
+[[rule]]
+name = "thanks-again"
+template = "thank-you"
+subject = "Thanks again, {{customer.first_name}}"
+when = { event = "purchase", after = "0s" }
+
+[[rule]]
+name = "vip-note"
+template = "thank-you"
+subject = "A note for you, {{customer.first_name}}"
+when = { event = "purchase", after = "0s" }
+
+[[rule]]
+name = "receipt"
+template = "thank-you"
+subject = "Your receipt, {{customer.first_name}}"
+when = { event = "purchase", after = "0s" }
+ignore_frequency_limit = true
+"#;
+
+/// One message per customer per day across rules, a minute of slack before messages expire.
+const LIMIT: &str = r#"
+[defaults]
+expire_after = "1h"
+frequency_limit = { max = 1, per = "1d" }
+"#;
+
+/// Each customer's three limited messages become due at once, and three replicas race for
+/// them while replicas are SIGKILLed and restarted at random moments: never two limited
+/// messages reach one customer, exactly one is sent (or `unknown`), the others are skipped
+/// for the limit, and every receipt goes out.
+async fn the_frequency_limit_holds_across_replicas_and_kill_nine(backend: Backend) {
+    const CUSTOMERS: usize = 200;
+    const REPLICAS: usize = 3;
+    const KILLS: usize = 4;
+    let begun = Instant::now();
+    let peer = SmtpPeer::start().await;
+    peer.set_reply_delay(Duration::from_millis(30));
+    let env = world(backend, &peer).await;
+    env.write_rule("more.toml", MORE_RULES);
+    let config = std::fs::read_to_string(&env.config_path).expect("read config");
+    std::fs::write(&env.config_path, format!("{config}\n{LIMIT}")).expect("write config");
+    assert!(env.config().defaults.frequency_limit.is_some());
+
+    let mut fleet = Fleet::new(&env);
+    let mut live: Vec<usize> = (0..REPLICAS).map(|_| fleet.spawn(&env)).collect();
+    for &i in &live {
+        fleet.wait_running(i, Duration::from_secs(20)).await;
+    }
+    let store = env.store().await;
+    seed(&store, CUSTOMERS).await;
+    assert!(
+        peer.wait_for_accepted(1, Duration::from_secs(30)).await,
+        "nothing was sent"
+    );
+    for _ in 0..KILLS {
+        let ms = rand::rng().random_range(50..600);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let slot = rand::rng().random_range(0..live.len());
+        fleet.assert_alive(live[slot]);
+        fleet.kill(live[slot]);
+        live[slot] = fleet.spawn(&env);
+    }
+    let accepted_during_kills = peer.accepted_count();
+    let done = settled(&store, 4 * CUSTOMERS, Duration::from_secs(120)).await;
+    for &i in &live {
+        fleet.assert_alive(i);
+    }
+    assert!(done, "not settled: {:?}", counts(&store).await);
+    for &i in &live {
+        fleet.kill(i);
+    }
+
+    let audit = audit(&store, &peer, 4 * CUSTOMERS).await;
+    let log = store.log(&LogFilter::default()).await.expect("log");
+    let mut limited_out: HashMap<String, Vec<String>> = HashMap::new();
+    let mut receipts = 0;
+    for entry in &log {
+        let out = matches!(entry.state, MessageState::Sent | MessageState::Unknown);
+        if entry.rule == "receipt" {
+            receipts += usize::from(out);
+        } else if out {
+            limited_out
+                .entry(entry.customer_id.clone())
+                .or_default()
+                .push(entry.rule.clone());
+        } else {
+            assert_eq!(entry.state, MessageState::Skipped, "{entry:?}");
+            let reason = entry.reason.as_deref().unwrap_or_default();
+            assert!(reason.contains("frequency limit"), "{entry:?}");
+        }
+    }
+    assert_eq!(
+        receipts, CUSTOMERS,
+        "every receipt went out: {:?}",
+        audit.by_state
+    );
+    let doubled: Vec<_> = limited_out
+        .iter()
+        .filter(|(_, rules)| rules.len() > 1)
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "two limited messages to one customer: {doubled:?}"
+    );
+    assert_eq!(
+        limited_out.len(),
+        CUSTOMERS,
+        "each customer got one limited message"
+    );
+    // What the peer took, by recipient: never two limited messages to one address.
+    let mut at_peer: HashMap<String, usize> = HashMap::new();
+    for message in peer.accepted() {
+        let id = message.message_id.clone().unwrap_or_default();
+        if !id.ends_with(".receipt@acme.example") {
+            *at_peer.entry(message.rcpt_to.join(",")).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = at_peer.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "the peer got two limited messages for {twice:?}"
+    );
+    let firsts: std::collections::BTreeMap<&str, usize> =
+        limited_out
+            .values()
+            .fold(Default::default(), |mut by_rule, rules| {
+                *by_rule.entry(rules[0].as_str()).or_default() += 1;
+                by_rule
+            });
+    eprintln!(
+        "frequency limit ({backend:?}): {CUSTOMERS} customers x 3 limited + 1 receipt, \
+         {REPLICAS} replicas, {KILLS} kills ({accepted_during_kills} accepted by the last); \
+         states {:?}; the one limited message each was of {firsts:?}; {} attempted more than \
+         once; {:.1} s",
+        audit.by_state,
+        audit.reclaimed,
+        begun.elapsed().as_secs_f64()
+    );
+}
+
+on_both_backends!(the_frequency_limit_holds_across_replicas_and_kill_nine);

@@ -15,7 +15,7 @@ use super::compose::Composed;
 use super::{Context, DispatchSettings, later};
 use crate::backoff::backoff;
 use crate::rules::{self, Decision, Rule};
-use crate::store::{ClaimedMessage, Outcome};
+use crate::store::{ClaimedMessage, FrequencyGate, Outcome};
 use crate::transport::SendError;
 
 /// Sends the message and says what became of it.
@@ -39,11 +39,17 @@ pub(super) async fn deliver(
     let body_started = AtomicBool::new(false);
     let started = &body_started;
     let (delivery, content) = (&delivery, &content);
+    let gate = gate(context, rule, claim);
+    let gate = gate.as_ref();
     let delivering = context.transport.deliver(&email, || async move {
         if hard_stop.is_cancelled() {
             return false;
         }
-        match store.begin_body_with(claim.id, &claim.token, delivery, content, margin).await {
+        let begun = match gate {
+            Some(gate) => store.begin_body_limited(claim.id, &claim.token, delivery, content, margin, gate).await,
+            None => store.begin_body_with(claim.id, &claim.token, delivery, content, margin).await,
+        };
+        match begun {
             Ok(held) => {
                 started.store(held, Ordering::SeqCst);
                 held
@@ -68,6 +74,17 @@ pub(super) async fn deliver(
         }
     };
     outcome(context, rule, claim, tz, &delivery.email, result).await
+}
+
+/// The rule's frequency limit as the body fence applies it, if the rule has one.
+fn gate(context: &Context, rule: &Rule, claim: &ClaimedMessage) -> Option<FrequencyGate> {
+    let limit = rule.limited()?;
+    Some(FrequencyGate {
+        customer_id: claim.customer_id.clone(),
+        max: limit.max,
+        per: limit.per,
+        exempt_rules: context.playbook.borrow().rules.ignoring_frequency_limit(),
+    })
 }
 
 fn shutting_down() -> Outcome {
@@ -95,7 +112,7 @@ async fn outcome(
         Err(SendError::Withdrawn) if context.hard_stop.is_cancelled() => shutting_down(),
         // begin_body said no: the claim was lost (then the fenced write below changes nothing),
         // or the message expired or its address was suppressed at the last moment.
-        Err(SendError::Withdrawn) => withdrawn(context, claim, email).await,
+        Err(SendError::Withdrawn) => withdrawn(context, rule, claim, tz, email).await,
         Err(SendError::RelayUnavailable(reason)) => {
             let until = context.relay.failed();
             tracing::warn!(%reason, "the mail relay is unavailable; pausing sending");
@@ -137,7 +154,13 @@ async fn suppress_refused(context: &Context, claim: &ClaimedMessage, email: &str
 }
 
 /// Why the body was not sent after all, as a fenced outcome.
-async fn withdrawn(context: &Context, claim: &ClaimedMessage, email: &str) -> Outcome {
+async fn withdrawn(
+    context: &Context,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+    tz: Tz,
+    email: &str,
+) -> Outcome {
     if claim.expires_at.is_some_and(|expiry| Utc::now() >= expiry) {
         return match rules::expired(claim.attempts) {
             Decision::Fail(reason) => Outcome::Failed {
@@ -154,10 +177,39 @@ async fn withdrawn(context: &Context, claim: &ClaimedMessage, email: &str) -> Ou
             reason: "the address was suppressed just before sending".into(),
         };
     }
+    if let Some(outcome) = limit_reached(context, rule, claim, tz).await {
+        return outcome;
+    }
     Outcome::Released {
         at: Utc::now() + TimeDelta::seconds(5),
         reason: "not sent: the send could not be recorded before the body went out".into(),
     }
+}
+
+/// When the body fence refused because another message to the customer went out first (from
+/// this process or another): the message waits until the limit allows it, or is skipped if
+/// that is past its expiry. Never sent, never failed. (`None`: the limit was not the reason.)
+async fn limit_reached(
+    context: &Context,
+    rule: &Rule,
+    claim: &ClaimedMessage,
+    tz: Tz,
+) -> Option<Outcome> {
+    let limit = rule.limited()?;
+    let exempt = context.playbook.borrow().rules.ignoring_frequency_limit();
+    let now = Utc::now();
+    let counted = context
+        .store
+        .counted_sends(&claim.customer_id, now - limit.per, &exempt, claim.id)
+        .await
+        .ok()?;
+    let usage = rules::FrequencyUsage {
+        counted,
+        outranked_by: Vec::new(),
+    };
+    let decision: Decision<super::guard::Found> =
+        rules::limit_decision(rule, &limit, &usage, claim.expires_at, tz, now)?;
+    super::guard::stop(decision)
 }
 
 /// A transient failure: retry with backoff, or fail when attempts or time run out.

@@ -10,7 +10,8 @@ use super::Context;
 use crate::plan::customer_timezone;
 use crate::playbook::Playbook;
 use crate::rules::{
-    self, CheckRecord, Decision, Evaluation, MessageDetail, MessageState, Rule, SourceEvent,
+    self, CheckRecord, Decision, Evaluation, FrequencyLimit, FrequencyUsage, MessageDetail,
+    MessageState, Rule, SourceEvent,
 };
 use crate::sources::{Source, SourceError};
 use crate::store::{CheckLine, ClaimedMessage, Customer, Event, Outcome, StoreError};
@@ -144,6 +145,36 @@ impl rules::Facts for SendTime<'_> {
         }
         let sources = &self.playbook.sources;
         Ok(sources.has_event_after(self.space, id, kind, after).await?)
+    }
+
+    async fn frequency_usage(
+        &self,
+        _subject: &Found,
+        rule: &Rule,
+        limit: &FrequencyLimit,
+        now: DateTime<Utc>,
+    ) -> Result<FrequencyUsage, LookupError> {
+        // By the message's customer id, as the body fence counts (`deliver::gate`).
+        let (store, claim) = (&self.context.store, self.claim);
+        let rules = &self.playbook.rules;
+        let exempt = rules.ignoring_frequency_limit();
+        let since = now - limit.per;
+        let counted = store
+            .counted_sends(&claim.customer_id, since, &exempt, claim.id)
+            .await?;
+        let outranking = rules.outranking(rule);
+        let until = now + limit.per;
+        let outranked_by = store
+            .waiting_due(&claim.customer_id, &outranking, until, claim.id)
+            .await?;
+        Ok(FrequencyUsage {
+            counted,
+            outranked_by,
+        })
+    }
+
+    fn planned_for(&self) -> Option<DateTime<Utc>> {
+        Some(self.claim.trigger_at)
     }
 }
 

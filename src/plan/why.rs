@@ -11,7 +11,7 @@ use crate::playbook::Playbook;
 use crate::rules::why::{
     self, Circumstances, SeenEvent, SeenMessage, SeenSuppression, Standing, Why, Witnesses,
 };
-use crate::rules::{self, Rule, Trigger};
+use crate::rules::{self, FrequencyLimit, FrequencyUsage, Rule, Trigger};
 use crate::sources::SourceError;
 use crate::store::{
     Customer, Event, LogEntry, LogFilter, MessageState, SharedStore, StoreError, SuppressionPeriod,
@@ -103,6 +103,7 @@ async fn why_rule(
         customer,
         event: event.as_ref(),
         tz,
+        message: circumstances.message.as_ref().map(|m| (m.id, m.trigger_at)),
     };
     why::explain(rule, &circumstances, &facts, now).await
 }
@@ -218,6 +219,8 @@ struct StoreFacts<'a> {
     customer: &'a Customer,
     event: Option<&'a Event>,
     tz: Tz,
+    /// The customer's message of this rule, if there is one: its id and when it was planned.
+    message: Option<(i64, DateTime<Utc>)>,
 }
 
 #[async_trait]
@@ -258,6 +261,38 @@ impl rules::Facts for StoreFacts<'_> {
         }
         let sources = &self.playbook.sources;
         Ok(sources.has_event_after(None, id, kind, after).await?)
+    }
+
+    /// What the guard counts (`dispatch::guard`), other than this rule's own message.
+    async fn frequency_usage(
+        &self,
+        subject: &Found,
+        rule: &Rule,
+        limit: &FrequencyLimit,
+        now: DateTime<Utc>,
+    ) -> Result<FrequencyUsage, WhyError> {
+        let rules = &self.playbook.rules;
+        let exempt = rules.ignoring_frequency_limit();
+        // Message ids start at 1: 0 leaves none out.
+        let except = self.message.map_or(0, |(id, _)| id);
+        let customer = &subject.customer.id;
+        let counted = self
+            .store
+            .counted_sends(customer, now - limit.per, &exempt, except)
+            .await?;
+        let outranking = rules.outranking(rule);
+        let outranked_by = self
+            .store
+            .waiting_due(customer, &outranking, now + limit.per, except)
+            .await?;
+        Ok(FrequencyUsage {
+            counted,
+            outranked_by,
+        })
+    }
+
+    fn planned_for(&self) -> Option<DateTime<Utc>> {
+        self.message.map(|(_, trigger_at)| trigger_at)
     }
 }
 

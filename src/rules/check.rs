@@ -12,8 +12,10 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::Value;
 
-use super::{AttributeCondition, AttributeTest, Rule, Trigger, Unless};
-use crate::calendar::SendWindow;
+use super::{
+    AttributeCondition, AttributeTest, FrequencyLimit, Rule, Trigger, Unless, format_duration,
+};
+use crate::calendar::{QuietDate, SendWindow};
 
 /// One check the guard runs before sending, with what it looked at.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +52,29 @@ pub enum Check {
         window: SendWindow,
         local: Option<DateTime<Tz>>,
     },
+    /// The message was planned for a quiet date (`planned`, in the customer's zone) and goes
+    /// out on the next allowed day instead.
+    MovedFromQuietDate {
+        planned: DateTime<Tz>,
+        date: QuietDate,
+    },
+    /// The frequency limit, with how many counted messages went out to the customer within
+    /// its window and how many of higher priority wait to go first (`None`: not reached).
+    FrequencyLimit {
+        limit: FrequencyLimit,
+        counted: Option<usize>,
+        outranked_by: usize,
+    },
+}
+
+/// What the frequency limit looks at for one message, as of the check.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FrequencyUsage {
+    /// When the customer's counted messages went out within the limit's window.
+    pub counted: Vec<DateTime<Utc>>,
+    /// When the customer's waiting messages of higher-priority rules are due, those due within
+    /// the limit's window from now: they compete for the same allowance and go first.
+    pub outranked_by: Vec<DateTime<Utc>>,
 }
 
 /// What became of a check.
@@ -133,6 +158,22 @@ pub trait Facts: Sync {
         kind: &str,
         after: DateTime<Utc>,
     ) -> Result<bool, Self::Error>;
+    /// What counts toward `rule`'s frequency `limit` for this customer as of `now`. The
+    /// default sees no earlier messages: facts that can read the outbox must say what it holds.
+    async fn frequency_usage(
+        &self,
+        _subject: &Self::Subject,
+        _rule: &Rule,
+        _limit: &FrequencyLimit,
+        _now: DateTime<Utc>,
+    ) -> Result<FrequencyUsage, Self::Error> {
+        Ok(FrequencyUsage::default())
+    }
+    /// When the message was planned to go (its trigger), if known: a message moved off a quiet
+    /// date says so.
+    fn planned_for(&self) -> Option<DateTime<Utc>> {
+        None
+    }
 }
 
 /// Where an evaluation stopped, to list the checks it did not reach.
@@ -147,6 +188,7 @@ enum Stage {
     OnlyIf(usize),
     Unless(usize),
     Window,
+    Frequency,
 }
 
 /// An evaluation under way: the record so far, and how to end it.
@@ -159,6 +201,14 @@ struct Run<'a> {
 impl Run<'_> {
     fn pass(&mut self, check: Check) {
         self.record.push(check, Verdict::Passed);
+    }
+
+    /// Ends the run with every check passed.
+    fn send<S>(self, subject: S) -> Evaluation<S> {
+        Evaluation {
+            decision: Decision::Send(subject),
+            record: self.record,
+        }
     }
 
     /// Ends the run at `stage` with `check` failed; what comes after is not reached.
@@ -192,6 +242,9 @@ fn stages(rule: &Rule) -> Vec<Stage> {
     if rule.send_window.is_some() {
         stages.push(Stage::Window);
     }
+    if rule.limited().is_some() {
+        stages.push(Stage::Frequency);
+    }
     stages
 }
 
@@ -223,17 +276,17 @@ fn unreached(rule: &Rule, message: &MessageState, stage: Stage) -> Check {
             after: None,
         },
         Stage::Window => Check::SendWindow {
-            window: rule.send_window.clone().unwrap_or_else(always_open),
+            window: rule.send_window.clone().unwrap_or_else(SendWindow::all_day),
             local: None,
         },
-    }
-}
-
-fn always_open() -> SendWindow {
-    SendWindow {
-        from: chrono::NaiveTime::MIN,
-        to: chrono::NaiveTime::MIN,
-        days: None,
+        Stage::Frequency => Check::FrequencyLimit {
+            limit: rule.limited().unwrap_or(FrequencyLimit {
+                max: 1,
+                per: chrono::TimeDelta::zero(),
+            }),
+            counted: None,
+            outranked_by: 0,
+        },
     }
 }
 
@@ -404,33 +457,141 @@ async fn unless_and_window<F: Facts>(
         }
         run.pass(check);
     }
-    if let Some(window) = &rule.send_window {
-        let tz = subject.timezone();
-        let check = Check::SendWindow {
-            window: window.clone(),
-            local: Some(now.with_timezone(&tz)),
-        };
-        if !window.contains(now, tz) {
-            let at = window.next_open(now, tz);
-            let decision = if run.message.expires_at.is_some_and(|expiry| at > expiry) {
-                Decision::Skip(
-                    "expired: the send window does not open again before expire_after runs out"
-                        .into(),
-                )
-            } else {
-                Decision::Release {
-                    at,
-                    reason: "outside the send window".into(),
-                }
-            };
-            return Ok(run.stop(Stage::Window, check, decision));
-        }
+    let run = match window(run, &subject, facts.planned_for(), now) {
+        Ok(run) => run,
+        Err(stopped) => return Ok(stopped),
+    };
+    frequency(run, facts, subject, now).await
+}
+
+/// The send window (with its quiet dates): `Err` with the evaluation when it is closed.
+fn window<'a, S: Subject>(
+    mut run: Run<'a>,
+    subject: &S,
+    planned: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<Run<'a>, Evaluation<S>> {
+    let rule = run.rule;
+    let Some(window) = &rule.send_window else {
+        return Ok(run);
+    };
+    let tz = subject.timezone();
+    let check = Check::SendWindow {
+        window: window.clone(),
+        local: Some(now.with_timezone(&tz)),
+    };
+    if window.contains(now, tz) {
         run.pass(check);
+        let moved = planned.and_then(|p| Some((p, window.quiet_at(p, tz)?)));
+        if let Some((planned, date)) = moved {
+            let planned = planned.with_timezone(&tz);
+            if planned.date_naive() != now.with_timezone(&tz).date_naive() {
+                run.pass(Check::MovedFromQuietDate { planned, date });
+            }
+        }
+        return Ok(run);
     }
-    Ok(Evaluation {
-        decision: Decision::Send(subject),
-        record: run.record,
-    })
+    let reason = match window.quiet_at(now, tz) {
+        Some(date) => format!("{QUIET_DATE} ({date}) in the customer's time zone"),
+        None => "outside the send window".into(),
+    };
+    let at = window.next_open(now, tz);
+    let decision = wait_or_expire(run.message.expires_at, at, reason, || {
+        "expired: the send window does not open again before expire_after runs out".into()
+    });
+    Err(run.stop(Stage::Window, check, decision))
+}
+
+/// How a reason starts when the frequency limit holds a message back (`plan` and Upcoming show
+/// such waiting messages with it).
+pub const HELD_BACK: &str = "held back by the frequency limit";
+/// How a reason starts when a quiet date holds a message back.
+pub const QUIET_DATE: &str = "a quiet date";
+
+/// How long a message outranked by one due now waits before it looks again.
+const OUTRANKED_WAIT: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
+/// The frequency limit, the last check: the customer is under it, and no message of higher
+/// priority is waiting for what is left of the allowance.
+async fn frequency<F: Facts>(
+    mut run: Run<'_>,
+    facts: &F,
+    subject: F::Subject,
+    now: DateTime<Utc>,
+) -> Result<Evaluation<F::Subject>, F::Error> {
+    let rule = run.rule;
+    let Some(limit) = rule.limited() else {
+        return Ok(run.send(subject));
+    };
+    let usage = facts.frequency_usage(&subject, rule, &limit, now).await?;
+    let check = Check::FrequencyLimit {
+        limit,
+        counted: Some(usage.counted.len()),
+        outranked_by: usage.outranked_by.len(),
+    };
+    let expires_at = run.message.expires_at;
+    let tz = subject.timezone();
+    let Some(decision) = limit_decision(rule, &limit, &usage, expires_at, tz, now) else {
+        run.pass(check);
+        return Ok(run.send(subject));
+    };
+    Ok(run.stop(Stage::Frequency, check, decision))
+}
+
+/// What the frequency `limit` of `rule` does to a message as of `now`, given what counts
+/// (`usage`): `None` if it may go; else it waits until the limit (and the send window) lets it,
+/// or is skipped if that is past `expires_at`. Used by the guard, and by the dispatcher when the
+/// body fence refused because another message went out first.
+pub fn limit_decision<S>(
+    rule: &Rule,
+    limit: &FrequencyLimit,
+    usage: &FrequencyUsage,
+    expires_at: Option<DateTime<Utc>>,
+    tz: Tz,
+    now: DateTime<Utc>,
+) -> Option<Decision<S>> {
+    let free_at = limit.next_allowed(&usage.counted, now);
+    let left = (limit.max as usize).saturating_sub(usage.counted.len());
+    let (at, why) = if free_at > now {
+        let why = format!(
+            "the frequency limit: {} sent to this customer within {}",
+            usage.counted.len(),
+            format_duration(limit.per)
+        );
+        (free_at, why)
+    } else if !usage.outranked_by.is_empty() && usage.outranked_by.len() >= left {
+        let first = usage.outranked_by.iter().min().copied().unwrap_or(now);
+        let why = "the frequency limit: a message of a higher-priority rule goes first".into();
+        (first.max(now) + OUTRANKED_WAIT, why)
+    } else {
+        return None;
+    };
+    let at = rule.next_open(at, tz);
+    Some(wait_or_expire(
+        expires_at,
+        at,
+        format!("held back by {why}"),
+        || {
+            format!(
+                "expired: held back by {why}, and it allows the next message only after expire_after runs out"
+            )
+        },
+    ))
+}
+
+/// Due again at `at` for `reason`, or skipped (with the words `expired` gives) when that is
+/// past `expires_at`: never sent late.
+fn wait_or_expire<S>(
+    expires_at: Option<DateTime<Utc>>,
+    at: DateTime<Utc>,
+    reason: String,
+    expired: impl FnOnce() -> String,
+) -> Decision<S> {
+    if expires_at.is_some_and(|expiry| at > expiry) {
+        Decision::Skip(expired())
+    } else {
+        Decision::Release { at, reason }
+    }
 }
 
 impl Rule {
@@ -453,6 +614,12 @@ impl Rule {
             Some(window) => window.next_open(at, tz),
             None => at,
         }
+    }
+
+    /// The frequency limit that holds this rule's messages back, if any.
+    pub fn limited(&self) -> Option<FrequencyLimit> {
+        self.frequency_limit
+            .filter(|_| !self.ignore_frequency_limit)
     }
 
     /// The event kinds of `unless = { event = KIND, since = "trigger" }`: planning leaves out
@@ -508,6 +675,7 @@ fn json_equal(a: &Value, b: &Value) -> bool {
 mod tests {
     use std::path::Path;
 
+    use chrono::TimeDelta;
     use serde_json::json;
 
     use super::*;
@@ -520,6 +688,8 @@ mod tests {
         suppressed_during: Option<(DateTime<Utc>, DateTime<Utc>)>,
         later_events: Vec<(&'static str, DateTime<Utc>)>,
         gone: bool,
+        usage: FrequencyUsage,
+        planned: Option<DateTime<Utc>>,
     }
 
     #[derive(Debug)]
@@ -572,6 +742,18 @@ mod tests {
                 .iter()
                 .any(|(k, t)| *k == kind && *t > after))
         }
+        async fn frequency_usage(
+            &self,
+            _: &Found,
+            _: &Rule,
+            _: &FrequencyLimit,
+            _: DateTime<Utc>,
+        ) -> Result<FrequencyUsage, ()> {
+            Ok(self.usage.clone())
+        }
+        fn planned_for(&self) -> Option<DateTime<Utc>> {
+            self.planned
+        }
     }
 
     fn at(text: &str) -> DateTime<Utc> {
@@ -601,6 +783,8 @@ send_window = { from = "09:00", to = "17:00" }
             suppressed_during: None,
             later_events: vec![],
             gone: false,
+            usage: FrequencyUsage::default(),
+            planned: None,
         }
     }
 
@@ -736,6 +920,134 @@ send_window = { from = "09:00", to = "17:00" }
         let evaluation = evaluate(&rule(), &tired, &gone, now).await.unwrap();
         assert!(
             matches!(&evaluation.decision, Decision::Fail(r) if r == "gave up after 3 attempts")
+        );
+    }
+
+    /// The test rule with a limit of one per 3 days, or another rule text appended.
+    fn limited(extra: &str) -> Rule {
+        let source = format!(
+            "[[rule]]\nname = \"r\"\ntemplate = \"t\"\nsubject = \"Hi\"\n\
+             when = {{ event = \"purchase\", after = \"2h\" }}\n\
+             send_window = {{ from = \"09:00\", to = \"17:00\", skip_dates = [\"12-25\"] }}\n{extra}\n"
+        );
+        let (mut rules, problems) =
+            super::super::parse_file(Path::new("r.toml"), &source, &|_| true);
+        assert!(problems.is_empty(), "{problems:?}");
+        rules.remove(0)
+    }
+
+    #[tokio::test]
+    async fn the_frequency_limit_holds_a_message_until_the_oldest_leaves_the_window() {
+        let rule = limited("frequency_limit = { max = 1, per = \"3d\" }");
+        let now = at("2026-03-02T10:00:00Z");
+        let evaluation = evaluate(&rule, &MESSAGE, &world(), now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        assert_eq!(
+            evaluation.record.passed_lines().last().map(String::as_str),
+            Some(
+                "at most 1 message to a customer within 3d, across all rules: held (0 counted within 3d, none of higher priority waiting)"
+            )
+        );
+        // One went out yesterday at 20:00: the next may go three days on, in the window.
+        let mut busy = world();
+        busy.usage.counted = vec![at("2026-03-01T20:00:00Z")];
+        let evaluation = evaluate(&rule, &MESSAGE, &busy, now).await.unwrap();
+        let Decision::Release { at: due, reason } = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(
+            due,
+            at("2026-03-05T09:00:00Z"),
+            "20:00 is outside the window"
+        );
+        assert_eq!(
+            reason,
+            "held back by the frequency limit: 1 sent to this customer within 3d"
+        );
+        assert_eq!(
+            evaluation.record.checks.last().map(|(_, v)| *v),
+            Some(Verdict::Failed)
+        );
+        // Too late for expire_after: skipped, with the reason.
+        let soon = MessageState {
+            expires_at: Some(at("2026-03-03T10:00:00Z")),
+            ..MESSAGE
+        };
+        let evaluation = evaluate(&rule, &soon, &busy, now).await.unwrap();
+        assert!(
+            matches!(&evaluation.decision, Decision::Skip(r) if r.starts_with("expired: held back by the frequency limit")),
+            "{:?}",
+            evaluation.decision
+        );
+        // A limit of two lets the second go.
+        let two = limited("frequency_limit = { max = 2, per = \"3d\" }");
+        let evaluation = evaluate(&two, &MESSAGE, &busy, now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+    }
+
+    #[tokio::test]
+    async fn a_higher_priority_message_due_within_the_window_goes_first() {
+        let rule = limited("frequency_limit = { max = 1, per = \"1d\" }");
+        let now = at("2026-03-02T10:00:00Z");
+        let mut contested = world();
+        contested.usage.outranked_by = vec![at("2026-03-02T12:00:00Z")];
+        let evaluation = evaluate(&rule, &MESSAGE, &contested, now).await.unwrap();
+        let Decision::Release { at: due, reason } = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(due, at("2026-03-02T12:00:05Z"));
+        assert_eq!(
+            reason,
+            "held back by the frequency limit: a message of a higher-priority rule goes first"
+        );
+        // With room for both, nothing is held back.
+        let roomy = limited("frequency_limit = { max = 2, per = \"1d\" }");
+        let evaluation = evaluate(&roomy, &MESSAGE, &contested, now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        // A rule that ignores the limit has no such check at all.
+        let alert = limited("ignore_frequency_limit = true");
+        let mut busy = contested;
+        busy.usage.counted = vec![now - TimeDelta::hours(1)];
+        let evaluation = evaluate(&alert, &MESSAGE, &busy, now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        assert!(
+            !evaluation
+                .record
+                .checks
+                .iter()
+                .any(|(c, _)| matches!(c, Check::FrequencyLimit { .. }))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_quiet_date_moves_the_message_and_its_why_says_so() {
+        let rule = limited("");
+        // Christmas, 10:00 UTC: closed for the quiet date, open on the 26th at 09:00.
+        let christmas = at("2026-12-25T10:00:00Z");
+        let evaluation = evaluate(&rule, &MESSAGE, &world(), christmas)
+            .await
+            .unwrap();
+        let Decision::Release { at: due, reason } = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert_eq!(due, at("2026-12-26T09:00:00Z"));
+        assert_eq!(reason, "a quiet date (12-25) in the customer's time zone");
+        // Sent on the 26th, its record says it was planned for the quiet date.
+        let mut planned = world();
+        planned.planned = Some(christmas);
+        let evaluation = evaluate(&rule, &MESSAGE, &planned, due).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
+        let lines = evaluation.record.passed_lines();
+        assert!(
+            lines.contains(
+                &"planned for Fri 25 Dec 2026 10:00, a quiet date (12-25) in UTC: moved to the next allowed day"
+                    .to_string()
+            ),
+            "{lines:#?}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("except on 12-25")),
+            "{lines:#?}"
         );
     }
 }

@@ -5,7 +5,9 @@
 use chrono::{DateTime, Utc};
 
 use super::check::{Check, CheckRecord, Verdict};
-use super::{AttributeCondition, AttributeTest, Rule, Trigger, Unless, format_duration};
+use super::{
+    AttributeCondition, AttributeTest, FrequencyLimit, Rule, Trigger, Unless, format_duration,
+};
 use crate::calendar::SendWindow;
 
 /// When the rule fires, in words: "2h after a purchase event".
@@ -35,6 +37,7 @@ pub fn conditions(rule: &Rule) -> Vec<String> {
     if let Some(window) = &rule.send_window {
         lines.push(format!("only {}", window_words(window)));
     }
+    lines.extend(frequency_words(rule));
     if let Some(expire) = rule.expire_after {
         lines.push(format!(
             "skipped if it cannot go out within {} of its due time",
@@ -81,11 +84,53 @@ fn window_words(window: &SendWindow) -> String {
         }
         None => String::new(),
     };
+    let quiet = if window.skip_dates.is_empty() {
+        String::new()
+    } else {
+        let dates: Vec<String> = window.skip_dates.iter().map(ToString::to_string).collect();
+        format!(" except on {}", dates.join(", "))
+    };
+    let hours = if window.from == window.to && window.from == chrono::NaiveTime::MIN {
+        "at any time".to_string()
+    } else {
+        format!(
+            "between {} and {}",
+            window.from.format("%H:%M"),
+            window.to.format("%H:%M")
+        )
+    };
+    format!("{hours}{days}{quiet}, in the customer's time zone")
+}
+
+fn limit_words(limit: &FrequencyLimit) -> String {
+    let messages = if limit.max == 1 {
+        "message"
+    } else {
+        "messages"
+    };
     format!(
-        "between {} and {}{days}, in the customer's time zone",
-        window.from.format("%H:%M"),
-        window.to.format("%H:%M")
+        "at most {} {messages} to a customer within {}, across all rules",
+        limit.max,
+        format_duration(limit.per)
     )
+}
+
+/// The frequency limit and priority of a rule, in words.
+fn frequency_words(rule: &Rule) -> Vec<String> {
+    if rule.ignore_frequency_limit {
+        return vec!["not held back by the frequency limit, and not counted toward it".into()];
+    }
+    let mut lines = Vec::new();
+    if let Some(limit) = &rule.frequency_limit {
+        lines.push(limit_words(limit));
+    }
+    if rule.priority != 0 {
+        lines.push(format!(
+            "priority {}: goes before messages of lower priority when they compete for the limit",
+            rule.priority
+        ));
+    }
+    lines
 }
 
 fn utc_minute(at: DateTime<Utc>) -> String {
@@ -147,6 +192,10 @@ impl Check {
             Check::OnlyIf { condition, .. } => only_if(condition),
             Check::Unless { condition, .. } => unless(condition),
             Check::SendWindow { window, .. } => format!("only {}", window_words(window)),
+            Check::MovedFromQuietDate { date, .. } => {
+                format!("moved off a quiet date ({date}) to the next allowed day")
+            }
+            Check::FrequencyLimit { limit, .. } => limit_words(limit),
         }
     }
 
@@ -238,6 +287,27 @@ impl Check {
                 local.format("%a %H:%M"),
                 local.timezone().name()
             ),
+            Check::MovedFromQuietDate { planned, date } => format!(
+                "planned for {}, a quiet date ({date}) in {}: moved to the next allowed day",
+                planned.format("%a %d %b %Y %H:%M"),
+                planned.timezone().name()
+            ),
+            Check::FrequencyLimit {
+                limit,
+                counted: Some(counted),
+                outranked_by,
+            } => {
+                let waiting = match outranked_by {
+                    0 => "none of higher priority waiting".to_string(),
+                    n => format!("{n} of higher priority waiting"),
+                };
+                format!(
+                    "{}: {} ({counted} counted within {}, {waiting})",
+                    limit_words(limit),
+                    if held { "held" } else { "reached" },
+                    format_duration(limit.per)
+                )
+            }
             _ => return None,
         })
     }

@@ -22,8 +22,8 @@ use crate::diag::{Diagnostic, Diagnostics};
 
 pub use crate::duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
 pub use check::{
-    Check, CheckRecord, Decision, Evaluation, Facts, MessageState, Subject, Verdict,
-    attributes_match, evaluate, expired,
+    Check, CheckRecord, Decision, Evaluation, Facts, FrequencyUsage, HELD_BACK, MessageState,
+    QUIET_DATE, Subject, Verdict, attributes_match, evaluate, expired, limit_decision,
 };
 pub use detail::{MessageDetail, SourceEvent};
 
@@ -65,6 +65,103 @@ pub struct Rule {
     /// Where the `subject` value and the `template` value are written.
     pub subject_origin: Origin,
     pub template_origin: Origin,
+    /// How often one customer may hear from touchpoint, across all rules, for this rule's
+    /// messages to go: the rule's own `frequency_limit`, else `[defaults] frequency_limit`
+    /// (filled in by [`RuleSet::apply_defaults`]). `None`: no limit.
+    pub frequency_limit: Option<FrequencyLimit>,
+    /// `priority = N` (default 0): when messages to one customer compete for the allowance, the
+    /// higher goes first.
+    pub priority: i32,
+    /// `ignore_frequency_limit = true`: never held back, and not counted toward the limit.
+    pub ignore_frequency_limit: bool,
+}
+
+/// `frequency_limit = { max = N, per = DURATION }`: at most `max` messages to one customer
+/// within any `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrequencyLimit {
+    pub max: u32,
+    pub per: TimeDelta,
+}
+
+impl FrequencyLimit {
+    /// A limit from what was written, or what to change: `max` at least 1, `per` longer than 0.
+    pub fn new(max: i64, per: TimeDelta) -> Result<FrequencyLimit, String> {
+        let max = u32::try_from(max)
+            .ok()
+            .filter(|m| *m >= 1)
+            .ok_or_else(|| format!("`max` must be a whole number from 1 up, found {max}"))?;
+        if per <= TimeDelta::zero() {
+            return Err("`per` must be longer than 0s, like per = \"3d\"".into());
+        }
+        Ok(FrequencyLimit { max, per })
+    }
+
+    /// The first moment from `now` another message may go, given the moments the counted ones
+    /// went out (any order): `now` while fewer than `max` went out within `per` before it,
+    /// else when enough of them have left the window.
+    pub fn next_allowed(&self, counted: &[DateTime<Utc>], now: DateTime<Utc>) -> DateTime<Utc> {
+        let mut within: Vec<DateTime<Utc>> = counted
+            .iter()
+            .copied()
+            .filter(|at| *at > now - self.per)
+            .collect();
+        let max = self.max as usize;
+        if within.len() < max {
+            return now;
+        }
+        within.sort();
+        // Once the (n - max + 1) oldest have left the window, max - 1 remain.
+        within[within.len() - max] + self.per
+    }
+}
+
+/// What `[defaults]` in touchpoint.toml says about every rule.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuleDefaults {
+    /// For rules without their own `frequency_limit` (and not ignoring it).
+    pub frequency_limit: Option<FrequencyLimit>,
+    /// `quiet_dates`: added to every rule's `send_window.skip_dates` (a rule without a window
+    /// gets one open all day).
+    pub quiet_dates: Vec<calendar::QuietDate>,
+}
+
+impl RuleSet {
+    /// Fills in what `[defaults]` says for rules that do not say it themselves.
+    pub fn apply_defaults(&mut self, defaults: &RuleDefaults) {
+        for rule in &mut self.rules {
+            if rule.frequency_limit.is_none() && !rule.ignore_frequency_limit {
+                rule.frequency_limit = defaults.frequency_limit;
+            }
+            if defaults.quiet_dates.is_empty() {
+                continue;
+            }
+            let window = rule.send_window.get_or_insert_with(SendWindow::all_day);
+            for date in &defaults.quiet_dates {
+                if !window.skip_dates.contains(date) {
+                    window.skip_dates.push(*date);
+                }
+            }
+        }
+    }
+
+    /// Rules whose messages the frequency limit neither holds back nor counts.
+    pub fn ignoring_frequency_limit(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|r| r.ignore_frequency_limit)
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// Rules whose messages go before `rule`'s when they compete for the allowance.
+    pub fn outranking(&self, rule: &Rule) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|r| r.priority > rule.priority && !r.ignore_frequency_limit)
+            .map(|r| r.name.clone())
+            .collect()
+    }
 }
 
 // A schedule's parsed cron is large, but there is one trigger per rule, built once at loading.

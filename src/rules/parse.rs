@@ -12,8 +12,8 @@ use chrono::{NaiveTime, TimeDelta, Weekday};
 use croner::parser::{CronParser, Seconds, Year};
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
-use super::{AttributeCondition, AttributeTest, Origin, Rule, Trigger, Unless};
-use crate::calendar::SendWindow;
+use super::{AttributeCondition, AttributeTest, FrequencyLimit, Origin, Rule, Trigger, Unless};
+use crate::calendar::{QuietDate, SendWindow};
 use crate::diag::{Diagnostic, line_column};
 use crate::duration::{parse_clock, parse_duration};
 
@@ -30,11 +30,16 @@ const RULE_KEYS: &[&str] = &[
     "expire_after",
     "track_opens",
     "track_clicks",
+    "frequency_limit",
+    "priority",
+    "ignore_frequency_limit",
 ];
 const WHEN_KEYS: &[&str] = &["event", "after", "anniversary_of", "at", "schedule"];
 const UNLESS_KEYS: &[&str] = &["event", "since", "within"];
 const ONLY_IF_KEYS: &[&str] = &["attribute", "equals", "in", "exists"];
-const WINDOW_KEYS: &[&str] = &["from", "to", "days"];
+const WINDOW_KEYS: &[&str] = &["from", "to", "days", "skip_dates"];
+const LIMIT_KEYS: &[&str] = &["max", "per"];
+const LIMIT_FORM: &str = "{ max = 1, per = \"3d\" }";
 
 const WHEN_FORMS: &str = "{ event = KIND, after = DURATION }, \
      { anniversary_of = KIND, at = \"HH:MM\" } or { schedule = CRON }";
@@ -105,6 +110,13 @@ impl<'d> Fields<'d> {
     fn has(&self, key: &str) -> bool {
         self.get(key).is_some()
     }
+}
+
+/// What a rule says about the frequency limit.
+struct Limits {
+    frequency_limit: Option<FrequencyLimit>,
+    priority: i32,
+    ignore_frequency_limit: bool,
 }
 
 /// The reading of one file.
@@ -446,10 +458,16 @@ impl Cx<'_> {
             Some(e) => self.boolean(e),
             None => Some(false),
         };
+        let limits = self.limits(&f);
 
         if self.diags.len() != before {
             return None;
         }
+        let Limits {
+            frequency_limit,
+            priority,
+            ignore_frequency_limit,
+        } = limits?;
         let (
             Some(name),
             Some(description),
@@ -496,7 +514,126 @@ impl Cx<'_> {
             origin: self.origin(header),
             subject_origin,
             template_origin,
+            frequency_limit,
+            priority,
+            ignore_frequency_limit,
         })
+    }
+
+    /// `frequency_limit`, `priority` and `ignore_frequency_limit`, which must not contradict.
+    fn limits(&mut self, f: &Fields<'_>) -> Option<Limits> {
+        let frequency_limit = match f.get("frequency_limit") {
+            Some(e) => self.frequency_limit(e).map(Some),
+            None => Some(None),
+        };
+        let priority = match f.get("priority") {
+            Some(e) => self.priority(e),
+            None => Some(0),
+        };
+        let ignore = f.get("ignore_frequency_limit");
+        let ignore_frequency_limit = match ignore {
+            Some(e) => self.boolean(e),
+            None => Some(false),
+        };
+        if let (Some(Some(_)), Some(true), Some(e)) =
+            (frequency_limit, ignore_frequency_limit, ignore)
+        {
+            self.error(
+                e.at,
+                "the rule sets both `frequency_limit` and `ignore_frequency_limit = true`: keep one",
+            );
+            return None;
+        }
+        Some(Limits {
+            frequency_limit: frequency_limit?,
+            priority: priority?,
+            ignore_frequency_limit: ignore_frequency_limit?,
+        })
+    }
+
+    /// `{ max = N, per = DURATION }`.
+    fn frequency_limit(&mut self, e: Entry<'_>) -> Option<FrequencyLimit> {
+        let table = self.table(e, LIMIT_FORM)?;
+        let f = self.fields(table, e.at, "frequency_limit", LIMIT_KEYS);
+        let (Some(max), Some(per)) = (f.get("max"), f.get("per")) else {
+            let missing = if f.has("max") { "per" } else { "max" };
+            self.error(
+                e.at,
+                format!("frequency_limit is missing `{missing}`: expected {LIMIT_FORM}"),
+            );
+            return None;
+        };
+        let Some(count) = max.item.as_integer() else {
+            let found = describe(max.item);
+            self.error(
+                max.at,
+                format!("expected a whole number for `max`, like max = 1, found {found}"),
+            );
+            return None;
+        };
+        let per_at = per.at;
+        let per = self.duration(per)?;
+        match FrequencyLimit::new(count, per) {
+            Ok(limit) => Some(limit),
+            Err(why) => {
+                let at = if per <= TimeDelta::zero() {
+                    per_at
+                } else {
+                    max.at
+                };
+                self.error(at, format!("bad frequency_limit: {why}"));
+                None
+            }
+        }
+    }
+
+    fn priority(&mut self, e: Entry<'_>) -> Option<i32> {
+        let value = e.item.as_integer();
+        match value.and_then(|n| i32::try_from(n).ok()) {
+            Some(n) => Some(n),
+            None => {
+                let found = value.map_or_else(|| describe(e.item).to_string(), |n| n.to_string());
+                self.error(
+                    e.at,
+                    format!(
+                        "expected a whole number for `priority` (higher goes first, default 0), like priority = 10, found {found}"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// `skip_dates = ["12-25", "2026-12-31"]`.
+    fn skip_dates(&mut self, e: Entry<'_>) -> Option<Vec<QuietDate>> {
+        let Some(array) = e.item.as_array() else {
+            self.error(
+                e.at,
+                format!(
+                    "expected a list of dates for `skip_dates`, like skip_dates = [\"12-25\", \"2026-12-31\"], found {}",
+                    describe(e.item)
+                ),
+            );
+            return None;
+        };
+        let before = self.diags.len();
+        let mut dates = Vec::new();
+        for value in array.iter() {
+            let at = value.span().map_or(e.at, |span| span.start);
+            match value.as_str().map(QuietDate::parse) {
+                Some(Ok(date)) if !dates.contains(&date) => dates.push(date),
+                Some(Ok(_)) => {}
+                Some(Err(why)) => self.error(at, format!("in `skip_dates`: {why}")),
+                None => self.error(
+                    at,
+                    format!(
+                        "expected a date string in `skip_dates`, like \"12-25\", found {}",
+                        describe_value(value)
+                    ),
+                ),
+            }
+        }
+        (self.diags.len() == before).then_some(dates)
     }
 
     /// The rule's name, checked and recorded; a name already used is reported here.
@@ -886,7 +1023,12 @@ impl Cx<'_> {
             Some(x) => self.days(x).map(Some),
             None => Some(None),
         };
-        let (Some(from), Some(to), Some(days)) = (from, to, days) else {
+        let skip_dates = match f.get("skip_dates") {
+            Some(x) => self.skip_dates(x),
+            None => Some(Vec::new()),
+        };
+        let (Some(from), Some(to), Some(days), Some(skip_dates)) = (from, to, days, skip_dates)
+        else {
             return None;
         };
         if from == to {
@@ -899,7 +1041,12 @@ impl Cx<'_> {
             );
             return None;
         }
-        (self.diags.len() == before).then_some(SendWindow { from, to, days })
+        (self.diags.len() == before).then_some(SendWindow {
+            from,
+            to,
+            days,
+            skip_dates,
+        })
     }
 
     fn days(&mut self, e: Entry<'_>) -> Option<Vec<Weekday>> {

@@ -103,7 +103,8 @@ fn design_examples_parse_into_the_right_types() {
         Some(SendWindow {
             from: time(9, 0),
             to: time(18, 0),
-            days: None
+            days: None,
+            skip_dates: Vec::new(),
         })
     );
     assert_eq!(thanks.expire_after, Some(TimeDelta::days(2)));
@@ -239,6 +240,7 @@ expire_after = "1d12h"
             from: time(20, 0),
             to: time(8, 0),
             days: Some(vec![Weekday::Mon, Weekday::Tue, Weekday::Fri]),
+            skip_dates: Vec::new(),
         })
     );
     assert_eq!(rule.expire_after, Some(TimeDelta::hours(36)));
@@ -544,7 +546,7 @@ fn unknown_keys_at_every_level_name_the_place_and_the_expected_keys() {
     ));
     assert_eq!(
         err,
-        "5:1: unknown key `tempalte` in rule (did you mean `template`?); expected one of: name, description, template, subject, enabled, when, unless, only_if, send_window, expire_after, track_opens, track_clicks"
+        "5:1: unknown key `tempalte` in rule (did you mean `template`?); expected one of: name, description, template, subject, enabled, when, unless, only_if, send_window, expire_after, track_opens, track_clicks, frequency_limit, priority, ignore_frequency_limit"
     );
     let (_, errors) = check(&format!(
         "{HEAD}when = {{ event = \"e\", after = \"1h\", delay = \"2h\" }}\n"
@@ -560,7 +562,7 @@ fn unknown_keys_at_every_level_name_the_place_and_the_expected_keys() {
     ));
     assert_eq!(
         errors,
-        ["6:47: unknown key `tz` in send_window; expected one of: from, to, days"]
+        ["6:47: unknown key `tz` in send_window; expected one of: from, to, days, skip_dates"]
     );
     let (_, errors) = check(&format!(
         "{HEAD}when = {{ event = \"e\", after = \"1h\" }}\nunless = [\n  {{ event = \"x\", since = \"trigger\", sinse = 1 }},\n]\n"
@@ -962,4 +964,188 @@ fn odd_input_never_panics() {
         assert!(rules.is_empty(), "{sample:?}");
         assert!(!errors.is_empty(), "{sample:?}");
     }
+}
+
+#[test]
+fn frequency_limit_priority_and_skip_dates_are_read() {
+    let rule = |extra: &str| format!("{HEAD}when = {{ event = \"e\", after = \"1h\" }}\n{extra}\n");
+    let limited = one_rule(&rule(
+        "frequency_limit = { max = 2, per = \"3d\" }\npriority = -3",
+    ));
+    assert_eq!(
+        limited.frequency_limit,
+        Some(FrequencyLimit {
+            max: 2,
+            per: TimeDelta::days(3)
+        })
+    );
+    assert_eq!(
+        (limited.priority, limited.ignore_frequency_limit),
+        (-3, false)
+    );
+    let plain = one_rule(&rule(""));
+    assert_eq!(
+        (
+            plain.frequency_limit,
+            plain.priority,
+            plain.ignore_frequency_limit
+        ),
+        (None, 0, false)
+    );
+    let alert = one_rule(&rule("ignore_frequency_limit = true\npriority = 100"));
+    assert!(alert.ignore_frequency_limit && alert.limited().is_none());
+    let quiet = one_rule(&rule(
+        "send_window = { from = \"09:00\", to = \"17:00\", skip_dates = [\"12-25\", \"2026-12-31\", \"12-25\"] }",
+    ));
+    let dates: Vec<String> = quiet
+        .send_window
+        .map(|w| w.skip_dates.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    assert_eq!(dates, ["12-25", "2026-12-31"]);
+}
+
+#[test]
+fn frequency_limit_priority_and_skip_dates_mistakes() {
+    let rule = |extra: &str| format!("{HEAD}when = {{ event = \"e\", after = \"1h\" }}\n{extra}\n");
+    let cases = [
+        (
+            "frequency_limit = { max = 0, per = \"3d\" }",
+            "6:27: bad frequency_limit: `max` must be a whole number from 1 up, found 0",
+        ),
+        (
+            "frequency_limit = { max = 1, per = \"0s\" }",
+            "6:36: bad frequency_limit: `per` must be longer than 0s",
+        ),
+        (
+            "frequency_limit = { max = 1, per = \"3x\" }",
+            "6:36: bad duration \"3x\" for per",
+        ),
+        (
+            "frequency_limit = { max = \"1\", per = \"3d\" }",
+            "6:27: expected a whole number for `max`, like max = 1, found a string",
+        ),
+        (
+            "frequency_limit = { max = 1 }",
+            "6:19: frequency_limit is missing `per`: expected { max = 1, per = \"3d\" }",
+        ),
+        (
+            "frequency_limit = { max = 1, per = \"3d\", every = 2 }",
+            "6:42: unknown key `every` in frequency_limit",
+        ),
+        (
+            "frequency_limit = 1",
+            "6:19: expected a table for `frequency_limit`, like { max = 1, per = \"3d\" }, found an integer",
+        ),
+        (
+            "priority = \"high\"",
+            "6:12: expected a whole number for `priority` (higher goes first, default 0), like priority = 10, found a string",
+        ),
+        (
+            "priority = 99999999999",
+            "6:12: expected a whole number for `priority` (higher goes first, default 0), like priority = 10, found 99999999999",
+        ),
+        (
+            "ignore_frequency_limit = \"yes\"",
+            "6:26: expected a boolean (true or false) for `ignore_frequency_limit`, found a string",
+        ),
+        (
+            "frequency_limit = { max = 1, per = \"3d\" }\nignore_frequency_limit = true",
+            "7:26: the rule sets both `frequency_limit` and `ignore_frequency_limit = true`: keep one",
+        ),
+        (
+            "send_window = { from = \"09:00\", to = \"17:00\", skip_dates = [\"12-25\", \"12-32\"] }",
+            "6:70: in `skip_dates`: no such date \"12-32\"",
+        ),
+        (
+            "send_window = { from = \"09:00\", to = \"17:00\", skip_dates = [\"25.12.\"] }",
+            "6:61: in `skip_dates`: bad date \"25.12.\": expected \"MM-DD\"",
+        ),
+        (
+            "send_window = { from = \"09:00\", to = \"17:00\", skip_dates = [1225] }",
+            "6:61: expected a date string in `skip_dates`, like \"12-25\", found an integer",
+        ),
+        (
+            "send_window = { from = \"09:00\", to = \"17:00\", skip_dates = \"12-25\" }",
+            "6:60: expected a list of dates for `skip_dates`",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let err = one_error(&rule(extra));
+        assert!(
+            err.starts_with(expected),
+            "{extra}\n  got: {err}\n want: {expected}"
+        );
+    }
+}
+
+#[test]
+fn defaults_fill_in_the_limit_and_quiet_dates() {
+    let source = format!(
+        "{HEAD}when = {{ event = \"e\", after = \"1h\" }}\n\
+         [[rule]]\nname = \"own\"\ntemplate = \"thank-you\"\nsubject = \"Hi\"\n\
+         when = {{ event = \"e\", after = \"1h\" }}\nfrequency_limit = {{ max = 3, per = \"7d\" }}\n\
+         send_window = {{ from = \"09:00\", to = \"17:00\", skip_dates = [\"01-01\"] }}\n\
+         [[rule]]\nname = \"alert\"\ntemplate = \"thank-you\"\nsubject = \"Hi\"\n\
+         when = {{ event = \"e\", after = \"1h\" }}\nignore_frequency_limit = true\n"
+    );
+    let (rules, errors) = check(&source);
+    assert!(errors.is_empty(), "{errors:#?}");
+    let mut set = RuleSet { rules };
+    let quiet = crate::calendar::QuietDate::parse("12-25").unwrap();
+    let daily = FrequencyLimit {
+        max: 1,
+        per: TimeDelta::days(3),
+    };
+    set.apply_defaults(&RuleDefaults {
+        frequency_limit: Some(daily),
+        quiet_dates: vec![quiet],
+    });
+    let [plain, own, alert] = &set.rules[..] else {
+        panic!("three rules");
+    };
+    assert_eq!(plain.limited(), Some(daily));
+    assert_eq!(own.limited().map(|l| l.max), Some(3), "its own limit stays");
+    assert_eq!(alert.limited(), None, "ignoring rules get no default");
+    // A rule without a window gets one open all day, closed on the quiet dates.
+    let window = plain.send_window.as_ref().unwrap();
+    assert_eq!((window.from, window.to), (time(0, 0), time(0, 0)));
+    assert_eq!(window.skip_dates, [quiet]);
+    let own_dates = &own.send_window.as_ref().unwrap().skip_dates;
+    assert_eq!(own_dates.len(), 2);
+    assert_eq!(set.ignoring_frequency_limit(), ["alert"]);
+    assert!(
+        explain::conditions(plain)
+            .iter()
+            .any(|l| l == "at most 1 message to a customer within 3d, across all rules")
+    );
+    assert!(
+        explain::conditions(plain)
+            .iter()
+            .any(|l| l == "only at any time except on 12-25, in the customer's time zone")
+    );
+}
+
+#[test]
+fn the_next_allowed_moment_waits_for_enough_to_leave_the_window() {
+    let limit = FrequencyLimit::new(2, TimeDelta::days(1)).unwrap();
+    let now: chrono::DateTime<chrono::Utc> = "2026-03-10T12:00:00Z".parse().unwrap();
+    let hours_ago = |h: i64| now - TimeDelta::hours(h);
+    assert_eq!(limit.next_allowed(&[], now), now);
+    assert_eq!(
+        limit.next_allowed(&[hours_ago(3)], now),
+        now,
+        "one of two used"
+    );
+    // Three within the day (in any order): two must leave, the second oldest at 10 h ago.
+    let counted = [hours_ago(3), hours_ago(20), hours_ago(10)];
+    assert_eq!(
+        limit.next_allowed(&counted, now),
+        hours_ago(10) + TimeDelta::days(1)
+    );
+    // Exactly `per` ago has left the window.
+    let edge = [hours_ago(24), hours_ago(1)];
+    assert_eq!(limit.next_allowed(&edge, now), now);
+    assert!(FrequencyLimit::new(0, TimeDelta::days(1)).is_err());
+    assert!(FrequencyLimit::new(i64::from(u32::MAX) + 1, TimeDelta::days(1)).is_err());
+    assert!(FrequencyLimit::new(1, TimeDelta::zero()).is_err());
 }

@@ -154,6 +154,14 @@ pub enum Answer {
         /// The triggering event it came after (for `since = "trigger"`).
         trigger: Option<SeenEvent>,
     },
+    /// Held back by the frequency limit: goes out at `until` (`None`: it was skipped, the limit
+    /// would have held it past its expiry).
+    FrequencyLimit {
+        message: Option<i64>,
+        until: Option<DateTime<Utc>>,
+        /// The limit and what counted, in words.
+        check: String,
+    },
     /// Any other check that stopped it, in its own words (this is where check kinds added
     /// later appear).
     Stopped {
@@ -315,7 +323,14 @@ async fn decide<F: Witnesses>(
             Some(message) => Answer::Planned { message, at },
             None => Answer::NotYetPlanned { at },
         }),
-        Decision::Release { at, .. } => Ok(Answer::OutsideWindow { message, at: *at }),
+        Decision::Release { at, .. } => Ok(match evaluation.record.failed() {
+            Some(check @ Check::FrequencyLimit { .. }) => Answer::FrequencyLimit {
+                message,
+                until: Some(*at),
+                check: check.failed(),
+            },
+            _ => Answer::OutsideWindow { message, at: *at },
+        }),
         Decision::Skip(reason) | Decision::Fail(reason) => match evaluation.record.failed() {
             Some(check) => stopped_by(check, message, event, facts).await,
             None => Ok(Answer::Stopped {
@@ -336,6 +351,11 @@ async fn stopped_by<F: Witnesses>(
         (Check::NotExpired { expires_at }, None, Some(event)) => Answer::EventTooOld {
             event: event.clone(),
             expired_at: *expires_at,
+        },
+        (Check::FrequencyLimit { .. }, message, _) => Answer::FrequencyLimit {
+            message,
+            until: None,
+            check: check.failed(),
         },
         (check, ..) => stopped_by_condition(check, event, facts).await?,
     })
@@ -464,6 +484,18 @@ impl Answer {
                     .unwrap_or_default();
                 format!("not sent: {condition} — {matched}{after}")
             }
+            Answer::FrequencyLimit {
+                message,
+                until,
+                check,
+            } => match until {
+                Some(until) => format!(
+                    "held back by the frequency limit: {} goes out at {} ({check})",
+                    message.map_or_else(|| "the message".to_string(), |m| format!("message {m}")),
+                    time(*until)
+                ),
+                None => format!("not sent: {check}"),
+            },
             Answer::Stopped { check } => format!("not sent: {check}"),
             _ => String::new(),
         }
@@ -521,6 +553,7 @@ impl Answer {
             Answer::Unsubscribed { .. } => "unsubscribed",
             Answer::OnlyIf { .. } => "only_if",
             Answer::Unless { .. } => "unless",
+            Answer::FrequencyLimit { .. } => "frequency_limit",
             Answer::Stopped { .. } => "stopped",
         }
     }

@@ -327,6 +327,63 @@ impl<D: Driver> PlanningStore for SqlStore<D> {
     }
 }
 
+impl<D: Driver> SqlStore<D> {
+    /// The write of the body fence: the phase, what goes out, and when (`body_at`, what the
+    /// frequency limit counts), only while the claim is held with `margin` of its lease left,
+    /// the message has not expired and the address is not suppressed.
+    fn begin_body(
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: &SentContent,
+        margin: TimeDelta,
+    ) -> Sql {
+        let mut sql = Sql::new("UPDATE messages SET phase = 'body', email = ");
+        sql.bind(delivery.email.as_str())
+            .push(", subject = ")
+            .bind(delivery.subject.as_str());
+        sql.push(", message_id = ")
+            .bind(delivery.message_id.as_str());
+        sql.push(", body_text = COALESCE(")
+            .bind(content.text.as_str());
+        sql.push(", body_text), body_html = COALESCE(")
+            .bind(content.html.as_str());
+        sql.push(", body_html), checks = COALESCE(")
+            .bind(Arg::Json(Some(
+                serde_json::to_value(&content.checks).unwrap_or_default(),
+            )));
+        sql.push(format!(
+            ", checks), body_at = {now}, updated_at = {now} WHERE id = ",
+            now = D::NOW
+        ));
+        sql.bind(id).push(" AND claim_token = ").bind(token);
+        sql.push(" AND state = 'sending' AND lease_expires_at > ");
+        D::push_later(&mut sql, D::CLOCK, margin);
+        sql.push(format!(
+            " AND (expires_at IS NULL OR expires_at > {}) \
+             AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = ",
+            D::CLOCK
+        ));
+        sql.bind(normalize_email(&delivery.email)).push(")");
+        sql
+    }
+}
+
+/// `FROM messages o WHERE ...` the customer's messages that count toward a frequency limit:
+/// `sent`, `unknown`, or with the body going out right now, of rules not in `exempt_rules`,
+/// other than message `except`. (A message that went back to retrying after its body was
+/// refused does not count; `body_at` is when its body last started going out.)
+fn push_counted(sql: &mut Sql, customer_id: &str, exempt_rules: &[String], except: i64) {
+    sql.push("FROM messages o WHERE o.customer_id = ")
+        .bind(customer_id);
+    sql.push(" AND o.body_at IS NOT NULL AND o.id <> ")
+        .bind(except);
+    sql.push(" AND (o.state IN ('sent', 'unknown') OR (o.state = 'sending' AND o.phase = 'body'))");
+    if !exempt_rules.is_empty() {
+        sql.push(" AND o.rule NOT IN ").list(exempt_rules);
+    }
+}
+
 /// Waiting messages past `expires_at`: never attempted ones are skipped; ones that were tried
 /// and are waiting to retry have failed (their last reply is kept).
 const EXPIRY_TRANSITIONS: [(&str, &str, &str); 2] = [
@@ -446,31 +503,64 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
         content: &SentContent,
         margin: TimeDelta,
     ) -> StoreResult<bool> {
-        let mut sql = Sql::new("UPDATE messages SET phase = 'body', email = ");
-        sql.bind(delivery.email.as_str())
-            .push(", subject = ")
-            .bind(delivery.subject.as_str());
-        sql.push(", message_id = ")
-            .bind(delivery.message_id.as_str());
-        sql.push(", body_text = COALESCE(")
-            .bind(content.text.as_str());
-        sql.push(", body_text), body_html = COALESCE(")
-            .bind(content.html.as_str());
-        sql.push(", body_html), checks = COALESCE(")
-            .bind(Arg::Json(Some(
-                serde_json::to_value(&content.checks).unwrap_or_default(),
-            )));
-        sql.push(format!(", checks), updated_at = {} WHERE id = ", D::NOW));
-        sql.bind(id).push(" AND claim_token = ").bind(token);
-        sql.push(" AND state = 'sending' AND lease_expires_at > ");
-        D::push_later(&mut sql, D::CLOCK, margin);
-        sql.push(format!(
-            " AND (expires_at IS NULL OR expires_at > {}) \
-             AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = ",
-            D::CLOCK
-        ));
-        sql.bind(normalize_email(&delivery.email)).push(")");
+        let sql = Self::begin_body(id, token, delivery, content, margin);
         Ok(self.driver.execute(Via::Writer, sql).await? == 1)
+    }
+
+    async fn begin_body_limited(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: &SentContent,
+        margin: TimeDelta,
+        gate: &FrequencyGate,
+    ) -> StoreResult<bool> {
+        let mut sql = Self::begin_body(id, token, delivery, content, margin);
+        sql.push(" AND (SELECT COUNT(*) ");
+        push_counted(&mut sql, &gate.customer_id, &gate.exempt_rules, id);
+        sql.push(" AND o.body_at > ");
+        D::push_later(&mut sql, D::CLOCK, -gate.per);
+        sql.push(") < ").bind(i64::from(gate.max));
+        let key = format!("customer:{}", gate.customer_id);
+        Ok(self.driver.execute_serialised(&key, sql).await? == 1)
+    }
+
+    async fn counted_sends(
+        &self,
+        customer_id: &str,
+        since: DateTime<Utc>,
+        exempt_rules: &[String],
+        except: i64,
+    ) -> StoreResult<Vec<DateTime<Utc>>> {
+        let mut sql = Sql::new("SELECT o.body_at ");
+        push_counted(&mut sql, customer_id, exempt_rules, except);
+        sql.push(" AND o.body_at > ").bind(since);
+        sql.push(" ORDER BY o.body_at");
+        let rows: Vec<(DateTime<Utc>,)> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(|(at,)| at).collect())
+    }
+
+    async fn waiting_due(
+        &self,
+        customer_id: &str,
+        rules: &[String],
+        until: DateTime<Utc>,
+        except: i64,
+    ) -> StoreResult<Vec<DateTime<Utc>>> {
+        if rules.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = Sql::new("SELECT next_attempt_at FROM messages WHERE customer_id = ");
+        sql.bind(customer_id).push(" AND id <> ").bind(except);
+        sql.push(
+            " AND (state IN ('scheduled', 'retrying') OR (state = 'sending' AND phase = 'claimed')) \
+             AND next_attempt_at <= ",
+        );
+        sql.bind(until).push(" AND rule IN ").list(rules);
+        sql.push(" ORDER BY next_attempt_at LIMIT 1000");
+        let rows: Vec<(DateTime<Utc>,)> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(|(at,)| at).collect())
     }
 
     async fn keep_checks(&self, id: i64, token: &str, checks: &[CheckLine]) -> StoreResult<bool> {

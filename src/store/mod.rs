@@ -219,6 +219,18 @@ pub struct Delivery {
     pub message_id: String,
 }
 
+/// A frequency limit as the outbox applies it at the body fence: at most `max` messages that
+/// count (see `OutboxStore::counted_sends`) to `customer_id` within `per` before now, by the
+/// database's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrequencyGate {
+    pub customer_id: String,
+    pub max: u32,
+    pub per: TimeDelta,
+    /// Rules whose messages do not count (`ignore_frequency_limit = true`).
+    pub exempt_rules: Vec<String>,
+}
+
 /// What went out, kept with the message for the owner: the rendered bodies exactly as sent and
 /// the checks that passed just before sending.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -642,6 +654,39 @@ pub trait OutboxStore: Send + Sync {
         content: &SentContent,
         margin: TimeDelta,
     ) -> StoreResult<bool>;
+    /// [`begin_body_with`](Self::begin_body_with), and only while the customer is under the
+    /// `gate`'s frequency limit, judged in the same write: at most one write per customer runs
+    /// at a time (see `Driver::execute_serialised`), so two processes can never both pass.
+    /// `false` also when the limit is reached: then the body must not be sent.
+    async fn begin_body_limited(
+        &self,
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: &SentContent,
+        margin: TimeDelta,
+        gate: &FrequencyGate,
+    ) -> StoreResult<bool>;
+    /// When the customer's messages that count toward a frequency limit went out after
+    /// `since`, oldest first: `sent`, `unknown`, or with the body going out now, of rules not
+    /// in `exempt_rules`, other than message `except`.
+    async fn counted_sends(
+        &self,
+        customer_id: &str,
+        since: DateTime<Utc>,
+        exempt_rules: &[String],
+        except: i64,
+    ) -> StoreResult<Vec<DateTime<Utc>>>;
+    /// When the customer's waiting messages of `rules` (scheduled, retrying, or claimed but not
+    /// yet sending their body) are due, those due by `until`, earliest first, other than
+    /// message `except`.
+    async fn waiting_due(
+        &self,
+        customer_id: &str,
+        rules: &[String],
+        until: DateTime<Utc>,
+        except: i64,
+    ) -> StoreResult<Vec<DateTime<Utc>>>;
     /// Records how the attempt ended. `false` if the claim was lost (nothing written).
     async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool>;
     /// Keeps the checks of a claimed message that was stopped (skipped or failed by its

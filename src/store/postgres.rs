@@ -293,6 +293,24 @@ impl Driver for PostgresDriver {
             .rows_affected())
     }
 
+    async fn execute_serialised(&self, key: &str, sql: Sql) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        // Held until commit. Read Committed takes each statement's snapshot when the statement
+        // starts, so the write below, started after the lock is granted, sees what the last
+        // holder committed.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("touchpoint:{key}"))
+            .execute(&mut *tx)
+            .await?;
+        let (text, args) = sql.into_numbered();
+        let affected = sqlx::query_with(&text, arguments(args)?)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(affected)
+    }
+
     async fn execute_all(&self, statements: Vec<Sql>) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
         let mut affected = 0;

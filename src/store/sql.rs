@@ -334,6 +334,11 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     async fn execute(&self, via: Via, sql: Sql) -> StoreResult<u64>;
     /// Runs the statements in one transaction; rows affected by all of them.
     async fn execute_all(&self, statements: Vec<Sql>) -> StoreResult<u64>;
+    /// Runs one write so that no other write serialised on the same `key` runs at the same
+    /// time, from any process, and it sees what such writes committed before it; rows affected.
+    /// (SQLite: its one writer does this already. PostgreSQL: a transaction-scoped advisory
+    /// lock on the key, taken before the statement reads anything.)
+    async fn execute_serialised(&self, key: &str, sql: Sql) -> StoreResult<u64>;
 
     // --- what differs beyond the text ---------------------------------------------------------
     async fn migrate(&self) -> StoreResult<()>;

@@ -307,6 +307,12 @@ impl Driver for SqliteDriver {
             .rows_affected())
     }
 
+    async fn execute_serialised(&self, _key: &str, sql: Sql) -> StoreResult<u64> {
+        // One write statement holds the database's write lock from its first read (and across
+        // processes a stale snapshot cannot write), so its subqueries see every commit before.
+        self.execute(Via::Writer, sql).await
+    }
+
     async fn execute_all(&self, statements: Vec<Sql>) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await?;
         let mut affected = 0;
