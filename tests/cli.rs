@@ -453,7 +453,7 @@ async fn check_reports_an_unknown_config_key() {
             &env.config_path,
             19,
             1,
-            "unknown field `expire_afer`, expected `timezone` or `expire_after`",
+            "unknown field `expire_afer`, expected one of `timezone`, `expire_after`, `frequency_limit`, `quiet_dates`",
         )],
     );
 }
