@@ -178,7 +178,7 @@ fn why_event(event: &Event) -> String {
 }
 
 /// One per value of [`log_row`], in the same order.
-pub const LOG_HEADERS: [&str; 21] = [
+pub const LOG_HEADERS: [&str; 22] = [
     "id",
     "rule",
     "customer_id",
@@ -200,9 +200,11 @@ pub const LOG_HEADERS: [&str; 21] = [
     "bounced_at",
     "complained_at",
     "unsubscribed_at",
+    "when",
 ];
 
-/// One message as the log's columns ([`LOG_HEADERS`]), times in UTC.
+/// One message as the log's columns ([`LOG_HEADERS`]), times in UTC; `when` is the time the
+/// log dates it by ([`LogEntry::dated_at`]: sent, failed or skipped at, or due at).
 pub fn log_row(e: &LogEntry) -> [String; LOG_HEADERS.len()] {
     [
         e.id.to_string(),
@@ -226,6 +228,7 @@ pub fn log_row(e: &LogEntry) -> [String; LOG_HEADERS.len()] {
         when(e.bounced_at),
         when(e.complained_at),
         when(e.unsubscribed_at),
+        when(Some(e.dated_at())),
     ]
 }
 

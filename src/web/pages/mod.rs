@@ -103,12 +103,29 @@ async fn customer_names(shared: &Shared, entries: &[LogEntry]) -> HashMap<String
     names
 }
 
-/// One message as a row of the log's table (also on the message and customer pages).
+/// How the log dates its messages, in words for the page (one definition everywhere: see
+/// [`LogEntry::dated_at`]): for messages in `state`, or for any.
+fn dating(state: Option<MessageState>) -> &'static str {
+    match state {
+        Some(MessageState::Sent) => "Dated by when they were sent",
+        Some(MessageState::Failed) => "Dated by when they failed",
+        Some(MessageState::Skipped) => "Dated by when they were skipped",
+        Some(MessageState::Unknown) => "Dated by when their delivery became uncertain",
+        Some(MessageState::Scheduled | MessageState::Retrying) => "Dated by when they are due",
+        Some(MessageState::Sending) | None => {
+            "Dated by what happened when: sent, failed or skipped at (due at, for what still waits)"
+        }
+    }
+}
+
+/// One message as a row of the log's table (also on the message and customer pages), dated
+/// as the log dates it.
 fn entry_row(web: &Web, entry: &LogEntry, names: &HashMap<String, String>) -> Value {
-    let (when, when_label) = match entry.sent_at {
-        Some(sent) => (sent, "sent"),
-        None if entry.state.is_final() => (entry.updated_at, entry.state.as_str()),
-        None => (entry.next_attempt_at, "due"),
+    let when = entry.dated_at();
+    let when_label = match entry.sent_at {
+        Some(_) => "sent",
+        None if entry.state.is_final() => entry.state.as_str(),
+        None => "due",
     };
     json!({
         "id": entry.id,
