@@ -524,8 +524,14 @@ async fn pages_show_the_database(backend: Backend) {
     let row = table_row(&overview, "monthly-newsletter");
     assert_eq!(row[0], "60", "{row:?}");
 
-    // The log: newest first, 50 a page, keyset links to older pages.
-    let all = store.log(&LogFilter::default()).await.unwrap();
+    // The log: history newest first, 50 a page, keyset links to older pages.
+    let all = store
+        .log(&LogFilter {
+            history: true,
+            ..LogFilter::default()
+        })
+        .await
+        .unwrap();
     let first = page_text("/log".to_string()).await;
     let ids = message_ids(&first);
     assert_eq!(ids.len(), 50);
@@ -568,11 +574,16 @@ async fn pages_show_the_database(backend: Backend) {
         50,
         "60 + 2 sent today, first page"
     );
-    let future = page_text(format!("/log?from={tomorrow}")).await;
+    let future = page_text(format!("/log?from={tomorrow}&state=scheduled")).await;
     assert_eq!(
         message_ids(&future),
         vec![seeded.upcoming],
         "only the message due in 2 days"
+    );
+    let history = page_text(format!("/log?from={tomorrow}")).await;
+    assert!(
+        message_ids(&history).is_empty(),
+        "what waits is not history: {history}"
     );
     let bad = page_text("/log?state=lost&from=yesterday".to_string()).await;
     assert!(
@@ -855,14 +866,14 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
                         })
                     })
                     .filter(|e| {
-                        let when = e.sent_at.unwrap_or(e.due_at);
+                        let when = e.dated_at();
                         from.is_none_or(|f| when >= f) && until.is_none_or(|u| when < u)
                     })
                     .map(|e| e.id)
                     .collect();
                 // Page through it 50 at a time, as the page does.
                 let mut got = Vec::new();
-                let mut before = None;
+                let mut before: Option<touchpoint::store::LogCursor> = None;
                 loop {
                     let page = store
                         .log(&LogFilter {
@@ -870,7 +881,7 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
                             customer_search: search.map(str::to_string),
                             from,
                             until,
-                            before_id: before,
+                            before,
                             limit: Some(50),
                             ..LogFilter::default()
                         })
@@ -878,7 +889,9 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
                         .unwrap();
                     got.extend(page.iter().map(|e| e.id));
                     match page.last() {
-                        Some(last) if page.len() == 50 => before = Some(last.id),
+                        Some(last) if page.len() == 50 => {
+                            before = Some(touchpoint::store::LogCursor::after(last))
+                        }
                         _ => break,
                     }
                 }
@@ -892,6 +905,171 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
 }
 
 on_both_backends!(log_filters_agree_with_a_plain_scan);
+
+/// The page's zone for the tests that look at dates: west of Greenwich, so a UTC date and a
+/// local one differ every evening.
+const NEW_YORK: &str = "[defaults]\ntimezone = \"America/New_York\"\n";
+
+/// The number a cell of the overview shows, and the link behind it.
+fn linked_number(cell_html: &str) -> (i64, Option<String>) {
+    let number: String = strip_tags(cell_html)
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let link = cell_html.find("href=\"").map(|at| {
+        let start = at + 6;
+        let end = cell_html[start..].find('"').unwrap() + start;
+        unescape(&cell_html[start..end])
+    });
+    (number.parse().unwrap_or(0), link)
+}
+
+fn strip_tags(html: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.trim().to_string()
+}
+
+/// Every (number, link) in the overview's two tables, rows and totals.
+fn overview_cells(html: &str) -> Vec<(i64, Option<String>)> {
+    let mut cells = Vec::new();
+    for table in html.split("<table class=\"numbers\">").skip(1) {
+        let table = &table[..table.find("</table>").unwrap()];
+        for cell in table.split("<td").skip(1) {
+            let cell = &cell[cell.find('>').unwrap() + 1..];
+            let cell = &cell[..cell.find("</td>").unwrap()];
+            cells.push(linked_number(cell));
+        }
+    }
+    cells
+}
+
+/// Each log row's "When" (`2026-11-23 09:00 EST`), in order.
+fn when_cells(html: &str) -> Vec<String> {
+    let body = html.split("<tbody>").nth(1).unwrap_or_default();
+    let body = body.split("</tbody>").next().unwrap_or_default();
+    body.split("<tr>")
+        .skip(1)
+        .filter_map(|row| {
+            let at = row.find("class=\"inline nowrap\">")? + "class=\"inline nowrap\">".len();
+            Some(row[at..at + 20].trim().to_string())
+        })
+        .collect()
+}
+
+/// Every number on the overview that links to the log equals the number of messages behind
+/// the link, counted by the page ("N messages") and row by row, and every row it lists is
+/// dated inside the range it claims. Messages end long after they were due: a follow-up due
+/// ten days ago and skipped two days ago, a failure due three days ago that failed nine days
+/// ago.
+async fn overview_numbers_match_the_lists_behind_them(backend: Backend) {
+    use chrono::{SecondsFormat, TimeDelta, Utc};
+    let hash = password_hash();
+    let env = TestEnv::new(
+        backend,
+        Sink::Files,
+        &[("rules.toml", RULES)],
+        &format!("{}{NEW_YORK}", web_config(Some(&hash))),
+    )
+    .await;
+    let store = env.store().await;
+    let seeded = seed(&store, 3).await;
+    let now = Utc::now();
+    let at =
+        |t: chrono::DateTime<Utc>| format!("'{}'", t.to_rfc3339_opts(SecondsFormat::Millis, true));
+    for (id, set) in [
+        (
+            seeded.skipped,
+            format!(
+                "due_at = {0}, next_attempt_at = {0}, updated_at = {1}",
+                at(now - TimeDelta::days(10)),
+                at(now - TimeDelta::days(2))
+            ),
+        ),
+        (
+            seeded.failed,
+            format!(
+                "due_at = {}, updated_at = {}",
+                at(now - TimeDelta::days(3)),
+                at(now - TimeDelta::days(9))
+            ),
+        ),
+        (
+            seeded.sent[0],
+            format!(
+                "due_at = {}, sent_at = {1}, updated_at = {1}",
+                at(now - TimeDelta::days(40)),
+                at(now - TimeDelta::days(6) - TimeDelta::hours(20))
+            ),
+        ),
+    ] {
+        env.execute_sql(&format!("UPDATE messages SET {set} WHERE id = {id}"))
+            .await;
+    }
+    let daemon = env.start().await;
+    let addr = daemon.http;
+    let session = log_in(addr).await;
+    let page = |path: String| {
+        let session = session.clone();
+        async move { get(addr, &path, &[("Cookie", &session)]).await.text() }
+    };
+    let overview = page("/".to_string()).await;
+    let cells = overview_cells(&overview);
+    let linked: Vec<_> = cells
+        .iter()
+        .filter_map(|(n, link)| Some((*n, link.clone()?)))
+        .filter(|(_, link)| link.contains("from="))
+        .collect();
+    assert!(linked.len() >= 10, "{cells:?}");
+    assert!(
+        linked
+            .iter()
+            .any(|(n, link)| *n > 0 && link.contains("state=skipped")),
+        "{linked:?}"
+    );
+    for (number, link) in linked {
+        let from = link
+            .split("from=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap()
+            .to_string();
+        let mut next = Some(link.clone());
+        let mut listed = 0;
+        let mut first = true;
+        while let Some(path) = next {
+            let html = page(path).await;
+            if first {
+                let count = format!(">{number} message{}<", if number == 1 { "" } else { "s" });
+                assert!(
+                    html.contains(&count),
+                    "{link}: the page says {count}: {html}"
+                );
+                first = false;
+            }
+            for when in when_cells(&html) {
+                assert!(when[..10] >= *from, "{link}: a row dated {when}");
+                assert!(when.ends_with("EST") || when.ends_with("EDT"), "{when}");
+            }
+            listed += message_ids(&html).len() as i64;
+            next = link_after(&html, "rel=\"next\"");
+        }
+        assert_eq!(listed, number, "{link}");
+    }
+    daemon.stop().await;
+}
+
+on_both_backends!(overview_numbers_match_the_lists_behind_them);
 
 /// The dispatcher keeps what it sent (bodies exactly as they went out, and its checks), and the
 /// message page shows them.
