@@ -44,6 +44,7 @@ pub async fn upcoming(
             email: planned.customer.email,
             status: "not yet planned".into(),
             why: why_event(&planned.event),
+            event: Some(planned.event),
             message_id: None,
         });
     }
@@ -69,12 +70,14 @@ async fn scheduled_rows(
         .await?;
     let mut rows = Vec::with_capacity(waiting.len());
     for entry in waiting {
-        let why = match &entry.event_id {
-            Some(id) => match store.event(id).await? {
-                Some(event) => why_event(&event),
-                None => format!("event {id}"),
-            },
-            None => "schedule".into(),
+        let event = match &entry.event_id {
+            Some(id) => store.event(id).await?,
+            None => None,
+        };
+        let why = match (&event, &entry.event_id) {
+            (Some(event), _) => why_event(event),
+            (None, Some(id)) => format!("event {id}"),
+            (None, None) => "schedule".into(),
         };
         rows.push(PlannedRow {
             due_at: entry.next_attempt_at,
@@ -83,6 +86,7 @@ async fn scheduled_rows(
             email: entry.email.unwrap_or_default(),
             status: entry.state.to_string(),
             why,
+            event,
             message_id: Some(entry.id),
         });
     }
@@ -136,6 +140,7 @@ async fn rule_rows(
                         email,
                         status: "not yet planned".into(),
                         why,
+                        event: event.cloned(),
                         message_id: None,
                     });
                 }
@@ -163,18 +168,26 @@ pub struct PlannedRow {
     pub email: String,
     /// The message's state, or "not yet planned".
     pub status: String,
-    /// The triggering event ("purchase p1 at ...") or "schedule".
+    /// The triggering event ("purchase p1 at ...", times in UTC) or "schedule".
     pub why: String,
+    /// The triggering event itself, for a view that shows its time in another zone.
+    #[serde(skip)]
+    pub event: Option<Event>,
     pub message_id: Option<i64>,
 }
 
+/// "purchase p1 at 2026-11-23 09:00:00Z"; a plain date as the date ("wedding w1 on
+/// 2019-11-12").
 fn why_event(event: &Event) -> String {
-    format!(
-        "{} {} at {}",
-        event.kind,
-        event.id,
-        when(Some(event.occurred_at))
-    )
+    match crate::calendar::plain_date(event.occurred_at) {
+        Some(date) => format!("{} {} on {date}", event.kind, event.id),
+        None => format!(
+            "{} {} at {}",
+            event.kind,
+            event.id,
+            when(Some(event.occurred_at))
+        ),
+    }
 }
 
 /// One per value of [`log_row`], in the same order.

@@ -1143,3 +1143,179 @@ track_opens = true
     assert!(page.contains(content.text.lines().next().unwrap()));
     daemon.stop().await;
 }
+
+/// Everything on the page is in the page's zone (New York), named once, and a plain date
+/// (a wedding imported as 2019-11-12) is that date in every view, never the evening before:
+/// the customer's timeline, the message page, Upcoming's "why". Upcoming names customers and
+/// flags a message of a rule without a send window that reaches its customer at night.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_are_in_the_page_zone_and_plain_dates_are_dates() {
+    use chrono::{TimeDelta, TimeZone, Timelike, Utc};
+    use touchpoint::store::{Customer, Event, NewMessage, Outcome};
+    let hash = password_hash();
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        Sink::Files,
+        &[("rules.toml", RULES)],
+        &format!("{}{NEW_YORK}", web_config(Some(&hash))),
+    )
+    .await;
+    let store = env.store().await;
+    let person = |id: &str, name: &str, tz: &str| Customer {
+        id: id.into(),
+        email: format!("{id}@example.com"),
+        name: Some(name.into()),
+        timezone: Some(tz.into()),
+        attributes: serde_json::json!({}),
+    };
+    store
+        .upsert_customers(&[
+            person("kenji", "Kenji Sato", "Asia/Tokyo"),
+            person("lou", "Lou Reed", "America/Los_Angeles"),
+        ])
+        .await
+        .unwrap();
+    let wedding = Utc.with_ymd_and_hms(2019, 11, 12, 0, 0, 0).unwrap();
+    store
+        .insert_events(&[Event {
+            id: "w-kenji".into(),
+            customer_id: "kenji".into(),
+            kind: "wedding".into(),
+            occurred_at: wedding,
+            data: serde_json::json!({ "on": "2019-11-12T00:00:00Z" }),
+        }])
+        .await
+        .unwrap();
+    // Due at 03:10 in Tokyo, a day or two from now; and one for Lou, retried later.
+    let tokyo: chrono_tz::Tz = "Asia/Tokyo".parse().unwrap();
+    let local = (Utc::now() + TimeDelta::days(1)).with_timezone(&tokyo);
+    let night = local
+        .date_naive()
+        .and_hms_opt(3, 10, 0)
+        .unwrap()
+        .and_local_timezone(tokyo)
+        .unwrap()
+        .with_timezone(&Utc);
+    let due_soon = Utc::now() - TimeDelta::minutes(1);
+    let new = |customer: &str, event: Option<&str>, due| NewMessage {
+        rule: "thank-you-after-purchase".into(),
+        customer_id: customer.into(),
+        event_id: event.map(str::to_string),
+        dedupe_key: format!("k-{customer}"),
+        trigger_at: due,
+        due_at: due,
+        expires_at: None,
+        detail: serde_json::json!({}),
+    };
+    store
+        .insert_messages(&[new("lou", None, due_soon)])
+        .await
+        .unwrap();
+    let retry_at = Utc::now() + TimeDelta::days(2);
+    let claim = store
+        .claim_due("t", 10, TimeDelta::minutes(5))
+        .await
+        .unwrap()
+        .pop()
+        .expect("lou's message");
+    assert!(
+        store
+            .finish(
+                claim.id,
+                &claim.token,
+                &Outcome::Retry {
+                    at: retry_at,
+                    reply: "451 4.3.0 try later".into()
+                }
+            )
+            .await
+            .unwrap()
+    );
+    store
+        .insert_messages(&[new("kenji", Some("w-kenji"), night)])
+        .await
+        .unwrap();
+    let kenji_message = store
+        .log(&LogFilter {
+            customer_id: Some("kenji".into()),
+            ..LogFilter::default()
+        })
+        .await
+        .unwrap()[0]
+        .id;
+    let daemon = env.start().await;
+    let addr = daemon.http;
+    let session = log_in(addr).await;
+    let page = |path: String| {
+        let session = session.clone();
+        async move { unescape(&get(addr, &path, &[("Cookie", &session)]).await.text()) }
+    };
+    assert_eq!(utc_times("at 2026-12-05T09:40:02.123Z.").len(), 1);
+    assert_eq!(utc_times("at 09:40:02Z, 09:40 UTC").len(), 2);
+    let evening_before = "2019-11-11";
+    let timeline = page("/customers/kenji".to_string()).await;
+    assert!(timeline.contains("2019-11-12"), "{timeline}");
+    assert!(!timeline.contains(evening_before), "{timeline}");
+    let message = page(format!("/messages/{kenji_message}")).await;
+    assert!(message.contains("2019-11-12"), "{message}");
+    assert!(!message.contains(evening_before), "{message}");
+    let upcoming = page("/upcoming".to_string()).await;
+    assert!(
+        upcoming.contains("wedding w-kenji (2019-11-12)"),
+        "{upcoming}"
+    );
+    assert!(upcoming.contains("Kenji Sato") && upcoming.contains("Lou Reed"));
+    assert!(
+        upcoming.contains("arrives at 03:10 in Asia/Tokyo"),
+        "{upcoming}"
+    );
+    // Lou's retry goes out in the afternoon or evening in Los Angeles or not: flagged only
+    // when it is night there.
+    let lou_hour = retry_at
+        .with_timezone(&chrono_tz::America::Los_Angeles)
+        .hour();
+    assert_eq!(
+        upcoming.contains("in America/Los_Angeles"),
+        !(8..21).contains(&lou_hour),
+        "{upcoming}"
+    );
+    let retried = page(format!("/messages/{}", claim.id)).await;
+    for (what, html) in [
+        ("timeline", &timeline),
+        ("message", &message),
+        ("upcoming", &upcoming),
+        ("retried", &retried),
+    ] {
+        let utc = utc_times(html);
+        assert!(utc.is_empty(), "{what}: times in UTC {utc:?}");
+    }
+    let shown = retry_at
+        .with_timezone(&chrono_tz::America::New_York)
+        .format("%Y-%m-%d %H:%M")
+        .to_string();
+    assert!(
+        retried.contains(&shown),
+        "the retry time in New York: {retried}"
+    );
+    daemon.stop().await;
+}
+
+/// Times written the UTC way (`2026-11-23T09:00:00.123Z`, `09:00:00Z`, `09:00 UTC`) in a page.
+fn utc_times(html: &str) -> Vec<String> {
+    let bytes = html.as_bytes();
+    let digit = |at: usize| bytes.get(at).is_some_and(u8::is_ascii_digit);
+    let around = |i: usize| {
+        String::from_utf8_lossy(&bytes[i.saturating_sub(16)..(i + 8).min(bytes.len())]).into_owned()
+    };
+    let mut found = Vec::new();
+    for i in 3..bytes.len() {
+        let iso =
+            bytes[i] == b'T' && digit(i - 1) && digit(i + 1) && bytes.get(i + 3) == Some(&b':');
+        let zulu = bytes[i] == b'Z' && digit(i - 1) && digit(i - 2) && bytes[i - 3] == b':';
+        let utc = bytes[i..].starts_with(b" UTC") && digit(i - 1);
+        if iso || zulu || utc {
+            found.push(around(i));
+        }
+    }
+    found
+}

@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{customer_names, detail_pairs, entry_row, kind_class, not_found, unavailable};
+use super::{customer_names, entry_row, kind_class, not_found, timed_pairs, unavailable};
 use crate::rules::Rule;
 use crate::store::{Customer, Event, LogEntry, MessageEvent, SentContent, SharedStore, StoreError};
 use crate::web::Shared;
@@ -51,7 +51,7 @@ fn history_row(web: &Web, event: &MessageEvent) -> Value {
         "kind_class": kind_class(&event.kind),
         "attempt": event.attempt,
         "smtp_reply": event.smtp_reply,
-        "detail": detail_pairs(&event.detail),
+        "detail": timed_pairs(web, &event.detail),
     })
 }
 
@@ -133,8 +133,8 @@ fn page_data(web: &Web, id: i64, loaded: &Loaded, rule: Option<&Rule>) -> Value 
         "event": event.as_ref().map(|e| json!({
             "id": e.id,
             "kind": e.kind,
-            "at": web.time(e.occurred_at),
-            "data": detail_pairs(&e.data),
+            "at": web.event_time(e.occurred_at),
+            "data": timed_pairs(web, &e.data),
         })),
         "event_id": entry.event_id,
         "checks": checks,
