@@ -1319,3 +1319,93 @@ fn utc_times(html: &str) -> Vec<String> {
     }
     found
 }
+
+/// A message that did not go out shows what it would have said (rendered as the dispatcher
+/// renders, marked as a preview) and what the owner can do next; text for the owner names no
+/// config key; the overview shows "—" where a rule does not track opens or clicks, and rates
+/// of opens, clicks, bounces and unsubscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_did_not_go_out_show_a_preview_and_next_steps() {
+    let hash = password_hash();
+    let env = env_with(Backend::Sqlite, Some(&hash)).await;
+    let store = env.store().await;
+    let seeded = seed(&store, 0).await;
+    env.execute_sql(&format!(
+        "UPDATE messages SET reason = 'expired: could not go out within expire_after of its due time' WHERE id = {}",
+        seeded.skipped
+    ))
+    .await;
+    store
+        .add_message_event(seeded.sent[0], "bounced", &serde_json::json!({}))
+        .await
+        .unwrap();
+    store
+        .add_message_event(seeded.sent[1], "unsubscribed", &serde_json::json!({}))
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    let addr = daemon.http;
+    let session = log_in(addr).await;
+    let page = |path: String| {
+        let session = session.clone();
+        async move { unescape(&get(addr, &path, &[("Cookie", &session)]).await.text()) }
+    };
+
+    let skipped = page(format!("/messages/{}", seeded.skipped)).await;
+    assert!(
+        skipped.contains("Preview: what it would have said"),
+        "{skipped}"
+    );
+    assert!(skipped.contains("A preview, rendered now"));
+    assert!(
+        skipped.contains("As promised: next steps"),
+        "the rendered subject"
+    );
+    assert!(
+        skipped.contains("Hi Ada") || skipped.contains("Ada"),
+        "{skipped}"
+    );
+    assert!(skipped.contains("What you can do:"));
+    assert!(
+        skipped.contains("in the time the rule allows") && !skipped.contains("expire_after"),
+        "{skipped}"
+    );
+    let log = page("/log?state=skipped".to_string()).await;
+    assert!(!log.contains("expire_after"), "{log}");
+
+    let upcoming = page(format!("/messages/{}", seeded.upcoming)).await;
+    assert!(
+        upcoming.contains("Thank you for your order, Fiona"),
+        "{upcoming}"
+    );
+    assert!(upcoming.contains("has not gone out yet"));
+
+    // A failure whose body was kept shows it as tried, not a preview; once the address is
+    // suppressed, the next step says so.
+    let failed = page(format!("/messages/{}", seeded.failed)).await;
+    assert!(failed.contains("As it was tried") && !failed.contains("Preview: what"));
+    assert!(failed.contains("refused the address"), "{failed}");
+    store
+        .suppress("grace@example.com", "hard bounce", "bounce")
+        .await
+        .unwrap();
+    let failed = page(format!("/messages/{}", seeded.failed)).await;
+    assert!(failed.contains("The address is now suppressed"), "{failed}");
+    let sent = page(format!("/messages/{}", seeded.sent[0])).await;
+    assert!(!sent.contains("What you can do:") && !sent.contains("Preview: what"));
+
+    let overview = get(addr, "/", &[("Cookie", &session)]).await.text();
+    assert!(!overview.contains("track_opens"), "no config keys");
+    let follow_up = table_row(&overview, "discovery-call-follow-up");
+    assert_eq!(follow_up[4..6], ["—", "—"], "not tracked: {follow_up:?}");
+    let thanks = table_row(&overview, "thank-you-after-purchase");
+    // Two sent: one opened each, one bounced, one unsubscribed.
+    assert_eq!(thanks[0], "2", "{thanks:?}");
+    assert!(
+        thanks[4].starts_with("2") && thanks[4].contains("100%"),
+        "{thanks:?}"
+    );
+    assert_eq!(thanks[6], "1 50%", "{thanks:?}");
+    assert_eq!(thanks[7], "1 50%", "{thanks:?}");
+    daemon.stop().await;
+}

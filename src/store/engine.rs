@@ -786,9 +786,11 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
 
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>> {
         let sql = Sql::new(
-            "SELECT m.rule, e.kind, COUNT(DISTINCT e.message_id) FROM message_events e \
+            "SELECT m.rule, CASE WHEN e.kind = 'soft_bounced' THEN 'bounced' ELSE e.kind END AS what, \
+             COUNT(DISTINCT e.message_id) FROM message_events e \
              JOIN messages m ON m.id = e.message_id \
-             WHERE e.kind IN ('opened', 'clicked') AND e.at >= ? GROUP BY m.rule, e.kind ORDER BY m.rule, e.kind",
+             WHERE e.kind IN ('opened', 'clicked', 'bounced', 'soft_bounced', 'unsubscribed') AND e.at >= ? \
+             GROUP BY m.rule, what ORDER BY m.rule, what",
         )
         .arg(since);
         self.driver.fetch_all(Via::Reader, sql).await

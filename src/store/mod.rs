@@ -363,6 +363,9 @@ pub struct LogEntry {
     pub bounced_at: Option<DateTime<Utc>>,
     pub complained_at: Option<DateTime<Utc>>,
     pub unsubscribed_at: Option<DateTime<Utc>>,
+    /// What planning fixed (`rules::MessageDetail` as JSON): what a preview renders with.
+    #[serde(skip)]
+    pub detail: serde_json::Value,
 }
 
 impl LogEntry {
@@ -687,8 +690,9 @@ pub trait ReportingStore: Send + Sync {
     /// Messages that reached a final state at or after `since` (dated as the log dates them), per
     /// hour, rule and state.
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>>;
-    /// How many messages of each rule were opened and clicked (kinds `opened`, `clicked`) at or
-    /// after `since`: (rule, kind, distinct messages).
+    /// How many messages of each rule were opened, clicked, bounced (hard or soft) or led to an
+    /// unsubscribe at or after `since`: (rule, `opened` | `clicked` | `bounced` |
+    /// `unsubscribed`, distinct messages).
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>>;
     /// How many messages are in this state (by the state index; cheap for rare states).
     async fn count_state(&self, state: MessageState) -> StoreResult<i64>;

@@ -149,6 +149,7 @@ pub(super) struct LogRow {
     bounced_at: Option<DateTime<Utc>>,
     complained_at: Option<DateTime<Utc>>,
     unsubscribed_at: Option<DateTime<Utc>>,
+    detail: Json<serde_json::Value>,
 }
 
 impl From<LogRow> for LogEntry {
@@ -178,6 +179,7 @@ impl From<LogRow> for LogEntry {
             bounced_at: row.bounced_at,
             complained_at: row.complained_at,
             unsubscribed_at: row.unsubscribed_at,
+            detail: row.detail.0,
         }
     }
 }
@@ -284,7 +286,8 @@ pub(super) const LOG_COLUMNS: &str = "m.id, m.rule, m.customer_id, COALESCE(m.em
      (SELECT CAST(COALESCE(SUM(e.count), 0) AS BIGINT) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'clicked') AS clicks, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind IN ('bounced', 'soft_bounced')) AS bounced_at, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'complained') AS complained_at, \
-     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'unsubscribed') AS unsubscribed_at";
+     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'unsubscribed') AS unsubscribed_at, \
+     m.detail";
 
 /// The columns a claim returns.
 pub(super) const CLAIM_COLUMNS: &str =

@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{customer_names, entry_row, kind_class, not_found, timed_pairs, unavailable};
+use super::{customer_names, entry_row, kind_class, not_found, preview, timed_pairs, unavailable};
 use crate::rules::Rule;
 use crate::store::{Customer, Event, LogEntry, MessageEvent, SentContent, SharedStore, StoreError};
 use crate::web::Shared;
@@ -89,6 +89,21 @@ pub async fn message(
     let mut data = page_data(&owner.web, id, &loaded, rule);
     data["page"] = owner.page(&format!("Message {id}"), "log");
     data["m"] = entry_row(&owner.web, &loaded.entry, &names);
+    let entry = &loaded.entry;
+    // What was kept from an attempt is shown as it was; otherwise a preview.
+    if loaded.content.is_none() {
+        data["preview"] = json!(preview::preview(
+            &owner.web,
+            &playbook,
+            entry,
+            loaded.customer.as_ref(),
+            loaded.event.as_ref()
+        ));
+    }
+    let email = entry.email.as_deref().unwrap_or_default();
+    let suppressed = !email.is_empty() && shared.store.is_suppressed(email).await.unwrap_or(false);
+    data["next_steps"] = json!(preview::next_steps(entry, suppressed));
+    data["reason"] = json!(entry.reason.as_deref().map(preview::owner_reason));
     owner.render("message", &data)
 }
 

@@ -6,6 +6,7 @@ mod log;
 mod login;
 mod message;
 mod overview;
+mod preview;
 mod suppressions;
 mod upcoming;
 
@@ -142,7 +143,7 @@ fn entry_row(web: &Web, entry: &LogEntry, names: &HashMap<String, String>) -> Va
         "subject": entry.subject.clone().unwrap_or_default(),
         "opened": entry.opens > 0,
         "clicked": entry.clicks > 0,
-        "reason": entry.reason.clone().unwrap_or_default(),
+        "reason": entry.reason.as_deref().map(preview::owner_reason).unwrap_or_default(),
     })
 }
 

@@ -28,12 +28,28 @@ struct Tally {
     unknown: i64,
     opened: i64,
     clicked: i64,
+    bounced: i64,
+    unsubscribed: i64,
+    /// Of `sent`, those of rules that track opens (clicks): what the rates are out of. Zero
+    /// for a rule that does not: its opens (clicks) are shown as "—", not 0.
+    sent_tracking_opens: i64,
+    sent_tracking_clicks: i64,
+    tracks_opens: bool,
+    tracks_clicks: bool,
 }
 
 impl Tally {
     fn add_state(&mut self, state: MessageState, n: i64) {
         match state {
-            MessageState::Sent => self.sent += n,
+            MessageState::Sent => {
+                self.sent += n;
+                if self.tracks_opens {
+                    self.sent_tracking_opens += n;
+                }
+                if self.tracks_clicks {
+                    self.sent_tracking_clicks += n;
+                }
+            }
             MessageState::Failed => self.failed += n,
             MessageState::Skipped => self.skipped += n,
             MessageState::Unknown => self.unknown += n,
@@ -48,6 +64,12 @@ impl Tally {
         self.unknown += other.unknown;
         self.opened += other.opened;
         self.clicked += other.clicked;
+        self.bounced += other.bounced;
+        self.unsubscribed += other.unsubscribed;
+        self.sent_tracking_opens += other.sent_tracking_opens;
+        self.sent_tracking_clicks += other.sent_tracking_clicks;
+        self.tracks_opens |= other.tracks_opens;
+        self.tracks_clicks |= other.tracks_clicks;
     }
 
     fn json(&self, rule: Option<&str>, from: NaiveDate) -> Value {
@@ -58,13 +80,20 @@ impl Tally {
             }
             format!("/log?{}", query_string(&query))
         };
+        // "—" where the rule does not track: nothing was counted, so 0 would be a lie.
+        let tracked = |tracks: bool, n: i64| if tracks { n.to_string() } else { "—".into() };
         json!({
             "sent": self.sent, "failed": self.failed, "skipped": self.skipped,
-            "unknown": self.unknown, "opened": self.opened, "clicked": self.clicked,
+            "unknown": self.unknown,
+            "opened": tracked(self.tracks_opens, self.opened),
+            "clicked": tracked(self.tracks_clicks, self.clicked),
+            "bounced": self.bounced, "unsubscribed": self.unsubscribed,
             "sent_link": link("sent"), "failed_link": link("failed"),
             "skipped_link": link("skipped"), "unknown_link": link("unknown"),
-            "open_rate": percent(self.opened, self.sent),
-            "click_rate": percent(self.clicked, self.sent),
+            "open_rate": percent(self.opened, self.sent_tracking_opens),
+            "click_rate": percent(self.clicked, self.sent_tracking_clicks),
+            "bounce_rate": percent(self.bounced, self.sent),
+            "unsubscribe_rate": percent(self.unsubscribed, self.sent),
         })
     }
 }
@@ -123,8 +152,13 @@ impl Tallies {
     ) -> Tallies {
         let mut tallies = Tallies::default();
         for rule in &shared.playbook.borrow().rules.rules {
-            tallies.rules30.entry(rule.name.clone()).or_default();
-            tallies.rules7.entry(rule.name.clone()).or_default();
+            let tally = Tally {
+                tracks_opens: rule.track_opens,
+                tracks_clicks: rule.track_clicks,
+                ..Tally::default()
+            };
+            tallies.rules30.insert(rule.name.clone(), tally);
+            tallies.rules7.insert(rule.name.clone(), tally);
         }
         for row in &loaded.activity {
             let day = row.hour.with_timezone(&web.timezone).date_naive();
@@ -159,6 +193,8 @@ fn add_engagement(rules: &mut BTreeMap<String, Tally>, engaged: &[(String, Strin
         match kind.as_str() {
             "opened" => tally.opened += n,
             "clicked" => tally.clicked += n,
+            "bounced" => tally.bounced += n,
+            "unsubscribed" => tally.unsubscribed += n,
             _ => {}
         }
     }
