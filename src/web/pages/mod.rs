@@ -165,18 +165,19 @@ fn detail_pairs(detail: &Value) -> Vec<Value> {
     }
 }
 
-/// [`detail_pairs`] with the times in them (RFC 3339 text, such as a retry's
-/// `next_attempt_at`) shown in the page's zone, plain dates as dates.
+/// [`detail_pairs`] for the owner: times in them (RFC 3339 text, such as a retry's
+/// `next_attempt_at`) in the page's zone, plain dates as dates, no config key names.
 fn timed_pairs(web: &Web, detail: &Value) -> Vec<Value> {
     let mut pairs = detail_pairs(detail);
     for pair in &mut pairs {
-        let shown = pair["value"]
-            .as_str()
-            .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
-            .map(|t| web.event_time(t.with_timezone(&Utc)));
-        if let Some(shown) = shown {
-            pair["value"] = json!(shown);
-        }
+        let Some(text) = pair["value"].as_str() else {
+            continue;
+        };
+        let shown = match DateTime::parse_from_rfc3339(text) {
+            Ok(t) => web.event_time(t.with_timezone(&Utc)),
+            Err(_) => preview::owner_reason(text),
+        };
+        pair["value"] = json!(shown);
     }
     pairs
 }
