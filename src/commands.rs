@@ -227,7 +227,7 @@ async fn log_table(
     filter.limit = Some(shown);
     let entries = store.log(&filter).await?;
     if entries.is_empty() {
-        write!(out, "no messages match\n")?;
+        writeln!(out, "no messages match")?;
         return Ok(());
     }
     // The table shows what fits a terminal; CSV and JSON carry every column.
@@ -298,7 +298,7 @@ async fn log_export(
         }
     }
     if json {
-        write!(out, "{}]\n", if written == 0 { "" } else { "\n" })?;
+        writeln!(out, "{}]", if written == 0 { "" } else { "\n" })?;
     }
     out.flush()?;
     Ok(())
