@@ -320,27 +320,31 @@ impl Browser {
     }
 }
 
-#[test]
-fn the_owner_logs_in_filters_the_log_opens_a_message_and_downloads_the_csv() {
-    // The scenario's poll function needs more stack than a test thread's 2 MiB in debug builds:
-    // run it on a thread (and a runtime) with room.
+/// Runs a scenario on a thread (and a runtime) with room: its poll function needs more stack
+/// than a test thread's 2 MiB in debug builds.
+fn on_a_big_stack<F: std::future::Future<Output = ()> + 'static>(scenario: fn() -> F) {
     const STACK: usize = 16 << 20;
-    let scenario = std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("browser-scenario".into())
         .stack_size(STACK)
-        .spawn(|| {
+        .spawn(move || {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_stack_size(STACK)
                 .enable_all()
                 .build()
                 .expect("a runtime")
-                .block_on(owner_scenario())
+                .block_on(scenario())
         })
         .expect("a thread");
-    if let Err(panic) = scenario.join() {
+    if let Err(panic) = thread.join() {
         std::panic::resume_unwind(panic);
     }
+}
+
+#[test]
+fn the_owner_logs_in_filters_the_log_opens_a_message_and_downloads_the_csv() {
+    on_a_big_stack(owner_scenario);
 }
 
 async fn owner_scenario() {
@@ -585,26 +589,9 @@ async fn owner_scenario() {
     daemon.stop().await;
 }
 
-/// The rules of the month-long history: one tracks opens and clicks and has no send window,
-/// one tracks nothing, and a yearly one keeps a wedding entered as a plain date.
-const MONTH_RULES: &str = r#"
-[[rule]]
-name = "thank-you-after-purchase"
-template = "thank-you"
-subject = "Thank you for your order, {{customer.first_name}}"
-when = { event = "purchase", after = "2d" }
-expire_after = "30d"
-track_opens = true
-track_clicks = true
-
-[[rule]]
-name = "discovery-call-follow-up"
-template = "follow-up"
-subject = "As promised: next steps"
-when = { event = "discovery_call", after = "3d" }
-unless = [{ event = "purchase", since = "trigger" }]
-expire_after = "30d"
-
+/// With the web tests' rules (one tracks opens and clicks and has no send window, one tracks
+/// nothing): a yearly rule that keeps a wedding entered as a plain date.
+const ANNIVERSARY: &str = r#"
 [[rule]]
 name = "wedding-anniversary"
 template = "anniversary"
@@ -830,23 +817,7 @@ impl EventIndex for touchpoint::store::ClaimedMessage {
 
 #[test]
 fn the_owner_checks_a_month_of_history() {
-    const STACK: usize = 16 << 20;
-    let scenario = std::thread::Builder::new()
-        .name("browser-month".into())
-        .stack_size(STACK)
-        .spawn(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_stack_size(STACK)
-                .enable_all()
-                .build()
-                .expect("a runtime")
-                .block_on(month_scenario())
-        })
-        .expect("a thread");
-    if let Err(panic) = scenario.join() {
-        std::panic::resume_unwind(panic);
-    }
+    on_a_big_stack(month_scenario);
 }
 
 /// The `(number, href)` of every linked count in the overview's two tables.
@@ -899,26 +870,12 @@ async fn rows_behind(browser: &Browser, link: &str) -> (i64, Vec<(String, String
     (stated, rows)
 }
 
-/// Times shown the UTC way in a text (`2026-11-23T09:00:00.123Z`, `09:00Z`, `09:00 UTC`);
-/// a zone's name ("in UTC") is not a time.
-fn utc_looking(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let digit = |i: usize| bytes.get(i).is_some_and(u8::is_ascii_digit);
-    (1..bytes.len()).any(|i| {
-        let iso =
-            bytes[i] == b'T' && digit(i - 1) && digit(i + 1) && bytes.get(i + 3) == Some(&b':');
-        let zulu = bytes[i] == b'Z' && digit(i - 1);
-        let utc = bytes[i..].starts_with(b" UTC") && digit(i - 1);
-        iso || zulu || utc
-    })
-}
-
 async fn month_scenario() {
     let hash = password_hash();
     let env = TestEnv::new(
         Backend::Sqlite,
         Sink::Files,
-        &[("rules.toml", MONTH_RULES)],
+        &[("rules.toml", RULES), ("anniversary.toml", ANNIVERSARY)],
         &format!(
             "{}[defaults]\ntimezone = \"America/New_York\"\n",
             web_config(Some(&hash))
@@ -956,7 +913,7 @@ async fn month_scenario() {
     // count the log states, and its rows, page by page, each of the linked state and dated
     // inside the range.
     let overview = browser.text("main").await;
-    assert!(!utc_looking(&overview), "{overview}");
+    assert!(utc_times(&overview).is_empty(), "{overview}");
     assert!(overview.contains("America/New_York"));
     assert!(overview.contains('%'), "rates: {overview}");
     assert!(overview.contains('—'), "not tracked: {overview}");
@@ -1034,7 +991,7 @@ async fn month_scenario() {
     assert!(page.contains("What you can do:"), "{page}");
     assert!(!page.contains("expire_after"), "no config key: {page}");
     assert!(!page.contains(".toml"), "no server file path: {page}");
-    assert!(!utc_looking(&page), "{page}");
+    assert!(utc_times(&page).is_empty(), "{page}");
     browser.screenshot("22-month-skipped-preview").await;
 
     // Upcoming: names, and the message that arrives at night in Tokyo.
@@ -1045,7 +1002,7 @@ async fn month_scenario() {
         upcoming.contains("arrives at 03:10 in Asia/Tokyo"),
         "{upcoming}"
     );
-    assert!(!utc_looking(&upcoming), "{upcoming}");
+    assert!(utc_times(&upcoming).is_empty(), "{upcoming}");
     assert!(
         browser
             .find_all(&format!("a[href=\"/messages/{}\"]", month.night))

@@ -775,20 +775,7 @@ fn table_row(html: &str, rule: &str) -> Vec<String> {
     let row = &row[..row.find("</tr>").unwrap()];
     row.split("<td")
         .skip(1)
-        .map(|cell| {
-            let cell = &cell[cell.find('>').map_or(0, |i| i + 1)..];
-            let mut text = String::new();
-            let mut in_tag = false;
-            for c in cell.chars() {
-                match c {
-                    '<' => in_tag = true,
-                    '>' => in_tag = false,
-                    c if !in_tag => text.push(c),
-                    _ => {}
-                }
-            }
-            text.trim().to_string()
-        })
+        .map(|cell| strip_tags(&cell[cell.find('>').map_or(0, |i| i + 1)..]))
         .collect()
 }
 
@@ -1298,26 +1285,6 @@ async fn times_are_in_the_page_zone_and_plain_dates_are_dates() {
         "the retry time in New York: {retried}"
     );
     daemon.stop().await;
-}
-
-/// Times written the UTC way (`2026-11-23T09:00:00.123Z`, `09:00:00Z`, `09:00 UTC`) in a page.
-fn utc_times(html: &str) -> Vec<String> {
-    let bytes = html.as_bytes();
-    let digit = |at: usize| bytes.get(at).is_some_and(u8::is_ascii_digit);
-    let around = |i: usize| {
-        String::from_utf8_lossy(&bytes[i.saturating_sub(16)..(i + 8).min(bytes.len())]).into_owned()
-    };
-    let mut found = Vec::new();
-    for i in 3..bytes.len() {
-        let iso =
-            bytes[i] == b'T' && digit(i - 1) && digit(i + 1) && bytes.get(i + 3) == Some(&b':');
-        let zulu = bytes[i] == b'Z' && digit(i - 1) && digit(i - 2) && bytes[i - 3] == b':';
-        let utc = bytes[i..].starts_with(b" UTC") && digit(i - 1);
-        if iso || zulu || utc {
-            found.push(around(i));
-        }
-    }
-    found
 }
 
 /// A message that did not go out shows what it would have said (rendered as the dispatcher
