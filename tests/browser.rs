@@ -759,15 +759,7 @@ async fn month_of_history(env: &TestEnv, store: &touchpoint::store::SharedStore)
     )
     .await;
     // One due at 03:10 in Tokyo in a day or two: the rule has no send window.
-    let tokyo: chrono_tz::Tz = "Asia/Tokyo".parse().unwrap();
-    let night = (now + TimeDelta::days(1))
-        .with_timezone(&tokyo)
-        .date_naive()
-        .and_hms_opt(3, 10, 0)
-        .unwrap()
-        .and_local_timezone(tokyo)
-        .unwrap()
-        .with_timezone(&Utc);
+    let night = tomorrow_at_ten_past_three_in("Asia/Tokyo");
     store
         .insert_messages(&[NewMessage {
             rule: "thank-you-after-purchase".into(),

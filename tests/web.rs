@@ -1174,15 +1174,7 @@ async fn times_are_in_the_page_zone_and_plain_dates_are_dates() {
         .await
         .unwrap();
     // Due at 03:10 in Tokyo, a day or two from now; and one for Lou, retried later.
-    let tokyo: chrono_tz::Tz = "Asia/Tokyo".parse().unwrap();
-    let local = (Utc::now() + TimeDelta::days(1)).with_timezone(&tokyo);
-    let night = local
-        .date_naive()
-        .and_hms_opt(3, 10, 0)
-        .unwrap()
-        .and_local_timezone(tokyo)
-        .unwrap()
-        .with_timezone(&Utc);
+    let night = tomorrow_at_ten_past_three_in("Asia/Tokyo");
     let due_soon = Utc::now() - TimeDelta::minutes(1);
     let new = |customer: &str, event: Option<&str>, due| NewMessage {
         rule: "thank-you-after-purchase".into(),

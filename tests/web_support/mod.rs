@@ -396,3 +396,17 @@ pub fn utc_times(html: &str) -> Vec<String> {
     }
     found
 }
+
+/// 03:10 tomorrow (a day or two from now) in `zone`: night for a customer there.
+pub fn tomorrow_at_ten_past_three_in(zone: &str) -> chrono::DateTime<Utc> {
+    let zone: chrono_tz::Tz = zone.parse().expect("a time zone");
+    (Utc::now() + TimeDelta::days(1))
+        .with_timezone(&zone)
+        .date_naive()
+        .and_hms_opt(3, 10, 0)
+        .expect("a time")
+        .and_local_timezone(zone)
+        .single()
+        .expect("03:10 exists once")
+        .with_timezone(&Utc)
+}
