@@ -108,6 +108,9 @@ fn percent(part: i64, whole: i64) -> String {
 /// What the overview reads from the database.
 struct Loaded {
     activity: Vec<ActivityCount>,
+    /// The last 7 days on their own: counted from the day's start, not from an hour (a zone
+    /// such as Asia/Kolkata starts its days on the half hour).
+    activity7: Vec<ActivityCount>,
     engaged30: Vec<(String, String, i64)>,
     engaged7: Vec<(String, String, i64)>,
     unknown: i64,
@@ -123,6 +126,7 @@ impl Loaded {
     ) -> Result<Loaded, StoreError> {
         Ok(Loaded {
             activity: store.activity(since30).await?,
+            activity7: store.activity(since7).await?,
             engaged30: store.engagement(since30).await?,
             engaged7: store.engagement(since7).await?,
             // Cheap, by the state index (a GROUP BY over every message is not).
@@ -143,13 +147,7 @@ struct Tallies {
 
 impl Tallies {
     /// Every running rule has a row, even with nothing sent.
-    fn new(
-        shared: &Shared,
-        web: &Web,
-        first_day: NaiveDate,
-        week_day: NaiveDate,
-        loaded: &Loaded,
-    ) -> Tallies {
+    fn new(shared: &Shared, web: &Web, first_day: NaiveDate, loaded: &Loaded) -> Tallies {
         let mut tallies = Tallies::default();
         for rule in &shared.playbook.borrow().rules.rules {
             let tally = Tally {
@@ -173,13 +171,13 @@ impl Tallies {
                 .entry(row.rule.clone())
                 .or_default()
                 .add_state(row.state, row.count);
-            if day >= week_day {
-                tallies
-                    .rules7
-                    .entry(row.rule.clone())
-                    .or_default()
-                    .add_state(row.state, row.count);
-            }
+        }
+        for row in &loaded.activity7 {
+            tallies
+                .rules7
+                .entry(row.rule.clone())
+                .or_default()
+                .add_state(row.state, row.count);
         }
         add_engagement(&mut tallies.rules30, &loaded.engaged30);
         add_engagement(&mut tallies.rules7, &loaded.engaged7);
@@ -228,7 +226,7 @@ pub async fn overview(owner: Owner, State(shared): State<Shared>) -> Response {
         Ok(loaded) => loaded,
         Err(error) => return owner.with_cookie(unavailable(&web, &error)),
     };
-    let tallies = Tallies::new(&shared, &web, first_day, week_day, &loaded);
+    let tallies = Tallies::new(&shared, &web, first_day, &loaded);
     let chart = chart(&web, first_day, today, &tallies.by_day);
     let failed7: i64 = tallies.rules7.values().map(|t| t.failed).sum();
     let attention = attention(&shared, &web, now, week_day, loaded.unknown, failed7).await;
