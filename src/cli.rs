@@ -47,10 +47,13 @@ pub enum Command {
     Import(ImportCommand),
     /// What will be sent in the next days, to whom, when, by which rule and why (a dry run).
     Plan(PlanArgs),
-    /// Render one rule for one customer: subject, text and HTML.
+    /// Render one rule for one customer: subject, text and HTML; `--format eml` prints the
+    /// whole message, `--send-to` sends a test of it to that address only.
     Preview(PreviewArgs),
     /// The message log.
     Log(LogArgs),
+    /// Why each rule did, will, or will not message a customer: the check that decided it.
+    Why(WhyArgs),
     /// The addresses that are never mailed.
     #[command(subcommand)]
     Suppress(SuppressCommand),
@@ -64,6 +67,12 @@ pub enum Command {
     },
     /// Print the example config file, to start from.
     DefaultConfig,
+    /// Write a working setup into DIR (config, the example rules, templates, var/), to start
+    /// from; never overwrites a file.
+    Init {
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+    },
     /// Read a password from standard input (never from the command line) and print its hash
     /// for `web.password_hash`.
     HashPassword,
@@ -149,6 +158,20 @@ pub struct PreviewArgs {
     /// The triggering event to use [default: the customer's latest event of the rule's kind]
     #[arg(long)]
     pub event: Option<String>,
+    /// Send a test of the message to this address only, exactly as it would go out (headers,
+    /// DKIM, links) with "[TEST] " before the subject. It is not the customer's message: it
+    /// changes nothing of theirs, and its links only say that it was a test.
+    #[arg(long, value_name = "ADDRESS")]
+    pub send_to: Option<String>,
+    /// text: subject, text and HTML; eml: the complete RFC 5322 message as it would go out.
+    #[arg(long, value_enum, default_value_t = PreviewFormat::Text)]
+    pub format: PreviewFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PreviewFormat {
+    Text,
+    Eml,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,6 +204,24 @@ pub struct LogArgs {
     pub limit: Option<i64>,
     #[arg(long, value_enum, default_value_t = LogFormat::Table)]
     pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WhyFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct WhyArgs {
+    /// The customer's id.
+    #[arg(long)]
+    pub customer: String,
+    /// Only this rule (by name).
+    #[arg(long)]
+    pub rule: Option<String>,
+    #[arg(long, value_enum, default_value_t = WhyFormat::Table)]
+    pub format: WhyFormat,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,6 +1,14 @@
 //! What each subcommand does (except `run`, which is the daemon). Each returns the text to
 //! print, so tests can call them without a terminal.
 
+mod init;
+mod preview;
+mod summary;
+pub mod why;
+
+pub use init::init;
+pub use preview::preview;
+
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -8,21 +16,22 @@ use chrono::Utc;
 
 use crate::cli::{
     CustomerAddArgs, DEFAULT_LOG_ROWS, EventAddArgs, ImportCommand, LogArgs, LogFormat, PlanArgs,
-    PlanFormat, PreviewArgs, SuppressCommand,
+    PlanFormat, SuppressCommand,
 };
 use crate::config::Config;
-use crate::dispatch::{MessageInputs, render_message};
 use crate::output::{self, when};
-use crate::plan::{PlanSettings, customer_timezone};
+use crate::plan::PlanSettings;
 use crate::playbook::Playbook;
 use crate::query::{LOG_HEADERS, Upcoming, activity, log_row, upcoming};
-use crate::rules::{MessageDetail, Trigger, parse_duration};
+use crate::rules::parse_duration;
 use crate::store::{Change, CustomerPatch, Event, LogCursor, LogFilter, MessageState, SharedStore};
 use crate::transport::Transport;
 
 /// `touchpoint check`: the config, rules and templates, the transport's settings, and each
-/// source's queries (run once with a zero-width window).
+/// source's queries (run once with a zero-width window); then a short summary for the operator
+/// (see `summary`).
 pub async fn check(config: &Config) -> Result<String> {
+    summary::require_directories(config)?;
     let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
     Transport::from_config(&config.transport)
         .map_err(anyhow::Error::msg)
@@ -53,7 +62,10 @@ pub async fn check(config: &Config) -> Result<String> {
         playbook.templates.names().len(),
         config.database_url().describe()
     );
-    for line in source_lines {
+    for line in source_lines
+        .into_iter()
+        .chain(summary::summary(config, &playbook).await)
+    {
         report.push('\n');
         report.push_str(&line);
     }
@@ -114,63 +126,6 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
             )
         }
     })
-}
-
-/// `touchpoint preview`: one rule rendered for one customer.
-pub async fn preview(config: &Config, store: &SharedStore, args: &PreviewArgs) -> Result<String> {
-    let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
-    let Some(rule) = playbook.rule(&args.rule) else {
-        let names: Vec<_> = playbook
-            .rules
-            .rules
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect();
-        bail!(
-            "no rule named {:?}; the rules are: {}",
-            args.rule,
-            names.join(", ")
-        );
-    };
-    let Some(customer) = store.customer(&args.customer).await? else {
-        bail!("no customer with id {:?}", args.customer);
-    };
-    let kind = match &rule.trigger {
-        Trigger::Event { kind, .. } | Trigger::Anniversary { kind, .. } => Some(kind),
-        Trigger::Schedule { .. } => None,
-    };
-    let event = match (&args.event, kind) {
-        (Some(id), _) => Some(store.event(id).await?.with_context(|| format!("no event with id {id:?}"))?),
-        (None, Some(kind)) => Some(store.latest_event(&customer.id, kind).await?.with_context(|| {
-            format!("customer {:?} has no {kind:?} event to preview the rule with (pass --event ID)", customer.id)
-        })?),
-        (None, None) => None,
-    };
-    let tz = customer_timezone(&customer, config.defaults.timezone);
-    // What planning would fix for the next occurrence, from now.
-    let detail = event
-        .as_ref()
-        .and_then(|e| rule.trigger.next_anniversary(e.occurred_at, tz, Utc::now()))
-        .map_or_else(MessageDetail::default, |next| {
-            MessageDetail::anniversary(next.years)
-        });
-    // The dispatcher's own rendering, with stand-ins for what only sending fixes.
-    let inputs = MessageInputs {
-        customer: &customer,
-        event: event.as_ref(),
-        tz,
-        detail: &detail,
-        message_id: "<preview@touchpoint>".into(),
-        unsubscribe_url: None,
-    };
-    let rendered = render_message(&playbook, rule, &inputs)?;
-    Ok(format!(
-        "Subject: {}\nTo: {}\n\n--- text ---\n{}\n--- html ---\n{}\n",
-        rendered.subject,
-        customer.email,
-        rendered.text.trim_end(),
-        rendered.html.trim_end()
-    ))
 }
 
 /// Messages read per query while `touchpoint log` exports.

@@ -15,17 +15,14 @@ use chrono_tz::Tz;
 use serde::Deserialize;
 
 use crate::diag::{Diagnostic, Diagnostics};
-pub use crate::listener::HttpConfig;
+use crate::listener::HttpConfig;
 use crate::render::Business;
-pub use crate::render::TemplatesConfig;
-pub use crate::settings::{MIN_SECRET_BYTES, Secret, SecretSource};
+use crate::render::TemplatesConfig;
+use crate::settings::{Secret, SecretSource};
 use crate::settings::{duration, long_enough, normalize, timezone};
-pub use crate::store::{DatabaseConfig, DatabaseUrl};
-pub use crate::transport::settings::{
-    DkimAlgorithm, DkimConfig, FileTransportConfig, SenderConfig, SmtpConfig, TlsMode,
-    TransportConfig, TransportKind,
-};
-pub use crate::web::WebConfig;
+use crate::store::{DatabaseConfig, DatabaseUrl};
+use crate::transport::settings::{DkimConfig, SenderConfig, TransportConfig, TransportKind};
+use crate::web::WebConfig;
 
 /// Environment variables with this prefix override config keys; `__` separates key levels.
 pub const ENV_PREFIX: &str = "TOUCHPOINT_";

@@ -304,6 +304,7 @@ async fn setup_web(
         listen: &config.http.listen,
         base_url: config.links.base_url.as_deref(),
         plan: plan_settings(config),
+        max_attempts: config.delivery.max_attempts,
     };
     Ok(crate::web::Web::setup(&config.web, around, store, listening).await?)
 }
@@ -349,6 +350,17 @@ pub fn bounce_rules(config: &Config, secret: &Secret) -> crate::bounce::BounceRu
         soft_bounce_limit: config.bounces.soft_bounce_limit,
         unsigned_grace: config.bounces.unsigned_grace,
     }
+}
+
+/// What the dispatcher would compose a message with, for `touchpoint preview`: the same link
+/// signer, tags, sender, VERP and DKIM key as `run`.
+pub async fn preview_settings(
+    config: &Config,
+    store: &SharedStore,
+) -> Result<DispatchSettings, DaemonError> {
+    let secret = link_secret(config, store).await?;
+    let tags = crate::links::MessageTags::new(secret.expose().as_bytes());
+    dispatch_settings(config, link_signer(config, &secret), tags)
 }
 
 fn dispatch_settings(

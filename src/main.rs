@@ -68,6 +68,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{}", commands::hash_password()?);
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Init { dir } => {
+            print!("{}", commands::init(&dir)?);
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let config = commands::load_config(&cli.config_path())?;
@@ -100,9 +104,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             )
             .await?;
         }
+        Command::Why(args) => {
+            let store = commands::open_store(&config).await?;
+            print!("{}", commands::why::why(&config, &store, args).await?);
+        }
         Command::Suppress(command) => print!("{}", commands::suppress(&config, command).await?),
         Command::Bounce { recipient } => return bounce(&config, recipient.clone()).await,
-        Command::DefaultConfig | Command::HashPassword => {}
+        Command::DefaultConfig | Command::HashPassword | Command::Init { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,8 @@
 //! `planner.reconcile_every`) that also plans the next occurrence of yearly and recurring rules
 //! and picks up edits to existing rows.
 
+pub mod why;
+
 use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, TimeDelta, Utc};
@@ -96,8 +98,7 @@ pub fn plan_candidate(
             (at, key, MessageDetail::default())
         }
     };
-    let due_at = rule.next_open(trigger_at, tz);
-    let expires_at = due_at.checked_add_signed(expire)?;
+    let (due_at, expires_at) = rule.planned_times(trigger_at, tz, expire)?;
     if expires_at < now {
         return None;
     }

@@ -13,7 +13,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chrono::{TimeZone, Utc};
 use mail_parser::{MessageParser, MimeHeaders};
 use serde_json::{Value, json};
+use support::dkim::{DKIM_SELECTOR, dkim_key, dkim_section, dkimpy_verifies, run};
 use support::http::{HttpResponse, send};
 use support::smtp::{Accepted, SmtpPeer};
 use support::{Backend, InProcess, Sink, TestEnv, repo_path};
@@ -2031,89 +2031,6 @@ async fn a_suppressed_address_is_never_planned_by_any_rule(backend: Backend) {
 }
 
 // --- DKIM -------------------------------------------------------------------------------------------
-
-const DKIM_SELECTOR: &str = "s2025";
-const PYTHON: &str = "/usr/bin/python3";
-
-/// dkimpy, with the selector's TXT record given instead of looked up.
-const VERIFY_PY: &str = r#"
-import sys, dkim
-message = open(sys.argv[1], 'rb').read()
-record = open(sys.argv[2], 'rb').read()
-def dns(name, timeout=5):
-    return record if name == sys.argv[3].encode() else None
-sys.exit(0 if dkim.verify(message, dnsfunc=dns) else 1)
-"#;
-
-fn run(program: &str, args: &[&str], dir: &Path) -> Vec<u8> {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (Debian package openssl): {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output.stdout
-}
-
-/// A new private key in `dir/name` (PKCS#8 PEM) and its DKIM TXT record.
-fn dkim_key(dir: &Path, name: &str, algorithm: &str) -> String {
-    let spec: &[&str] = match algorithm {
-        "rsa" => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-        _ => &["-algorithm", "ED25519"],
-    };
-    let mut args = vec!["genpkey"];
-    args.extend_from_slice(spec);
-    args.extend_from_slice(&["-out", name]);
-    run("openssl", &args, dir);
-    let der = run(
-        "openssl",
-        &["pkey", "-in", name, "-pubout", "-outform", "DER"],
-        dir,
-    );
-    let p = match algorithm {
-        // RSA: p= is the SubjectPublicKeyInfo; Ed25519 (RFC 8463): the bare 32-byte key.
-        "rsa" => STANDARD.encode(&der),
-        _ => STANDARD.encode(&der[der.len() - 32..]),
-    };
-    format!("v=DKIM1; k={algorithm}; p={p}")
-}
-
-/// Whether dkimpy accepts the message with this TXT record at `s2025._domainkey.acme.example`.
-fn dkimpy_verifies(dir: &Path, message: &[u8], record: &str) -> bool {
-    let probe = Command::new(PYTHON)
-        .args(["-c", "import dkim, nacl"])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        probe.status.success(),
-        "the DKIM check needs dkimpy for {PYTHON}: apt-get install python3-dkim ({})",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    std::fs::write(dir.join("message.eml"), message).expect("write");
-    std::fs::write(dir.join("record.txt"), record).expect("write");
-    std::fs::write(dir.join("verify.py"), VERIFY_PY).expect("write");
-    let status = Command::new(PYTHON)
-        .args([
-            "verify.py",
-            "message.eml",
-            "record.txt",
-            &format!("{DKIM_SELECTOR}._domainkey.acme.example."),
-        ])
-        .current_dir(dir)
-        .status()
-        .expect("python3 runs");
-    status.success()
-}
-
-fn dkim_section(algorithm: &str) -> String {
-    format!(
-        "\n[dkim]\nselector = \"{DKIM_SELECTOR}\"\ndomain = \"acme.example\"\nalgorithm = \"{algorithm}\"\nkey_file = \"dkim.pem\"\n"
-    )
-}
 
 async fn dkim_signs_so_that_an_independent_verifier_agrees(algorithm: &str) {
     let mut world = World::new(

@@ -28,13 +28,13 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 use support::{Backend, Sink, TestEnv};
 use touchpoint::bounce::parse_report;
-use touchpoint::config::DatabaseUrl;
 use touchpoint::diag::Diagnostic;
 use touchpoint::import::{self, ImportError};
 use touchpoint::ingest::items;
 use touchpoint::rules::{
     MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration, parse_file,
 };
+use touchpoint::store::DatabaseUrl;
 
 // --- configuration -------------------------------------------------------------------------
 

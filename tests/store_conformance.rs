@@ -20,8 +20,9 @@ mod support;
 use chrono::{DateTime, TimeDelta, Utc};
 use support::{Backend, Sink, TestEnv};
 use touchpoint::store::{
-    CandidateQuery, CandidateSource, Change, ClaimedMessage, Customer, CustomerPatch, Delivery,
-    Event, LogCursor, LogFilter, MessageState, NewMessage, Outcome, SentContent, SharedStore,
+    CandidateQuery, CandidateSource, Change, CheckLine, ClaimedMessage, Customer, CustomerPatch,
+    Delivery, Event, LogCursor, LogFilter, MessageState, NewMessage, Outcome, SentContent,
+    SharedStore,
 };
 
 async fn open(backend: Backend) -> (TestEnv, SharedStore) {
@@ -65,7 +66,7 @@ fn content() -> SentContent {
     SentContent {
         text: "text".into(),
         html: "<p>html</p>".into(),
-        checks: vec!["customer is not on the suppression list".into()],
+        checks: vec![CheckLine::passed("customer is not on the suppression list")],
     }
 }
 
@@ -617,6 +618,217 @@ async fn suppressions_are_normalised(backend: Backend) {
     );
 }
 
+/// `suppress remove` keeps the time the address was suppressed: `suppressed_at` finds it, and
+/// planning leaves out the events of that time (but not those before or after).
+async fn suppressed_periods_are_kept_and_their_events_left_out(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[customer("a", "Gap@Example.com", "A")])
+        .await
+        .expect("customer");
+    let before = Utc::now() - TimeDelta::minutes(5);
+    assert!(
+        store
+            .suppress("gap@example.com", "bounced", "smtp")
+            .await
+            .expect("add")
+    );
+    let since = store.suppressions().await.expect("list")[0].created_at;
+    let now = store
+        .suppressed_at("GAP@example.com", None)
+        .await
+        .expect("now");
+    let now = now.expect("suppressed now");
+    assert_eq!(
+        (now.since, now.until, now.reason.as_str()),
+        (since, None, "bounced")
+    );
+    assert_eq!(
+        store
+            .suppressed_at("gap@example.com", Some(before))
+            .await
+            .expect("before"),
+        None
+    );
+    let during = since + TimeDelta::milliseconds(10);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(store.unsuppress("gap@example.com").await.expect("remove"));
+    assert!(
+        !store
+            .is_suppressed("gap@example.com")
+            .await
+            .expect("allowed")
+    );
+    assert_eq!(
+        store
+            .suppressed_at("gap@example.com", None)
+            .await
+            .expect("now"),
+        None
+    );
+    let period = store
+        .suppressed_at("gap@example.com", Some(during))
+        .await
+        .expect("then");
+    let period = period.expect("a period covers it");
+    assert_eq!((period.since, period.source.as_str()), (since, "smtp"));
+    let until = period.until.expect("ended");
+    assert!(until > during, "{until} after {during}");
+    let after = until + TimeDelta::milliseconds(1);
+    assert_eq!(
+        store
+            .suppressed_at("gap@example.com", Some(after))
+            .await
+            .expect("after"),
+        None
+    );
+
+    let event = |id: &str, at: DateTime<Utc>| Event {
+        id: id.into(),
+        customer_id: "a".into(),
+        kind: "purchase".into(),
+        occurred_at: at,
+        data: serde_json::json!({}),
+    };
+    store
+        .insert_events(&[
+            event("before", before),
+            event("during", during),
+            event("after", after),
+        ])
+        .await
+        .expect("events");
+    let (_, up_to) = store.max_seqs().await.expect("seqs");
+    let query = CandidateQuery {
+        rule: "thanks".into(),
+        source: CandidateSource::NewEvents {
+            kind: "purchase".into(),
+            occurred_from: before - TimeDelta::hours(1),
+            unless_since: vec![],
+        },
+        after_seq: 0,
+        up_to_seq: up_to,
+        now: Utc::now(),
+        limit: 10,
+    };
+    let found = store.candidates(&query).await.expect("candidates");
+    let mut ids: Vec<_> = found
+        .iter()
+        .filter_map(|c| c.event.as_ref().map(|e| e.id.clone()))
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["after", "before"],
+        "the event while suppressed is left out"
+    );
+}
+
+/// What `why` and the message page read: the first event after a time, a message's detail,
+/// and the checks kept for a stopped message (older kept checks, plain lines, read as passed).
+async fn why_reads_events_details_and_kept_checks(backend: Backend) {
+    let (env, store) = open(backend).await;
+    store
+        .upsert_customers(&[customer("c", "c@example.com", "C")])
+        .await
+        .expect("customer");
+    let at = |h: i64| Utc::now() - TimeDelta::hours(h);
+    let event = |id: &str, kind: &str, at: DateTime<Utc>| Event {
+        id: id.into(),
+        customer_id: "c".into(),
+        kind: kind.into(),
+        occurred_at: at,
+        data: serde_json::json!({}),
+    };
+    let (early, late) = (at(3), at(1));
+    store
+        .insert_events(&[
+            event("p2", "purchase", late),
+            event("p1", "purchase", early),
+            event("r1", "refund", at(2)),
+        ])
+        .await
+        .expect("events");
+    let first = store
+        .first_event_after("c", "purchase", at(4))
+        .await
+        .expect("first");
+    assert_eq!(first.map(|e| e.id), Some("p1".to_string()));
+    let next = store
+        .first_event_after("c", "purchase", early)
+        .await
+        .expect("next");
+    assert_eq!(next.map(|e| e.id), Some("p2".to_string()));
+    assert_eq!(
+        store
+            .first_event_after("c", "purchase", late)
+            .await
+            .expect("none"),
+        None
+    );
+    assert_eq!(
+        store
+            .first_event_after("x", "purchase", at(4))
+            .await
+            .expect("nobody"),
+        None
+    );
+
+    store
+        .insert_messages(&[message("r:1", "c", Utc::now() - TimeDelta::seconds(1))])
+        .await
+        .expect("insert");
+    let claim = claim_all(&store, "one").await.remove(0);
+    assert_eq!(
+        store.message_detail(claim.id).await.expect("detail"),
+        Some(serde_json::json!({ "n": "r:1" }))
+    );
+    assert_eq!(
+        store.message_detail(claim.id + 1000).await.expect("none"),
+        None
+    );
+    let lines = vec![
+        CheckLine::passed("enabled"),
+        CheckLine {
+            text: "unless refund".into(),
+            verdict: "failed".into(),
+        },
+        CheckLine {
+            text: "the window".into(),
+            verdict: "not_reached".into(),
+        },
+    ];
+    assert!(
+        !store
+            .keep_checks(claim.id, "not-the-token", &lines)
+            .await
+            .expect("fenced")
+    );
+    assert!(
+        store
+            .keep_checks(claim.id, &claim.token, &lines)
+            .await
+            .expect("kept")
+    );
+    let kept = store
+        .sent_content(claim.id)
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(kept.checks, lines);
+    env.execute_sql(&format!(
+        "UPDATE messages SET checks = '[\"an old line\"]' WHERE id = {}",
+        claim.id
+    ))
+    .await;
+    let kept = store
+        .sent_content(claim.id)
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(kept.checks, [CheckLine::passed("an old line")]);
+}
+
 // --- tracking ---------------------------------------------------------------------------------
 
 async fn message_events_are_recorded_once(backend: Backend) {
@@ -1104,6 +1316,8 @@ on_both_backends!(
     reaping_goes_by_phase,
     overdue_messages_expire,
     suppressions_are_normalised,
+    suppressed_periods_are_kept_and_their_events_left_out,
+    why_reads_events_details_and_kept_checks,
     message_events_are_recorded_once,
     the_log_pages_and_filters,
     the_log_dates_messages_by_what_happened,

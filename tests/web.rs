@@ -1100,7 +1100,7 @@ track_opens = true
         content
             .checks
             .iter()
-            .any(|c| c == "the rule \"thank-you-now\" is enabled"),
+            .any(|c| c.text == "the rule \"thank-you-now\" is enabled" && c.verdict == "passed"),
         "{:?}",
         content.checks
     );
@@ -1108,7 +1108,7 @@ track_opens = true
         content
             .checks
             .iter()
-            .any(|c| c.contains("\"purchase\" event \"p1\" still exists"))
+            .any(|c| c.text.contains("\"purchase\" event \"p1\" still exists"))
     );
     // The .eml the transport wrote carries the same text.
     let outbox = env.path().join("outbox");
@@ -1368,3 +1368,98 @@ async fn messages_that_did_not_go_out_show_a_preview_and_next_steps() {
     assert_eq!(thanks[7], "1 50%", "{thanks:?}");
     daemon.stop().await;
 }
+
+/// A follow-up stopped by its `unless` (the customer bought after the call, before it was due):
+/// the message page marks that check ✗, the checks before it ✓ and the one after it "not
+/// reached"; the customer page says, per rule, what each does for the customer and why not.
+async fn pages_say_which_check_stopped_a_message(backend: Backend) {
+    const RULES: &str = r#"
+[[rule]]
+name = "follow-up"
+template = "thank-you"
+subject = "How did the call go?"
+when = { event = "call", after = "6s" }
+unless = [{ event = "purchase", since = "trigger" }, { event = "refund", within = "1d" }]
+
+[[rule]]
+name = "vip"
+template = "thank-you"
+subject = "For gold customers"
+when = { event = "call", after = "0s" }
+only_if = [{ attribute = "plan", equals = "gold" }]
+"#;
+    let env = TestEnv::new(
+        backend,
+        Sink::Files,
+        &[("rules.toml", RULES)],
+        &web_config(None),
+    )
+    .await;
+    let store = env.store().await;
+    env.add_customer(&store, "bob", "bob@example.com", "Bob", Some("UTC"))
+        .await;
+    let call_at = chrono::Utc::now();
+    env.add_event(&store, "call-1", "bob", "call", call_at)
+        .await;
+    let daemon = env.start().await;
+    let planned = support::eventually(std::time::Duration::from_secs(20), || async {
+        support::states(&store).await.get("scheduled") == Some(&1)
+    })
+    .await;
+    assert!(planned, "{:?}", support::states(&store).await);
+    env.add_event(&store, "buy-1", "bob", "purchase", chrono::Utc::now())
+        .await;
+    let skipped = support::eventually(std::time::Duration::from_secs(30), || async {
+        support::states(&store).await.get("skipped") == Some(&1)
+    })
+    .await;
+    assert!(skipped, "{:?}", support::states(&store).await);
+    let entry = store.log(&LogFilter::default()).await.unwrap().remove(0);
+
+    let page = get(daemon.http, &format!("/messages/{}", entry.id), &[]).await;
+    let page = unescape(&page.text());
+    let line = |needle: &str| -> String {
+        page.split("<li")
+            .map(|item| item.split("</li>").next().unwrap_or_default())
+            .find(|item| item.contains(needle))
+            .unwrap_or_else(|| panic!("no check line with {needle:?} in {page}"))
+            .to_string()
+    };
+    let stopper = line("had a \"purchase\" event after the triggering one");
+    assert!(stopper.contains('✗') && !stopper.contains('✓'), "{stopper}");
+    assert!(stopper.contains("matched"), "{stopper}");
+    let not_reached = line("had a \"refund\" event within");
+    assert!(
+        not_reached.contains("not reached") && !not_reached.contains('✓'),
+        "{not_reached}"
+    );
+    let passed = line("is not on the suppression list");
+    assert!(passed.contains('✓'), "{passed}");
+    assert!(page.contains("what stopped it"), "{page}");
+
+    let page = get(daemon.http, "/customers/bob", &[]).await;
+    let page = unescape(&page.text());
+    let section = &page[page.find("What each rule does").expect("the rules section")..];
+    let rule_line = |rule: &str| -> String {
+        section
+            .split("<li")
+            .map(|item| item.split("</li>").next().unwrap_or_default())
+            .find(|item| item.contains(&format!("<strong>{rule}</strong>")))
+            .unwrap_or_else(|| panic!("no line for {rule} in {section}"))
+            .to_string()
+    };
+    let follow_up = rule_line("follow-up");
+    assert!(
+        follow_up.contains(&format!("message {} was skipped", entry.id))
+            && follow_up.contains("\"purchase\" event after the triggering one: matched"),
+        "{follow_up}"
+    );
+    let vip = rule_line("vip");
+    assert!(
+        vip.contains("not sent") && vip.contains("\"plan\" is not set"),
+        "{vip}"
+    );
+    daemon.stop().await;
+}
+
+on_both_backends!(pages_say_which_check_stopped_a_message);

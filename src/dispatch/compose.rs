@@ -1,7 +1,8 @@
 //! Compose: the message as it will go out. Renders the rule's templates with what planning
 //! fixed ([`MessageDetail`]), adds click and open tracking, the unsubscribe headers and the
 //! VERP envelope sender, and keeps the bodies and the guard's checks for the owner.
-//! [`render_message`] is the rendering step on its own, shared with `touchpoint preview`.
+//! [`render_message`] is the rendering step on its own, shared with `touchpoint preview`;
+//! [`compose_draft`] is the whole of it for `preview --format eml` and test sends.
 
 use chrono_tz::Tz;
 use lettre::Address;
@@ -34,73 +35,166 @@ pub(super) fn compose(
     found: &Found,
     checks: &CheckRecord,
 ) -> Result<Composed, String> {
+    let detail = MessageDetail::from_json(&claim.detail);
+    let built = build(
+        settings,
+        playbook,
+        rule,
+        &Envelope {
+            id: claim.id,
+            draft: Draft {
+                customer: &found.customer,
+                event: found.event.as_ref(),
+                tz: found.tz,
+                detail: &detail,
+            },
+            to_name: found.customer.name.as_deref(),
+            to_email: &found.customer.email,
+            subject_prefix: "",
+        },
+    )?;
+    let delivery = Delivery {
+        email: found.customer.email.clone(),
+        subject: built.subject,
+        message_id: built.email.message_id.clone(),
+    };
+    let content = SentContent {
+        text: built.text,
+        html: built.html,
+        checks: super::guard::check_lines(checks),
+    };
+    Ok(Composed {
+        email: built.email,
+        delivery,
+        content,
+    })
+}
+
+/// What a message is rendered from: its customer and event, and what planning fixed.
+pub struct Draft<'a> {
+    pub customer: &'a Customer,
+    pub event: Option<&'a Event>,
+    /// The customer's effective time zone.
+    pub tz: Tz,
+    pub detail: &'a MessageDetail,
+}
+
+/// The subject of every test send begins with this.
+pub const TEST_SUBJECT_PREFIX: &str = "[TEST] ";
+
+/// The message [`compose`] would build from `draft`, under the test-send id `id` (negative,
+/// see [`links::is_test_send`]) so that its links, VERP address and Message-ID name no
+/// customer's message. With `test_send_to` it is addressed to that address only (no customer
+/// name) and its subject starts with [`TEST_SUBJECT_PREFIX`]; without, it is addressed to the
+/// customer, as it would go out.
+pub fn compose_draft(
+    settings: &DispatchSettings,
+    playbook: &Playbook,
+    rule: &Rule,
+    draft: Draft<'_>,
+    id: i64,
+    test_send_to: Option<&str>,
+) -> Result<OutgoingEmail, String> {
+    debug_assert!(
+        links::is_test_send(id),
+        "a draft never takes a message's id"
+    );
+    let (to_name, to_email, subject_prefix) = match test_send_to {
+        Some(address) => (None, address, TEST_SUBJECT_PREFIX),
+        None => (
+            draft.customer.name.as_deref(),
+            draft.customer.email.as_str(),
+            "",
+        ),
+    };
+    let envelope = Envelope {
+        id,
+        draft,
+        to_name,
+        to_email,
+        subject_prefix,
+    };
+    Ok(build(settings, playbook, rule, &envelope)?.email)
+}
+
+/// One message to build: its id (a row of `messages`, or a test send's), what it is rendered
+/// from, and where it goes.
+struct Envelope<'a> {
+    id: i64,
+    draft: Draft<'a>,
+    to_name: Option<&'a str>,
+    to_email: &'a str,
+    subject_prefix: &'a str,
+}
+
+/// The built email, and the subject and bodies kept with a sent message.
+struct Built {
+    email: OutgoingEmail,
+    subject: String,
+    text: String,
+    html: String,
+}
+
+/// The one way a message is built, for the dispatcher and test sends alike: rendering, click
+/// and open tracking, unsubscribe headers, VERP, DKIM.
+fn build(
+    settings: &DispatchSettings,
+    playbook: &Playbook,
+    rule: &Rule,
+    envelope: &Envelope<'_>,
+) -> Result<Built, String> {
+    let id = envelope.id;
     let message_id = transport::message_id_for(
-        claim.id,
-        &settings.tags.message_id(claim.id),
+        id,
+        &settings.tags.message_id(id),
         &rule.name,
         &settings.message_id_domain,
     );
     let unsubscribe_url = settings
         .links
         .as_ref()
-        .map(|l| l.url(&Link::Unsubscribe { message: claim.id }));
-    let detail = MessageDetail::from_json(&claim.detail);
+        .map(|l| l.url(&Link::Unsubscribe { message: id }));
     let rendered = render_message(
         playbook,
         rule,
         &MessageInputs {
-            customer: &found.customer,
-            event: found.event.as_ref(),
-            tz: found.tz,
-            detail: &detail,
+            draft: &envelope.draft,
             message_id: message_id.clone(),
             unsubscribe_url: unsubscribe_url.clone(),
         },
     )
     .map_err(|error| format!("cannot render: {error}"))?;
     let unsubscribe = unsubscribe_url.as_deref();
-    let html = tracked_html(settings, rule, claim.id, rendered.html, unsubscribe);
-    let content = SentContent {
-        text: rendered.text.clone(),
-        html: html.clone(),
-        checks: checks.passed_lines(),
-    };
+    let html = tracked_html(settings, rule, id, rendered.html, unsubscribe);
+    let subject = format!("{}{}", envelope.subject_prefix, rendered.subject);
     let email = transport::build_email(transport::EmailParts {
         from: &settings.from,
         reply_to: settings.reply_to.as_ref(),
-        to_name: found.customer.name.as_deref(),
-        to_email: &found.customer.email,
-        subject: &rendered.subject,
-        text: rendered.text,
-        html,
-        message_id: message_id.clone(),
+        to_name: envelope.to_name,
+        to_email: envelope.to_email,
+        subject: &subject,
+        text: rendered.text.clone(),
+        html: html.clone(),
+        message_id,
         headers: extra_headers(settings, rule, unsubscribe),
         dkim: settings.dkim.as_deref(),
         envelope_from: settings
             .bounce_address
             .as_ref()
-            .and_then(|a| verp(a, claim.id, &settings.tags)),
+            .and_then(|a| verp(a, id, &settings.tags)),
     })?;
-    let delivery = Delivery {
-        email: found.customer.email.clone(),
-        subject: rendered.subject,
-        message_id,
-    };
-    Ok(Composed {
+    Ok(Built {
         email,
-        delivery,
-        content,
+        subject,
+        text: rendered.text,
+        html,
     })
 }
 
 /// What one message is rendered from: its customer and event, what planning fixed, and the
 /// headers the templates may show. `touchpoint preview` passes stand-ins for the last two.
 pub struct MessageInputs<'a> {
-    pub customer: &'a Customer,
-    pub event: Option<&'a Event>,
-    /// The customer's effective time zone.
-    pub tz: Tz,
-    pub detail: &'a MessageDetail,
+    pub draft: &'a Draft<'a>,
     pub message_id: String,
     pub unsubscribe_url: Option<String>,
 }
@@ -113,14 +207,14 @@ pub fn render_message(
     inputs: &MessageInputs<'_>,
 ) -> Result<Rendered, RenderError> {
     let extras = MessageExtras {
-        years: inputs.detail.years,
+        years: inputs.draft.detail.years,
         message_id: inputs.message_id.clone(),
         unsubscribe_url: inputs.unsubscribe_url.clone(),
-        timezone: inputs.tz.name().to_string(),
+        timezone: inputs.draft.tz.name().to_string(),
     };
     let context = message_context(
-        inputs.customer,
-        inputs.event,
+        inputs.draft.customer,
+        inputs.draft.event,
         rule,
         &playbook.business,
         &extras,

@@ -5,14 +5,15 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
-use chrono_tz::Tz;
 
 use super::Context;
 use crate::plan::customer_timezone;
 use crate::playbook::Playbook;
-use crate::rules::{self, Decision, Evaluation, MessageDetail, MessageState, Rule, SourceEvent};
+use crate::rules::{
+    self, CheckRecord, Decision, Evaluation, MessageDetail, MessageState, Rule, SourceEvent,
+};
 use crate::sources::{Source, SourceError};
-use crate::store::{ClaimedMessage, Customer, Event, Outcome, StoreError};
+use crate::store::{CheckLine, ClaimedMessage, Customer, Event, Outcome, StoreError};
 
 /// How long a message waits when its source cannot be read.
 pub(super) const SOURCE_RETRY: TimeDelta = TimeDelta::seconds(30);
@@ -26,33 +27,7 @@ pub(super) enum LookupError {
     Source(#[from] SourceError),
 }
 
-/// The message's customer and triggering event as read just now.
-pub(super) struct Found {
-    pub customer: Customer,
-    pub event: Option<Event>,
-    /// The customer's effective time zone.
-    pub tz: Tz,
-}
-
-impl rules::Subject for Found {
-    fn customer_id(&self) -> &str {
-        &self.customer.id
-    }
-
-    fn attributes(&self) -> &serde_json::Value {
-        &self.customer.attributes
-    }
-
-    fn event(&self) -> Option<(&str, &str, DateTime<Utc>)> {
-        self.event
-            .as_ref()
-            .map(|e| (e.kind.as_str(), e.id.as_str(), e.occurred_at))
-    }
-
-    fn timezone(&self) -> Tz {
-        self.tz
-    }
-}
+pub(super) use crate::plan::why::Found;
 
 /// Runs the rule's checks for a claimed message; the evaluation says what to do and keeps the
 /// record of what was checked.
@@ -96,6 +71,18 @@ pub(super) fn stop(decision: Decision<Found>) -> Option<Outcome> {
     }
 }
 
+/// The record's checks in words with their verdicts, as kept with the message.
+pub(super) fn check_lines(record: &CheckRecord) -> Vec<CheckLine> {
+    record
+        .lines()
+        .into_iter()
+        .map(|(text, verdict)| CheckLine {
+            text,
+            verdict: verdict.name().to_string(),
+        })
+        .collect()
+}
+
 /// What the checks read, for one claimed message.
 struct SendTime<'a> {
     context: &'a Context,
@@ -130,6 +117,18 @@ impl rules::Facts for SendTime<'_> {
             .store
             .is_suppressed(&subject.customer.email)
             .await?)
+    }
+
+    async fn was_suppressed_at(
+        &self,
+        subject: &Found,
+        at: DateTime<Utc>,
+    ) -> Result<bool, LookupError> {
+        let store = &self.context.store;
+        Ok(store
+            .suppressed_at(&subject.customer.email, Some(at))
+            .await?
+            .is_some())
     }
 
     async fn had_event_after(

@@ -10,7 +10,7 @@ mod compose;
 mod deliver;
 mod guard;
 
-pub use compose::{MessageInputs, render_message, verp};
+pub use compose::{Draft, MessageInputs, TEST_SUBJECT_PREFIX, compose_draft, render_message, verp};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -417,7 +417,12 @@ async fn attempt(
     let evaluation = guard::guard(context, &playbook, rule, claim).await?;
     let found = match evaluation.decision {
         Decision::Send(found) => found,
-        decision => return Ok(guard::stop(decision)),
+        decision => {
+            if matches!(decision, Decision::Skip(_) | Decision::Fail(_)) {
+                keep_checks(context, claim, &evaluation.record).await?;
+            }
+            return Ok(guard::stop(decision));
+        }
     };
     if let Some(outcome) = context.held_back() {
         return Ok(Some(outcome));
@@ -435,6 +440,20 @@ async fn attempt(
     };
     let outcome = deliver::deliver(context, rule, claim, found.tz, composed).await;
     Ok(Some(outcome))
+}
+
+/// Keeps the checks that stopped a message with it, so the message page shows which one did.
+async fn keep_checks(
+    context: &Context,
+    claim: &ClaimedMessage,
+    record: &crate::rules::CheckRecord,
+) -> Result<(), LookupError> {
+    let lines = guard::check_lines(record);
+    context
+        .store
+        .keep_checks(claim.id, &claim.token, &lines)
+        .await?;
+    Ok(())
 }
 
 impl Context {

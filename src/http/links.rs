@@ -1,6 +1,8 @@
 //! The links in messages: `/u/{token}` unsubscribe (a page with a button, and RFC 8058
 //! one-click POST), `/o/{token}.gif` the open pixel, `/c/{token}` clicks. Each token is signed
-//! ([`crate::links`]); a bad one gets the same 404 as an unknown message.
+//! ([`crate::links`]); a bad one gets the same 404 as an unknown message. The links of a test
+//! send ([`crate::links::is_test_send`]) change and record nothing: they answer with a page
+//! saying so (the pixel with the pixel).
 
 use std::fmt::Write as _;
 
@@ -9,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{NO_STORE, not_found};
-use crate::links::Link;
+use crate::links::{Link, is_test_send};
 use crate::store::LogEntry;
 use crate::web::Shared;
 
@@ -27,6 +29,9 @@ async fn verified(shared: &Shared, token: &str) -> Result<(Link, LogEntry), Resp
     let Some(link) = shared.links.as_ref().and_then(|links| links.verify(token)) else {
         return Err(not_found());
     };
+    if is_test_send(link.message()) {
+        return Err(test_send_page(&link));
+    }
     match shared.store.message(link.message()).await {
         Ok(Some(entry)) => Ok((link, entry)),
         Ok(None) => Err(not_found()),
@@ -51,6 +56,34 @@ fn page(title: &str, body: &str) -> Response {
     (
         [NO_STORE, (header::CONTENT_TYPE, "text/html; charset=utf-8")],
         html,
+    )
+        .into_response()
+}
+
+/// What a link of a test send answers: nobody is unsubscribed, nothing is counted.
+fn test_send_page(link: &Link) -> Response {
+    if let Link::Open { .. } = link {
+        return pixel();
+    }
+    let leads_to = match link {
+        Link::Click { url, .. } => {
+            let url = escape_html(url);
+            format!("<p>In a real message this link leads to <a href=\"{url}\">{url}</a>.</p>")
+        }
+        _ => "<p>In a real message this link unsubscribes the customer.</p>".into(),
+    };
+    let body = format!(
+        "<h1>This was a test</h1><p>This link is in a test send (<code>touchpoint preview \
+         --send-to</code>): nothing was changed or recorded, and nobody was unsubscribed.</p>\
+         {leads_to}"
+    );
+    page("This was a test", &body)
+}
+
+fn pixel() -> Response {
+    (
+        [NO_STORE, (header::CONTENT_TYPE, "image/gif")],
+        PIXEL.as_slice(),
     )
         .into_response()
 }
@@ -135,8 +168,11 @@ pub(super) async fn open_pixel(State(shared): State<Shared>, Path(file): Path<St
     let Some(token) = file.strip_suffix(".gif") else {
         return not_found();
     };
-    let Ok((Link::Open { message }, _)) = verified(&shared, token).await else {
-        return not_found();
+    let message = match verified(&shared, token).await {
+        Ok((Link::Open { message }, _)) => message,
+        // A test send's pixel: served, not counted.
+        Err(response) if response.status() == StatusCode::OK => return response,
+        _ => return not_found(),
     };
     // One line per message however often the pixel is fetched; repeats are counted.
     if let Err(error) = shared
@@ -146,11 +182,7 @@ pub(super) async fn open_pixel(State(shared): State<Shared>, Path(file): Path<St
     {
         tracing::warn!(%error, "cannot record an open");
     }
-    (
-        [NO_STORE, (header::CONTENT_TYPE, "image/gif")],
-        PIXEL.as_slice(),
-    )
-        .into_response()
+    pixel()
 }
 
 /// Redirects only to the URL inside the signed token. The token alone decides, so a click
@@ -163,6 +195,9 @@ pub(super) async fn click(State(shared): State<Shared>, Path(token): Path<String
     };
     if !(url.starts_with("https://") || url.starts_with("http://")) {
         return not_found();
+    }
+    if is_test_send(message) {
+        return test_send_page(&Link::Click { message, url });
     }
     // One line per message and link however often it is followed; repeats are counted.
     let detail = serde_json::json!({ "url": url });

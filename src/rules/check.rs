@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::Value;
 
-use super::{AttributeCondition, AttributeTest, Rule, Unless};
+use super::{AttributeCondition, AttributeTest, Rule, Trigger, Unless};
 use crate::calendar::SendWindow;
 
 /// One check the guard runs before sending, with what it looked at.
@@ -31,6 +31,9 @@ pub enum Check {
     },
     /// The address is not on the suppression list.
     NotSuppressed,
+    /// The address was not on the suppression list when the triggering event occurred (event
+    /// rules): what happened while it was suppressed stays unsent after it is allowed again.
+    NotSuppressedAtEvent { occurred_at: Option<DateTime<Utc>> },
     /// One `only_if` condition, with the customer's value (`None`: absent, or not reached).
     OnlyIf {
         condition: AttributeCondition,
@@ -117,6 +120,12 @@ pub trait Facts: Sync {
     /// The message's customer and event, read now; `Ok(Err(reason))` when either is gone.
     async fn subject(&self) -> Result<Result<Self::Subject, String>, Self::Error>;
     async fn is_suppressed(&self, subject: &Self::Subject) -> Result<bool, Self::Error>;
+    /// Whether the address was on the suppression list at `at` (a period since ended counts).
+    async fn was_suppressed_at(
+        &self,
+        subject: &Self::Subject,
+        at: DateTime<Utc>,
+    ) -> Result<bool, Self::Error>;
     /// Whether the customer had an event of `kind` after `after`.
     async fn had_event_after(
         &self,
@@ -134,6 +143,7 @@ enum Stage {
     Attempts,
     Subject,
     Suppression,
+    SuppressionAtEvent,
     OnlyIf(usize),
     Unless(usize),
     Window,
@@ -174,6 +184,9 @@ fn stages(rule: &Rule) -> Vec<Stage> {
         Stage::Subject,
         Stage::Suppression,
     ];
+    if matches!(rule.trigger, Trigger::Event { .. }) {
+        stages.push(Stage::SuppressionAtEvent);
+    }
     stages.extend((0..rule.only_if.len()).map(Stage::OnlyIf));
     stages.extend((0..rule.unless.len()).map(Stage::Unless));
     if rule.send_window.is_some() {
@@ -200,6 +213,7 @@ fn unreached(rule: &Rule, message: &MessageState, stage: Stage) -> Check {
             event: None,
         },
         Stage::Suppression => Check::NotSuppressed,
+        Stage::SuppressionAtEvent => Check::NotSuppressedAtEvent { occurred_at: None },
         Stage::OnlyIf(i) => Check::OnlyIf {
             condition: rule.only_if[i].clone(),
             seen: None,
@@ -315,6 +329,10 @@ async fn conditions<F: Facts>(
         ));
     }
     run.pass(Check::NotSuppressed);
+    let mut run = match suppressed_at_event(run, facts, &subject).await? {
+        Ok(run) => run,
+        Err(stopped) => return Ok(stopped),
+    };
     for (i, condition) in rule.only_if.iter().enumerate() {
         let value = subject.attributes().get(&condition.attribute);
         let check = Check::OnlyIf {
@@ -328,6 +346,30 @@ async fn conditions<F: Facts>(
         run.pass(check);
     }
     unless_and_window(run, facts, subject, now).await
+}
+
+/// For an event rule, whether the address was suppressed when the event occurred: such an
+/// event never becomes a message, not even after the address is allowed again.
+async fn suppressed_at_event<'a, F: Facts>(
+    mut run: Run<'a>,
+    facts: &F,
+    subject: &F::Subject,
+) -> Result<Result<Run<'a>, Evaluation<F::Subject>>, F::Error> {
+    let occurred_at = match (&run.rule.trigger, subject.event()) {
+        (Trigger::Event { .. }, Some((_, _, occurred_at))) => occurred_at,
+        _ => return Ok(Ok(run)),
+    };
+    let check = Check::NotSuppressedAtEvent {
+        occurred_at: Some(occurred_at),
+    };
+    if facts.was_suppressed_at(subject, occurred_at).await? {
+        let reason =
+            "the address was on the suppression list when the triggering event occurred".into();
+        let stage = Stage::SuppressionAtEvent;
+        return Ok(Err(run.stop(stage, check, Decision::Skip(reason))));
+    }
+    run.pass(check);
+    Ok(Ok(run))
 }
 
 /// The `unless` conditions and the send window, the checks that come last.
@@ -392,6 +434,18 @@ async fn unless_and_window<F: Facts>(
 }
 
 impl Rule {
+    /// When a message triggered at `trigger_at` is due (the send window's next opening) and
+    /// when it expires (`expire` later); `None` past what times can hold.
+    pub fn planned_times(
+        &self,
+        trigger_at: DateTime<Utc>,
+        tz: Tz,
+        expire: chrono::TimeDelta,
+    ) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        let due_at = self.next_open(trigger_at, tz);
+        Some((due_at, due_at.checked_add_signed(expire)?))
+    }
+
     /// The first moment from `at` the rule lets a message go out: `at` itself, or the next
     /// opening of its send window in `tz`.
     pub fn next_open(&self, at: DateTime<Utc>, tz: Tz) -> DateTime<Utc> {
@@ -462,6 +516,8 @@ mod tests {
     struct World {
         attributes: Value,
         suppressed: bool,
+        /// A suppression that has ended: (since, until).
+        suppressed_during: Option<(DateTime<Utc>, DateTime<Utc>)>,
         later_events: Vec<(&'static str, DateTime<Utc>)>,
         gone: bool,
     }
@@ -500,6 +556,11 @@ mod tests {
         async fn is_suppressed(&self, _: &Found) -> Result<bool, ()> {
             Ok(self.suppressed)
         }
+        async fn was_suppressed_at(&self, _: &Found, at: DateTime<Utc>) -> Result<bool, ()> {
+            Ok(self
+                .suppressed_during
+                .is_some_and(|(from, to)| from <= at && at < to))
+        }
         async fn had_event_after(
             &self,
             _: &Found,
@@ -537,6 +598,7 @@ send_window = { from = "09:00", to = "17:00" }
         World {
             attributes: json!({ "plan": "gold" }),
             suppressed: false,
+            suppressed_during: None,
             later_events: vec![],
             gone: false,
         }
@@ -565,6 +627,7 @@ send_window = { from = "09:00", to = "17:00" }
                 "attempt 1",
                 "the triggering \"purchase\" event \"p1\" still exists",
                 "the address is not on the suppression list",
+                "the address was not on the suppression list when the event occurred (2026-03-02 08:00 UTC)",
                 "only if the customer's \"plan\" is \"gold\": held (the customer's is \"gold\")",
                 "unless the customer had a \"refund\" event after the triggering one: held (no \"refund\" event after 2026-03-02 08:00 UTC)",
                 "unless the customer had a \"review\" event within 1w before sending: held (no \"review\" event since 2026-02-23 10:00 UTC)",
@@ -590,7 +653,8 @@ send_window = { from = "09:00", to = "17:00" }
         assert_eq!(
             verdicts(&evaluation.record),
             [
-                Passed, Passed, Passed, Passed, Passed, Passed, Failed, NotReached, NotReached
+                Passed, Passed, Passed, Passed, Passed, Passed, Passed, Failed, NotReached,
+                NotReached
             ]
         );
     }
@@ -604,7 +668,7 @@ send_window = { from = "09:00", to = "17:00" }
         assert!(
             matches!(&evaluation.decision, Decision::Skip(r) if r == "the customer no longer exists")
         );
-        assert_eq!(evaluation.record.checks.len(), 9);
+        assert_eq!(evaluation.record.checks.len(), 10);
 
         let evening = at("2026-03-02T20:00:00Z");
         let evaluation = evaluate(&rule(), &MESSAGE, &world(), evening)
@@ -625,6 +689,30 @@ send_window = { from = "09:00", to = "17:00" }
         assert!(
             matches!(evaluation.decision, Decision::Skip(r) if r.starts_with("expired: the send window"))
         );
+    }
+
+    #[tokio::test]
+    async fn an_event_from_a_suppressed_period_is_skipped_after_the_address_is_allowed_again() {
+        let now = at("2026-03-02T10:00:00Z");
+        let mut world = world();
+        world.suppressed_during = Some((at("2026-03-02T07:00:00Z"), at("2026-03-02T09:00:00Z")));
+        let evaluation = evaluate(&rule(), &MESSAGE, &world, now).await.unwrap();
+        let Decision::Skip(reason) = evaluation.decision else {
+            panic!("{:?}", evaluation.decision);
+        };
+        assert!(
+            reason.contains("when the triggering event occurred"),
+            "{reason}"
+        );
+        let failed = evaluation.record.failed().unwrap();
+        assert_eq!(
+            failed.words(Verdict::Failed),
+            "the address was on the suppression list when the event occurred (2026-03-02 08:00 UTC)"
+        );
+        // A period that ended before the event does not count.
+        world.suppressed_during = Some((at("2026-03-01T07:00:00Z"), at("2026-03-02T07:59:00Z")));
+        let evaluation = evaluate(&rule(), &MESSAGE, &world, now).await.unwrap();
+        assert!(matches!(evaluation.decision, Decision::Send(_)));
     }
 
     #[tokio::test]

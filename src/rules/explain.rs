@@ -104,9 +104,75 @@ impl CheckRecord {
     }
 }
 
+impl CheckRecord {
+    /// Every check in the order it ran, each with its words for its verdict: what the message
+    /// page shows (with ✓, ✗ or "not reached") and the dispatcher keeps with the message.
+    pub fn lines(&self) -> Vec<(String, Verdict)> {
+        self.checks
+            .iter()
+            .map(|(check, verdict)| (check.words(*verdict), *verdict))
+            .collect()
+    }
+
+    /// The check that stopped the evaluation, if one did.
+    pub fn failed(&self) -> Option<&Check> {
+        self.checks
+            .iter()
+            .find(|(_, verdict)| *verdict == Verdict::Failed)
+            .map(|(check, _)| check)
+    }
+}
+
 impl Check {
+    /// The check's words for a verdict.
+    pub fn words(&self, verdict: Verdict) -> String {
+        match verdict {
+            Verdict::Passed => self.passed(),
+            Verdict::Failed => self.failed(),
+            Verdict::NotReached => self.condition(),
+        }
+    }
+
+    /// What the check asks, without a result: for a check that was not reached.
+    pub fn condition(&self) -> String {
+        match self {
+            Check::Enabled { rule } => format!("the rule {rule:?} is enabled"),
+            Check::NotExpired { .. } => "not past its expiry".into(),
+            Check::Attempts { max, .. } => format!("at most {max} attempts"),
+            Check::Subject { .. } => "the customer and the triggering event still exist".into(),
+            Check::NotSuppressed => "the address is not on the suppression list".into(),
+            Check::NotSuppressedAtEvent { .. } => {
+                "the address was not on the suppression list when the event occurred".into()
+            }
+            Check::OnlyIf { condition, .. } => only_if(condition),
+            Check::Unless { condition, .. } => unless(condition),
+            Check::SendWindow { window, .. } => format!("only {}", window_words(window)),
+        }
+    }
+
+    /// What the check found when it failed: the condition that stopped the message.
+    pub fn failed(&self) -> String {
+        if let Some(words) = self.judged(false) {
+            return words;
+        }
+        match self {
+            Check::Enabled { rule } => format!("the rule {rule:?} is disabled"),
+            Check::NotExpired {
+                expires_at: Some(expiry),
+            } => format!("expired (too late after {})", utc_minute(*expiry)),
+            Check::NotExpired { expires_at: None } => "expired".into(),
+            Check::Attempts { max, .. } => format!("no attempts left (at most {max})"),
+            Check::Subject { .. } => "the customer or the triggering event no longer exists".into(),
+            Check::NotSuppressed => "the address is on the suppression list".into(),
+            other => format!("{}: not met", other.condition()),
+        }
+    }
+
     /// What the check found when it passed.
     pub fn passed(&self) -> String {
+        if let Some(words) = self.judged(true) {
+            return words;
+        }
         match self {
             Check::Enabled { rule } => format!("the rule {rule:?} is enabled"),
             Check::NotExpired {
@@ -122,30 +188,57 @@ impl Check {
                 customer,
                 event: None,
             } => format!("the customer {customer:?} still exists"),
-            Check::NotSuppressed => "the address is not on the suppression list".into(),
+            other => other.condition(),
+        }
+    }
+
+    /// A condition's words with what it saw, as it `held` or not; `None` for the checks whose
+    /// words do not follow that pattern.
+    fn judged(&self, held: bool) -> Option<String> {
+        Some(match self {
+            Check::NotSuppressedAtEvent { occurred_at } => format!(
+                "the address was {}on the suppression list when the event occurred{}",
+                if held { "not " } else { "" },
+                occurred_at
+                    .map(|at| format!(" ({})", utc_minute(at)))
+                    .unwrap_or_default()
+            ),
             Check::OnlyIf { condition, seen } => {
                 let value = seen
                     .as_ref()
                     .map_or_else(|| "none".to_string(), ToString::to_string);
-                format!("{}: held (the customer's is {value})", only_if(condition))
+                let verdict = if held { "held" } else { "not met" };
+                format!(
+                    "{}: {verdict} (the customer's is {value})",
+                    only_if(condition)
+                )
             }
             Check::Unless { condition, after } => {
                 let since = after.map(utc_minute).unwrap_or_default();
-                let found = match condition {
-                    Unless::SinceTrigger { event } => format!("no {event:?} event after {since}"),
-                    Unless::Within { event, .. } => format!("no {event:?} event since {since}"),
+                let (verdict, some) = if held {
+                    ("held", "no")
+                } else {
+                    ("matched", "a")
                 };
-                format!("{}: held ({found})", unless(condition))
+                let found = match condition {
+                    Unless::SinceTrigger { event } => {
+                        format!("{some} {event:?} event after {since}")
+                    }
+                    Unless::Within { event, .. } => format!("{some} {event:?} event since {since}"),
+                };
+                format!("{}: {verdict} ({found})", unless(condition))
             }
-            Check::SendWindow { window, local } => match local {
-                Some(local) => format!(
-                    "{}: open (it was {} in {})",
-                    window_words(window),
-                    local.format("%a %H:%M"),
-                    local.timezone().name()
-                ),
-                None => format!("only {}", window_words(window)),
-            },
-        }
+            Check::SendWindow {
+                window,
+                local: Some(local),
+            } => format!(
+                "{}: {} (it was {} in {})",
+                window_words(window),
+                if held { "open" } else { "closed" },
+                local.format("%a %H:%M"),
+                local.timezone().name()
+            ),
+            _ => return None,
+        })
     }
 }

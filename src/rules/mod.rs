@@ -9,6 +9,7 @@ pub mod explain;
 mod parse;
 #[cfg(test)]
 mod tests;
+pub mod why;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 
 use super::rows::{
     self, CandidateRow, ClaimRow, CustomerMessageEventRow, CustomerRow, EventRow, LogRow,
-    MessageEventRow, SentContentRow, SuppressionRow,
+    MessageEventRow, SentContentRow, SuppressionPeriodRow, SuppressionRow,
 };
 use super::sql::{Arg, Driver, LoggedUpdate, Reply, Sql, Via};
 use super::*;
@@ -28,6 +28,9 @@ const EVENT_COLUMNS: &str = "id, customer_id, kind, occurred_at, data";
 const MESSAGE_WITH_CUSTOMER: &str = "FROM messages m LEFT JOIN customers c ON c.id = m.customer_id";
 const NOT_SUPPRESSED: &str =
     " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))";
+/// What happened while the address was suppressed stays unsent, also once it is allowed again.
+const NOT_SUPPRESSED_AT_EVENT: &str = " AND NOT EXISTS (SELECT 1 FROM suppression_periods p \
+     WHERE p.email = lower(c.email) AND p.since <= e.occurred_at AND p.until > e.occurred_at)";
 
 /// [`LogEntry::dated_at`] in SQL, over the messages aliased `m` (`"m."`) or unaliased (`""`):
 /// the log's order and date filters and the overview's counts all use it, and the
@@ -156,6 +159,23 @@ impl<D: Driver> CustomerStore for SqlStore<D> {
         self.driver.exists(Via::Reader, sql).await
     }
 
+    async fn first_event_after(
+        &self,
+        customer_id: &str,
+        kind: &str,
+        after: DateTime<Utc>,
+    ) -> StoreResult<Option<Event>> {
+        let sql = Sql::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE customer_id = ? AND kind = ? \
+             AND occurred_at > ? ORDER BY occurred_at, seq LIMIT 1"
+        ))
+        .arg(customer_id)
+        .arg(kind)
+        .arg(after);
+        let row: Option<EventRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
+        Ok(row.map(Event::from))
+    }
+
     async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>> {
         let sql = Sql::new(format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE customer_id = ? \
@@ -196,6 +216,7 @@ impl<D: Driver> SqlStore<D> {
             sql.bind(later).push(")");
         }
         sql.push(NOT_SUPPRESSED);
+        sql.push(NOT_SUPPRESSED_AT_EVENT);
         sql.push(" ORDER BY e.seq");
         sql
     }
@@ -447,9 +468,9 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
         sql.push(", body_text), body_html = COALESCE(")
             .bind(content.html.as_str());
         sql.push(", body_html), checks = COALESCE(")
-            .bind(Arg::Json(Some(serde_json::Value::from(
-                content.checks.clone(),
-            ))));
+            .bind(Arg::Json(Some(
+                serde_json::to_value(&content.checks).unwrap_or_default(),
+            )));
         sql.push(format!(", checks), updated_at = {} WHERE id = ", D::NOW));
         sql.bind(id).push(" AND claim_token = ").bind(token);
         sql.push(" AND state = 'sending' AND lease_expires_at > ");
@@ -460,6 +481,15 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
             D::CLOCK
         ));
         sql.bind(normalize_email(&delivery.email)).push(")");
+        Ok(self.driver.execute(Via::Writer, sql).await? == 1)
+    }
+
+    async fn keep_checks(&self, id: i64, token: &str, checks: &[CheckLine]) -> StoreResult<bool> {
+        let checks = serde_json::to_value(checks).unwrap_or_default();
+        let mut sql = Sql::new("UPDATE messages SET checks = ");
+        sql.bind(Arg::Json(Some(checks)));
+        sql.push(format!(", updated_at = {} WHERE id = ", D::NOW));
+        sql.bind(id).push(" AND claim_token = ").bind(token);
         Ok(self.driver.execute(Via::Writer, sql).await? == 1)
     }
 
@@ -554,8 +584,47 @@ impl<D: Driver> ConsentStore for SqlStore<D> {
     }
 
     async fn unsuppress(&self, email: &str) -> StoreResult<bool> {
-        let sql = Sql::new("DELETE FROM suppressions WHERE email = ?").arg(normalize_email(email));
-        Ok(self.driver.execute(Via::Writer, sql).await? > 0)
+        let email = normalize_email(email);
+        let keep = Sql::new(format!(
+            "INSERT INTO suppression_periods (email, reason, source, since, until) \
+             SELECT email, reason, source, created_at, {} FROM suppressions WHERE email = ?",
+            D::NOW
+        ))
+        .arg(email.as_str());
+        let delete = Sql::new("DELETE FROM suppressions WHERE email = ?").arg(email.as_str());
+        Ok(self.driver.execute_all(vec![keep, delete]).await? > 0)
+    }
+
+    async fn suppressed_at(
+        &self,
+        email: &str,
+        at: Option<DateTime<Utc>>,
+    ) -> StoreResult<Option<SuppressionPeriod>> {
+        let email = normalize_email(email);
+        let mut current = Sql::new(format!(
+            "SELECT email, reason, source, created_at AS since, {} AS until \
+             FROM suppressions WHERE email = ",
+            D::null("timestamptz")
+        ));
+        current.bind(email.as_str());
+        if let Some(at) = at {
+            current.push(" AND created_at <= ").bind(at);
+        }
+        let row: Option<SuppressionPeriodRow> =
+            self.driver.fetch_optional(Via::Reader, current).await?;
+        let Some(at) = at.filter(|_| row.is_none()) else {
+            return Ok(row.map(SuppressionPeriod::from));
+        };
+        let ended = Sql::new(
+            "SELECT email, reason, source, since, until FROM suppression_periods \
+             WHERE email = ? AND since <= ? AND until > ? ORDER BY since DESC LIMIT 1",
+        )
+        .arg(email.as_str())
+        .arg(at)
+        .arg(at);
+        let row: Option<SuppressionPeriodRow> =
+            self.driver.fetch_optional(Via::Reader, ended).await?;
+        Ok(row.map(SuppressionPeriod::from))
     }
 
     async fn suppressions(&self) -> StoreResult<Vec<Suppression>> {
@@ -757,6 +826,13 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
             .arg(message_id);
         let row: Option<SentContentRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
         Ok(row.and_then(SentContentRow::into_content))
+    }
+
+    async fn message_detail(&self, message_id: i64) -> StoreResult<Option<serde_json::Value>> {
+        let sql = Sql::new("SELECT detail FROM messages WHERE id = ?").arg(message_id);
+        let row: Option<(sqlx::types::Json<serde_json::Value>,)> =
+            self.driver.fetch_optional(Via::Reader, sql).await?;
+        Ok(row.map(|(detail,)| detail.0))
     }
 
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>> {

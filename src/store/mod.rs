@@ -225,8 +225,55 @@ pub struct Delivery {
 pub struct SentContent {
     pub text: String,
     pub html: String,
-    /// The dispatcher's checks, in words ("customer is not on the suppression list", ...).
-    pub checks: Vec<String>,
+    /// The dispatcher's checks, in words ("customer is not on the suppression list", ...),
+    /// each with what became of it.
+    pub checks: Vec<CheckLine>,
+}
+
+/// One check the dispatcher ran, in words, and its verdict. Messages kept before verdicts were
+/// (plain strings: only sent messages kept checks) read back as passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(from = "StoredCheckLine")]
+pub struct CheckLine {
+    pub text: String,
+    /// `passed`, `failed` or `not_reached`.
+    pub verdict: String,
+}
+
+impl CheckLine {
+    pub fn passed(text: impl Into<String>) -> Self {
+        CheckLine {
+            text: text.into(),
+            verdict: "passed".into(),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum StoredCheckLine {
+    Plain(String),
+    Judged { text: String, verdict: String },
+}
+
+impl From<StoredCheckLine> for CheckLine {
+    fn from(stored: StoredCheckLine) -> Self {
+        match stored {
+            StoredCheckLine::Plain(text) => CheckLine::passed(text),
+            StoredCheckLine::Judged { text, verdict } => CheckLine { text, verdict },
+        }
+    }
+}
+
+/// A time the address was on the suppression list: now (`until` is `None`), or a period that
+/// ended when it was allowed again.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SuppressionPeriod {
+    pub email: String,
+    pub reason: String,
+    pub source: String,
+    pub since: DateTime<Utc>,
+    pub until: Option<DateTime<Utc>>,
 }
 
 /// Messages of one rule that reached a state (or had an open or a click) within one UTC hour.
@@ -363,9 +410,6 @@ pub struct LogEntry {
     pub bounced_at: Option<DateTime<Utc>>,
     pub complained_at: Option<DateTime<Utc>>,
     pub unsubscribed_at: Option<DateTime<Utc>>,
-    /// What planning fixed (`rules::MessageDetail` as JSON): what a preview renders with.
-    #[serde(skip)]
-    pub detail: serde_json::Value,
 }
 
 impl LogEntry {
@@ -577,6 +621,13 @@ pub trait CustomerStore: Send + Sync {
     ) -> StoreResult<bool>;
     /// A customer's latest events, newest first.
     async fn customer_events(&self, customer_id: &str, limit: i64) -> StoreResult<Vec<Event>>;
+    /// The customer's first event of `kind` that occurred strictly after `after`.
+    async fn first_event_after(
+        &self,
+        customer_id: &str,
+        kind: &str,
+        after: DateTime<Utc>,
+    ) -> StoreResult<Option<Event>>;
 }
 
 /// What the planner reads and writes.
@@ -626,6 +677,9 @@ pub trait OutboxStore: Send + Sync {
     ) -> StoreResult<bool>;
     /// Records how the attempt ended. `false` if the claim was lost (nothing written).
     async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool>;
+    /// Keeps the checks of a claimed message that was stopped (skipped or failed by its
+    /// checks), for the message page; `false` if the claim was lost.
+    async fn keep_checks(&self, id: i64, token: &str, checks: &[CheckLine]) -> StoreResult<bool>;
     /// Returns expired claims: before the body to `scheduled`, after it to `unknown` (or to
     /// `retrying` with `resend_unknown`).
     async fn reap_expired(&self, resend_unknown: bool) -> StoreResult<Reaped>;
@@ -638,8 +692,17 @@ pub trait ConsentStore: Send + Sync {
     async fn is_suppressed(&self, email: &str) -> StoreResult<bool>;
     /// Adds the address; `false` if it was suppressed already (the first reason is kept).
     async fn suppress(&self, email: &str, reason: &str, source: &str) -> StoreResult<bool>;
+    /// Allows the address again; the time it was suppressed is kept as a period (see
+    /// [`ConsentStore::suppressed_at`]).
     async fn unsuppress(&self, email: &str) -> StoreResult<bool>;
     async fn suppressions(&self) -> StoreResult<Vec<Suppression>>;
+    /// The suppression covering the address at `at` (`None`: now): the current entry if it
+    /// began by then, else an ended period that held it.
+    async fn suppressed_at(
+        &self,
+        email: &str,
+        at: Option<DateTime<Utc>>,
+    ) -> StoreResult<Option<SuppressionPeriod>>;
 }
 
 /// What recipients did: opens, clicks, bounces, complaints, unsubscribes.
@@ -687,6 +750,8 @@ pub trait ReportingStore: Send + Sync {
     /// What a message looked like when it went out; `None` if nothing was kept (not sent yet,
     /// or sent before the bodies were kept).
     async fn sent_content(&self, message_id: i64) -> StoreResult<Option<SentContent>>;
+    /// What planning fixed about the message (`messages.detail`, read as `rules::MessageDetail`).
+    async fn message_detail(&self, message_id: i64) -> StoreResult<Option<serde_json::Value>>;
     /// Messages that reached a final state at or after `since` (dated as the log dates them), per
     /// hour, rule and state.
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>>;

@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::{
-    Candidate, ClaimedMessage, Customer, CustomerMessageEvent, Event, LogEntry, MessageEvent,
-    MessageState, SentContent, Suppression,
+    Candidate, CheckLine, ClaimedMessage, Customer, CustomerMessageEvent, Event, LogEntry,
+    MessageEvent, MessageState, SentContent, Suppression, SuppressionPeriod,
 };
 
 #[derive(sqlx::FromRow)]
@@ -149,7 +149,6 @@ pub(super) struct LogRow {
     bounced_at: Option<DateTime<Utc>>,
     complained_at: Option<DateTime<Utc>>,
     unsubscribed_at: Option<DateTime<Utc>>,
-    detail: Json<serde_json::Value>,
 }
 
 impl From<LogRow> for LogEntry {
@@ -179,7 +178,6 @@ impl From<LogRow> for LogEntry {
             bounced_at: row.bounced_at,
             complained_at: row.complained_at,
             unsubscribed_at: row.unsubscribed_at,
-            detail: row.detail.0,
         }
     }
 }
@@ -240,7 +238,7 @@ impl From<CustomerMessageEventRow> for CustomerMessageEvent {
 pub(super) struct SentContentRow {
     body_text: Option<String>,
     body_html: Option<String>,
-    checks: Option<Json<Vec<String>>>,
+    checks: Option<Json<Vec<CheckLine>>>,
 }
 
 impl SentContentRow {
@@ -265,6 +263,27 @@ pub(super) struct SuppressionRow {
     created_at: DateTime<Utc>,
 }
 
+#[derive(sqlx::FromRow)]
+pub(super) struct SuppressionPeriodRow {
+    email: String,
+    reason: String,
+    source: String,
+    since: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+}
+
+impl From<SuppressionPeriodRow> for SuppressionPeriod {
+    fn from(row: SuppressionPeriodRow) -> Self {
+        SuppressionPeriod {
+            email: row.email,
+            reason: row.reason,
+            source: row.source,
+            since: row.since,
+            until: row.until,
+        }
+    }
+}
+
 impl From<SuppressionRow> for Suppression {
     fn from(row: SuppressionRow) -> Self {
         Suppression {
@@ -286,8 +305,7 @@ pub(super) const LOG_COLUMNS: &str = "m.id, m.rule, m.customer_id, COALESCE(m.em
      (SELECT CAST(COALESCE(SUM(e.count), 0) AS BIGINT) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'clicked') AS clicks, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind IN ('bounced', 'soft_bounced')) AS bounced_at, \
      (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'complained') AS complained_at, \
-     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'unsubscribed') AS unsubscribed_at, \
-     m.detail";
+     (SELECT MIN(e.at) FROM message_events e WHERE e.message_id = m.id AND e.kind = 'unsubscribed') AS unsubscribed_at";
 
 /// The columns a claim returns.
 pub(super) const CLAIM_COLUMNS: &str =

@@ -27,8 +27,13 @@ pub fn parse_mailbox(text: &str) -> Result<Mailbox, String> {
 /// A Message-ID that is the same on every attempt of a message, so a receiving server or a
 /// mail client can recognise a resent copy. `tag` ([`crate::links::MessageTags::message_id`])
 /// makes it unguessable, so a report that names a message by Message-ID alone cannot pick one
-/// by counting ids.
+/// by counting ids. A test send's id (negative, see `links::is_test_send`) is written
+/// `test<N>`, which names no message and makes no file name that starts with `-`.
 pub fn message_id_for(message_row_id: i64, tag: &str, rule: &str, domain: &str) -> String {
+    if message_row_id < 0 {
+        let test = message_row_id.unsigned_abs();
+        return format!("<test{test}.{tag}.{rule}@{domain}>");
+    }
     format!("<{message_row_id}.{tag}.{rule}@{domain}>")
 }
 

@@ -62,6 +62,8 @@ pub struct Surroundings<'a> {
     pub base_url: Option<&'a str>,
     /// Time zone and expiry defaults; times on the page are shown in `default_timezone`.
     pub plan: PlanSettings,
+    /// `delivery.max_attempts`, for the customer page's answer to "why not sent".
+    pub max_attempts: u32,
 }
 
 /// Why the page could not be set up.
@@ -89,6 +91,7 @@ pub struct Web {
     /// Times on the page are shown in this zone (`defaults.timezone`).
     timezone: Tz,
     plan: PlanSettings,
+    max_attempts: u32,
     templates: Handlebars<'static>,
 }
 
@@ -179,6 +182,7 @@ impl Web {
             session_lifetime: settings.session_lifetime,
             timezone: around.plan.default_timezone,
             plan: around.plan,
+            max_attempts: around.max_attempts,
             templates: templates(),
         })))
     }

@@ -4,6 +4,7 @@
 //! HTTP client (`http`).
 #![allow(dead_code)]
 
+pub mod dkim;
 pub mod http;
 pub mod smtp;
 

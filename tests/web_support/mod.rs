@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 
 use chrono::{TimeDelta, Utc};
-use touchpoint::store::{Customer, Delivery, Event, NewMessage, Outcome, SentContent, SharedStore};
+use touchpoint::store::{
+    CheckLine, Customer, Delivery, Event, NewMessage, Outcome, SentContent, SharedStore,
+};
 
 pub use crate::support::http::{HttpResponse, get, request};
 
@@ -245,8 +247,8 @@ pub async fn seed(store: &SharedStore, bulk: usize) -> Seeded {
                     html_escape(&first)
                 ),
                 checks: vec![
-                    format!("{} is not on the suppression list", customer.email),
-                    "attempt 1".into(),
+                    CheckLine::passed(format!("{} is not on the suppression list", customer.email)),
+                    CheckLine::passed("attempt 1"),
                 ],
             };
             let outcome = match (claim.rule.as_str(), claim.customer_id.as_str()) {

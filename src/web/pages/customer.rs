@@ -6,11 +6,14 @@ use std::collections::HashMap;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
+
+use crate::rules::why::Answer;
 use serde_json::{Value, json};
 
 use super::{
     detail_pairs, encode_path, entry_row, kind_class, not_found, timed_pairs, unavailable,
 };
+use crate::plan::why::{WhySettings, why_customer};
 use crate::store::{
     Customer, CustomerMessageEvent, Event, LogEntry, LogFilter, SharedStore, StoreError,
     Suppression,
@@ -77,6 +80,7 @@ pub async fn customer(
         Err(error) => return owner.with_cookie(unavailable(&web, &error)),
     };
     let timeline = timeline(&web, &loaded);
+    let (rules, rules_error) = rule_answers(&shared, &web, &id).await;
     let Loaded {
         customer,
         messages,
@@ -104,6 +108,8 @@ pub async fn customer(
         "suppressed": suppression.is_some(),
         "suppression_reason": suppression.flatten().map(|s| s.reason),
         "timeline": timeline,
+        "rules": rules,
+        "rules_error": rules_error,
         "messages": messages.iter().map(|m| entry_row(&web, m, &names)).collect::<Vec<_>>(),
         "log_link": format!("/log?q={}", encode_query(&customer.id)),
         "back": format!("/customers/{}", encode_path(&customer.id)),
@@ -174,4 +180,45 @@ fn message_line(web: &Web, line: &CustomerMessageEvent) -> Value {
         "link": format!("/messages/{}", line.message),
         "detail": detail,
     })
+}
+
+/// For each rule, whether it messages the customer and, if not, why (the `touchpoint why`
+/// answer, in the page's time zone); or what kept the answer from being read.
+async fn rule_answers(shared: &Shared, web: &Web, id: &str) -> (Vec<Value>, Option<String>) {
+    let playbook = shared.playbook.borrow().clone();
+    let settings = WhySettings {
+        plan: web.plan.clone(),
+        max_attempts: web.max_attempts,
+    };
+    let answers =
+        match why_customer(&shared.store, &playbook, &settings, id, None, Utc::now()).await {
+            Ok(answers) => answers.unwrap_or_default(),
+            Err(error) => {
+                tracing::warn!(customer = %id, %error, "cannot say why rules do or do not apply");
+                return (Vec::new(), Some(format!("Cannot tell right now: {error}")));
+            }
+        };
+    let time = |t| web.time(t);
+    let rows = answers
+        .iter()
+        .map(|why| {
+            let message = match &why.answer {
+                Answer::Planned { message, .. }
+                | Answer::AlreadySent { message, .. }
+                | Answer::Ended { message, .. }
+                | Answer::OutsideWindow {
+                    message: Some(message),
+                    ..
+                } => Some(*message),
+                _ => None,
+            };
+            json!({
+                "rule": why.rule,
+                "applies": why.applies(),
+                "says": why.answer.words(&time),
+                "link": message.map(|m| format!("/messages/{m}")),
+            })
+        })
+        .collect();
+    (rows, None)
 }

@@ -7,8 +7,10 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{customer_names, entry_row, kind_class, not_found, preview, timed_pairs, unavailable};
-use crate::rules::Rule;
-use crate::store::{Customer, Event, LogEntry, MessageEvent, SentContent, SharedStore, StoreError};
+use crate::rules::{MessageDetail, Rule};
+use crate::store::{
+    CheckLine, Customer, Event, LogEntry, MessageEvent, SentContent, SharedStore, StoreError,
+};
 use crate::web::Shared;
 use crate::web::{Owner, Web, why};
 
@@ -19,6 +21,7 @@ struct Loaded {
     content: Option<SentContent>,
     customer: Option<Customer>,
     event: Option<Event>,
+    detail: MessageDetail,
 }
 
 impl Loaded {
@@ -34,12 +37,16 @@ impl Loaded {
             Some(event) => store.event(event).await?,
             None => None,
         };
+        let detail = store.message_detail(id).await?;
         Ok(Some(Loaded {
             entry,
             history,
             content,
             customer,
             event,
+            detail: detail
+                .map(|d| MessageDetail::from_json(&d))
+                .unwrap_or_default(),
         }))
     }
 }
@@ -97,7 +104,8 @@ pub async fn message(
             &playbook,
             entry,
             loaded.customer.as_ref(),
-            loaded.event.as_ref()
+            loaded.event.as_ref(),
+            &loaded.detail,
         ));
     }
     let email = entry.email.as_deref().unwrap_or_default();
@@ -115,12 +123,9 @@ fn page_data(web: &Web, id: i64, loaded: &Loaded, rule: Option<&Rule>) -> Value 
         content,
         customer,
         event,
+        detail,
     } = loaded;
-    // The checks the guard recorded when it sent; for older messages, the rule's conditions.
-    let (checks, checks_recorded) = match content {
-        Some(content) if !content.checks.is_empty() => (content.checks.clone(), true),
-        _ => (rule.map(why::conditions).unwrap_or_default(), false),
-    };
+    let (checks, conditions) = checks_and_conditions(content.as_ref(), rule);
     json!({
         "message_id": entry.message_id,
         "due": web.time(entry.due_at),
@@ -153,7 +158,9 @@ fn page_data(web: &Web, id: i64, loaded: &Loaded, rule: Option<&Rule>) -> Value 
         })),
         "event_id": entry.event_id,
         "checks": checks,
-        "checks_recorded": checks_recorded,
+        "checks_recorded": !checks.is_empty(),
+        "conditions": conditions,
+        "about": about(detail),
         "customer": customer.as_ref().map(|c| json!({
             "name": c.name, "email": c.email, "timezone": c.timezone,
         })),
@@ -164,6 +171,56 @@ fn page_data(web: &Web, id: i64, loaded: &Loaded, rule: Option<&Rule>) -> Value 
             "html_link": format!("/messages/{id}/body.html"),
         })),
     })
+}
+
+/// The checks the guard ran, each marked passed (✓), failed (✗) or not reached, as kept with
+/// the message when it was sent or stopped. A message with no kept checks (not yet checked, or
+/// kept before checks were) gets the rule's conditions as written today instead, unmarked.
+fn checks_and_conditions(
+    content: Option<&SentContent>,
+    rule: Option<&Rule>,
+) -> (Vec<Value>, Vec<String>) {
+    let recorded: &[CheckLine] = content.map_or(&[], |c| c.checks.as_slice());
+    if recorded.is_empty() {
+        return (Vec::new(), rule.map(why::conditions).unwrap_or_default());
+    }
+    let checks = recorded
+        .iter()
+        .map(|line| {
+            let (mark, words) = match line.verdict.as_str() {
+                "passed" => ("✓", "passed"),
+                "failed" => ("✗", "failed"),
+                _ => ("–", "not reached"),
+            };
+            json!({
+                "text": line.text,
+                "verdict": line.verdict,
+                "mark": mark,
+                "verdict_words": words,
+                "not_reached": words == "not reached",
+            })
+        })
+        .collect();
+    (checks, Vec::new())
+}
+
+/// What the message was about beyond its event, from what planning fixed
+/// ([`MessageDetail`]): the anniversary's year, the source it was planned from.
+fn about(detail: &MessageDetail) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(years) = detail.years {
+        lines.push(format!(
+            "For the anniversary after {years} year{}.",
+            if years == 1 { "" } else { "s" }
+        ));
+    }
+    if let Some(source) = &detail.source {
+        lines.push(format!(
+            "The event comes from the business's database ({}, {}).",
+            source.source, source.query
+        ));
+    }
+    lines
 }
 
 /// The HTML body as it was sent, for the sandboxed frame on the message page: no scripts, no

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::dispatch::{MessageInputs, render_message};
+use crate::dispatch::{Draft, MessageInputs, render_message};
 use crate::playbook::Playbook;
 use crate::rules::MessageDetail;
 use crate::store::{Customer, Event, LogEntry, MessageState};
@@ -18,6 +18,7 @@ pub(super) fn preview(
     entry: &LogEntry,
     customer: Option<&Customer>,
     event: Option<&Event>,
+    detail: &MessageDetail,
 ) -> Option<Value> {
     if entry.state == MessageState::Sent {
         return None;
@@ -28,12 +29,14 @@ pub(super) fn preview(
     let Some(customer) = customer else {
         return Some(json!({ "problem": "The customer is gone, so there is nothing to show." }));
     };
-    let detail = MessageDetail::from_json(&entry.detail);
-    let inputs = MessageInputs {
+    let draft = Draft {
         customer,
         event,
         tz: crate::plan::customer_timezone(customer, web.plan.default_timezone),
-        detail: &detail,
+        detail,
+    };
+    let inputs = MessageInputs {
+        draft: &draft,
         message_id: format!("<preview-{}@touchpoint>", entry.id),
         unsubscribe_url: None,
     };
