@@ -252,11 +252,13 @@ impl SendWindow {
 /// Without this rule a wedding stored as 2019-06-15 would be celebrated on June 14 by every
 /// customer west of Greenwich.
 pub fn anniversary_date(occurred_at: DateTime<Utc>, tz: Tz) -> NaiveDate {
-    if occurred_at.time() == NaiveTime::MIN {
-        occurred_at.date_naive()
-    } else {
-        local_of(occurred_at, tz).date()
-    }
+    plain_date(occurred_at).unwrap_or_else(|| local_of(occurred_at, tz).date())
+}
+
+/// The date an event time stands for when it is a plain date (exactly 00:00:00.000 UTC, see
+/// [`anniversary_date`]): it is shown as that date in every view, never as the evening before.
+pub fn plain_date(occurred_at: DateTime<Utc>) -> Option<NaiveDate> {
+    (occurred_at.time() == NaiveTime::MIN).then(|| occurred_at.date_naive())
 }
 
 /// One yearly recurrence of a date: when it is kept, in which year, and how many years on.

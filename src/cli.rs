@@ -181,9 +181,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// How many messages `touchpoint log`'s table shows without `--limit`.
+pub const DEFAULT_LOG_ROWS: i64 = 1000;
+
 #[derive(Debug, Args)]
 pub struct LogArgs {
-    /// Only messages changed within this long, e.g. 24h or 7d.
+    /// Only messages dated within this long, e.g. 24h or 7d: sent, failed or skipped at (due
+    /// at, for those that wait), as the web page's log dates them.
     #[arg(long, value_name = "DURATION")]
     pub since: Option<String>,
     #[arg(long)]
@@ -194,9 +198,10 @@ pub struct LogArgs {
     /// A customer id.
     #[arg(long)]
     pub customer: Option<String>,
-    /// At most this many messages, newest first.
-    #[arg(long, default_value_t = 1000)]
-    pub limit: i64,
+    /// At most this many messages, newest first. The table shows 1000 unless told (and says
+    /// on stderr when more match); CSV and JSON carry every matching message unless told.
+    #[arg(long)]
+    pub limit: Option<i64>,
     #[arg(long, value_enum, default_value_t = LogFormat::Table)]
     pub format: LogFormat,
 }

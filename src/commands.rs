@@ -15,8 +15,8 @@ use anyhow::{Context, Result, bail};
 use chrono::Utc;
 
 use crate::cli::{
-    CustomerAddArgs, EventAddArgs, ImportCommand, LogArgs, LogFormat, PlanArgs, PlanFormat,
-    SuppressCommand,
+    CustomerAddArgs, DEFAULT_LOG_ROWS, EventAddArgs, ImportCommand, LogArgs, LogFormat, PlanArgs,
+    PlanFormat, SuppressCommand,
 };
 use crate::config::Config;
 use crate::output::{self, when};
@@ -24,7 +24,7 @@ use crate::plan::PlanSettings;
 use crate::playbook::Playbook;
 use crate::query::{LOG_HEADERS, Upcoming, activity, log_row, upcoming};
 use crate::rules::parse_duration;
-use crate::store::{Change, CustomerPatch, Event, LogFilter, MessageState, SharedStore};
+use crate::store::{Change, CustomerPatch, Event, LogCursor, LogFilter, MessageState, SharedStore};
 use crate::transport::Transport;
 
 /// `touchpoint check`: the config, rules and templates, the transport's settings, and each
@@ -128,8 +128,27 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
     })
 }
 
-/// `touchpoint log`.
-pub async fn log(store: &SharedStore, args: &LogArgs) -> Result<String> {
+/// Messages read per query while `touchpoint log` exports.
+const EXPORT_BATCH: i64 = 1000;
+
+/// `touchpoint log`, written to `out` as it is read: exports (CSV, JSON) carry every matching
+/// message (or `--limit` of them), in batches; the table shows the newest `--limit` (1000)
+/// and says on `notes` (stderr) how many more match.
+pub async fn log(
+    store: &SharedStore,
+    args: &LogArgs,
+    out: &mut dyn std::io::Write,
+    notes: &mut dyn std::io::Write,
+) -> Result<()> {
+    let filter = log_filter(args)?;
+    match args.format {
+        LogFormat::Table => log_table(store, args, filter, out, notes).await,
+        LogFormat::Csv | LogFormat::Json => log_export(store, args, filter, out).await,
+    }
+}
+
+/// The log's filter from `touchpoint log`'s flags; `--since` dates messages as the log does.
+fn log_filter(args: &LogArgs) -> Result<LogFilter> {
     let since = match &args.since {
         Some(text) => {
             Some(Utc::now() - parse_duration(text).map_err(|e| anyhow::anyhow!("--since: {e}"))?)
@@ -143,39 +162,111 @@ pub async fn log(store: &SharedStore, args: &LogArgs) -> Result<String> {
         ),
         None => None,
     };
-    let filter = LogFilter {
+    Ok(LogFilter {
         since,
         rule: args.rule.clone(),
         state,
         customer_id: args.customer.clone(),
-        limit: Some(args.limit.max(1)),
         ..LogFilter::default()
-    };
-    let entries = store.log(&filter).await?;
-    let rows: Vec<Vec<String>> = entries.iter().map(|e| log_row(e).to_vec()).collect();
-    Ok(match args.format {
-        LogFormat::Json => serde_json::to_string_pretty(&entries)? + "\n",
-        LogFormat::Csv => output::csv(&LOG_HEADERS, &rows)?,
-        LogFormat::Table if rows.is_empty() => "no messages match\n".into(),
-        LogFormat::Table => {
-            // The table shows what fits a terminal; CSV and JSON carry every column.
-            let picked = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
-            let mut headers: Vec<&str> = picked.iter().map(|&i| LOG_HEADERS[i]).collect();
-            headers.push("activity");
-            let rows: Vec<Vec<String>> = rows
-                .iter()
-                .zip(&entries)
-                .map(|(r, e)| {
-                    picked
-                        .iter()
-                        .map(|&i| r[i].clone())
-                        .chain([activity(e)])
-                        .collect()
-                })
-                .collect();
-            output::table(&headers, &rows, 40)
-        }
     })
+}
+
+async fn log_table(
+    store: &SharedStore,
+    args: &LogArgs,
+    mut filter: LogFilter,
+    out: &mut dyn std::io::Write,
+    notes: &mut dyn std::io::Write,
+) -> Result<()> {
+    let shown = args.limit.unwrap_or(DEFAULT_LOG_ROWS).max(1);
+    filter.limit = Some(shown);
+    let entries = store.log(&filter).await?;
+    if entries.is_empty() {
+        writeln!(out, "no messages match")?;
+        return Ok(());
+    }
+    // The table shows what fits a terminal; CSV and JSON carry every column.
+    let picked = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+    let mut headers: Vec<&str> = picked.iter().map(|&i| LOG_HEADERS[i]).collect();
+    headers.push("activity");
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let row = log_row(e);
+            picked
+                .iter()
+                .map(|&i| row[i].clone())
+                .chain([activity(e)])
+                .collect()
+        })
+        .collect();
+    write!(out, "{}", output::table(&headers, &rows, 40))?;
+    if entries.len() as i64 == shown {
+        let matching = store.log_count(&filter).await?;
+        if matching > shown {
+            writeln!(
+                notes,
+                "showing the newest {shown} of {matching} matching messages; \
+                 --limit shows more, --format csv or json exports them all"
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Every matching message (at most `--limit`) as CSV or a JSON array, batch by batch.
+async fn log_export(
+    store: &SharedStore,
+    args: &LogArgs,
+    mut filter: LogFilter,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    let json = matches!(args.format, LogFormat::Json);
+    let mut left = args.limit.map(|n| n.max(1));
+    if json {
+        write!(out, "[")?;
+    } else {
+        write_csv(out, &[LOG_HEADERS.map(str::to_string)])?;
+    }
+    let mut written = 0usize;
+    loop {
+        filter.limit = Some(left.map_or(EXPORT_BATCH, |n| n.min(EXPORT_BATCH)));
+        let entries = store.log(&filter).await?;
+        if json {
+            for entry in &entries {
+                let separator = if written == 0 { "\n" } else { ",\n" };
+                write!(out, "{separator}{}", serde_json::to_string_pretty(entry)?)?;
+                written += 1;
+            }
+        } else {
+            write_csv(out, &entries.iter().map(log_row).collect::<Vec<_>>())?;
+        }
+        left = left.map(|n| n - entries.len() as i64);
+        match entries.last() {
+            Some(last) if Some(entries.len() as i64) == filter.limit => {
+                filter.before = Some(LogCursor::after(last));
+            }
+            _ => break,
+        }
+        if left.is_some_and(|n| n <= 0) {
+            break;
+        }
+    }
+    if json {
+        writeln!(out, "{}]", if written == 0 { "" } else { "\n" })?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// CSV rows (through [`output::write_csv_row`]) written to `out`.
+fn write_csv<const N: usize>(out: &mut dyn std::io::Write, rows: &[[String; N]]) -> Result<()> {
+    let mut writer = csv::Writer::from_writer(out);
+    for row in rows {
+        output::write_csv_row(&mut writer, row)?;
+    }
+    writer.flush()?;
+    Ok(())
 }
 
 /// `touchpoint suppress list`.

@@ -96,7 +96,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Log(args) => {
             let store = commands::open_store(&config).await?;
-            print!("{}", commands::log(&store, args).await?);
+            commands::log(
+                &store,
+                args,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr(),
+            )
+            .await?;
         }
         Command::Why(args) => {
             let store = commands::open_store(&config).await?;

@@ -46,6 +46,7 @@ pub async fn upcoming(
             email: planned.customer.email,
             status: "not yet planned".into(),
             why: why_event(&planned.event),
+            event: Some(planned.event),
             message_id: None,
         });
     }
@@ -72,12 +73,14 @@ async fn scheduled_rows(
         .await?;
     let mut rows = Vec::with_capacity(waiting.len());
     for entry in waiting {
-        let why = match &entry.event_id {
-            Some(id) => match store.event(id).await? {
-                Some(event) => why_event(&event),
-                None => format!("event {id}"),
-            },
-            None => "schedule".into(),
+        let event = match &entry.event_id {
+            Some(id) => store.event(id).await?,
+            None => None,
+        };
+        let why = match (&event, &entry.event_id) {
+            (Some(event), _) => why_event(event),
+            (None, Some(id)) => format!("event {id}"),
+            (None, None) => "schedule".into(),
         };
         let status = waiting_status(&entry);
         rows.push(PlannedRow {
@@ -87,6 +90,7 @@ async fn scheduled_rows(
             email: entry.email.unwrap_or_default(),
             status,
             why,
+            event,
             message_id: Some(entry.id),
         });
     }
@@ -140,6 +144,7 @@ async fn rule_rows(
                         email,
                         status: "not yet planned".into(),
                         why,
+                        event: event.cloned(),
                         message_id: None,
                     });
                 }
@@ -167,8 +172,11 @@ pub struct PlannedRow {
     pub email: String,
     /// The message's state, or "not yet planned".
     pub status: String,
-    /// The triggering event ("purchase p1 at ...") or "schedule".
+    /// The triggering event ("purchase p1 at ...", times in UTC) or "schedule".
     pub why: String,
+    /// The triggering event itself, for a view that shows its time in another zone.
+    #[serde(skip)]
+    pub event: Option<Event>,
     pub message_id: Option<i64>,
 }
 
@@ -238,17 +246,22 @@ async fn forecast_limits(
     Ok(())
 }
 
+/// "purchase p1 at 2026-11-23 09:00:00Z"; a plain date as the date ("wedding w1 on
+/// 2019-11-12").
 fn why_event(event: &Event) -> String {
-    format!(
-        "{} {} at {}",
-        event.kind,
-        event.id,
-        when(Some(event.occurred_at))
-    )
+    match crate::calendar::plain_date(event.occurred_at) {
+        Some(date) => format!("{} {} on {date}", event.kind, event.id),
+        None => format!(
+            "{} {} at {}",
+            event.kind,
+            event.id,
+            when(Some(event.occurred_at))
+        ),
+    }
 }
 
 /// One per value of [`log_row`], in the same order.
-pub const LOG_HEADERS: [&str; 21] = [
+pub const LOG_HEADERS: [&str; 22] = [
     "id",
     "rule",
     "customer_id",
@@ -270,9 +283,11 @@ pub const LOG_HEADERS: [&str; 21] = [
     "bounced_at",
     "complained_at",
     "unsubscribed_at",
+    "when",
 ];
 
-/// One message as the log's columns ([`LOG_HEADERS`]), times in UTC.
+/// One message as the log's columns ([`LOG_HEADERS`]), times in UTC; `when` is the time the
+/// log dates it by ([`LogEntry::dated_at`]: sent, failed or skipped at, or due at).
 pub fn log_row(e: &LogEntry) -> [String; LOG_HEADERS.len()] {
     [
         e.id.to_string(),
@@ -296,6 +311,7 @@ pub fn log_row(e: &LogEntry) -> [String; LOG_HEADERS.len()] {
         when(e.bounced_at),
         when(e.complained_at),
         when(e.unsubscribed_at),
+        when(Some(e.dated_at())),
     ]
 }
 

@@ -320,27 +320,31 @@ impl Browser {
     }
 }
 
-#[test]
-fn the_owner_logs_in_filters_the_log_opens_a_message_and_downloads_the_csv() {
-    // The scenario's poll function needs more stack than a test thread's 2 MiB in debug builds:
-    // run it on a thread (and a runtime) with room.
+/// Runs a scenario on a thread (and a runtime) with room: its poll function needs more stack
+/// than a test thread's 2 MiB in debug builds.
+fn on_a_big_stack<F: std::future::Future<Output = ()> + 'static>(scenario: fn() -> F) {
     const STACK: usize = 16 << 20;
-    let scenario = std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("browser-scenario".into())
         .stack_size(STACK)
-        .spawn(|| {
+        .spawn(move || {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_stack_size(STACK)
                 .enable_all()
                 .build()
                 .expect("a runtime")
-                .block_on(owner_scenario())
+                .block_on(scenario())
         })
         .expect("a thread");
-    if let Err(panic) = scenario.join() {
+    if let Err(panic) = thread.join() {
         std::panic::resume_unwind(panic);
     }
+}
+
+#[test]
+fn the_owner_logs_in_filters_the_log_opens_a_message_and_downloads_the_csv() {
+    on_a_big_stack(owner_scenario);
 }
 
 async fn owner_scenario() {
@@ -419,9 +423,11 @@ async fn owner_scenario() {
         .wait_for_path(|p| p.contains("rule=thank-you-after-purchase"))
         .await;
     let rows = browser.find_all("table.log tbody tr").await;
+    // History only: what waits to go out is in Upcoming.
     let expected = store
         .log(&LogFilter {
             rule: Some("thank-you-after-purchase".into()),
+            history: true,
             ..LogFilter::default()
         })
         .await
@@ -577,6 +583,451 @@ async fn owner_scenario() {
     browser.wait_for_path(|p| p == "/login").await;
     browser.go("/").await;
     browser.wait_for_path(|p| p.starts_with("/login")).await;
+
+    drop(browser);
+    drop(driver);
+    daemon.stop().await;
+}
+
+/// With the web tests' rules (one tracks opens and clicks and has no send window, one tracks
+/// nothing): a yearly rule that keeps a wedding entered as a plain date.
+const ANNIVERSARY: &str = r#"
+[[rule]]
+name = "wedding-anniversary"
+template = "anniversary"
+subject = "Happy anniversary, {{customer.first_name}}!"
+when = { anniversary_of = "wedding", at = "09:00" }
+"#;
+
+/// Customers' zones on both sides of UTC (the page's is New York).
+const ZONES: [&str; 6] = [
+    "Asia/Tokyo",
+    "Pacific/Auckland",
+    "Europe/Berlin",
+    "UTC",
+    "America/New_York",
+    "America/Los_Angeles",
+];
+
+/// What `month_of_history` made, for the assertions.
+struct Month {
+    skipped: i64,
+    /// Due at 03:10 in Tokyo within the week, of a rule without a send window.
+    night: i64,
+    messages: usize,
+}
+
+/// About 350 messages over 30 days, through the store's own claim and finish: sent (some
+/// opened, clicked, bounced, unsubscribed), failed, skipped, unknown, retrying; each ended
+/// hours or days after it was due (as real ones do); a plain-date wedding; one message due
+/// at night for its customer.
+async fn month_of_history(env: &TestEnv, store: &touchpoint::store::SharedStore) -> Month {
+    use chrono::{SecondsFormat, TimeDelta, TimeZone, Utc};
+    use touchpoint::store::{Customer, Event, NewMessage, Outcome};
+    let now = Utc::now();
+    let customers: Vec<Customer> = (0..36)
+        .map(|i| Customer {
+            id: format!("c{i:02}"),
+            email: format!("c{i:02}@example.com"),
+            name: Some(format!("Customer {i:02}")),
+            timezone: Some(ZONES[i % ZONES.len()].into()),
+            attributes: json!({}),
+        })
+        .collect();
+    store.upsert_customers(&customers).await.unwrap();
+    let count = 350;
+    let due = |i: usize| now - TimeDelta::hours(2 + (i as i64 * 719) % (30 * 24 - 4));
+    let kinds = |i: usize| {
+        if i % 4 == 3 {
+            ("discovery-call-follow-up", "discovery_call")
+        } else {
+            ("thank-you-after-purchase", "purchase")
+        }
+    };
+    let mut events: Vec<Event> = (0..count)
+        .map(|i| Event {
+            id: format!("e{i:03}"),
+            customer_id: format!("c{:02}", i % 36),
+            kind: kinds(i).1.into(),
+            occurred_at: due(i) - TimeDelta::days(2),
+            data: json!({ "order_number": format!("A-{i}") }),
+        })
+        .collect();
+    events.push(Event {
+        id: "wedding-c00".into(),
+        customer_id: "c00".into(),
+        kind: "wedding".into(),
+        occurred_at: Utc.with_ymd_and_hms(2019, 11, 12, 0, 0, 0).unwrap(),
+        data: json!({}),
+    });
+    store.insert_events(&events).await.unwrap();
+    let messages: Vec<NewMessage> = (0..count)
+        .map(|i| NewMessage {
+            rule: kinds(i).0.into(),
+            customer_id: format!("c{:02}", i % 36),
+            event_id: Some(format!("e{i:03}")),
+            dedupe_key: format!("{}:e{i:03}", kinds(i).0),
+            trigger_at: due(i),
+            due_at: due(i),
+            expires_at: None,
+            detail: json!({}),
+        })
+        .collect();
+    store.insert_messages(&messages).await.unwrap();
+    // Each ends `delay` after it was due (never in the future).
+    let ended = |i: usize| {
+        let delay = TimeDelta::hours((i as i64 * 37) % 80);
+        (due(i) + delay).min(now - TimeDelta::minutes(1))
+    };
+    let mut updates = Vec::new();
+    let mut skipped = 0;
+    loop {
+        let claims = store
+            .claim_due("history", 100, TimeDelta::minutes(5))
+            .await
+            .unwrap();
+        if claims.is_empty() {
+            break;
+        }
+        for claim in claims {
+            let i: usize = claim.event_index();
+            let outcome = match i % 20 {
+                14 | 15 => Outcome::Failed {
+                    reply: Some("550 5.1.1 no such user".into()),
+                    reason: "the server refused the address".into(),
+                },
+                16 | 17 => Outcome::Skipped {
+                    reason: "expired: could not go out within expire_after of its due time".into(),
+                },
+                18 => Outcome::Unknown {
+                    reason: "the connection dropped after the body".into(),
+                },
+                19 => Outcome::Retry {
+                    at: now + TimeDelta::days(3 + (i as i64 % 3)),
+                    reply: "451 4.3.0 try again later".into(),
+                },
+                _ => Outcome::Sent {
+                    reply: "250 2.0.0 Ok".into(),
+                },
+            };
+            if matches!(outcome, Outcome::Skipped { .. }) {
+                skipped = claim.id;
+            }
+            let sent = matches!(outcome, Outcome::Sent { .. });
+            let retry = matches!(outcome, Outcome::Retry { .. });
+            assert!(
+                store
+                    .finish(claim.id, &claim.token, &outcome)
+                    .await
+                    .unwrap()
+            );
+            if retry {
+                continue;
+            }
+            let at = ended(i).to_rfc3339_opts(SecondsFormat::Millis, true);
+            let sent_at = if sent {
+                format!(", sent_at = '{at}'")
+            } else {
+                String::new()
+            };
+            updates.push(format!(
+                "UPDATE messages SET updated_at = '{at}'{sent_at} WHERE id = {}",
+                claim.id
+            ));
+            if sent {
+                for (kind, every) in [
+                    ("opened", 3),
+                    ("clicked", 5),
+                    ("bounced", 17),
+                    ("unsubscribed", 23),
+                ] {
+                    if i % every == 0 {
+                        store
+                            .add_message_event(claim.id, kind, &json!({}))
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        }
+    }
+    env.execute_sql(&updates.join(";\n")).await;
+    // Opens and the rest happened when the message was sent, not when the test ran.
+    env.execute_sql(
+        "UPDATE message_events SET at = (SELECT m.sent_at FROM messages m WHERE m.id = message_events.message_id) \
+         WHERE kind IN ('opened', 'clicked', 'bounced', 'unsubscribed')",
+    )
+    .await;
+    // One due at 03:10 in Tokyo in a day or two: the rule has no send window.
+    let night = tomorrow_at_ten_past_three_in("Asia/Tokyo");
+    store
+        .insert_messages(&[NewMessage {
+            rule: "thank-you-after-purchase".into(),
+            customer_id: "c00".into(),
+            event_id: None,
+            dedupe_key: "thank-you-after-purchase:night".into(),
+            trigger_at: night,
+            due_at: night,
+            expires_at: None,
+            detail: json!({}),
+        }])
+        .await
+        .unwrap();
+    let night = store
+        .log(&LogFilter {
+            customer_id: Some("c00".into()),
+            state: Some(touchpoint::store::MessageState::Scheduled),
+            ..LogFilter::default()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .find(|e| e.event_id.is_none())
+        .expect("the night message")
+        .id;
+    Month {
+        skipped,
+        night,
+        messages: count + 1,
+    }
+}
+
+trait EventIndex {
+    fn event_index(&self) -> usize;
+}
+
+impl EventIndex for touchpoint::store::ClaimedMessage {
+    /// `i` of the event `e{i}` the message was planned for.
+    fn event_index(&self) -> usize {
+        self.event_id
+            .as_deref()
+            .and_then(|e| e.strip_prefix('e'))
+            .and_then(|n| n.parse().ok())
+            .expect("a history message")
+    }
+}
+
+#[test]
+fn the_owner_checks_a_month_of_history() {
+    on_a_big_stack(month_scenario);
+}
+
+/// The `(number, href)` of every linked count in the overview's two tables.
+async fn overview_links(browser: &Browser) -> Vec<(i64, String)> {
+    let mut found = Vec::new();
+    for link in browser.find_all("table.numbers td a").await {
+        let number = browser.text_of(&link).await;
+        let href = browser
+            .call("GET", &format!("/element/{link}/attribute/href"), None)
+            .await;
+        let href = href.as_str().unwrap_or_default();
+        let href = href.strip_prefix(&browser.base).unwrap_or(href).to_string();
+        found.push((number.trim().parse().expect("a number"), href));
+    }
+    found
+}
+
+/// Follows a log link page by page: (the count the page states, every row's state and When).
+async fn rows_behind(browser: &Browser, link: &str) -> (i64, Vec<(String, String)>) {
+    browser.go(link).await;
+    let stated: i64 = browser
+        .call(
+            "GET",
+            &format!(
+                "/element/{}/attribute/data-count",
+                browser.find("#match-count").await
+            ),
+            None,
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .expect("the page states its count");
+    let mut rows = Vec::new();
+    loop {
+        let states = browser.find_all("table.log tbody tr td:nth-child(3)").await;
+        let whens = browser.find_all("table.log tbody tr td:nth-child(2)").await;
+        for (state, when) in states.iter().zip(&whens) {
+            rows.push((browser.text_of(state).await, browser.text_of(when).await));
+        }
+        if browser.find_all("a[rel=next]").await.is_empty() {
+            break;
+        }
+        browser.click("a[rel=next]").await;
+        browser
+            .wait_for_source(|html| html.contains("id=\"match-count\""))
+            .await;
+    }
+    (stated, rows)
+}
+
+async fn month_scenario() {
+    let hash = password_hash();
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        Sink::Files,
+        &[("rules.toml", RULES), ("anniversary.toml", ANNIVERSARY)],
+        &format!(
+            "{}[defaults]\ntimezone = \"America/New_York\"\n",
+            web_config(Some(&hash))
+        ),
+    )
+    .await;
+    let store = env.store().await;
+    let month = month_of_history(&env, &store).await;
+    let daemon = env.start().await;
+    // The planner keeps the wedding (next year's anniversary): wait for it.
+    let planned = support::eventually(Duration::from_secs(20), || async {
+        store
+            .log(&LogFilter {
+                rule: Some("wedding-anniversary".into()),
+                ..LogFilter::default()
+            })
+            .await
+            .is_ok_and(|l| !l.is_empty())
+    })
+    .await;
+    assert!(planned, "the anniversary was not planned");
+    let base = format!("http://{}", daemon.http);
+    let downloads = env.path().join("downloads");
+    let profile = env.path().join("chromium-profile");
+    std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::create_dir_all(&profile).unwrap();
+    let driver = start_driver(&env.path().join("chromedriver.log")).await;
+    let browser = Browser::open(&driver, &base, &downloads, &profile).await;
+    browser.go("/login").await;
+    browser.type_into("#password", PASSWORD).await;
+    browser.click("form button[type=submit]").await;
+    browser.wait_for_path(|p| p == "/").await;
+
+    // Every number on the overview that links to the log is the list behind the link: the
+    // count the log states, and its rows, page by page, each of the linked state and dated
+    // inside the range.
+    let overview = browser.text("main").await;
+    assert!(utc_times(&overview).is_empty(), "{overview}");
+    assert!(overview.contains("America/New_York"));
+    assert!(overview.contains('%'), "rates: {overview}");
+    assert!(overview.contains('—'), "not tracked: {overview}");
+    browser.screenshot("20-month-overview").await;
+    let links = overview_links(&browser).await;
+    let linked: Vec<_> = links.iter().filter(|(_, l)| l.contains("from=")).collect();
+    assert!(linked.len() >= 12, "{links:?}");
+    let mut total = 0;
+    for (number, link) in &linked {
+        let (stated, rows) = rows_behind(&browser, link).await;
+        assert_eq!(stated, *number, "{link}: the page says {stated}");
+        assert_eq!(rows.len() as i64, *number, "{link}: rows listed");
+        let from = link
+            .split("from=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        let state = link
+            .split("state=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        for (row_state, when) in &rows {
+            assert_eq!(row_state, state, "{link}");
+            assert!(when.as_str()[..10] >= *from, "{link}: a row dated {when}");
+            assert!(when.contains("EST") || when.contains("EDT"), "{when}");
+        }
+        total += number;
+    }
+    assert!(total > 300, "the links cover the month: {total}");
+
+    // The log: history only, newest first, with its count; what waits is behind a filter.
+    browser.go("/log").await;
+    let count: i64 = browser
+        .text("#match-count")
+        .await
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(count > 300 && (count as usize) < month.messages, "{count}");
+    let whens: Vec<String> = {
+        let mut v = Vec::new();
+        for cell in browser.find_all("table.log tbody tr td:nth-child(2)").await {
+            v.push(browser.text_of(&cell).await);
+        }
+        v
+    };
+    assert!(
+        whens.windows(2).all(|w| w[0][..16] >= w[1][..16]),
+        "newest first: {whens:?}"
+    );
+    for cell in browser.find_all("table.log tbody tr td:nth-child(3)").await {
+        let state = browser.text_of(&cell).await;
+        assert!(
+            state != "scheduled" && state != "retrying",
+            "{state} in history"
+        );
+    }
+    browser.screenshot("21-month-log").await;
+    browser.go("/log?state=scheduled").await;
+    let scheduled = browser.text("table.log").await;
+    assert!(scheduled.contains("wedding-anniversary"), "{scheduled}");
+
+    // A skipped message: what it would have said, as a preview, and what to do; no config key.
+    browser.go(&format!("/messages/{}", month.skipped)).await;
+    let page = browser.text("main").await;
+    assert!(page.contains("Preview: what it would have said"), "{page}");
+    assert!(page.contains("A preview"), "{page}");
+    assert!(page.contains("What you can do:"), "{page}");
+    assert!(!page.contains("expire_after"), "no config key: {page}");
+    assert!(!page.contains(".toml"), "no server file path: {page}");
+    assert!(utc_times(&page).is_empty(), "{page}");
+    browser.screenshot("22-month-skipped-preview").await;
+
+    // Upcoming: names, and the message that arrives at night in Tokyo.
+    browser.go("/upcoming").await;
+    let upcoming = browser.text("main").await;
+    assert!(upcoming.contains("Customer 00"), "{upcoming}");
+    assert!(
+        upcoming.contains("arrives at 03:10 in Asia/Tokyo"),
+        "{upcoming}"
+    );
+    assert!(utc_times(&upcoming).is_empty(), "{upcoming}");
+    assert!(
+        browser
+            .find_all(&format!("a[href=\"/messages/{}\"]", month.night))
+            .await
+            .len()
+            == 1
+    );
+    browser.screenshot("23-month-upcoming").await;
+
+    // The plain-date wedding is that date, on the timeline and on its anniversary message.
+    browser.go("/customers/c00").await;
+    let timeline = browser.text("ol.timeline").await;
+    assert!(timeline.contains("2019-11-12"), "{timeline}");
+    assert!(!timeline.contains("2019-11-11"), "{timeline}");
+    browser.screenshot("24-month-customer").await;
+    let anniversary = store
+        .log(&LogFilter {
+            rule: Some("wedding-anniversary".into()),
+            ..LogFilter::default()
+        })
+        .await
+        .unwrap()[0]
+        .id;
+    browser.go(&format!("/messages/{anniversary}")).await;
+    let page = browser.text("main").await;
+    assert!(
+        page.contains("2019-11-12") && !page.contains("2019-11-11"),
+        "{page}"
+    );
+    assert!(
+        page.contains("Happy anniversary, Customer!"),
+        "the preview's subject: {page}"
+    );
 
     drop(browser);
     drop(driver);

@@ -1935,3 +1935,71 @@ on_both_backends!(
     log_shows_what_the_daemon_did,
     suppress_add_remove_list,
 );
+
+/// `touchpoint log --format csv|json` carries every matching message, past the table's 1000,
+/// read in batches; `--limit` still cuts an export; the table says on stderr that it shows
+/// only the newest 1000 of how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_exports_carry_every_matching_message() {
+    use touchpoint::store::{Customer, NewMessage};
+    let env = TestEnv::new(Backend::Sqlite, Sink::Files, &[], "").await;
+    let store = env.store().await;
+    store
+        .upsert_customers(&[Customer {
+            id: "c".into(),
+            email: "c@example.com".into(),
+            name: None,
+            timezone: None,
+            attributes: serde_json::json!({}),
+        }])
+        .await
+        .unwrap();
+    let later = Utc::now() + TimeDelta::days(30);
+    let messages: Vec<NewMessage> = (0..2345)
+        .map(|i| NewMessage {
+            rule: "r".into(),
+            customer_id: "c".into(),
+            event_id: None,
+            dedupe_key: format!("k{i}"),
+            trigger_at: later,
+            due_at: later + TimeDelta::seconds(i),
+            expires_at: None,
+            detail: serde_json::json!({}),
+        })
+        .collect();
+    store.insert_messages(&messages).await.unwrap();
+
+    let csv = cli(&env, &["log", "--format", "csv"]).await;
+    let mut reader = csv::Reader::from_reader(csv.ok().as_bytes());
+    let ids: Vec<i64> = reader
+        .records()
+        .map(|r| r.unwrap()[0].parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2345);
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "newest (due last) first"
+    );
+    assert!(csv.stderr.is_empty(), "{}", csv.stderr);
+    let json = cli(&env, &["log", "--format", "json"]).await;
+    let entries: serde_json::Value = serde_json::from_str(json.ok()).expect("JSON");
+    assert_eq!(entries.as_array().unwrap().len(), 2345);
+    let cut = cli(&env, &["log", "--format", "json", "--limit", "1500"]).await;
+    let entries: serde_json::Value = serde_json::from_str(cut.ok()).expect("JSON");
+    assert_eq!(entries.as_array().unwrap().len(), 1500);
+    let none = cli(&env, &["log", "--format", "json", "--rule", "nope"]).await;
+    assert_eq!(none.ok(), "[]\n");
+
+    let table = cli(&env, &["log"]).await;
+    assert_eq!(table.ok().lines().count(), 1001, "a header and 1000 rows");
+    assert!(
+        table
+            .stderr
+            .contains("showing the newest 1000 of 2345 matching messages"),
+        "{}",
+        table.stderr
+    );
+    let all = cli(&env, &["log", "--limit", "3000"]).await;
+    assert_eq!(all.ok().lines().count(), 2346);
+    assert!(all.stderr.is_empty(), "{}", all.stderr);
+}

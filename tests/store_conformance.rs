@@ -13,7 +13,8 @@
 //! - consent (`ConsentStore`): suppressions normalised, first reason kept, and the body fence
 //!   refusing a suppressed address;
 //! - tracking (`TrackingStore`): message events recorded once per key, counted per address;
-//! - reporting (`ReportingStore`): log paging and filtering;
+//! - reporting (`ReportingStore`): log paging and filtering, one dating rule for the log, its
+//!   count and the overview's counts;
 //! - shared state (`SharedStateStore`): settings, session revocation.
 
 mod support;
@@ -22,7 +23,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use support::{Backend, Sink, TestEnv};
 use touchpoint::store::{
     CandidateQuery, CandidateSource, Change, CheckLine, ClaimedMessage, Customer, CustomerPatch,
-    Delivery, Event, FrequencyGate, LogFilter, MessageState, NewMessage, Outcome, SentContent,
+    Delivery, Event, FrequencyGate, LogCursor, LogFilter, MessageState, NewMessage, Outcome,
+    SentContent,
     SharedStore,
 };
 
@@ -971,14 +973,17 @@ async fn the_log_pages_and_filters(backend: Backend) {
     assert_eq!(all.len(), 6);
     assert!(all.windows(2).all(|w| w[0] > w[1]), "newest first: {all:?}");
 
-    let page = |before_id| LogFilter {
+    let page = |before| LogFilter {
         limit: Some(4),
-        before_id,
+        before,
         ..LogFilter::default()
     };
-    let first = ids(store.log(&page(None)).await.expect("page"));
-    let second = ids(store.log(&page(first.last().copied())).await.expect("page"));
-    assert_eq!([first, second].concat(), all, "keyset pages");
+    let first = store.log(&page(None)).await.expect("page");
+    let second = ids(store
+        .log(&page(first.last().map(LogCursor::after)))
+        .await
+        .expect("page"));
+    assert_eq!([ids(first), second].concat(), all, "keyset pages");
 
     let by = |filter: LogFilter| {
         let store = store.clone();
@@ -1101,6 +1106,171 @@ async fn the_log_pages_and_filters(backend: Backend) {
     );
 }
 
+/// One dating rule for the log, its filters, its order, its count and the overview's counts:
+/// history by what happened when (sent, failed, skipped at), the plan by when it is due.
+async fn the_log_dates_messages_by_what_happened(backend: Backend) {
+    let (env, store) = open(backend).await;
+    store
+        .upsert_customers(&[customer("ann", "ann@example.com", "Ann Smith")])
+        .await
+        .expect("customers");
+    let now = Utc::now();
+    let day = |n: i64| now - TimeDelta::days(n);
+    // All due ten days ago; they ended on other days (the order of ids is not the order of
+    // dates), and one waits for next month.
+    let batch: Vec<NewMessage> = (0..5)
+        .map(|i| message(&format!("d{i}"), "ann", day(10) + TimeDelta::minutes(i)))
+        .collect();
+    store.insert_messages(&batch).await.expect("insert");
+    let claims = claim_all(&store, "w").await;
+    assert_eq!(claims.len(), 5);
+    let reply = |n: &str| Some(n.to_string());
+    let outcomes = [
+        Outcome::Sent {
+            reply: "250 ok".into(),
+        },
+        Outcome::Failed {
+            reply: reply("550 no"),
+            reason: "refused".into(),
+        },
+        Outcome::Skipped {
+            reason: "unless".into(),
+        },
+        Outcome::Unknown {
+            reason: "lost".into(),
+        },
+        Outcome::Released {
+            at: now + TimeDelta::days(30),
+            reason: "window".into(),
+        },
+    ];
+    for (claim, outcome) in claims.iter().zip(&outcomes) {
+        assert!(
+            store
+                .finish(claim.id, &claim.token, outcome)
+                .await
+                .expect("finish")
+        );
+    }
+    let id = |i: usize| claims[i].id;
+    let at = |t: DateTime<Utc>| {
+        format!(
+            "'{}'",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        )
+    };
+    for (i, set) in [
+        (0, format!("sent_at = {0}, updated_at = {0}", at(day(1)))),
+        (1, format!("updated_at = {}", at(day(3)))),
+        (2, format!("updated_at = {}", at(day(2)))),
+        (3, format!("updated_at = {}", at(day(5)))),
+        (4, format!("updated_at = {}", at(day(4)))),
+    ] {
+        env.execute_sql(&format!("UPDATE messages SET {set} WHERE id = {}", id(i)))
+            .await;
+    }
+    let ids = |entries: &[touchpoint::store::LogEntry]| -> Vec<i64> {
+        entries.iter().map(|e| e.id).collect()
+    };
+    let all = store.log(&LogFilter::default()).await.expect("log");
+    assert_eq!(
+        ids(&all),
+        [id(4), id(0), id(2), id(1), id(3)],
+        "newest first by date"
+    );
+    let expected = [now + TimeDelta::days(30), day(1), day(2), day(3), day(5)];
+    for (entry, when) in all.iter().zip(expected) {
+        assert_eq!(
+            entry.dated_at().timestamp_millis(),
+            when.timestamp_millis(),
+            "{entry:?}"
+        );
+    }
+    let history = LogFilter {
+        history: true,
+        ..LogFilter::default()
+    };
+    let past = store.log(&history).await.expect("history");
+    assert_eq!(
+        ids(&past),
+        [id(0), id(2), id(1), id(3)],
+        "no waiting message in history"
+    );
+    assert_eq!(store.log_count(&history).await.expect("count"), 4);
+
+    // Failed three days ago: inside a range that starts four days ago, though it was due ten.
+    let range = LogFilter {
+        from: Some(day(4)),
+        until: Some(day(1) - TimeDelta::hours(1)),
+        ..history.clone()
+    };
+    assert_eq!(
+        ids(&store.log(&range).await.expect("range")),
+        [id(2), id(1)]
+    );
+    assert_eq!(store.log_count(&range).await.expect("count"), 2);
+    let since = LogFilter {
+        since: Some(day(4)),
+        ..history.clone()
+    };
+    assert_eq!(
+        ids(&store.log(&since).await.expect("since")),
+        [id(0), id(2), id(1)]
+    );
+
+    // The overview's counts are the log's: one per final state since four days ago.
+    let activity = store.activity(day(4)).await.expect("activity");
+    let mut counted: Vec<(MessageState, i64)> =
+        activity.iter().map(|a| (a.state, a.count)).collect();
+    counted.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(
+        counted,
+        [
+            (MessageState::Failed, 1),
+            (MessageState::Sent, 1),
+            (MessageState::Skipped, 1)
+        ]
+    );
+    for (state, n) in counted {
+        let filter = LogFilter {
+            state: Some(state),
+            from: Some(day(4)),
+            ..LogFilter::default()
+        };
+        assert_eq!(store.log_count(&filter).await.expect("count"), n, "{state}");
+    }
+
+    // Pages of two, by the date and then the id.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .log(&LogFilter {
+                limit: Some(2),
+                before,
+                ..LogFilter::default()
+            })
+            .await
+            .expect("page");
+        paged.extend(ids(&page));
+        match page.last() {
+            Some(last) if page.len() == 2 => before = Some(LogCursor::after(last)),
+            _ => break,
+        }
+    }
+    assert_eq!(paged, ids(&all));
+    assert_eq!(
+        store
+            .log_count(&LogFilter {
+                limit: Some(1),
+                ..LogFilter::default()
+            })
+            .await
+            .expect("count"),
+        5
+    );
+}
+
 // --- shared state -----------------------------------------------------------------------------
 
 async fn settings_and_sessions(backend: Backend) {
@@ -1153,6 +1323,7 @@ on_both_backends!(
     why_reads_events_details_and_kept_checks,
     message_events_are_recorded_once,
     the_log_pages_and_filters,
+    the_log_dates_messages_by_what_happened,
     settings_and_sessions,
 );
 

@@ -524,8 +524,14 @@ async fn pages_show_the_database(backend: Backend) {
     let row = table_row(&overview, "monthly-newsletter");
     assert_eq!(row[0], "60", "{row:?}");
 
-    // The log: newest first, 50 a page, keyset links to older pages.
-    let all = store.log(&LogFilter::default()).await.unwrap();
+    // The log: history newest first, 50 a page, keyset links to older pages.
+    let all = store
+        .log(&LogFilter {
+            history: true,
+            ..LogFilter::default()
+        })
+        .await
+        .unwrap();
     let first = page_text("/log".to_string()).await;
     let ids = message_ids(&first);
     assert_eq!(ids.len(), 50);
@@ -568,11 +574,16 @@ async fn pages_show_the_database(backend: Backend) {
         50,
         "60 + 2 sent today, first page"
     );
-    let future = page_text(format!("/log?from={tomorrow}")).await;
+    let future = page_text(format!("/log?from={tomorrow}&state=scheduled")).await;
     assert_eq!(
         message_ids(&future),
         vec![seeded.upcoming],
         "only the message due in 2 days"
+    );
+    let history = page_text(format!("/log?from={tomorrow}")).await;
+    assert!(
+        message_ids(&history).is_empty(),
+        "what waits is not history: {history}"
     );
     let bad = page_text("/log?state=lost&from=yesterday".to_string()).await;
     assert!(
@@ -764,20 +775,7 @@ fn table_row(html: &str, rule: &str) -> Vec<String> {
     let row = &row[..row.find("</tr>").unwrap()];
     row.split("<td")
         .skip(1)
-        .map(|cell| {
-            let cell = &cell[cell.find('>').map_or(0, |i| i + 1)..];
-            let mut text = String::new();
-            let mut in_tag = false;
-            for c in cell.chars() {
-                match c {
-                    '<' => in_tag = true,
-                    '>' => in_tag = false,
-                    c if !in_tag => text.push(c),
-                    _ => {}
-                }
-            }
-            text.trim().to_string()
-        })
+        .map(|cell| strip_tags(&cell[cell.find('>').map_or(0, |i| i + 1)..]))
         .collect()
 }
 
@@ -855,14 +853,14 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
                         })
                     })
                     .filter(|e| {
-                        let when = e.sent_at.unwrap_or(e.due_at);
+                        let when = e.dated_at();
                         from.is_none_or(|f| when >= f) && until.is_none_or(|u| when < u)
                     })
                     .map(|e| e.id)
                     .collect();
                 // Page through it 50 at a time, as the page does.
                 let mut got = Vec::new();
-                let mut before = None;
+                let mut before: Option<touchpoint::store::LogCursor> = None;
                 loop {
                     let page = store
                         .log(&LogFilter {
@@ -870,7 +868,7 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
                             customer_search: search.map(str::to_string),
                             from,
                             until,
-                            before_id: before,
+                            before,
                             limit: Some(50),
                             ..LogFilter::default()
                         })
@@ -878,7 +876,9 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
                         .unwrap();
                     got.extend(page.iter().map(|e| e.id));
                     match page.last() {
-                        Some(last) if page.len() == 50 => before = Some(last.id),
+                        Some(last) if page.len() == 50 => {
+                            before = Some(touchpoint::store::LogCursor::after(last))
+                        }
                         _ => break,
                     }
                 }
@@ -892,6 +892,171 @@ async fn log_filters_agree_with_a_plain_scan(backend: Backend) {
 }
 
 on_both_backends!(log_filters_agree_with_a_plain_scan);
+
+/// The page's zone for the tests that look at dates: west of Greenwich, so a UTC date and a
+/// local one differ every evening.
+const NEW_YORK: &str = "[defaults]\ntimezone = \"America/New_York\"\n";
+
+/// The number a cell of the overview shows, and the link behind it.
+fn linked_number(cell_html: &str) -> (i64, Option<String>) {
+    let number: String = strip_tags(cell_html)
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let link = cell_html.find("href=\"").map(|at| {
+        let start = at + 6;
+        let end = cell_html[start..].find('"').unwrap() + start;
+        unescape(&cell_html[start..end])
+    });
+    (number.parse().unwrap_or(0), link)
+}
+
+fn strip_tags(html: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.trim().to_string()
+}
+
+/// Every (number, link) in the overview's two tables, rows and totals.
+fn overview_cells(html: &str) -> Vec<(i64, Option<String>)> {
+    let mut cells = Vec::new();
+    for table in html.split("<table class=\"numbers\">").skip(1) {
+        let table = &table[..table.find("</table>").unwrap()];
+        for cell in table.split("<td").skip(1) {
+            let cell = &cell[cell.find('>').unwrap() + 1..];
+            let cell = &cell[..cell.find("</td>").unwrap()];
+            cells.push(linked_number(cell));
+        }
+    }
+    cells
+}
+
+/// Each log row's "When" (`2026-11-23 09:00 EST`), in order.
+fn when_cells(html: &str) -> Vec<String> {
+    let body = html.split("<tbody>").nth(1).unwrap_or_default();
+    let body = body.split("</tbody>").next().unwrap_or_default();
+    body.split("<tr>")
+        .skip(1)
+        .filter_map(|row| {
+            let at = row.find("class=\"inline nowrap\">")? + "class=\"inline nowrap\">".len();
+            Some(row[at..at + 20].trim().to_string())
+        })
+        .collect()
+}
+
+/// Every number on the overview that links to the log equals the number of messages behind
+/// the link, counted by the page ("N messages") and row by row, and every row it lists is
+/// dated inside the range it claims. Messages end long after they were due: a follow-up due
+/// ten days ago and skipped two days ago, a failure due three days ago that failed nine days
+/// ago.
+async fn overview_numbers_match_the_lists_behind_them(backend: Backend) {
+    use chrono::{SecondsFormat, TimeDelta, Utc};
+    let hash = password_hash();
+    let env = TestEnv::new(
+        backend,
+        Sink::Files,
+        &[("rules.toml", RULES)],
+        &format!("{}{NEW_YORK}", web_config(Some(&hash))),
+    )
+    .await;
+    let store = env.store().await;
+    let seeded = seed(&store, 3).await;
+    let now = Utc::now();
+    let at =
+        |t: chrono::DateTime<Utc>| format!("'{}'", t.to_rfc3339_opts(SecondsFormat::Millis, true));
+    for (id, set) in [
+        (
+            seeded.skipped,
+            format!(
+                "due_at = {0}, next_attempt_at = {0}, updated_at = {1}",
+                at(now - TimeDelta::days(10)),
+                at(now - TimeDelta::days(2))
+            ),
+        ),
+        (
+            seeded.failed,
+            format!(
+                "due_at = {}, updated_at = {}",
+                at(now - TimeDelta::days(3)),
+                at(now - TimeDelta::days(9))
+            ),
+        ),
+        (
+            seeded.sent[0],
+            format!(
+                "due_at = {}, sent_at = {1}, updated_at = {1}",
+                at(now - TimeDelta::days(40)),
+                at(now - TimeDelta::days(6) - TimeDelta::hours(20))
+            ),
+        ),
+    ] {
+        env.execute_sql(&format!("UPDATE messages SET {set} WHERE id = {id}"))
+            .await;
+    }
+    let daemon = env.start().await;
+    let addr = daemon.http;
+    let session = log_in(addr).await;
+    let page = |path: String| {
+        let session = session.clone();
+        async move { get(addr, &path, &[("Cookie", &session)]).await.text() }
+    };
+    let overview = page("/".to_string()).await;
+    let cells = overview_cells(&overview);
+    let linked: Vec<_> = cells
+        .iter()
+        .filter_map(|(n, link)| Some((*n, link.clone()?)))
+        .filter(|(_, link)| link.contains("from="))
+        .collect();
+    assert!(linked.len() >= 10, "{cells:?}");
+    assert!(
+        linked
+            .iter()
+            .any(|(n, link)| *n > 0 && link.contains("state=skipped")),
+        "{linked:?}"
+    );
+    for (number, link) in linked {
+        let from = link
+            .split("from=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap()
+            .to_string();
+        let mut next = Some(link.clone());
+        let mut listed = 0;
+        let mut first = true;
+        while let Some(path) = next {
+            let html = page(path).await;
+            if first {
+                let count = format!(">{number} message{}<", if number == 1 { "" } else { "s" });
+                assert!(
+                    html.contains(&count),
+                    "{link}: the page says {count}: {html}"
+                );
+                first = false;
+            }
+            for when in when_cells(&html) {
+                assert!(when[..10] >= *from, "{link}: a row dated {when}");
+                assert!(when.ends_with("EST") || when.ends_with("EDT"), "{when}");
+            }
+            listed += message_ids(&html).len() as i64;
+            next = link_after(&html, "rel=\"next\"");
+        }
+        assert_eq!(listed, number, "{link}");
+    }
+    daemon.stop().await;
+}
+
+on_both_backends!(overview_numbers_match_the_lists_behind_them);
 
 /// The dispatcher keeps what it sent (bodies exactly as they went out, and its checks), and the
 /// message page shows them.
@@ -963,6 +1128,244 @@ track_opens = true
     assert!(page.contains("Checked just before sending"), "{page}");
     assert!(page.contains("the address is not on the suppression list"));
     assert!(page.contains(content.text.lines().next().unwrap()));
+    daemon.stop().await;
+}
+
+/// Everything on the page is in the page's zone (New York), named once, and a plain date
+/// (a wedding imported as 2019-11-12) is that date in every view, never the evening before:
+/// the customer's timeline, the message page, Upcoming's "why". Upcoming names customers and
+/// flags a message of a rule without a send window that reaches its customer at night.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_are_in_the_page_zone_and_plain_dates_are_dates() {
+    use chrono::{TimeDelta, TimeZone, Timelike, Utc};
+    use touchpoint::store::{Customer, Event, NewMessage, Outcome};
+    let hash = password_hash();
+    let env = TestEnv::new(
+        Backend::Sqlite,
+        Sink::Files,
+        &[("rules.toml", RULES)],
+        &format!("{}{NEW_YORK}", web_config(Some(&hash))),
+    )
+    .await;
+    let store = env.store().await;
+    let person = |id: &str, name: &str, tz: &str| Customer {
+        id: id.into(),
+        email: format!("{id}@example.com"),
+        name: Some(name.into()),
+        timezone: Some(tz.into()),
+        attributes: serde_json::json!({}),
+    };
+    store
+        .upsert_customers(&[
+            person("kenji", "Kenji Sato", "Asia/Tokyo"),
+            person("lou", "Lou Reed", "America/Los_Angeles"),
+        ])
+        .await
+        .unwrap();
+    let wedding = Utc.with_ymd_and_hms(2019, 11, 12, 0, 0, 0).unwrap();
+    store
+        .insert_events(&[Event {
+            id: "w-kenji".into(),
+            customer_id: "kenji".into(),
+            kind: "wedding".into(),
+            occurred_at: wedding,
+            data: serde_json::json!({ "on": "2019-11-12T00:00:00Z" }),
+        }])
+        .await
+        .unwrap();
+    // Due at 03:10 in Tokyo, a day or two from now; and one for Lou, retried later.
+    let night = tomorrow_at_ten_past_three_in("Asia/Tokyo");
+    let due_soon = Utc::now() - TimeDelta::minutes(1);
+    let new = |customer: &str, event: Option<&str>, due| NewMessage {
+        rule: "thank-you-after-purchase".into(),
+        customer_id: customer.into(),
+        event_id: event.map(str::to_string),
+        dedupe_key: format!("k-{customer}"),
+        trigger_at: due,
+        due_at: due,
+        expires_at: None,
+        detail: serde_json::json!({}),
+    };
+    store
+        .insert_messages(&[new("lou", None, due_soon)])
+        .await
+        .unwrap();
+    let retry_at = Utc::now() + TimeDelta::days(2);
+    let claim = store
+        .claim_due("t", 10, TimeDelta::minutes(5))
+        .await
+        .unwrap()
+        .pop()
+        .expect("lou's message");
+    assert!(
+        store
+            .finish(
+                claim.id,
+                &claim.token,
+                &Outcome::Retry {
+                    at: retry_at,
+                    reply: "451 4.3.0 try later".into()
+                }
+            )
+            .await
+            .unwrap()
+    );
+    store
+        .insert_messages(&[new("kenji", Some("w-kenji"), night)])
+        .await
+        .unwrap();
+    let kenji_message = store
+        .log(&LogFilter {
+            customer_id: Some("kenji".into()),
+            ..LogFilter::default()
+        })
+        .await
+        .unwrap()[0]
+        .id;
+    let daemon = env.start().await;
+    let addr = daemon.http;
+    let session = log_in(addr).await;
+    let page = |path: String| {
+        let session = session.clone();
+        async move { unescape(&get(addr, &path, &[("Cookie", &session)]).await.text()) }
+    };
+    assert_eq!(utc_times("at 2026-12-05T09:40:02.123Z.").len(), 1);
+    assert_eq!(utc_times("at 09:40:02Z, 09:40 UTC").len(), 2);
+    let evening_before = "2019-11-11";
+    let timeline = page("/customers/kenji".to_string()).await;
+    assert!(timeline.contains("2019-11-12"), "{timeline}");
+    assert!(!timeline.contains(evening_before), "{timeline}");
+    let message = page(format!("/messages/{kenji_message}")).await;
+    assert!(message.contains("2019-11-12"), "{message}");
+    assert!(!message.contains(evening_before), "{message}");
+    let upcoming = page("/upcoming".to_string()).await;
+    assert!(
+        upcoming.contains("wedding w-kenji (2019-11-12)"),
+        "{upcoming}"
+    );
+    assert!(upcoming.contains("Kenji Sato") && upcoming.contains("Lou Reed"));
+    assert!(
+        upcoming.contains("arrives at 03:10 in Asia/Tokyo"),
+        "{upcoming}"
+    );
+    // Lou's retry goes out in the afternoon or evening in Los Angeles or not: flagged only
+    // when it is night there.
+    let lou_hour = retry_at
+        .with_timezone(&chrono_tz::America::Los_Angeles)
+        .hour();
+    assert_eq!(
+        upcoming.contains("in America/Los_Angeles"),
+        !(8..21).contains(&lou_hour),
+        "{upcoming}"
+    );
+    let retried = page(format!("/messages/{}", claim.id)).await;
+    for (what, html) in [
+        ("timeline", &timeline),
+        ("message", &message),
+        ("upcoming", &upcoming),
+        ("retried", &retried),
+    ] {
+        let utc = utc_times(html);
+        assert!(utc.is_empty(), "{what}: times in UTC {utc:?}");
+    }
+    let shown = retry_at
+        .with_timezone(&chrono_tz::America::New_York)
+        .format("%Y-%m-%d %H:%M")
+        .to_string();
+    assert!(
+        retried.contains(&shown),
+        "the retry time in New York: {retried}"
+    );
+    daemon.stop().await;
+}
+
+/// A message that did not go out shows what it would have said (rendered as the dispatcher
+/// renders, marked as a preview) and what the owner can do next; text for the owner names no
+/// config key; the overview shows "—" where a rule does not track opens or clicks, and rates
+/// of opens, clicks, bounces and unsubscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_did_not_go_out_show_a_preview_and_next_steps() {
+    let hash = password_hash();
+    let env = env_with(Backend::Sqlite, Some(&hash)).await;
+    let store = env.store().await;
+    let seeded = seed(&store, 0).await;
+    env.execute_sql(&format!(
+        "UPDATE messages SET reason = 'expired: could not go out within expire_after of its due time' WHERE id = {}",
+        seeded.skipped
+    ))
+    .await;
+    store
+        .add_message_event(seeded.sent[0], "bounced", &serde_json::json!({}))
+        .await
+        .unwrap();
+    store
+        .add_message_event(seeded.sent[1], "unsubscribed", &serde_json::json!({}))
+        .await
+        .unwrap();
+    let daemon = env.start().await;
+    let addr = daemon.http;
+    let session = log_in(addr).await;
+    let page = |path: String| {
+        let session = session.clone();
+        async move { unescape(&get(addr, &path, &[("Cookie", &session)]).await.text()) }
+    };
+
+    let skipped = page(format!("/messages/{}", seeded.skipped)).await;
+    assert!(
+        skipped.contains("Preview: what it would have said"),
+        "{skipped}"
+    );
+    assert!(skipped.contains("A preview, rendered now"));
+    assert!(
+        skipped.contains("As promised: next steps"),
+        "the rendered subject"
+    );
+    assert!(
+        skipped.contains("Hi Ada") || skipped.contains("Ada"),
+        "{skipped}"
+    );
+    assert!(skipped.contains("What you can do:"));
+    assert!(
+        skipped.contains("in the time the rule allows") && !skipped.contains("expire_after"),
+        "{skipped}"
+    );
+    let log = page("/log?state=skipped".to_string()).await;
+    assert!(!log.contains("expire_after"), "{log}");
+
+    let upcoming = page(format!("/messages/{}", seeded.upcoming)).await;
+    assert!(
+        upcoming.contains("Thank you for your order, Fiona"),
+        "{upcoming}"
+    );
+    assert!(upcoming.contains("has not gone out yet"));
+
+    // A failure whose body was kept shows it as tried, not a preview; once the address is
+    // suppressed, the next step says so.
+    let failed = page(format!("/messages/{}", seeded.failed)).await;
+    assert!(failed.contains("As it was tried") && !failed.contains("Preview: what"));
+    assert!(failed.contains("refused the address"), "{failed}");
+    store
+        .suppress("grace@example.com", "hard bounce", "bounce")
+        .await
+        .unwrap();
+    let failed = page(format!("/messages/{}", seeded.failed)).await;
+    assert!(failed.contains("The address is now suppressed"), "{failed}");
+    let sent = page(format!("/messages/{}", seeded.sent[0])).await;
+    assert!(!sent.contains("What you can do:") && !sent.contains("Preview: what"));
+
+    let overview = get(addr, "/", &[("Cookie", &session)]).await.text();
+    assert!(!overview.contains("track_opens"), "no config keys");
+    let follow_up = table_row(&overview, "discovery-call-follow-up");
+    assert_eq!(follow_up[4..6], ["—", "—"], "not tracked: {follow_up:?}");
+    let thanks = table_row(&overview, "thank-you-after-purchase");
+    // Two sent: one opened each, one bounced, one unsubscribed.
+    assert_eq!(thanks[0], "2", "{thanks:?}");
+    assert!(
+        thanks[4].starts_with("2") && thanks[4].contains("100%"),
+        "{thanks:?}"
+    );
+    assert_eq!(thanks[6], "1 50%", "{thanks:?}");
+    assert_eq!(thanks[7], "1 50%", "{thanks:?}");
     daemon.stop().await;
 }
 

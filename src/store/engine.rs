@@ -32,6 +32,17 @@ const NOT_SUPPRESSED: &str =
 const NOT_SUPPRESSED_AT_EVENT: &str = " AND NOT EXISTS (SELECT 1 FROM suppression_periods p \
      WHERE p.email = lower(c.email) AND p.since <= e.occurred_at AND p.until > e.occurred_at)";
 
+/// [`LogEntry::dated_at`] in SQL, over the messages aliased `m` (`"m."`) or unaliased (`""`):
+/// the log's order and date filters and the overview's counts all use it, and the
+/// `messages_dated` index is built on the same expression.
+pub(super) fn dated(alias: &str) -> String {
+    format!(
+        "(CASE WHEN {alias}sent_at IS NOT NULL THEN {alias}sent_at \
+         WHEN {alias}state IN ('sent', 'failed', 'skipped', 'unknown') THEN {alias}updated_at \
+         ELSE {alias}next_attempt_at END)"
+    )
+}
+
 /// Inserts the customers, or replaces every field of those that exist: one statement per
 /// chunk.
 pub(super) fn customer_upserts<D: Driver>(customers: &[&Customer]) -> Vec<Sql> {
@@ -775,9 +786,9 @@ impl<D: Driver> TrackingStore for SqlStore<D> {
     }
 }
 
-#[async_trait]
-impl<D: Driver> ReportingStore for SqlStore<D> {
-    async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {
+impl<D: Driver> SqlStore<D> {
+    /// `SELECT {select} WHERE` the log's filter, without order or limit (`log`, `log_count`).
+    async fn log_query(&self, filter: &LogFilter, select: &str) -> StoreResult<Sql> {
         let narrowing = self.driver.log_narrowing(filter).await?;
         let other = |column: &str| {
             if narrowing.unindexed_rule_state {
@@ -786,12 +797,10 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
                 column.to_string()
             }
         };
-        let mut sql = Sql::new(format!(
-            "SELECT {} {MESSAGE_WITH_CUSTOMER} WHERE 1 = 1",
-            rows::LOG_COLUMNS
-        ));
+        let mut sql = Sql::new(format!("SELECT {select} WHERE 1 = 1"));
+        let dated = dated("m.");
         if let Some(since) = filter.since {
-            sql.push(" AND m.updated_at >= ").bind(since);
+            sql.push(format!(" AND {dated} >= ")).bind(since);
         }
         if let Some(rule) = &filter.rule {
             sql.push(format!(" AND {} = ", other("m.rule"))).bind(rule);
@@ -800,6 +809,12 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
             sql.push(format!(" AND {} = ", other("m.state")))
                 .bind(state.as_str());
         }
+        if filter.history {
+            sql.push(format!(
+                " AND {} NOT IN ('scheduled', 'retrying')",
+                other("m.state")
+            ));
+        }
         if let Some(customer) = &filter.customer_id {
             sql.push(" AND m.customer_id = ").bind(customer);
         }
@@ -807,20 +822,50 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
             sql.push(" AND m.state IN ('scheduled', 'retrying') AND m.next_attempt_at <= ")
                 .bind(due_before);
         }
-        if let Some(before) = filter.before_id {
-            sql.push(" AND m.id < ").bind(before);
+        if let Some(before) = filter.before {
+            sql.push(format!(" AND ({dated} < "))
+                .bind(before.at)
+                .push(format!(" OR ({dated} = "))
+                .bind(before.at)
+                .push(" AND m.id < ")
+                .bind(before.id)
+                .push("))");
         }
         sql.append(narrowing.conditions);
+        Ok(sql)
+    }
+}
+
+#[async_trait]
+impl<D: Driver> ReportingStore for SqlStore<D> {
+    async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {
+        let mut sql = self
+            .log_query(
+                filter,
+                &format!("{} {MESSAGE_WITH_CUSTOMER}", rows::LOG_COLUMNS),
+            )
+            .await?;
         if filter.due_before.is_some() {
             sql.push(" ORDER BY m.next_attempt_at, m.id");
         } else {
-            sql.push(" ORDER BY m.id DESC");
+            sql.push(format!(" ORDER BY {} DESC, m.id DESC", dated("m.")));
         }
         if let Some(limit) = filter.limit {
             sql.push(" LIMIT ").bind(limit);
         }
         let rows: Vec<LogRow> = self.driver.fetch_all(Via::Reader, sql).await?;
         Ok(rows.into_iter().map(LogEntry::from).collect())
+    }
+
+    async fn log_count(&self, filter: &LogFilter) -> StoreResult<i64> {
+        let whole = LogFilter {
+            before: None,
+            limit: None,
+            ..filter.clone()
+        };
+        let sql = self.log_query(&whole, "COUNT(*) FROM messages m").await?;
+        let (count,): (i64,) = self.driver.fetch_one(Via::Reader, sql).await?;
+        Ok(count)
     }
 
     async fn message(&self, id: i64) -> StoreResult<Option<LogEntry>> {
@@ -883,10 +928,11 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>> {
         let sql = Sql::new(format!(
             "SELECT {} AS hour, rule, state, COUNT(*) FROM messages \
-             WHERE {} IN ('sent', 'failed', 'skipped', 'unknown') AND updated_at >= ? \
+             WHERE {} IN ('sent', 'failed', 'skipped', 'unknown') AND {} >= ? \
              GROUP BY hour, rule, state ORDER BY hour, rule, state",
-            D::hour_of("updated_at"),
+            D::hour_of(&dated("")),
             D::unindexed("state"),
+            dated(""),
         ))
         .arg(since);
         let rows: Vec<(DateTime<Utc>, String, String, i64)> =
@@ -906,9 +952,11 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
 
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>> {
         let sql = Sql::new(
-            "SELECT m.rule, e.kind, COUNT(DISTINCT e.message_id) FROM message_events e \
+            "SELECT m.rule, CASE WHEN e.kind = 'soft_bounced' THEN 'bounced' ELSE e.kind END AS what, \
+             COUNT(DISTINCT e.message_id) FROM message_events e \
              JOIN messages m ON m.id = e.message_id \
-             WHERE e.kind IN ('opened', 'clicked') AND e.at >= ? GROUP BY m.rule, e.kind ORDER BY m.rule, e.kind",
+             WHERE e.kind IN ('opened', 'clicked', 'bounced', 'soft_bounced', 'unsubscribed') AND e.at >= ? \
+             GROUP BY m.rule, what ORDER BY m.rule, what",
         )
         .arg(since);
         self.driver.fetch_all(Via::Reader, sql).await

@@ -424,9 +424,39 @@ pub struct LogEntry {
     pub unsubscribed_at: Option<DateTime<Utc>>,
 }
 
+impl LogEntry {
+    /// The one time the log, its filters, the overview and the exports date a message by:
+    /// history by what happened when (sent at; failed, skipped or unknown at), the plan by
+    /// when it is due. The store's `DATED` expression is the same rule in SQL.
+    pub fn dated_at(&self) -> DateTime<Utc> {
+        match self.sent_at {
+            Some(sent) => sent,
+            None if self.state.is_final() => self.updated_at,
+            None => self.next_attempt_at,
+        }
+    }
+}
+
+/// Where a page of the log ends: the next page holds the messages dated before `at`, or at
+/// `at` with an id below `id` (the log is ordered by [`LogEntry::dated_at`], newest first).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogCursor {
+    pub at: DateTime<Utc>,
+    pub id: i64,
+}
+
+impl LogCursor {
+    pub fn after(entry: &LogEntry) -> LogCursor {
+        LogCursor {
+            at: entry.dated_at(),
+            id: entry.id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LogFilter {
-    /// Messages created or changed at or after this.
+    /// Messages dated ([`LogEntry::dated_at`]) at or after this.
     pub since: Option<DateTime<Utc>>,
     pub rule: Option<String>,
     pub state: Option<MessageState>,
@@ -434,12 +464,15 @@ pub struct LogFilter {
     /// Only waiting messages (scheduled or retrying) due no later than this, soonest first
     /// (the upcoming plan).
     pub due_before: Option<DateTime<Utc>>,
-    /// Only messages with an id below this (keyset pagination, newest first).
-    pub before_id: Option<i64>,
+    /// Only messages after this one in the log's order (keyset pagination, newest first).
+    pub before: Option<LogCursor>,
+    /// Only history: leaves out the messages that wait (scheduled, retrying), which belong to
+    /// the plan.
+    pub history: bool,
     /// Only messages to customers whose id is this, or whose name or email contains it
     /// (case-insensitive).
     pub customer_search: Option<String>,
-    /// Only messages sent (or, when not sent, due) at or after this...
+    /// Only messages dated ([`LogEntry::dated_at`]) at or after this...
     pub from: Option<DateTime<Utc>>,
     /// ...and before this.
     pub until: Option<DateTime<Utc>>,
@@ -747,7 +780,11 @@ pub trait TrackingStore: Send + Sync {
 /// The log as the owner's web page, the CLI and the metrics read it.
 #[async_trait]
 pub trait ReportingStore: Send + Sync {
+    /// The messages that match, newest first by [`LogEntry::dated_at`] (soonest first with
+    /// `due_before`), at most `limit`.
     async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>>;
+    /// How many messages match the filter, whatever its `limit` and `before`.
+    async fn log_count(&self, filter: &LogFilter) -> StoreResult<i64>;
     /// One message of the log.
     async fn message(&self, id: i64) -> StoreResult<Option<LogEntry>>;
     async fn message_events(&self, message_id: i64) -> StoreResult<Vec<MessageEvent>>;
@@ -760,10 +797,12 @@ pub trait ReportingStore: Send + Sync {
     async fn sent_content(&self, message_id: i64) -> StoreResult<Option<SentContent>>;
     /// What planning fixed about the message (`messages.detail`, read as `rules::MessageDetail`).
     async fn message_detail(&self, message_id: i64) -> StoreResult<Option<serde_json::Value>>;
-    /// Messages that reached a final state at or after `since`, per hour, rule and state.
+    /// Messages that reached a final state at or after `since` (dated as the log dates them), per
+    /// hour, rule and state.
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>>;
-    /// How many messages of each rule were opened and clicked (kinds `opened`, `clicked`) at or
-    /// after `since`: (rule, kind, distinct messages).
+    /// How many messages of each rule were opened, clicked, bounced (hard or soft) or led to an
+    /// unsubscribe at or after `since`: (rule, `opened` | `clicked` | `bounced` |
+    /// `unsubscribed`, distinct messages).
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>>;
     /// How many messages are in this state (by the state index; cheap for rare states).
     async fn count_state(&self, state: MessageState) -> StoreResult<i64>;

@@ -11,9 +11,9 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{Arguments, PgConnection, PgPool};
 
-use super::engine::SqlStore;
+use super::engine::{SqlStore, dated};
 use super::sql::{
-    Arg, Driver, FEW_CUSTOMERS, FromSqlRow, LogNarrowing, LoggedUpdate, MANY_ROWS, Reply, Sql, Via,
+    Arg, Driver, FEW_CUSTOMERS, FromSqlRow, LogNarrowing, LoggedUpdate, Reply, Sql, Via,
     like_pattern,
 };
 use super::{Change, CustomerPatch, LogFilter, StoreError, StoreResult};
@@ -172,40 +172,19 @@ impl PostgresDriver {
         Ok(sql)
     }
 
-    /// A narrow date range bounds the ids to walk.
-    async fn date_range(&self, filter: &LogFilter) -> StoreResult<Sql> {
+    /// The log's date range, on the `messages_dated` index (which also gives the log's
+    /// order, so a wide range reads no more rows than a page shows).
+    fn date_range(filter: &LogFilter) -> Sql {
         // Open ends as times far outside any message's (and inside PostgreSQL's range).
         let from = filter.from.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
         let until = filter
             .until
             .unwrap_or(DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(365 * 8000));
-        let range = "COALESCE(sent_at, due_at) >= ? AND COALESCE(sent_at, due_at) < ?";
-        let count = Sql::new(format!(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE {range} LIMIT {MANY_ROWS}) t"
-        ))
-        .arg(from)
-        .arg(until);
-        let (matches,): (i64,) = self.fetch_one(Via::Reader, count).await?;
+        let dated = dated("m.");
         let mut sql = Sql::new("");
-        if matches < MANY_ROWS {
-            // OFFSET 0 keeps the planner from turning MIN/MAX into walks of the id index.
-            let bounds = Sql::new(format!(
-                "SELECT MIN(id), MAX(id) FROM (SELECT id FROM messages WHERE {range} OFFSET 0) t"
-            ))
-            .arg(from)
-            .arg(until);
-            let (low, high): (Option<i64>, Option<i64>) =
-                self.fetch_one(Via::Reader, bounds).await?;
-            sql.push(" AND m.id >= ")
-                .bind(low.unwrap_or(0))
-                .push(" AND m.id <= ")
-                .bind(high.unwrap_or(-1));
-        }
-        sql.push(" AND COALESCE(m.sent_at, m.due_at) >= ")
-            .bind(from);
-        sql.push(" AND COALESCE(m.sent_at, m.due_at) < ")
-            .bind(until);
-        Ok(sql)
+        sql.push(format!(" AND {dated} >= ")).bind(from);
+        sql.push(format!(" AND {dated} < ")).bind(until);
+        sql
     }
 }
 
@@ -376,7 +355,7 @@ impl Driver for PostgresDriver {
             conditions.append(self.customer_search(search).await?);
         }
         if filter.from.is_some() || filter.until.is_some() {
-            conditions.append(self.date_range(filter).await?);
+            conditions.append(Self::date_range(filter));
         }
         Ok(LogNarrowing {
             unindexed_rule_state: false,

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 use sqlx::types::Json;
 use sqlx::{Arguments, SqliteConnection, SqlitePool};
 
-use super::engine::{SqlStore, customer_upserts, customers_by_id};
+use super::engine::{SqlStore, customer_upserts, customers_by_id, dated};
 use super::rows::CustomerRow;
 use super::sql::{
     Arg, Driver, FEW_CUSTOMERS, FromSqlRow, LogNarrowing, LoggedUpdate, MANY_ROWS, Reply, Sql, Via,
@@ -152,24 +152,21 @@ impl SqliteDriver {
             return Ok(LogPath::Plain);
         }
         let (from, until) = date_bounds(filter);
+        let dated = dated("");
         let sql = Sql::new(format!(
             "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
-             WHERE COALESCE(sent_at, due_at) >= ? AND COALESCE(sent_at, due_at) < ? LIMIT {MANY_ROWS})"
+             WHERE {dated} >= ? AND {dated} < ? LIMIT {MANY_ROWS})"
         ))
         .arg(&from)
         .arg(&until);
         let (matches,): (i64,) = self.fetch_one(Via::Reader, sql).await?;
-        if matches < MANY_ROWS {
-            return Ok(LogPath::Dates);
-        }
-        // Read from the date index alone (it holds the rowid).
-        let sql = Sql::new(
-            "SELECT MAX(id) FROM messages WHERE COALESCE(sent_at, due_at) >= ? AND COALESCE(sent_at, due_at) < ?",
-        )
-        .arg(from)
-        .arg(until);
-        let (newest,): (Option<i64>,) = self.fetch_one(Via::Reader, sql).await?;
-        Ok(LogPath::IdsFrom(newest))
+        // A wide range: the date index gives the log's order anyway; the planner may still
+        // prefer the rule or state index for a rare rule or state.
+        Ok(if matches < MANY_ROWS {
+            LogPath::Dates
+        } else {
+            LogPath::Plain
+        })
     }
 
     /// Reads, merges and writes the patched customers under the write lock.
@@ -415,13 +412,9 @@ impl Driver for SqliteDriver {
             } else {
                 "+"
             };
-            sql.push(format!(" AND {by_index}COALESCE(m.sent_at, m.due_at) >= "))
-                .bind(from);
-            sql.push(format!(" AND {by_index}COALESCE(m.sent_at, m.due_at) < "))
-                .bind(until);
-        }
-        if let LogPath::IdsFrom(Some(newest)) = path {
-            sql.push(" AND m.id <= ").bind(newest);
+            let dated = dated("m.");
+            sql.push(format!(" AND {by_index}{dated} >= ")).bind(from);
+            sql.push(format!(" AND {by_index}{dated} < ")).bind(until);
         }
         Ok(LogNarrowing {
             unindexed_rule_state: path.drives(),
@@ -439,8 +432,6 @@ enum LogPath {
     Customers(Vec<String>),
     /// The messages of a narrow date range, by the date index.
     Dates,
-    /// Ids newest first, from the newest message of a wide date range (none: no match).
-    IdsFrom(Option<i64>),
 }
 
 impl LogPath {

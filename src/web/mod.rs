@@ -251,6 +251,15 @@ impl Web {
             .to_string()
     }
 
+    /// When an event happened: a plain date (a wedding imported as 2019-11-12) as that date,
+    /// other times as [`Web::time`].
+    fn event_time(&self, t: DateTime<Utc>) -> String {
+        match crate::calendar::plain_date(t) {
+            Some(date) => date.format("%Y-%m-%d").to_string(),
+            None => self.time(t),
+        }
+    }
+
     fn render(&self, template: &str, data: &serde_json::Value) -> Response {
         match self.templates.render(template, data) {
             Ok(html) => html_response(StatusCode::OK, html),

@@ -378,3 +378,37 @@ pub fn web_config(hash: Option<&str>) -> String {
         None => "[web]\nenabled = true\n".into(),
     }
 }
+
+/// Times written the UTC way (`2026-11-23T09:00:00.123Z`, `09:00:00Z`, `09:00 UTC`) in a page.
+pub fn utc_times(html: &str) -> Vec<String> {
+    let bytes = html.as_bytes();
+    let digit = |at: usize| bytes.get(at).is_some_and(u8::is_ascii_digit);
+    let around = |i: usize| {
+        String::from_utf8_lossy(&bytes[i.saturating_sub(16)..(i + 8).min(bytes.len())]).into_owned()
+    };
+    let mut found = Vec::new();
+    for i in 3..bytes.len() {
+        let iso =
+            bytes[i] == b'T' && digit(i - 1) && digit(i + 1) && bytes.get(i + 3) == Some(&b':');
+        let zulu = bytes[i] == b'Z' && digit(i - 1) && digit(i - 2) && bytes[i - 3] == b':';
+        let utc = bytes[i..].starts_with(b" UTC") && digit(i - 1);
+        if iso || zulu || utc {
+            found.push(around(i));
+        }
+    }
+    found
+}
+
+/// 03:10 tomorrow (a day or two from now) in `zone`: night for a customer there.
+pub fn tomorrow_at_ten_past_three_in(zone: &str) -> chrono::DateTime<Utc> {
+    let zone: chrono_tz::Tz = zone.parse().expect("a time zone");
+    (Utc::now() + TimeDelta::days(1))
+        .with_timezone(&zone)
+        .date_naive()
+        .and_hms_opt(3, 10, 0)
+        .expect("a time")
+        .and_local_timezone(zone)
+        .single()
+        .expect("03:10 exists once")
+        .with_timezone(&Utc)
+}

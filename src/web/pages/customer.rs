@@ -10,7 +10,9 @@ use chrono::{DateTime, Utc};
 use crate::rules::why::Answer;
 use serde_json::{Value, json};
 
-use super::{detail_pairs, encode_path, entry_row, kind_class, not_found, unavailable};
+use super::{
+    detail_pairs, encode_path, entry_row, kind_class, not_found, timed_pairs, unavailable,
+};
 use crate::plan::why::{WhySettings, why_customer};
 use crate::store::{
     Customer, CustomerMessageEvent, Event, LogEntry, LogFilter, SharedStore, StoreError,
@@ -122,12 +124,12 @@ fn timeline(web: &Web, loaded: &Loaded) -> Vec<Value> {
         timeline.push((
             event.occurred_at,
             json!({
-                "at": web.time(event.occurred_at),
+                "at": web.event_time(event.occurred_at),
                 "kind": event.kind,
                 "kind_class": "event",
                 "what": format!("{} (event {})", event.kind, event.id),
                 "link": Value::Null,
-                "detail": detail_pairs(&event.data),
+                "detail": timed_pairs(web, &event.data),
             }),
         ));
     }
@@ -165,7 +167,7 @@ fn message_line(web: &Web, line: &CustomerMessageEvent) -> Value {
         ),
         kind => format!("{kind}: message {} ({})", line.message, line.rule),
     };
-    let mut detail = detail_pairs(&line.event.detail);
+    let mut detail = timed_pairs(web, &line.event.detail);
     detail.retain(|d| d["key"] != "url");
     if let Some(reply) = &line.event.smtp_reply {
         detail.push(json!({ "key": "SMTP reply", "value": reply }));

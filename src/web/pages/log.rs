@@ -12,9 +12,9 @@ use chrono::NaiveDate;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{customer_names, day_start, entry_row, query_string, unavailable};
+use super::{customer_names, dating, day_start, entry_row, plural, query_string, unavailable};
 use crate::query::{LOG_HEADERS, log_row};
-use crate::store::{LogFilter, MessageState, SharedStore};
+use crate::store::{LogCursor, LogFilter, MessageState, SharedStore, StoreError};
 use crate::web::Shared;
 use crate::web::{Owner, Web};
 
@@ -47,13 +47,20 @@ fn given(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
-/// The filter, and what was wrong with the query (shown, not fatal).
+/// The filter, and what was wrong with the query (shown, not fatal). Without a state the log
+/// is history: what waits to go out is in Upcoming (or behind the state filter).
 fn log_filter(web: &Web, query: &LogQuery) -> (LogFilter, Vec<String>) {
     let mut problems = Vec::new();
-    let mut filter = LogFilter::default();
+    let mut filter = LogFilter {
+        history: true,
+        ..LogFilter::default()
+    };
     if let Some(state) = given(&query.state) {
         match MessageState::from_str(state) {
-            Ok(state) => filter.state = Some(state),
+            Ok(state) => {
+                filter.state = Some(state);
+                filter.history = false;
+            }
             Err(message) => problems.push(message),
         }
     }
@@ -70,13 +77,29 @@ fn log_filter(web: &Web, query: &LogQuery) -> (LogFilter, Vec<String>) {
     if let Some(to) = given(&query.to).and_then(|v| date(v, "to", &mut problems)) {
         filter.until = to.succ_opt().map(|next| day_start(web, next));
     }
-    if let Some(before) = given(&query.before) {
-        match before.parse::<i64>() {
-            Ok(id) => filter.before_id = Some(id),
-            Err(_) => problems.push(format!("before: {before:?} is not a message id")),
+    (filter, problems)
+}
+
+/// Where the page starts: after the message `before` names (the last one of the page before).
+async fn page_start(
+    store: &SharedStore,
+    query: &LogQuery,
+    problems: &mut Vec<String>,
+) -> Result<Option<LogCursor>, StoreError> {
+    let Some(before) = given(&query.before) else {
+        return Ok(None);
+    };
+    let Ok(id) = before.parse::<i64>() else {
+        problems.push(format!("before: {before:?} is not a message id"));
+        return Ok(None);
+    };
+    match store.message(id).await? {
+        Some(entry) => Ok(Some(LogCursor::after(&entry))),
+        None => {
+            problems.push(format!("before: there is no message {id}"));
+            Ok(None)
         }
     }
-    (filter, problems)
 }
 
 fn filter_pairs(query: &LogQuery) -> Vec<(&'static str, String)> {
@@ -128,10 +151,15 @@ pub async fn log(
     Query(query): Query<LogQuery>,
 ) -> Response {
     let web = owner.web.clone();
-    let (mut filter, problems) = log_filter(&web, &query);
-    filter.limit = Some(PAGE_SIZE + 1);
-    let mut entries = match shared.store.log(&filter).await {
-        Ok(entries) => entries,
+    let (mut filter, mut problems) = log_filter(&web, &query);
+    let read = async {
+        filter.before = page_start(&shared.store, &query, &mut problems).await?;
+        filter.limit = Some(PAGE_SIZE + 1);
+        let count = shared.store.log_count(&filter).await?;
+        Ok::<_, StoreError>((shared.store.log(&filter).await?, count))
+    };
+    let (mut entries, count) = match read.await {
+        Ok(read) => read,
         Err(error) => return owner.with_cookie(unavailable(&web, &error)),
     };
     let more = entries.len() as i64 > PAGE_SIZE;
@@ -161,7 +189,11 @@ pub async fn log(
         "filtered": !filters.is_empty(),
         "csv_link": if filters.is_empty() { "/log.csv".to_string() } else { format!("/log.csv?{filters}") },
         "first_link": if filters.is_empty() { "/log".to_string() } else { format!("/log?{filters}") },
-        "paged": filter.before_id.is_some(),
+        "paged": filter.before.is_some(),
+        "count": count,
+        "count_text": format!("{count} message{}", plural(count)),
+        "history": filter.history,
+        "dating": dating(filter.state),
         "older_link": older,
         "timezone": web.timezone.name(),
     });
@@ -244,7 +276,7 @@ impl CsvCursor {
             }
         };
         let last = entries.last()?;
-        self.filter.before_id = Some(last.id);
+        self.filter.before = Some(LogCursor::after(last));
         self.done = (entries.len() as i64) < CSV_BATCH;
         for entry in &entries {
             if let Err(error) = crate::output::write_csv_row(&mut writer, &log_row(entry)) {

@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{customer_names, detail_pairs, entry_row, kind_class, not_found, unavailable};
+use super::{customer_names, entry_row, kind_class, not_found, preview, timed_pairs, unavailable};
 use crate::rules::{MessageDetail, Rule};
 use crate::store::{
     CheckLine, Customer, Event, LogEntry, MessageEvent, SentContent, SharedStore, StoreError,
@@ -58,7 +58,7 @@ fn history_row(web: &Web, event: &MessageEvent) -> Value {
         "kind_class": kind_class(&event.kind),
         "attempt": event.attempt,
         "smtp_reply": event.smtp_reply,
-        "detail": detail_pairs(&event.detail),
+        "detail": timed_pairs(web, &event.detail),
     })
 }
 
@@ -96,6 +96,22 @@ pub async fn message(
     let mut data = page_data(&owner.web, id, &loaded, rule);
     data["page"] = owner.page(&format!("Message {id}"), "log");
     data["m"] = entry_row(&owner.web, &loaded.entry, &names);
+    let entry = &loaded.entry;
+    // What was kept from an attempt is shown as it was; otherwise a preview.
+    if loaded.content.is_none() {
+        data["preview"] = json!(preview::preview(
+            &owner.web,
+            &playbook,
+            entry,
+            loaded.customer.as_ref(),
+            loaded.event.as_ref(),
+            &loaded.detail,
+        ));
+    }
+    let email = entry.email.as_deref().unwrap_or_default();
+    let suppressed = !email.is_empty() && shared.store.is_suppressed(email).await.unwrap_or(false);
+    data["next_steps"] = json!(preview::next_steps(entry, suppressed));
+    data["reason"] = json!(entry.reason.as_deref().map(preview::owner_reason));
     owner.render("message", &data)
 }
 
@@ -137,8 +153,8 @@ fn page_data(web: &Web, id: i64, loaded: &Loaded, rule: Option<&Rule>) -> Value 
         "event": event.as_ref().map(|e| json!({
             "id": e.id,
             "kind": e.kind,
-            "at": web.time(e.occurred_at),
-            "data": detail_pairs(&e.data),
+            "at": web.event_time(e.occurred_at),
+            "data": timed_pairs(web, &e.data),
         })),
         "event_id": entry.event_id,
         "checks": checks,

@@ -6,6 +6,7 @@ mod log;
 mod login;
 mod message;
 mod overview;
+mod preview;
 mod suppressions;
 mod upcoming;
 
@@ -103,12 +104,29 @@ async fn customer_names(shared: &Shared, entries: &[LogEntry]) -> HashMap<String
     names
 }
 
-/// One message as a row of the log's table (also on the message and customer pages).
+/// How the log dates its messages, in words for the page (one definition everywhere: see
+/// [`LogEntry::dated_at`]): for messages in `state`, or for any.
+fn dating(state: Option<MessageState>) -> &'static str {
+    match state {
+        Some(MessageState::Sent) => "Dated by when they were sent",
+        Some(MessageState::Failed) => "Dated by when they failed",
+        Some(MessageState::Skipped) => "Dated by when they were skipped",
+        Some(MessageState::Unknown) => "Dated by when their delivery became uncertain",
+        Some(MessageState::Scheduled | MessageState::Retrying) => "Dated by when they are due",
+        Some(MessageState::Sending) | None => {
+            "Dated by what happened when: sent, failed or skipped at (due at, for what still waits)"
+        }
+    }
+}
+
+/// One message as a row of the log's table (also on the message and customer pages), dated
+/// as the log dates it.
 fn entry_row(web: &Web, entry: &LogEntry, names: &HashMap<String, String>) -> Value {
-    let (when, when_label) = match entry.sent_at {
-        Some(sent) => (sent, "sent"),
-        None if entry.state.is_final() => (entry.updated_at, entry.state.as_str()),
-        None => (entry.next_attempt_at, "due"),
+    let when = entry.dated_at();
+    let when_label = match entry.sent_at {
+        Some(_) => "sent",
+        None if entry.state.is_final() => entry.state.as_str(),
+        None => "due",
     };
     json!({
         "id": entry.id,
@@ -125,7 +143,7 @@ fn entry_row(web: &Web, entry: &LogEntry, names: &HashMap<String, String>) -> Va
         "subject": entry.subject.clone().unwrap_or_default(),
         "opened": entry.opens > 0,
         "clicked": entry.clicks > 0,
-        "reason": entry.reason.clone().unwrap_or_default(),
+        "reason": entry.reason.as_deref().map(preview::owner_reason).unwrap_or_default(),
     })
 }
 
@@ -145,6 +163,23 @@ fn detail_pairs(detail: &Value) -> Vec<Value> {
         Value::Null => Vec::new(),
         other => vec![json!({ "key": "", "value": other.to_string() })],
     }
+}
+
+/// [`detail_pairs`] for the owner: times in them (RFC 3339 text, such as a retry's
+/// `next_attempt_at`) in the page's zone, plain dates as dates, no config key names.
+fn timed_pairs(web: &Web, detail: &Value) -> Vec<Value> {
+    let mut pairs = detail_pairs(detail);
+    for pair in &mut pairs {
+        let Some(text) = pair["value"].as_str() else {
+            continue;
+        };
+        let shown = match DateTime::parse_from_rfc3339(text) {
+            Ok(t) => web.event_time(t.with_timezone(&Utc)),
+            Err(_) => preview::owner_reason(text),
+        };
+        pair["value"] = json!(shown);
+    }
+    pairs
 }
 
 /// A CSS class for a history line.

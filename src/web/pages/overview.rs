@@ -28,12 +28,28 @@ struct Tally {
     unknown: i64,
     opened: i64,
     clicked: i64,
+    bounced: i64,
+    unsubscribed: i64,
+    /// Of `sent`, those of rules that track opens (clicks): what the rates are out of. Zero
+    /// for a rule that does not: its opens (clicks) are shown as "—", not 0.
+    sent_tracking_opens: i64,
+    sent_tracking_clicks: i64,
+    tracks_opens: bool,
+    tracks_clicks: bool,
 }
 
 impl Tally {
     fn add_state(&mut self, state: MessageState, n: i64) {
         match state {
-            MessageState::Sent => self.sent += n,
+            MessageState::Sent => {
+                self.sent += n;
+                if self.tracks_opens {
+                    self.sent_tracking_opens += n;
+                }
+                if self.tracks_clicks {
+                    self.sent_tracking_clicks += n;
+                }
+            }
             MessageState::Failed => self.failed += n,
             MessageState::Skipped => self.skipped += n,
             MessageState::Unknown => self.unknown += n,
@@ -48,6 +64,12 @@ impl Tally {
         self.unknown += other.unknown;
         self.opened += other.opened;
         self.clicked += other.clicked;
+        self.bounced += other.bounced;
+        self.unsubscribed += other.unsubscribed;
+        self.sent_tracking_opens += other.sent_tracking_opens;
+        self.sent_tracking_clicks += other.sent_tracking_clicks;
+        self.tracks_opens |= other.tracks_opens;
+        self.tracks_clicks |= other.tracks_clicks;
     }
 
     fn json(&self, rule: Option<&str>, from: NaiveDate) -> Value {
@@ -58,13 +80,20 @@ impl Tally {
             }
             format!("/log?{}", query_string(&query))
         };
+        // "—" where the rule does not track: nothing was counted, so 0 would be a lie.
+        let tracked = |tracks: bool, n: i64| if tracks { n.to_string() } else { "—".into() };
         json!({
             "sent": self.sent, "failed": self.failed, "skipped": self.skipped,
-            "unknown": self.unknown, "opened": self.opened, "clicked": self.clicked,
+            "unknown": self.unknown,
+            "opened": tracked(self.tracks_opens, self.opened),
+            "clicked": tracked(self.tracks_clicks, self.clicked),
+            "bounced": self.bounced, "unsubscribed": self.unsubscribed,
             "sent_link": link("sent"), "failed_link": link("failed"),
             "skipped_link": link("skipped"), "unknown_link": link("unknown"),
-            "open_rate": percent(self.opened, self.sent),
-            "click_rate": percent(self.clicked, self.sent),
+            "open_rate": percent(self.opened, self.sent_tracking_opens),
+            "click_rate": percent(self.clicked, self.sent_tracking_clicks),
+            "bounce_rate": percent(self.bounced, self.sent),
+            "unsubscribe_rate": percent(self.unsubscribed, self.sent),
         })
     }
 }
@@ -79,6 +108,9 @@ fn percent(part: i64, whole: i64) -> String {
 /// What the overview reads from the database.
 struct Loaded {
     activity: Vec<ActivityCount>,
+    /// The last 7 days on their own: counted from the day's start, not from an hour (a zone
+    /// such as Asia/Kolkata starts its days on the half hour).
+    activity7: Vec<ActivityCount>,
     engaged30: Vec<(String, String, i64)>,
     engaged7: Vec<(String, String, i64)>,
     unknown: i64,
@@ -94,6 +126,7 @@ impl Loaded {
     ) -> Result<Loaded, StoreError> {
         Ok(Loaded {
             activity: store.activity(since30).await?,
+            activity7: store.activity(since7).await?,
             engaged30: store.engagement(since30).await?,
             engaged7: store.engagement(since7).await?,
             // Cheap, by the state index (a GROUP BY over every message is not).
@@ -114,17 +147,16 @@ struct Tallies {
 
 impl Tallies {
     /// Every running rule has a row, even with nothing sent.
-    fn new(
-        shared: &Shared,
-        web: &Web,
-        first_day: NaiveDate,
-        week_day: NaiveDate,
-        loaded: &Loaded,
-    ) -> Tallies {
+    fn new(shared: &Shared, web: &Web, first_day: NaiveDate, loaded: &Loaded) -> Tallies {
         let mut tallies = Tallies::default();
         for rule in &shared.playbook.borrow().rules.rules {
-            tallies.rules30.entry(rule.name.clone()).or_default();
-            tallies.rules7.entry(rule.name.clone()).or_default();
+            let tally = Tally {
+                tracks_opens: rule.track_opens,
+                tracks_clicks: rule.track_clicks,
+                ..Tally::default()
+            };
+            tallies.rules30.insert(rule.name.clone(), tally);
+            tallies.rules7.insert(rule.name.clone(), tally);
         }
         for row in &loaded.activity {
             let day = row.hour.with_timezone(&web.timezone).date_naive();
@@ -139,13 +171,13 @@ impl Tallies {
                 .entry(row.rule.clone())
                 .or_default()
                 .add_state(row.state, row.count);
-            if day >= week_day {
-                tallies
-                    .rules7
-                    .entry(row.rule.clone())
-                    .or_default()
-                    .add_state(row.state, row.count);
-            }
+        }
+        for row in &loaded.activity7 {
+            tallies
+                .rules7
+                .entry(row.rule.clone())
+                .or_default()
+                .add_state(row.state, row.count);
         }
         add_engagement(&mut tallies.rules30, &loaded.engaged30);
         add_engagement(&mut tallies.rules7, &loaded.engaged7);
@@ -159,6 +191,8 @@ fn add_engagement(rules: &mut BTreeMap<String, Tally>, engaged: &[(String, Strin
         match kind.as_str() {
             "opened" => tally.opened += n,
             "clicked" => tally.clicked += n,
+            "bounced" => tally.bounced += n,
+            "unsubscribed" => tally.unsubscribed += n,
             _ => {}
         }
     }
@@ -192,7 +226,7 @@ pub async fn overview(owner: Owner, State(shared): State<Shared>) -> Response {
         Ok(loaded) => loaded,
         Err(error) => return owner.with_cookie(unavailable(&web, &error)),
     };
-    let tallies = Tallies::new(&shared, &web, first_day, week_day, &loaded);
+    let tallies = Tallies::new(&shared, &web, first_day, &loaded);
     let chart = chart(&web, first_day, today, &tallies.by_day);
     let failed7: i64 = tallies.rules7.values().map(|t| t.failed).sum();
     let attention = attention(&shared, &web, now, week_day, loaded.unknown, failed7).await;
