@@ -77,6 +77,8 @@ use serde_json::{Value, json};
 
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::rules::{AttributeTest, Rule, RuleSet, Trigger};
+
+pub mod rating;
 use crate::store::{Customer, Event};
 
 /// What the business says about itself in every message (from the config's `[business]` table).
@@ -477,8 +479,8 @@ impl Templates {
             }
             RenderErrorReason::PartialNotFound(name) => self.unknown_partial_message(name),
             RenderErrorReason::HelperNotFound(name) => format!(
-                "there is no helper {name:?} (touchpoint adds date, default, ordinal and nl2br \
-                 to the Handlebars built-ins)"
+                "there is no helper {name:?} (touchpoint adds date, default, ordinal, nl2br and \
+                 rating_url to the Handlebars built-ins)"
             ),
             other => other.to_string(),
         };
@@ -594,7 +596,12 @@ impl Templates {
         let mut unknown = Vec::new();
         collect_unknown_partials(
             template,
-            &|name: &str| name.starts_with('@') || inline.contains(name) || self.is_partial(name),
+            &|name: &str| {
+                name.starts_with('@')
+                    || name == rating::PARTIAL
+                    || inline.contains(name)
+                    || self.is_partial(name)
+            },
             &mut unknown,
         );
         unknown
@@ -752,6 +759,7 @@ fn registry(html: bool) -> Handlebars<'static> {
     registry.register_helper("date", Box::new(DateHelper));
     registry.register_helper("ordinal", Box::new(OrdinalHelper));
     registry.register_helper("nl2br", Box::new(Nl2br { html }));
+    rating::register(&mut registry, html);
     registry
 }
 
@@ -789,6 +797,8 @@ pub fn message_context(
         "years": extra.years,
         "message": { "id": extra.message_id },
         "unsubscribe_url": extra.unsubscribe_url,
+        // Filled in for rules with `rating` ([`rating::context`]).
+        "rating": null,
     })
 }
 
@@ -821,8 +831,9 @@ fn sparse_context(rule: &Rule, business: &Business) -> Value {
 
 fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
     let mut attributes = serde_json::Map::new();
-    for condition in &rule.only_if {
+    for condition in rule.only_if.iter().filter(|c| !c.event_field) {
         let value = match &condition.test {
+            AttributeTest::AtMost(limit) | AttributeTest::AtLeast(limit) => json!(limit),
             AttributeTest::Equals(value) => value.clone(),
             AttributeTest::In(values) => values.first().cloned().unwrap_or(json!("sample")),
             AttributeTest::Exists(true) => json!("sample"),
@@ -858,7 +869,11 @@ fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
         unsubscribe_url: full.then(|| "https://example.com/unsubscribe/sample".to_string()),
         timezone: "Europe/London".to_string(),
     };
-    message_context(&customer, event.as_ref(), rule, business, &extra)
+    let mut context = message_context(&customer, event.as_ref(), rule, business, &extra);
+    if let Some(request) = &rule.rating {
+        context["rating"] = rating::context(request, &rating::sample_url);
+    }
+    context
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1277,6 +1292,7 @@ mod tests {
             frequency_limit: None,
             priority: 0,
             ignore_frequency_limit: false,
+            rating: None,
         }
     }
 
@@ -1877,6 +1893,7 @@ mod tests {
                 "years": null,
                 "message": { "id": "<m@example.com>" },
                 "unsubscribe_url": null,
+                "rating": null,
             })
         );
         // Samples follow the trigger and the only_if conditions.
@@ -1885,18 +1902,22 @@ mod tests {
             AttributeCondition {
                 attribute: "plan".to_string(),
                 test: AttributeTest::In(vec![json!("gold"), json!("silver")]),
+                event_field: false,
             },
             AttributeCondition {
                 attribute: "vip".to_string(),
                 test: AttributeTest::Equals(json!(true)),
+                event_field: false,
             },
             AttributeCondition {
                 attribute: "city".to_string(),
                 test: AttributeTest::Exists(true),
+                event_field: false,
             },
             AttributeCondition {
                 attribute: "banned".to_string(),
                 test: AttributeTest::Exists(false),
+                event_field: false,
             },
         ];
         let sample = sample_context(&vip, &business());
