@@ -57,8 +57,13 @@
 //!
 //! Strict mode only sees the branches a render takes, so [`Templates::check`] renders each rule
 //! twice: with [`sample_context`] and with a sparse sample (no name, no description, no website,
-//! no unsubscribe link). Event data in the samples is empty: a template that prints
-//! `{{event.data.x}}` without `#if`/`default` is reported, because a real event may lack it.
+//! no unsubscribe link). Event data in the samples holds only what is sure to be there (the
+//! fields an `only_if` `event_field` condition requires; a `rated` event's `score`, `scale`,
+//! `rule` and `message_id`): a template that prints any other `{{event.data.x}}` without
+//! `#if`/`default` is reported, because a real event may lack it.
+//!
+//! A rule with `rating` also gets `rating` (`scale`, `question`, `scores` with a signed `url`
+//! each), `{{rating_url N}}` and the built-in partial `{{> rating}}` (see [`rating`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::{self, Write as _};
@@ -832,14 +837,9 @@ fn sparse_context(rule: &Rule, business: &Business) -> Value {
 fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
     let mut attributes = serde_json::Map::new();
     for condition in rule.only_if.iter().filter(|c| !c.event_field) {
-        let value = match &condition.test {
-            AttributeTest::AtMost(limit) | AttributeTest::AtLeast(limit) => json!(limit),
-            AttributeTest::Equals(value) => value.clone(),
-            AttributeTest::In(values) => values.first().cloned().unwrap_or(json!("sample")),
-            AttributeTest::Exists(true) => json!("sample"),
-            AttributeTest::Exists(false) => continue,
-        };
-        attributes.insert(condition.attribute.clone(), value);
+        if let Some(value) = rating::sample_value(&condition.test) {
+            attributes.insert(condition.attribute.clone(), value);
+        }
     }
     let customer = Customer {
         id: "sample-customer".to_string(),
@@ -861,7 +861,7 @@ fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
         customer_id: customer.id.clone(),
         kind: kind.clone(),
         occurred_at,
-        data: json!({}),
+        data: rating::sample_event_data(kind, &rule.only_if),
     });
     let extra = MessageExtras {
         years,

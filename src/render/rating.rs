@@ -7,7 +7,7 @@ use handlebars::{
 };
 use serde_json::{Value, json};
 
-use crate::rules::RatingRequest;
+use crate::rules::{AttributeCondition, AttributeTest, RatingRequest};
 
 /// The built-in partial's name; a `partials/rating.hbs` of the operator's replaces it.
 pub const PARTIAL: &str = "rating";
@@ -54,6 +54,34 @@ pub fn context(request: &RatingRequest, url: &dyn Fn(u8) -> String) -> Value {
         "high_label": high_label,
         "count": scores.len(),
         "scores": scores,
+    })
+}
+
+/// The data of a sample triggering event: what is sure to be there. A `rated` event always
+/// has `score`, `scale`, `rule` and `message_id` (a `comment` may be absent), and a field an
+/// `only_if` condition tests must be there for the message to go; anything else may be absent.
+pub fn sample_event_data(kind: &str, only_if: &[AttributeCondition]) -> Value {
+    let mut data = if kind == "rated" {
+        json!({ "score": 5, "scale": "csat", "rule": "sample-rule", "message_id": 1 })
+    } else {
+        json!({})
+    };
+    for condition in only_if.iter().filter(|c| c.event_field) {
+        if let Some(value) = sample_value(&condition.test) {
+            data[condition.attribute.as_str()] = value;
+        }
+    }
+    data
+}
+
+/// A value that meets `test`, for samples; `None` for `exists = false` (leave it out).
+pub fn sample_value(test: &AttributeTest) -> Option<Value> {
+    Some(match test {
+        AttributeTest::Equals(value) => value.clone(),
+        AttributeTest::In(values) => values.first().cloned().unwrap_or(json!("sample")),
+        AttributeTest::AtMost(n) | AttributeTest::AtLeast(n) => json!(n),
+        AttributeTest::Exists(true) => json!("sample"),
+        AttributeTest::Exists(false) => return None,
     })
 }
 
