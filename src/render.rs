@@ -81,7 +81,7 @@ use handlebars::{
 use serde_json::{Value, json};
 
 use crate::diag::{Diagnostic, Diagnostics};
-use crate::rules::{AttributeTest, Rule, RuleSet, Trigger};
+use crate::rules::{Rule, RuleSet, Trigger};
 
 pub mod rating;
 use crate::store::{Customer, Event};
@@ -1260,7 +1260,7 @@ mod tests {
     use chrono::{NaiveTime, TimeDelta};
 
     use super::*;
-    use crate::rules::{AttributeCondition, Origin, Unless};
+    use crate::rules::{AttributeCondition, AttributeTest, Origin, Unless};
 
     const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/templates");
 
