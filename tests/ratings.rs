@@ -273,6 +273,18 @@ async fn a_rating_is_asked_answered_by_post_and_drives_a_rule(backend: Backend) 
             .contains("triggering event no longer matches"),
         "{skipped:#?}"
     );
+    // The kept check record explains it with the score the check saw.
+    let kept = world.store.sent_content(skipped.id).await.expect("read");
+    let checks: Vec<String> = kept
+        .map(|c| c.checks)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|line| format!("{}: {}", line.verdict, line.text))
+        .collect();
+    assert!(
+        checks.contains(&"failed: only if the triggering event's \"score\" is at most 2: not met (the event's is 5)".to_string()),
+        "{checks:#?}"
+    );
 
     // Ada's stays at 1: the apology goes out, with her score and comment.
     let apology = world.wait("apology", &event_id, MessageState::Sent).await;

@@ -2315,11 +2315,20 @@ async fn ratings_keep_the_last_answer_and_the_comment(backend: Backend) {
         .record_rating(&rating(ids[0], 4, None))
         .await
         .expect("record again");
-    assert_eq!((changed.score, changed.comment.as_deref()), (4, Some("slow")));
+    assert_eq!(
+        (changed.score, changed.comment.as_deref()),
+        (4, Some("slow"))
+    );
     assert_eq!(store.rating(ids[0]).await.expect("read"), Some(changed));
     let after = store.event(&event_id).await.expect("read").expect("rated");
-    assert_eq!((after.kind.as_str(), after.customer_id.as_str()), ("rated", "c"));
-    assert_eq!(after.occurred_at, event.occurred_at, "the first answer's time");
+    assert_eq!(
+        (after.kind.as_str(), after.customer_id.as_str()),
+        ("rated", "c")
+    );
+    assert_eq!(
+        after.occurred_at, event.occurred_at,
+        "the first answer's time"
+    );
     assert_eq!(
         after.data,
         serde_json::json!({ "score": 4, "scale": "csat", "rule": "r",
@@ -2340,7 +2349,12 @@ async fn ratings_keep_the_last_answer_and_the_comment(backend: Backend) {
         vec![("r".to_string(), "csat".to_string(), 4, 2)]
     );
     // A message that does not exist cannot be rated (the foreign key refuses it).
-    assert!(store.record_rating(&rating(ids[1] + 1000, 3, None)).await.is_err());
+    assert!(
+        store
+            .record_rating(&rating(ids[1] + 1000, 3, None))
+            .await
+            .is_err()
+    );
 }
 
 on_both_backends!(ratings_keep_the_last_answer_and_the_comment);
