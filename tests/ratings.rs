@@ -177,6 +177,7 @@ fn text_links(text: &str) -> Vec<(u8, String)> {
 on_both_backends!(
     a_rating_is_asked_answered_by_post_and_drives_a_rule,
     forged_unsent_and_out_of_range_ratings_change_nothing,
+    preview_and_test_sends_have_rating_links_that_record_nothing,
 );
 
 async fn a_rating_is_asked_answered_by_post_and_drives_a_rule(backend: Backend) {
@@ -371,5 +372,49 @@ async fn forged_unsent_and_out_of_range_ratings_change_nothing(backend: Backend)
     // The real link still works after all that.
     assert_eq!(world.post(&links[3].1, "").await.status, 200);
     assert_eq!(world.rating(sent.id).await.map(|r| r.score), Some(4));
+    world.daemon.stop().await;
+}
+
+async fn preview_and_test_sends_have_rating_links_that_record_nothing(backend: Backend) {
+    let world = World::new(backend).await;
+    world
+        .env
+        .add_customer(&world.store, "di", "di@example.com", "Di", None)
+        .await;
+    world
+        .env
+        .add_event(&world.store, "di-order", "di", "purchase", Utc::now())
+        .await;
+    let preview = ["preview", "--rule", "thanks", "--customer", "di"];
+    let (ok, out, err) = world.env.run_cli(&preview);
+    assert!(ok, "{err}");
+    assert!(out.contains("5: https://example.com/r/sample-5"), "{out}");
+
+    let mut test_send = preview.to_vec();
+    test_send.extend(["--send-to", "tester@example.org"]);
+    let (ok, _, err) = world.env.run_cli(&test_send);
+    assert!(ok, "{err}");
+    let accepted = world
+        .peer
+        .accepted()
+        .into_iter()
+        .find(|a| a.rcpt_to.iter().any(|r| r == "tester@example.org"))
+        .expect("the test send");
+    let message = MessageParser::default()
+        .parse(&accepted.data)
+        .expect("parses");
+    let links = text_links(&message.body_text(0).expect("text"));
+    assert_eq!(links.len(), 5);
+    let page = world.post(&links[0].1, "score=1").await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("This was a test"), "{}", page.text());
+    assert!(
+        world
+            .store
+            .rating_counts()
+            .await
+            .expect("counts")
+            .is_empty()
+    );
     world.daemon.stop().await;
 }
