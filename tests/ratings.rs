@@ -372,6 +372,33 @@ async fn forged_unsent_and_out_of_range_ratings_change_nothing(backend: Backend)
     // The real link still works after all that.
     assert_eq!(world.post(&links[3].1, "").await.status, 200);
     assert_eq!(world.rating(sent.id).await.map(|r| r.score), Some(4));
+
+    // A 4 never becomes an apology, and `why` says which check and what it saw.
+    let why = [
+        "why",
+        "--customer",
+        "cy",
+        "--rule",
+        "apology",
+        "--format",
+        "json",
+    ];
+    let (ok, out, err) = world.env.run_cli(&why);
+    assert!(ok, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let answer = &answer[0];
+    assert_eq!(answer["reason"], "only_if", "{answer}");
+    assert_eq!(
+        (answer["event_field"].as_bool(), answer["value"].as_i64()),
+        (Some(true), Some(4))
+    );
+    let says = answer["says"].as_str().unwrap_or_default();
+    assert!(
+        says.contains(
+            "only if the triggering event's \"score\" is at most 2, and the event's \"score\" is 4"
+        ),
+        "{answer}"
+    );
     world.daemon.stop().await;
 }
 
