@@ -18,9 +18,21 @@ const TAG_BYTES: usize = 16;
 /// What a link does, for which message (the `messages.id`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Link {
-    Unsubscribe { message: i64 },
-    Open { message: i64 },
-    Click { message: i64, url: String },
+    Unsubscribe {
+        message: i64,
+    },
+    Open {
+        message: i64,
+    },
+    Click {
+        message: i64,
+        url: String,
+    },
+    /// `{{rating_url N}}`: the page where the customer confirms score N for the message.
+    Rating {
+        message: i64,
+        score: u8,
+    },
 }
 
 impl Link {
@@ -29,6 +41,7 @@ impl Link {
             Link::Unsubscribe { message } => format!("u.{message}"),
             Link::Open { message } => format!("o.{message}"),
             Link::Click { message, url } => format!("c.{message}.{url}"),
+            Link::Rating { message, score } => format!("r.{message}.{score}"),
         }
     }
 
@@ -48,6 +61,13 @@ impl Link {
                     url: url.to_string(),
                 })
             }
+            "r" => {
+                let (message, score) = rest.split_once('.')?;
+                Some(Link::Rating {
+                    message: message.parse().ok()?,
+                    score: score.parse().ok()?,
+                })
+            }
             _ => None,
         }
     }
@@ -56,7 +76,8 @@ impl Link {
         match self {
             Link::Unsubscribe { message }
             | Link::Open { message }
-            | Link::Click { message, .. } => *message,
+            | Link::Click { message, .. }
+            | Link::Rating { message, .. } => *message,
         }
     }
 }
@@ -123,6 +144,7 @@ impl LinkSigner {
             Link::Unsubscribe { .. } => format!("{}/u/{token}", self.base_url),
             Link::Open { .. } => format!("{}/o/{token}.gif", self.base_url),
             Link::Click { .. } => format!("{}/c/{token}", self.base_url),
+            Link::Rating { .. } => format!("{}/r/{token}", self.base_url),
         }
     }
 

@@ -224,6 +224,8 @@ pub struct MetricsCache {
 pub struct Scan {
     pub counts: Option<Vec<(String, MessageState, i64)>>,
     pub backlog: Option<(i64, Option<f64>)>,
+    /// Rated messages per (rule, scale, score).
+    pub ratings: Option<Vec<(String, String, i64, i64)>>,
 }
 
 impl MetricsCache {
@@ -256,6 +258,14 @@ impl Scan {
             Ok(Ok(backlog)) => Some(backlog),
             _ => None,
         };
-        Scan { counts, backlog }
+        let ratings = match tokio::time::timeout(limit, store.rating_counts()).await {
+            Ok(Ok(ratings)) => Some(ratings),
+            _ => None,
+        };
+        Scan {
+            counts,
+            backlog,
+            ratings,
+        }
     }
 }

@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::calendar;
 use crate::playbook::Playbook;
-use crate::rules::{MessageDetail, Rule, Trigger, attributes_match};
+#[cfg(test)]
+use crate::rules::attributes_match;
+use crate::rules::{MessageDetail, Rule, Trigger, conditions_match};
 use crate::sources::{EventQuery, Source, SourceError, Sources};
 use crate::store::{
     Candidate, CandidateQuery, CandidateSource, Customer, Event, NewMessage, SharedStore,
@@ -62,7 +64,8 @@ pub fn plan_candidate(
     now: DateTime<Utc>,
     settings: &PlanSettings,
 ) -> Option<NewMessage> {
-    if !attributes_match(&rule.only_if, &candidate.customer.attributes) {
+    let event_data = candidate.event.as_ref().map(|e| &e.data);
+    if !conditions_match(&rule.only_if, &candidate.customer.attributes, event_data) {
         return None;
     }
     let tz = customer_timezone(&candidate.customer, settings.default_timezone);
@@ -671,6 +674,7 @@ mod tests {
             vec![AttributeCondition {
                 attribute: attribute.into(),
                 test,
+                event_field: false,
             }]
         };
         assert!(attributes_match(

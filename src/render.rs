@@ -57,8 +57,13 @@
 //!
 //! Strict mode only sees the branches a render takes, so [`Templates::check`] renders each rule
 //! twice: with [`sample_context`] and with a sparse sample (no name, no description, no website,
-//! no unsubscribe link). Event data in the samples is empty: a template that prints
-//! `{{event.data.x}}` without `#if`/`default` is reported, because a real event may lack it.
+//! no unsubscribe link). Event data in the samples holds only what is sure to be there (the
+//! fields an `only_if` `event_field` condition requires; a `rated` event's `score`, `scale`,
+//! `rule` and `message_id`): a template that prints any other `{{event.data.x}}` without
+//! `#if`/`default` is reported, because a real event may lack it.
+//!
+//! A rule with `rating` also gets `rating` (`scale`, `question`, `scores` with a signed `url`
+//! each), `{{rating_url N}}` and the built-in partial `{{> rating}}` (see [`rating`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::{self, Write as _};
@@ -76,7 +81,9 @@ use handlebars::{
 use serde_json::{Value, json};
 
 use crate::diag::{Diagnostic, Diagnostics};
-use crate::rules::{AttributeTest, Rule, RuleSet, Trigger};
+use crate::rules::{Rule, RuleSet, Trigger};
+
+pub mod rating;
 use crate::store::{Customer, Event};
 
 /// What the business says about itself in every message (from the config's `[business]` table).
@@ -477,8 +484,8 @@ impl Templates {
             }
             RenderErrorReason::PartialNotFound(name) => self.unknown_partial_message(name),
             RenderErrorReason::HelperNotFound(name) => format!(
-                "there is no helper {name:?} (touchpoint adds date, default, ordinal and nl2br \
-                 to the Handlebars built-ins)"
+                "there is no helper {name:?} (touchpoint adds date, default, ordinal, nl2br and \
+                 rating_url to the Handlebars built-ins)"
             ),
             other => other.to_string(),
         };
@@ -594,7 +601,12 @@ impl Templates {
         let mut unknown = Vec::new();
         collect_unknown_partials(
             template,
-            &|name: &str| name.starts_with('@') || inline.contains(name) || self.is_partial(name),
+            &|name: &str| {
+                name.starts_with('@')
+                    || name == rating::PARTIAL
+                    || inline.contains(name)
+                    || self.is_partial(name)
+            },
             &mut unknown,
         );
         unknown
@@ -752,6 +764,7 @@ fn registry(html: bool) -> Handlebars<'static> {
     registry.register_helper("date", Box::new(DateHelper));
     registry.register_helper("ordinal", Box::new(OrdinalHelper));
     registry.register_helper("nl2br", Box::new(Nl2br { html }));
+    rating::register(&mut registry, html);
     registry
 }
 
@@ -789,6 +802,8 @@ pub fn message_context(
         "years": extra.years,
         "message": { "id": extra.message_id },
         "unsubscribe_url": extra.unsubscribe_url,
+        // Filled in for rules with `rating` ([`rating::context`]).
+        "rating": null,
     })
 }
 
@@ -821,14 +836,10 @@ fn sparse_context(rule: &Rule, business: &Business) -> Value {
 
 fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
     let mut attributes = serde_json::Map::new();
-    for condition in &rule.only_if {
-        let value = match &condition.test {
-            AttributeTest::Equals(value) => value.clone(),
-            AttributeTest::In(values) => values.first().cloned().unwrap_or(json!("sample")),
-            AttributeTest::Exists(true) => json!("sample"),
-            AttributeTest::Exists(false) => continue,
-        };
-        attributes.insert(condition.attribute.clone(), value);
+    for condition in rule.only_if.iter().filter(|c| !c.event_field) {
+        if let Some(value) = rating::sample_value(&condition.test) {
+            attributes.insert(condition.attribute.clone(), value);
+        }
     }
     let customer = Customer {
         id: "sample-customer".to_string(),
@@ -850,7 +861,7 @@ fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
         customer_id: customer.id.clone(),
         kind: kind.clone(),
         occurred_at,
-        data: json!({}),
+        data: rating::sample_event_data(kind, &rule.only_if),
     });
     let extra = MessageExtras {
         years,
@@ -858,7 +869,11 @@ fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
         unsubscribe_url: full.then(|| "https://example.com/unsubscribe/sample".to_string()),
         timezone: "Europe/London".to_string(),
     };
-    message_context(&customer, event.as_ref(), rule, business, &extra)
+    let mut context = message_context(&customer, event.as_ref(), rule, business, &extra);
+    if let Some(request) = &rule.rating {
+        context["rating"] = rating::context(request, &rating::sample_url);
+    }
+    context
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1245,7 +1260,7 @@ mod tests {
     use chrono::{NaiveTime, TimeDelta};
 
     use super::*;
-    use crate::rules::{AttributeCondition, Origin, Unless};
+    use crate::rules::{AttributeCondition, AttributeTest, Origin, Unless};
 
     const TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/templates");
 
@@ -1277,6 +1292,7 @@ mod tests {
             frequency_limit: None,
             priority: 0,
             ignore_frequency_limit: false,
+            rating: None,
         }
     }
 
@@ -1877,6 +1893,7 @@ mod tests {
                 "years": null,
                 "message": { "id": "<m@example.com>" },
                 "unsubscribe_url": null,
+                "rating": null,
             })
         );
         // Samples follow the trigger and the only_if conditions.
@@ -1885,18 +1902,22 @@ mod tests {
             AttributeCondition {
                 attribute: "plan".to_string(),
                 test: AttributeTest::In(vec![json!("gold"), json!("silver")]),
+                event_field: false,
             },
             AttributeCondition {
                 attribute: "vip".to_string(),
                 test: AttributeTest::Equals(json!(true)),
+                event_field: false,
             },
             AttributeCondition {
                 attribute: "city".to_string(),
                 test: AttributeTest::Exists(true),
+                event_field: false,
             },
             AttributeCondition {
                 attribute: "banned".to_string(),
                 test: AttributeTest::Exists(false),
+                event_field: false,
             },
         ];
         let sample = sample_context(&vip, &business());

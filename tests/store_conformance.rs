@@ -15,7 +15,8 @@
 //! - tracking (`TrackingStore`): message events recorded once per key, counted per address;
 //! - reporting (`ReportingStore`): log paging and filtering, one dating rule for the log, its
 //!   count and the overview's counts;
-//! - shared state (`SharedStateStore`): settings, session revocation.
+//! - shared state (`SharedStateStore`): settings, session revocation;
+//! - ratings (`RatingStore`): the last answer per message, the comment kept, the `rated` event.
 
 mod support;
 
@@ -2442,3 +2443,89 @@ on_both_backends!(
     waiting_messages_by_rule_and_due_time,
     the_body_fence_holds_the_limit_under_a_race,
 );
+
+// --- ratings (`RatingStore`) ---------------------------------------------------------------------
+
+/// The last answer per message counts, a comment once given is kept, and the customer's
+/// `rated` event follows each answer (its data changes, its id and time do not).
+async fn ratings_keep_the_last_answer_and_the_comment(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[customer("c", "c@example.com", "C")])
+        .await
+        .expect("customer");
+    let due = Utc::now() + TimeDelta::hours(1);
+    store
+        .insert_messages(&[message("r:1", "c", due), message("r:2", "c", due)])
+        .await
+        .expect("insert");
+    let ids: Vec<i64> = store
+        .log(&LogFilter::default())
+        .await
+        .expect("log")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let rating = |message_id: i64, score: i64, comment: Option<&str>| touchpoint::store::Rating {
+        message_id,
+        customer_id: "c".into(),
+        rule: "r".into(),
+        scale: "csat".into(),
+        score,
+        comment: comment.map(str::to_string),
+    };
+    assert_eq!(store.rating(ids[0]).await.expect("read"), None);
+    let first = store
+        .record_rating(&rating(ids[0], 2, Some("slow")))
+        .await
+        .expect("record");
+    assert_eq!(first.comment.as_deref(), Some("slow"));
+    let event_id = touchpoint::store::Rating::event_id(ids[0]);
+    let event = store.event(&event_id).await.expect("read").expect("rated");
+    let changed = store
+        .record_rating(&rating(ids[0], 4, None))
+        .await
+        .expect("record again");
+    assert_eq!(
+        (changed.score, changed.comment.as_deref()),
+        (4, Some("slow"))
+    );
+    assert_eq!(store.rating(ids[0]).await.expect("read"), Some(changed));
+    let after = store.event(&event_id).await.expect("read").expect("rated");
+    assert_eq!(
+        (after.kind.as_str(), after.customer_id.as_str()),
+        ("rated", "c")
+    );
+    assert_eq!(
+        after.occurred_at, event.occurred_at,
+        "the first answer's time"
+    );
+    assert_eq!(
+        after.data,
+        serde_json::json!({ "score": 4, "scale": "csat", "rule": "r",
+                            "message_id": ids[0], "comment": "slow" })
+    );
+    store
+        .record_rating(&rating(ids[1], 4, None))
+        .await
+        .expect("record");
+    let no_comment = store
+        .event(&touchpoint::store::Rating::event_id(ids[1]))
+        .await
+        .expect("read")
+        .expect("rated");
+    assert_eq!(no_comment.data.get("comment"), None, "no comment, no key");
+    assert_eq!(
+        store.rating_counts().await.expect("counts"),
+        vec![("r".to_string(), "csat".to_string(), 4, 2)]
+    );
+    // A message that does not exist cannot be rated (the foreign key refuses it).
+    assert!(
+        store
+            .record_rating(&rating(ids[1] + 1000, 3, None))
+            .await
+            .is_err()
+    );
+}
+
+on_both_backends!(ratings_keep_the_last_answer_and_the_comment);

@@ -11,6 +11,7 @@ use super::DispatchSettings;
 use super::guard::Found;
 use crate::links::{self, Link, MessageTags};
 use crate::playbook::Playbook;
+use crate::render::rating::{self, sample_url};
 use crate::render::{MessageExtras, RenderError, Rendered, message_context};
 use crate::rules::{CheckRecord, MessageDetail, Rule};
 use crate::store::{ClaimedMessage, Customer, Delivery, Event, SentContent};
@@ -154,6 +155,11 @@ fn build(
         .links
         .as_ref()
         .map(|l| l.url(&Link::Unsubscribe { message: id }));
+    check_rating_links(settings, rule)?;
+    let rate = |score| match &settings.links {
+        Some(signer) => signer.url(&Link::Rating { message: id, score }),
+        None => sample_url(score),
+    };
     let rendered = render_message(
         playbook,
         rule,
@@ -161,6 +167,7 @@ fn build(
             draft: &envelope.draft,
             message_id: message_id.clone(),
             unsubscribe_url: unsubscribe_url.clone(),
+            rating_url: Some(&rate),
         },
     )
     .map_err(|error| format!("cannot render: {error}"))?;
@@ -197,6 +204,21 @@ pub struct MessageInputs<'a> {
     pub draft: &'a Draft<'a>,
     pub message_id: String,
     pub unsubscribe_url: Option<String>,
+    /// The link that rates the message N, for rules with `rating`; `None`: stand-ins
+    /// ([`crate::render::rating::sample_url`]).
+    pub rating_url: Option<&'a dyn Fn(u8) -> String>,
+}
+
+/// A rule asking for a rating cannot go out without links to answer with.
+fn check_rating_links(settings: &DispatchSettings, rule: &Rule) -> Result<(), String> {
+    if rule.rating.is_some() && settings.links.is_none() {
+        return Err(format!(
+            "rule {:?} asks for a rating, but links are off: set [links] base_url (or [http] listen) so \
+             rating links can reach it",
+            rule.name
+        ));
+    }
+    Ok(())
 }
 
 /// Renders the rule's templates for one message: the dispatcher's first step, and all of
@@ -206,6 +228,7 @@ pub fn render_message(
     rule: &Rule,
     inputs: &MessageInputs<'_>,
 ) -> Result<Rendered, RenderError> {
+    let rating_url = inputs.rating_url.unwrap_or(&sample_url);
     let extras = MessageExtras {
         years: inputs.draft.detail.years,
         message_id: inputs.message_id.clone(),
@@ -219,6 +242,10 @@ pub fn render_message(
         &playbook.business,
         &extras,
     );
+    let mut context = context;
+    if let Some(request) = &rule.rating {
+        context["rating"] = rating::context(request, rating_url);
+    }
     playbook.templates.render(rule, &context)
 }
 

@@ -25,7 +25,7 @@ const PIXEL: [u8; 43] = [
 /// The link a valid token stands for and its message: 404 for a bad token or an unknown
 /// message, 503 while the database is unavailable (so a provider's one-click POST is retried
 /// rather than lost).
-async fn verified(shared: &Shared, token: &str) -> Result<(Link, LogEntry), Response> {
+pub(super) async fn verified(shared: &Shared, token: &str) -> Result<(Link, LogEntry), Response> {
     let Some(link) = shared.links.as_ref().and_then(|links| links.verify(token)) else {
         return Err(not_found());
     };
@@ -47,7 +47,7 @@ async fn verified(shared: &Shared, token: &str) -> Result<(Link, LogEntry), Resp
     }
 }
 
-fn page(title: &str, body: &str) -> Response {
+pub(super) fn page(title: &str, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
          <title>{title}</title><style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#222}}\
@@ -70,6 +70,9 @@ fn test_send_page(link: &Link) -> Response {
             let url = escape_html(url);
             format!("<p>In a real message this link leads to <a href=\"{url}\">{url}</a>.</p>")
         }
+        Link::Rating { score, .. } => {
+            format!("<p>In a real message this link rates it {score} and asks for a comment.</p>")
+        }
         _ => "<p>In a real message this link unsubscribes the customer.</p>".into(),
     };
     let body = format!(
@@ -88,7 +91,7 @@ fn pixel() -> Response {
         .into_response()
 }
 
-fn business_name(shared: &Shared) -> String {
+pub(super) fn business_name(shared: &Shared) -> String {
     escape_html(&shared.playbook.borrow().business.name)
 }
 

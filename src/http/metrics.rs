@@ -46,10 +46,31 @@ async fn render_metrics(shared: &Shared) -> String {
     if let Some(backlog) = scan.backlog {
         render_backlog(&mut out, backlog);
     }
+    if let Some(ratings) = &scan.ratings {
+        render_ratings(&mut out, ratings);
+    }
     render_daemon(&mut out, shared);
     let sources = shared.playbook.borrow().sources.clone();
     render_sources(&mut out, &sources);
     out
+}
+
+/// Rated messages per rule, scale and score (each message counted once, by its last answer).
+fn render_ratings(out: &mut String, ratings: &[(String, String, i64, i64)]) {
+    let _ = writeln!(
+        out,
+        "# HELP touchpoint_ratings_total Rated messages by rule, scale and score (the last answer \
+         of each message)."
+    );
+    let _ = writeln!(out, "# TYPE touchpoint_ratings_total counter");
+    for (rule, scale, score, n) in ratings {
+        let _ = writeln!(
+            out,
+            "touchpoint_ratings_total{{rule=\"{}\",scale=\"{}\",score=\"{score}\"}} {n}",
+            escape(rule),
+            escape(scale)
+        );
+    }
 }
 
 /// This process's attempt outcomes and its send and lateness histograms.

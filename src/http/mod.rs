@@ -7,6 +7,7 @@ mod bounce_hook;
 mod health;
 mod links;
 mod metrics;
+mod rating;
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -28,6 +29,7 @@ pub fn router(shared: Shared) -> Router {
         )
         .route("/o/{file}", get(links::open_pixel))
         .route("/c/{token}", get(links::click))
+        .route("/r/{token}", get(rating::rating_page).post(rating::rate))
         .route("/hooks/bounce", post(bounce_hook::bounce_hook))
         .merge(crate::ingest::router())
         .merge(web)

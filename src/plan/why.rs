@@ -210,6 +210,10 @@ impl rules::Subject for Found {
     fn timezone(&self) -> Tz {
         self.tz
     }
+
+    fn event_data(&self) -> Option<&serde_json::Value> {
+        self.event.as_ref().map(|e| &e.data)
+    }
 }
 
 /// What the checks read: touchpoint's database, and the sources for `unless` events.

@@ -135,6 +135,11 @@ pub trait Subject {
     fn event(&self) -> Option<(&str, &str, DateTime<Utc>)>;
     /// The customer's effective time zone.
     fn timezone(&self) -> Tz;
+    /// The triggering event's data, read now (a rating's score may have changed since
+    /// planning); `None` without an event.
+    fn event_data(&self) -> Option<&Value> {
+        None
+    }
 }
 
 /// What the checks read from the world at send time (the database, the sources).
@@ -387,13 +392,17 @@ async fn conditions<F: Facts>(
         Err(stopped) => return Ok(stopped),
     };
     for (i, condition) in rule.only_if.iter().enumerate() {
-        let value = subject.attributes().get(&condition.attribute);
+        let event_data = subject.event_data();
         let check = Check::OnlyIf {
             condition: condition.clone(),
-            seen: value.filter(|v| !v.is_null()).cloned(),
+            seen: condition.seen(subject.attributes(), event_data).cloned(),
         };
-        if !condition.holds(subject.attributes()) {
-            let reason = "the customer no longer matches the rule's only_if conditions".into();
+        if !condition.holds_for(subject.attributes(), event_data) {
+            let reason = if condition.event_field {
+                "the triggering event no longer matches the rule's only_if conditions".into()
+            } else {
+                "the customer no longer matches the rule's only_if conditions".into()
+            };
             return Ok(run.stop(Stage::OnlyIf(i), check, Decision::Skip(reason)));
         }
         run.pass(check);
@@ -638,8 +647,30 @@ impl Rule {
 impl AttributeCondition {
     /// Whether the condition holds for these customer attributes (null counts as absent).
     pub fn holds(&self, attributes: &Value) -> bool {
-        let value = attributes.get(&self.attribute).filter(|v| !v.is_null());
+        self.holds_for(attributes, None)
+    }
+
+    /// The value the condition looks at: the customer's attribute, or for `event_field` the
+    /// triggering event's data field (absent when there is no event). Null counts as absent.
+    pub fn seen<'v>(
+        &self,
+        attributes: &'v Value,
+        event_data: Option<&'v Value>,
+    ) -> Option<&'v Value> {
+        let source = if self.event_field {
+            event_data?
+        } else {
+            attributes
+        };
+        source.get(&self.attribute).filter(|v| !v.is_null())
+    }
+
+    /// Whether the condition holds for these customer attributes and this event data.
+    pub fn holds_for(&self, attributes: &Value, event_data: Option<&Value>) -> bool {
+        let value = self.seen(attributes, event_data);
         match &self.test {
+            AttributeTest::AtMost(limit) => value.and_then(as_number).is_some_and(|v| v <= *limit),
+            AttributeTest::AtLeast(limit) => value.and_then(as_number).is_some_and(|v| v >= *limit),
             AttributeTest::Exists(wanted) => value.is_some() == *wanted,
             AttributeTest::Equals(expected) => value.is_some_and(|v| json_equal(v, expected)),
             AttributeTest::In(options) => {
@@ -651,9 +682,28 @@ impl AttributeCondition {
 
 /// Whether every `only_if` condition holds for these attributes.
 pub fn attributes_match(conditions: &[AttributeCondition], attributes: &Value) -> bool {
+    conditions_match(conditions, attributes, None)
+}
+
+/// Whether every `only_if` condition holds for these attributes and the triggering event's
+/// data (`None`: no event, so every `event_field` condition fails).
+pub fn conditions_match(
+    conditions: &[AttributeCondition],
+    attributes: &Value,
+    event_data: Option<&Value>,
+) -> bool {
     conditions
         .iter()
-        .all(|condition| condition.holds(attributes))
+        .all(|condition| condition.holds_for(attributes, event_data))
+}
+
+/// A number, or a string holding one (a CSV import gives strings).
+fn as_number(value: &Value) -> Option<f64> {
+    match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 /// JSON equality where `1` equals `1.0`; a CSV import gives strings, so `"1"` equals `1` too.

@@ -50,17 +50,26 @@ pub fn conditions(rule: &Rule) -> Vec<String> {
 
 fn only_if(condition: &AttributeCondition) -> String {
     let name = &condition.attribute;
+    let whose = if condition.event_field {
+        "the triggering event's"
+    } else {
+        "the customer's"
+    };
+    let who = if condition.event_field {
+        "the triggering event"
+    } else {
+        "the customer"
+    };
     match &condition.test {
-        AttributeTest::Equals(value) => format!("only if the customer's {name:?} is {value}"),
+        AttributeTest::Equals(value) => format!("only if {whose} {name:?} is {value}"),
         AttributeTest::In(values) => {
             let list: Vec<String> = values.iter().map(ToString::to_string).collect();
-            format!(
-                "only if the customer's {name:?} is one of {}",
-                list.join(", ")
-            )
+            format!("only if {whose} {name:?} is one of {}", list.join(", "))
         }
-        AttributeTest::Exists(true) => format!("only if the customer has a {name:?}"),
-        AttributeTest::Exists(false) => format!("only if the customer has no {name:?}"),
+        AttributeTest::Exists(true) => format!("only if {who} has a {name:?}"),
+        AttributeTest::Exists(false) => format!("only if {who} has no {name:?}"),
+        AttributeTest::AtMost(limit) => format!("only if {whose} {name:?} is at most {limit}"),
+        AttributeTest::AtLeast(limit) => format!("only if {whose} {name:?} is at least {limit}"),
     }
 }
 
@@ -257,10 +266,12 @@ impl Check {
                     .as_ref()
                     .map_or_else(|| "none".to_string(), ToString::to_string);
                 let verdict = if held { "held" } else { "not met" };
-                format!(
-                    "{}: {verdict} (the customer's is {value})",
-                    only_if(condition)
-                )
+                let whose = if condition.event_field {
+                    "the event's"
+                } else {
+                    "the customer's"
+                };
+                format!("{}: {verdict} ({whose} is {value})", only_if(condition))
             }
             Check::Unless { condition, after } => {
                 let since = after.map(utc_minute).unwrap_or_default();

@@ -7,6 +7,7 @@ mod check;
 mod detail;
 pub mod explain;
 mod parse;
+mod rating;
 #[cfg(test)]
 mod tests;
 pub mod why;
@@ -21,11 +22,13 @@ use crate::calendar::{self, Anniversary, SendWindow};
 use crate::diag::{Diagnostic, Diagnostics};
 
 pub use crate::duration::{MAX_DURATION_DAYS, format_duration, parse_clock, parse_duration};
+pub use check::conditions_match;
 pub use check::{
     Check, CheckRecord, Decision, Evaluation, Facts, FrequencyUsage, HELD_BACK, MessageState,
     QUIET_DATE, Subject, Verdict, attributes_match, evaluate, expired, limit_decision,
 };
 pub use detail::{MessageDetail, SourceEvent};
+pub use rating::{RatingRequest, RatingScale};
 
 /// All rules from a rules directory, in file-name order then file order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -74,6 +77,9 @@ pub struct Rule {
     pub priority: i32,
     /// `ignore_frequency_limit = true`: never held back, and not counted toward the limit.
     pub ignore_frequency_limit: bool,
+    /// `rating = { scale = "csat" | "nps", question = "..." }`: the message asks for a rating,
+    /// and its templates get `{{rating_url N}}` and `{{> rating}}`.
+    pub rating: Option<RatingRequest>,
 }
 
 /// `frequency_limit = { max = N, per = DURATION }`: at most `max` messages to one customer
@@ -206,8 +212,12 @@ pub enum Unless {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttributeCondition {
+    /// The customer attribute's name, or the event data field's (`event_field`).
     pub attribute: String,
     pub test: AttributeTest,
+    /// `event_field = NAME` rather than `attribute = NAME`: the condition tests the triggering
+    /// event's data (a rating's `score`), not the customer's attributes.
+    pub event_field: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -216,6 +226,10 @@ pub enum AttributeTest {
     In(Vec<serde_json::Value>),
     /// `exists = true` requires the attribute, `exists = false` requires its absence.
     Exists(bool),
+    /// `at_most = N`: a number (or a string holding one) no greater than N.
+    AtMost(f64),
+    /// `at_least = N`: a number (or a string holding one) no less than N.
+    AtLeast(f64),
 }
 
 /// Reads every `*.toml` in `dir` (sorted by file name; not recursive). `template_exists` says

@@ -12,7 +12,10 @@ use chrono::{NaiveTime, TimeDelta, Weekday};
 use croner::parser::{CronParser, Seconds, Year};
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
-use super::{AttributeCondition, AttributeTest, FrequencyLimit, Origin, Rule, Trigger, Unless};
+use super::{
+    AttributeCondition, AttributeTest, FrequencyLimit, Origin, RatingRequest, RatingScale, Rule,
+    Trigger, Unless,
+};
 use crate::calendar::{QuietDate, SendWindow};
 use crate::diag::{Diagnostic, line_column};
 use crate::duration::{parse_clock, parse_duration};
@@ -33,10 +36,23 @@ const RULE_KEYS: &[&str] = &[
     "frequency_limit",
     "priority",
     "ignore_frequency_limit",
+    "rating",
 ];
+const RATING_KEYS: &[&str] = &["scale", "question"];
+const RATING_FORM: &str = "{ scale = \"csat\" } (1 to 5) or { scale = \"nps\" } (0 to 10), with an \
+     optional question = \"How did we do?\"";
 const WHEN_KEYS: &[&str] = &["event", "after", "anniversary_of", "at", "schedule"];
 const UNLESS_KEYS: &[&str] = &["event", "since", "within"];
-const ONLY_IF_KEYS: &[&str] = &["attribute", "equals", "in", "exists"];
+const ONLY_IF_KEYS: &[&str] = &[
+    "attribute",
+    "event_field",
+    "equals",
+    "in",
+    "exists",
+    "at_most",
+    "at_least",
+];
+const ONLY_IF_TESTS: [&str; 5] = ["equals", "in", "exists", "at_most", "at_least"];
 const WINDOW_KEYS: &[&str] = &["from", "to", "days", "skip_dates"];
 const LIMIT_KEYS: &[&str] = &["max", "per"];
 const LIMIT_FORM: &str = "{ max = 1, per = \"3d\" }";
@@ -46,7 +62,9 @@ const WHEN_FORMS: &str = "{ event = KIND, after = DURATION }, \
 const UNLESS_FORMS: &str =
     "{ event = KIND, since = \"trigger\" } or { event = KIND, within = DURATION }";
 const ONLY_IF_FORMS: &str = "{ attribute = NAME, equals = VALUE }, \
-     { attribute = NAME, in = [VALUES] } or { attribute = NAME, exists = true|false }";
+     { attribute = NAME, in = [VALUES] }, { attribute = NAME, exists = true|false }, \
+     { attribute = NAME, at_most = N } or { attribute = NAME, at_least = N } (or event_field = \
+     NAME instead of attribute, to test the triggering event's data)";
 
 /// Reads rules files one after the other, remembering rule names across files so that a name
 /// used twice is reported at its second use.
@@ -459,6 +477,10 @@ impl Cx<'_> {
             None => Some(false),
         };
         let limits = self.limits(&f);
+        let rating = match f.get("rating") {
+            Some(e) => self.rating(e).map(Some),
+            None => Some(None),
+        };
 
         if self.diags.len() != before {
             return None;
@@ -468,6 +490,7 @@ impl Cx<'_> {
             priority,
             ignore_frequency_limit,
         } = limits?;
+        let rating = rating?;
         let (
             Some(name),
             Some(description),
@@ -517,6 +540,45 @@ impl Cx<'_> {
             frequency_limit,
             priority,
             ignore_frequency_limit,
+            rating,
+        })
+    }
+
+    /// `rating = { scale = "csat" | "nps", question = "..." }`.
+    fn rating(&mut self, e: Entry<'_>) -> Option<RatingRequest> {
+        let table = self.table(e, RATING_FORM)?;
+        let before = self.diags.len();
+        let f = self.fields(table, e.at, "rating", RATING_KEYS);
+        let scale = match f.get("scale") {
+            Some(x) => {
+                let name = self.string(x)?;
+                let scale = RatingScale::parse(name);
+                if scale.is_none() {
+                    self.error(
+                        x.at,
+                        format!("unknown rating scale {name:?}: expected {RATING_FORM}"),
+                    );
+                }
+                scale
+            }
+            None => {
+                self.error(
+                    e.at,
+                    format!("rating is missing `scale`: expected {RATING_FORM}"),
+                );
+                None
+            }
+        };
+        let question = match f.get("question") {
+            Some(x) => self.string(x).map(|q| Some(q.to_string())),
+            None => Some(None),
+        };
+        if self.diags.len() != before {
+            return None;
+        }
+        Some(RatingRequest {
+            scale: scale?,
+            question: question?,
         })
     }
 
@@ -884,12 +946,24 @@ impl Cx<'_> {
         let mut out = Vec::new();
         for (table, at) in self.tables(e.item, e.at, "only_if", "an array of tables") {
             let f = self.fields(table, at, "only_if", ONLY_IF_KEYS);
-            let attribute = match f.get("attribute") {
-                Some(x) => self.name_like(
+            let event_field = f.has("event_field");
+            let attribute = match (f.get("attribute"), f.get("event_field")) {
+                (Some(x), None) => self.name_like(
                     x,
                     "the name of a customer attribute, like attribute = \"plan\"",
                 ),
-                None => {
+                (None, Some(x)) => self.name_like(
+                    x,
+                    "the name of a field of the event's data, like event_field = \"score\"",
+                ),
+                (Some(_), Some(_)) => {
+                    self.error(
+                        at,
+                        format!("only_if condition has both `attribute` and `event_field`: use one; expected {ONLY_IF_FORMS}"),
+                    );
+                    None
+                }
+                (None, None) => {
                     self.error(
                         at,
                         format!(
@@ -899,18 +973,17 @@ impl Cx<'_> {
                     None
                 }
             };
-            let tests: Vec<Entry<'_>> = ["equals", "in", "exists"]
-                .iter()
-                .filter_map(|k| f.get(k))
-                .collect();
+            let tests: Vec<Entry<'_>> = ONLY_IF_TESTS.iter().filter_map(|k| f.get(k)).collect();
             let test = match tests.as_slice() {
                 [x] if x.key == "equals" => self.json(*x).map(AttributeTest::Equals),
                 [x] if x.key == "in" => self.json_list(*x).map(AttributeTest::In),
+                [x] if x.key == "at_most" => self.number(*x).map(AttributeTest::AtMost),
+                [x] if x.key == "at_least" => self.number(*x).map(AttributeTest::AtLeast),
                 [x] => self.boolean(*x).map(AttributeTest::Exists),
                 [] => {
                     self.error(
                         at,
-                        format!("only_if condition needs one of `equals`, `in` or `exists`: expected {ONLY_IF_FORMS}"),
+                        format!("only_if condition needs one of `equals`, `in`, `exists`, `at_most` or `at_least`: expected {ONLY_IF_FORMS}"),
                     );
                     None
                 }
@@ -927,10 +1000,34 @@ impl Cx<'_> {
                 }
             };
             if let (Some(attribute), Some(test)) = (attribute, test) {
-                out.push(AttributeCondition { attribute, test });
+                out.push(AttributeCondition {
+                    attribute,
+                    test,
+                    event_field,
+                });
             }
         }
         (self.diags.len() == before).then_some(out)
+    }
+
+    /// An integer or a finite float, for `at_most` / `at_least`.
+    fn number(&mut self, e: Entry<'_>) -> Option<f64> {
+        match e.item.as_value() {
+            Some(Value::Integer(i)) => Some(*i.value() as f64),
+            Some(Value::Float(f)) if f.value().is_finite() => Some(*f.value()),
+            _ => {
+                self.error(
+                    e.at,
+                    format!(
+                        "expected a number for `{}`, like {} = 2, found {}",
+                        e.key,
+                        e.key,
+                        describe(e.item)
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// A string, integer, float or boolean as JSON.

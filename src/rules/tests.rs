@@ -219,6 +219,7 @@ expire_after = "1d12h"
     let condition = |attribute: &str, test| AttributeCondition {
         attribute: attribute.into(),
         test,
+        event_field: false,
     };
     assert_eq!(
         rule.only_if,
@@ -546,7 +547,7 @@ fn unknown_keys_at_every_level_name_the_place_and_the_expected_keys() {
     ));
     assert_eq!(
         err,
-        "5:1: unknown key `tempalte` in rule (did you mean `template`?); expected one of: name, description, template, subject, enabled, when, unless, only_if, send_window, expire_after, track_opens, track_clicks, frequency_limit, priority, ignore_frequency_limit"
+        "5:1: unknown key `tempalte` in rule (did you mean `template`?); expected one of: name, description, template, subject, enabled, when, unless, only_if, send_window, expire_after, track_opens, track_clicks, frequency_limit, priority, ignore_frequency_limit, rating"
     );
     let (_, errors) = check(&format!(
         "{HEAD}when = {{ event = \"e\", after = \"1h\", delay = \"2h\" }}\n"
@@ -579,7 +580,7 @@ fn unknown_keys_at_every_level_name_the_place_and_the_expected_keys() {
     assert_eq!(
         errors,
         [
-            "6:46: unknown key `equal` in only_if (did you mean `equals`?); expected one of: attribute, equals, in, exists"
+            "6:46: unknown key `equal` in only_if (did you mean `equals`?); expected one of: attribute, event_field, equals, in, exists, at_most, at_least"
         ]
     );
     let (_, errors) = check(&format!(
@@ -654,7 +655,9 @@ fn only_if_mistakes() {
     };
     let err = one_error(&rule("{ attribute = \"a\" }"));
     assert!(
-        err.starts_with("6:12: only_if condition needs one of `equals`, `in` or `exists`"),
+        err.starts_with(
+            "6:12: only_if condition needs one of `equals`, `in`, `exists`, `at_most` or `at_least`"
+        ),
         "{err}"
     );
     let err = one_error(&rule("{ attribute = \"a\", equals = 1, exists = true }"));
@@ -1148,4 +1151,66 @@ fn the_next_allowed_moment_waits_for_enough_to_leave_the_window() {
     assert!(FrequencyLimit::new(0, TimeDelta::days(1)).is_err());
     assert!(FrequencyLimit::new(i64::from(u32::MAX) + 1, TimeDelta::days(1)).is_err());
     assert!(FrequencyLimit::new(1, TimeDelta::zero()).is_err());
+}
+
+#[test]
+fn rating_and_event_field_conditions() {
+    let rule = one_rule(&format!(
+        "{HEAD}when = {{ event = \"rated\", after = \"0s\" }}\n\
+         rating = {{ scale = \"nps\", question = \"Recommend us?\" }}\n\
+         only_if = [{{ event_field = \"score\", at_most = 2 }}, {{ attribute = \"n\", at_least = 1.5 }}]\n"
+    ));
+    let rating = rule.rating.clone().unwrap();
+    assert_eq!(rating.scale, super::RatingScale::Nps);
+    assert_eq!(rating.question(), "Recommend us?");
+    assert!(rule.only_if[0].event_field && !rule.only_if[1].event_field);
+    assert_eq!(rule.only_if[0].test, AttributeTest::AtMost(2.0));
+    let attrs = json!({ "n": "2", "score": 9 });
+    let low = json!({ "score": 2 });
+    assert!(super::conditions_match(&rule.only_if, &attrs, Some(&low)));
+    assert!(!super::conditions_match(
+        &rule.only_if,
+        &attrs,
+        Some(&json!({ "score": 3 }))
+    ));
+    // No event, or no such field: an event_field condition fails (the attribute is not used).
+    assert!(!super::conditions_match(&rule.only_if, &attrs, None));
+    assert!(!super::conditions_match(
+        &rule.only_if,
+        &attrs,
+        Some(&json!({}))
+    ));
+    assert!(!super::conditions_match(
+        &rule.only_if,
+        &json!({ "n": 1 }),
+        Some(&low)
+    ));
+}
+
+#[test]
+fn rating_and_event_field_mistakes() {
+    let rule = |extra: &str| format!("{HEAD}when = {{ event = \"e\", after = \"1h\" }}\n{extra}\n");
+    let err = one_error(&rule("rating = { scale = \"stars\" }"));
+    assert!(
+        err.starts_with("6:20: unknown rating scale \"stars\": expected { scale = \"csat\" }"),
+        "{err}"
+    );
+    let err = one_error(&rule("rating = { question = \"How?\" }"));
+    assert!(err.starts_with("6:10: rating is missing `scale`"), "{err}");
+    let err = one_error(&rule("rating = \"csat\""));
+    assert!(err.contains("expected a table for `rating`"), "{err}");
+    let err = one_error(&rule(
+        "only_if = [{ event_field = \"score\", at_most = \"2\" }]",
+    ));
+    assert!(
+        err.contains("expected a number for `at_most`, like at_most = 2"),
+        "{err}"
+    );
+    let err = one_error(&rule(
+        "only_if = [{ event_field = \"score\", attribute = \"a\", equals = 1 }]",
+    ));
+    assert!(
+        err.contains("has both `attribute` and `event_field`"),
+        "{err}"
+    );
 }

@@ -146,6 +146,8 @@ pub enum Answer {
         attribute: String,
         value: Option<Value>,
         condition: String,
+        /// The condition tests the triggering event's data (`event_field`), not an attribute.
+        event_field: bool,
     },
     Unless {
         condition: String,
@@ -391,6 +393,7 @@ async fn stopped_by_condition<F: Witnesses>(
             attribute: condition.attribute.clone(),
             value: seen.clone(),
             condition: check.condition(),
+            event_field: condition.event_field,
         },
         Check::Unless {
             condition,
@@ -464,8 +467,14 @@ impl Answer {
                 attribute,
                 value,
                 condition,
+                event_field,
             } => format!(
-                "not sent: {condition}, and the customer's {attribute:?} is {}",
+                "not sent: {condition}, and {} {attribute:?} is {}",
+                if *event_field {
+                    "the event's"
+                } else {
+                    "the customer's"
+                },
                 value
                     .as_ref()
                     .map_or_else(|| "not set".to_string(), ToString::to_string)

@@ -95,6 +95,7 @@ pub struct Event {
 
 mod engine;
 mod postgres;
+mod ratings;
 mod rows;
 mod settings;
 mod sql;
@@ -839,6 +840,7 @@ pub trait Store:
     + TrackingStore
     + ReportingStore
     + SharedStateStore
+    + RatingStore
     + fmt::Debug
 {
     async fn migrate(&self) -> StoreResult<()>;
@@ -846,6 +848,8 @@ pub trait Store:
 }
 
 pub type SharedStore = Arc<dyn Store>;
+
+pub use ratings::{Rating, RatingStore};
 
 /// Opens the database named by the URL (creating a SQLite file and its directory if missing).
 pub async fn open(url: &DatabaseUrl, max_connections: u32) -> StoreResult<SharedStore> {
