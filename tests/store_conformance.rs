@@ -25,8 +25,7 @@ use support::{Backend, Sink, TestEnv};
 use touchpoint::store::{
     CandidateQuery, CandidateSource, Change, CheckLine, ClaimedMessage, Customer, CustomerPatch,
     Delivery, Event, FrequencyGate, LogCursor, LogFilter, MessageState, NewMessage, Outcome,
-    SentContent,
-    SharedStore,
+    SentContent, SharedStore,
 };
 
 async fn open(backend: Backend) -> (TestEnv, SharedStore) {

@@ -39,6 +39,7 @@ pub(super) fn preview(
         draft: &draft,
         message_id: format!("<preview-{}@touchpoint>", entry.id),
         unsubscribe_url: None,
+        rating_url: None,
     };
     Some(match render_message(playbook, rule, &inputs) {
         Ok(rendered) => json!({
