@@ -1140,7 +1140,43 @@ async fn settings_and_sessions(backend: Backend) {
     store.ping().await.expect("ping");
 }
 
+async fn customers_are_found_by_address_without_case(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[
+            customer("c2", "Ada@Example.com", "Ada at work"),
+            customer("c1", "ada@example.com", "Ada"),
+            customer("c3", "grace@example.com", "Grace"),
+        ])
+        .await
+        .unwrap();
+    let ids = |found: Vec<Customer>| found.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    let both = store
+        .customers_by_email(" ADA@example.COM ", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(both), ["c1", "c2"], "both, in the order of their ids");
+    let first = store
+        .customers_by_email("ada@example.com", 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(first), ["c1"], "at most the limit");
+    let grace = store
+        .customers_by_email("grace@example.com", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(grace), ["c3"]);
+    assert!(
+        store
+            .customers_by_email("nobody@example.com", 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 on_both_backends!(
+    customers_are_found_by_address_without_case,
     customers_and_events,
     merge_customers_keeps_what_a_patch_does_not_name,
     dedupe_keys_are_unique,

@@ -167,9 +167,10 @@ fn build(
     let unsubscribe = unsubscribe_url.as_deref();
     let html = tracked_html(settings, rule, id, rendered.html, unsubscribe);
     let subject = format!("{}{}", envelope.subject_prefix, rendered.subject);
+    let tagged_reply_to = tagged_reply_to(settings, id);
     let email = transport::build_email(transport::EmailParts {
         from: &settings.from,
-        reply_to: settings.reply_to.as_ref(),
+        reply_to: tagged_reply_to.as_ref().or(settings.reply_to.as_ref()),
         to_name: envelope.to_name,
         to_email: envelope.to_email,
         subject: &subject,
@@ -189,6 +190,17 @@ fn build(
         text: rendered.text,
         html,
     })
+}
+
+/// `Reply-To: Acme Flowers <replies+42.TAG@acme.example>` with `[replies] address`, so a
+/// reply names its message in a way only we can sign.
+fn tagged_reply_to(settings: &DispatchSettings, id: i64) -> Option<lettre::message::Mailbox> {
+    let base = settings.reply_address.as_ref()?;
+    let address = crate::replies::reply_address(base, id, &settings.tags)?;
+    Some(lettre::message::Mailbox::new(
+        settings.from.name.clone(),
+        address,
+    ))
 }
 
 /// What one message is rendered from: its customer and event, what planning fixed, and the

@@ -116,6 +116,16 @@ impl<D: Driver> CustomerStore for SqlStore<D> {
         Ok(row.map(Customer::from))
     }
 
+    async fn customers_by_email(&self, email: &str, limit: i64) -> StoreResult<Vec<Customer>> {
+        let sql = Sql::new(format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE lower(email) = ? ORDER BY id LIMIT ?"
+        ))
+        .arg(super::normalize_email(email))
+        .arg(limit);
+        let rows: Vec<CustomerRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(Customer::from).collect())
+    }
+
     async fn event(&self, id: &str) -> StoreResult<Option<Event>> {
         let sql = Sql::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?")).arg(id);
         let row: Option<EventRow> = self.driver.fetch_optional(Via::Reader, sql).await?;

@@ -588,6 +588,9 @@ pub trait CustomerStore: Send + Sync {
     /// Returns how many were new.
     async fn insert_events(&self, events: &[Event]) -> StoreResult<u64>;
     async fn customer(&self, id: &str) -> StoreResult<Option<Customer>>;
+    /// The customers whose address is `email`, compared without case (at most `limit`, in
+    /// the order of their ids): who sent an inbound mail, when nothing else says.
+    async fn customers_by_email(&self, email: &str, limit: i64) -> StoreResult<Vec<Customer>>;
     async fn event(&self, id: &str) -> StoreResult<Option<Event>>;
     /// The customer's most recent event of `kind`.
     async fn latest_event(&self, customer_id: &str, kind: &str) -> StoreResult<Option<Event>>;
