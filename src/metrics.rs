@@ -224,6 +224,8 @@ pub struct MetricsCache {
 pub struct Scan {
     pub counts: Option<Vec<(String, MessageState, i64)>>,
     pub backlog: Option<(i64, Option<f64>)>,
+    /// Replies by rule ([`crate::store::ReportingStore::reply_counts`]).
+    pub replies: Option<Vec<(String, i64)>>,
 }
 
 impl MetricsCache {
@@ -256,6 +258,14 @@ impl Scan {
             Ok(Ok(backlog)) => Some(backlog),
             _ => None,
         };
-        Scan { counts, backlog }
+        let replies = match tokio::time::timeout(limit, store.reply_counts()).await {
+            Ok(Ok(replies)) => Some(replies),
+            _ => None,
+        };
+        Scan {
+            counts,
+            backlog,
+            replies,
+        }
     }
 }

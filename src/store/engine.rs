@@ -914,6 +914,21 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
             .collect())
     }
 
+    async fn reply_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        let sql = Sql::new(
+            "SELECT m.rule, COUNT(*) FROM message_events e JOIN messages m ON m.id = e.message_id \
+             WHERE e.kind = 'replied' GROUP BY m.rule ORDER BY m.rule",
+        );
+        let mut counts: Vec<(String, i64)> = self.driver.fetch_all(Via::Reader, sql).await?;
+        let sql = Sql::new("SELECT COUNT(*) FROM events WHERE kind = 'replied'");
+        let (all,): (i64,) = self.driver.fetch_one(Via::Reader, sql).await?;
+        let without_message = all - counts.iter().map(|(_, n)| n).sum::<i64>();
+        if without_message > 0 {
+            counts.insert(0, (String::new(), without_message));
+        }
+        Ok(counts)
+    }
+
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>> {
         let sql = Sql::new(
             "SELECT m.rule, e.kind, COUNT(DISTINCT e.message_id) FROM message_events e \

@@ -765,6 +765,9 @@ pub trait ReportingStore: Send + Sync {
     async fn message_detail(&self, message_id: i64) -> StoreResult<Option<serde_json::Value>>;
     /// Messages that reached a final state at or after `since`, per hour, rule and state.
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>>;
+    /// Customers' replies (`replied` events) by the rule of the message they answered; those
+    /// tied to no message (known by the sender's address alone) under the rule `""`.
+    async fn reply_counts(&self) -> StoreResult<Vec<(String, i64)>>;
     /// How many messages of each rule were opened and clicked (kinds `opened`, `clicked`) at or
     /// after `since`: (rule, kind, distinct messages).
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>>;
