@@ -286,14 +286,7 @@ fn extra_headers(
 /// `bounces@acme.example` -> `bounces+42.TAG@acme.example`, TAG signing the message id (see
 /// [`crate::bounce::parse_verp`]).
 pub fn verp(bounce_address: &Address, message: i64, tags: &MessageTags) -> Option<Address> {
-    format!(
-        "{}+{message}.{}@{}",
-        bounce_address.user(),
-        tags.verp(message),
-        bounce_address.domain()
-    )
-    .parse()
-    .ok()
+    crate::bounce::tagged_address(bounce_address, message, &tags.verp(message))
 }
 
 #[cfg(test)]

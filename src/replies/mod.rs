@@ -16,8 +16,9 @@ use sha2::Digest as _;
 
 pub use parse::{Inbound, SNIPPET_CHARS, parse_inbound, snippet};
 
+use crate::bounce::sent;
 use crate::links::{self, MessageTags};
-use crate::store::{Event, LogEntry, MessageState, SharedStore, StoreError};
+use crate::store::{Event, LogEntry, SharedStore, StoreError};
 
 /// The event kind of a customer's reply.
 pub const REPLIED: &str = "replied";
@@ -55,14 +56,7 @@ impl RepliesConfig {
 
 /// `replies@acme.example` -> `replies+42.TAG@acme.example`, TAG signing the message id.
 pub fn reply_address(base: &Address, message: i64, tags: &MessageTags) -> Option<Address> {
-    format!(
-        "{}+{message}.{}@{}",
-        base.user(),
-        tags.reply(message),
-        base.domain()
-    )
-    .parse()
-    .ok()
+    crate::bounce::tagged_address(base, message, &tags.reply(message))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,13 +201,6 @@ fn by_message(entry: LogEntry, matched_by: &'static str) -> Match {
         message: Some(entry),
         matched_by,
     }
-}
-
-/// Only a message that went out can be answered.
-fn sent(entry: Option<LogEntry>) -> Option<LogEntry> {
-    entry.filter(|e| {
-        e.message_id.is_some() && matches!(e.state, MessageState::Sent | MessageState::Unknown)
-    })
 }
 
 #[cfg(test)]
