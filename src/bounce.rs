@@ -254,6 +254,14 @@ pub fn parse_verp(address: &str) -> Option<Verp> {
     })
 }
 
+/// The other way round: `bounces@acme.example`, 42 and TAG -> `bounces+42.TAG@acme.example`
+/// (VERP addresses and the tagged Reply-To alike).
+pub fn tagged_address(base: &lettre::Address, message: i64, tag: &str) -> Option<lettre::Address> {
+    format!("{}+{message}.{tag}@{}", base.user(), base.domain())
+        .parse()
+        .ok()
+}
+
 /// The one address of a header; `None` when it holds none or several (a report naming many
 /// recipients must not get several guesses at the right one).
 fn single_address(header: Option<&mail_parser::Address<'_>>) -> Option<String> {
@@ -429,8 +437,8 @@ async fn message_of(
     Ok(Some(entry))
 }
 
-/// Only a message that went out (or may have) can bounce.
-fn sent(entry: Option<LogEntry>) -> Option<LogEntry> {
+/// Only a message that went out (or may have) can bounce, or be answered.
+pub fn sent(entry: Option<LogEntry>) -> Option<LogEntry> {
     entry.filter(|e| {
         e.message_id.is_some() && matches!(e.state, MessageState::Sent | MessageState::Unknown)
     })

@@ -65,6 +65,15 @@ pub enum Command {
         #[arg(long)]
         recipient: Option<String>,
     },
+    /// Read one email (a customer's reply) from standard input, as an MTA pipe alias hands
+    /// it, tie it to its message and customer, and record a `replied` event (an automatic
+    /// answer as `auto_replied`).
+    Inbound {
+        /// The address the mail was delivered to (for its reply tag) [default:
+        /// $ORIGINAL_RECIPIENT or $RECIPIENT, as Postfix's local delivery sets them]
+        #[arg(long)]
+        recipient: Option<String>,
+    },
     /// Print the example config file, to start from.
     DefaultConfig,
     /// Write a working setup into DIR (config, the example rules, templates, var/), to start

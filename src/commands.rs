@@ -1,6 +1,7 @@
 //! What each subcommand does (except `run`, which is the daemon). Each returns the text to
 //! print, so tests can call them without a terminal.
 
+pub mod inbound;
 mod init;
 mod preview;
 mod summary;
@@ -429,6 +430,19 @@ pub enum BounceAnswer {
     TryLater(String),
 }
 
+/// Where the MTA delivered a piped mail: `--recipient`, then Postfix's `$ORIGINAL_RECIPIENT`
+/// and `$RECIPIENT`.
+fn envelope_recipients(recipient: Option<String>) -> Vec<String> {
+    recipient
+        .into_iter()
+        .chain(
+            ["ORIGINAL_RECIPIENT", "RECIPIENT"]
+                .iter()
+                .filter_map(|v| std::env::var(v).ok()),
+        )
+        .collect()
+}
+
 /// `touchpoint bounce`: one bounce or complaint report from `raw` (standard input), recorded
 /// against its message.
 pub async fn bounce(
@@ -437,14 +451,7 @@ pub async fn bounce(
     recipient: Option<String>,
 ) -> Result<BounceAnswer> {
     use crate::bounce::{BounceError, Sender, apply, parse_report};
-    let recipients: Vec<String> = recipient
-        .into_iter()
-        .chain(
-            ["ORIGINAL_RECIPIENT", "RECIPIENT"]
-                .iter()
-                .filter_map(|v| std::env::var(v).ok()),
-        )
-        .collect();
+    let recipients = envelope_recipients(recipient);
     let report = match parse_report(raw, &recipients) {
         Ok(report) => report,
         Err(error) => return Ok(BounceAnswer::Done(format!("ignored: {error}"))),

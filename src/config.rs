@@ -56,6 +56,9 @@ pub struct Config {
     pub links: LinksConfig,
     #[serde(default)]
     pub bounces: BouncesConfig,
+    /// `[replies]`: the tagged Reply-To and `touchpoint inbound`.
+    #[serde(default)]
+    pub replies: crate::replies::RepliesConfig,
     #[serde(default)]
     pub dkim: Option<DkimConfig>,
     #[serde(default)]
@@ -523,6 +526,9 @@ impl Config {
             ));
         }
         problems.extend(self.web.problems());
+        if let Err(message) = self.replies.address() {
+            problems.push(message);
+        }
         problems.extend(self.api.problems());
         problems.extend(self.http_problems());
         if let Err(message) = DatabaseUrl::parse(self.database.url.expose(), &self.base_dir) {

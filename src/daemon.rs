@@ -401,7 +401,9 @@ fn dispatch_settings(
         })?),
         None => None,
     };
+    let reply_address = config.replies.address().map_err(DaemonError::Config)?;
     Ok(DispatchSettings {
+        reply_address,
         links,
         unsubscribe_mailto: config.links.unsubscribe_mailto.clone(),
         dkim,

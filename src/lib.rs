@@ -37,6 +37,7 @@ pub mod plan;
 pub mod playbook;
 pub mod query;
 pub mod render;
+pub mod replies;
 pub mod rules;
 pub mod runtime;
 pub mod settings;

@@ -188,6 +188,7 @@ impl std::fmt::Debug for MessageTags {
 enum TagPurpose {
     Verp,
     MessageId,
+    Reply,
 }
 
 impl MessageTags {
@@ -200,6 +201,7 @@ impl MessageTags {
         let prefix = match purpose {
             TagPurpose::Verp => "verp",
             TagPurpose::MessageId => "message-id",
+            TagPurpose::Reply => "reply",
         };
         let mut mac = HmacSha256::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
@@ -225,15 +227,29 @@ impl MessageTags {
         self.tag(TagPurpose::MessageId, message)
     }
 
+    /// The signature in message `message`'s Reply-To address (`replies+42.TAG@...`).
+    pub fn reply(&self, message: i64) -> String {
+        self.tag(TagPurpose::Reply, message)
+    }
+
     /// Whether `tag` is message `message`'s VERP signature (any case), compared in constant
     /// time.
     pub fn verp_matches(&self, message: i64, tag: &str) -> bool {
+        self.matches(TagPurpose::Verp, message, tag)
+    }
+
+    /// Whether `tag` is message `message`'s Reply-To signature (any case), in constant time.
+    pub fn reply_matches(&self, message: i64, tag: &str) -> bool {
+        self.matches(TagPurpose::Reply, message, tag)
+    }
+
+    fn matches(&self, purpose: TagPurpose, message: i64, tag: &str) -> bool {
         let Some(bytes) = decode_hex(tag) else {
             return false;
         };
         bytes.len() == MESSAGE_TAG_BYTES
             && self
-                .mac(TagPurpose::Verp, message)
+                .mac(purpose, message)
                 .verify_truncated_left(&bytes)
                 .is_ok()
     }
@@ -445,6 +461,13 @@ mod tests {
         assert!(tags.verp_matches(42, &verp.to_ascii_uppercase()));
         assert!(!tags.verp_matches(43, &verp));
         assert!(!tags.verp_matches(42, &tags.message_id(42)));
+        assert!(
+            !tags.verp_matches(42, &tags.reply(42)),
+            "a reply tag is no VERP signature"
+        );
+        assert!(tags.reply_matches(42, &tags.reply(42).to_ascii_uppercase()));
+        assert!(!tags.reply_matches(42, &verp));
+        assert!(!tags.reply_matches(43, &tags.reply(42)));
         assert!(!tags.verp_matches(42, &verp[..18]));
         assert!(!tags.verp_matches(42, ""));
         assert!(!tags.verp_matches(42, "zz"));

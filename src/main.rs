@@ -110,9 +110,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Suppress(command) => print!("{}", commands::suppress(&config, command).await?),
         Command::Bounce { recipient } => return bounce(&config, recipient.clone()).await,
+        Command::Inbound { recipient } => return inbound(&config, recipient.clone()).await,
         Command::DefaultConfig | Command::HashPassword | Command::Init { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `touchpoint inbound`: a customer's reply, piped in like a bounce report.
+async fn inbound(
+    config: &touchpoint::config::Config,
+    recipient: Option<String>,
+) -> Result<ExitCode> {
+    let raw = read_stdin("the mail")?;
+    Ok(pipe_exit(
+        commands::inbound::inbound(config, &raw, recipient).await?,
+    ))
 }
 
 /// What a pipe alias expects: exit 0 when the report was handled or is not one (nothing to
@@ -121,12 +133,21 @@ async fn bounce(
     config: &touchpoint::config::Config,
     recipient: Option<String>,
 ) -> Result<ExitCode> {
+    let raw = read_stdin("the report")?;
+    Ok(pipe_exit(commands::bounce(config, &raw, recipient).await?))
+}
+
+fn read_stdin(what: &str) -> Result<Vec<u8>> {
     use std::io::Read as _;
     let mut raw = Vec::new();
     std::io::stdin()
         .read_to_end(&mut raw)
-        .context("cannot read the report from standard input")?;
-    Ok(match commands::bounce(config, &raw, recipient).await? {
+        .with_context(|| format!("cannot read {what} from standard input"))?;
+    Ok(raw)
+}
+
+fn pipe_exit(answer: BounceAnswer) -> ExitCode {
+    match answer {
         BounceAnswer::Done(text) => {
             println!("{text}");
             ExitCode::SUCCESS
@@ -135,5 +156,5 @@ async fn bounce(
             eprintln!("error: {error}");
             ExitCode::from(75)
         }
-    })
+    }
 }

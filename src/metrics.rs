@@ -226,6 +226,8 @@ pub struct Scan {
     pub backlog: Option<(i64, Option<f64>)>,
     /// Rated messages per (rule, scale, score).
     pub ratings: Option<Vec<(String, String, i64, i64)>>,
+    /// Replies by rule ([`crate::store::ReportingStore::reply_counts`]).
+    pub replies: Option<Vec<(String, i64)>>,
 }
 
 impl MetricsCache {
@@ -262,10 +264,15 @@ impl Scan {
             Ok(Ok(ratings)) => Some(ratings),
             _ => None,
         };
+        let replies = match tokio::time::timeout(limit, store.reply_counts()).await {
+            Ok(Ok(replies)) => Some(replies),
+            _ => None,
+        };
         Scan {
             counts,
             backlog,
             ratings,
+            replies,
         }
     }
 }

@@ -30,6 +30,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "engine",
         &[
             "render", "sources", "playbook", "plan", "query", "dispatch", "bounce", "runtime",
+            "replies",
         ],
     ),
     ("surfaces", &["http", "ingest", "web"]),

@@ -1310,7 +1310,88 @@ async fn settings_and_sessions(backend: Backend) {
     store.ping().await.expect("ping");
 }
 
+async fn customers_are_found_by_address_without_case(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[
+            customer("c2", "Ada@Example.com", "Ada at work"),
+            customer("c1", "ada@example.com", "Ada"),
+            customer("c3", "grace@example.com", "Grace"),
+        ])
+        .await
+        .unwrap();
+    let ids = |found: Vec<Customer>| found.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    let both = store
+        .customers_by_email(" ADA@example.COM ", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(both), ["c1", "c2"], "both, in the order of their ids");
+    let first = store
+        .customers_by_email("ada@example.com", 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(first), ["c1"], "at most the limit");
+    let grace = store
+        .customers_by_email("grace@example.com", 5)
+        .await
+        .unwrap();
+    assert_eq!(ids(grace), ["c3"]);
+    assert!(
+        store
+            .customers_by_email("nobody@example.com", 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn replies_are_counted_by_rule(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[customer("c1", "a@example.com", "A")])
+        .await
+        .unwrap();
+    assert!(store.reply_counts().await.unwrap().is_empty());
+    store
+        .insert_messages(&[message("k1", "c1", Utc::now())])
+        .await
+        .unwrap();
+    let id = store.log(&LogFilter::default()).await.unwrap()[0].id;
+    let reply = |id: &str, kind: &str| Event {
+        id: id.into(),
+        customer_id: "c1".into(),
+        kind: kind.into(),
+        occurred_at: Utc::now(),
+        data: serde_json::json!({}),
+    };
+    store
+        .insert_events(&[
+            reply("r1", "replied"),
+            reply("r2", "replied"),
+            reply("r3", "replied"),
+            reply("r4", "auto_replied"),
+        ])
+        .await
+        .unwrap();
+    let detail = serde_json::json!({});
+    store
+        .record_message_event_once(id, "replied", "r1", &detail)
+        .await
+        .unwrap();
+    store
+        .record_message_event_once(id, "auto_replied", "r4", &detail)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.reply_counts().await.unwrap(),
+        [(String::new(), 2), ("r".to_string(), 1)],
+        "one reply to a message of rule r, two tied to no message; auto-replies are no replies"
+    );
+}
+
 on_both_backends!(
+    replies_are_counted_by_rule,
+    customers_are_found_by_address_without_case,
     customers_and_events,
     merge_customers_keeps_what_a_patch_does_not_name,
     dedupe_keys_are_unique,

@@ -174,9 +174,10 @@ fn build(
     let unsubscribe = unsubscribe_url.as_deref();
     let html = tracked_html(settings, rule, id, rendered.html, unsubscribe);
     let subject = format!("{}{}", envelope.subject_prefix, rendered.subject);
+    let tagged_reply_to = tagged_reply_to(settings, id);
     let email = transport::build_email(transport::EmailParts {
         from: &settings.from,
-        reply_to: settings.reply_to.as_ref(),
+        reply_to: tagged_reply_to.as_ref().or(settings.reply_to.as_ref()),
         to_name: envelope.to_name,
         to_email: envelope.to_email,
         subject: &subject,
@@ -196,6 +197,17 @@ fn build(
         text: rendered.text,
         html,
     })
+}
+
+/// `Reply-To: Acme Flowers <replies+42.TAG@acme.example>` with `[replies] address`, so a
+/// reply names its message in a way only we can sign.
+fn tagged_reply_to(settings: &DispatchSettings, id: i64) -> Option<lettre::message::Mailbox> {
+    let base = settings.reply_address.as_ref()?;
+    let address = crate::replies::reply_address(base, id, &settings.tags)?;
+    Some(lettre::message::Mailbox::new(
+        settings.from.name.clone(),
+        address,
+    ))
 }
 
 /// What one message is rendered from: its customer and event, what planning fixed, and the
@@ -301,14 +313,7 @@ fn extra_headers(
 /// `bounces@acme.example` -> `bounces+42.TAG@acme.example`, TAG signing the message id (see
 /// [`crate::bounce::parse_verp`]).
 pub fn verp(bounce_address: &Address, message: i64, tags: &MessageTags) -> Option<Address> {
-    format!(
-        "{}+{message}.{}@{}",
-        bounce_address.user(),
-        tags.verp(message),
-        bounce_address.domain()
-    )
-    .parse()
-    .ok()
+    crate::bounce::tagged_address(bounce_address, message, &tags.verp(message))
 }
 
 #[cfg(test)]

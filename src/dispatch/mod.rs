@@ -60,6 +60,9 @@ pub struct DispatchSettings {
     pub bounce_address: Option<lettre::Address>,
     /// Sign VERP addresses and make Message-IDs unguessable (from the link secret).
     pub tags: MessageTags,
+    /// `[replies] address`: every message's Reply-To is this with a signed tag
+    /// (`replies+ID.TAG@...`), in place of `sender.reply_to`.
+    pub reply_address: Option<lettre::Address>,
 }
 
 /// While the relay is unreachable, nobody sends: one failure pauses everyone, with backoff.

@@ -49,6 +49,9 @@ async fn render_metrics(shared: &Shared) -> String {
     if let Some(ratings) = &scan.ratings {
         render_ratings(&mut out, ratings);
     }
+    if let Some(replies) = &scan.replies {
+        render_replies(&mut out, replies);
+    }
     render_daemon(&mut out, shared);
     let sources = shared.playbook.borrow().sources.clone();
     render_sources(&mut out, &sources);
@@ -196,6 +199,22 @@ fn render_sources(out: &mut String, sources: &crate::sources::Sources) {
                 value(source)
             );
         }
+    }
+}
+
+fn render_replies(out: &mut String, replies: &[(String, i64)]) {
+    let _ = writeln!(
+        out,
+        "# HELP touchpoint_replies_total Customers' replies by the rule of the message they \
+         answered (rule=\"\" when known by the sender's address alone)."
+    );
+    let _ = writeln!(out, "# TYPE touchpoint_replies_total counter");
+    for (rule, n) in replies {
+        let _ = writeln!(
+            out,
+            "touchpoint_replies_total{{rule=\"{}\"}} {n}",
+            escape(rule)
+        );
     }
 }
 

@@ -127,6 +127,16 @@ impl<D: Driver> CustomerStore for SqlStore<D> {
         Ok(row.map(Customer::from))
     }
 
+    async fn customers_by_email(&self, email: &str, limit: i64) -> StoreResult<Vec<Customer>> {
+        let sql = Sql::new(format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE lower(email) = ? ORDER BY id LIMIT ?"
+        ))
+        .arg(super::normalize_email(email))
+        .arg(limit);
+        let rows: Vec<CustomerRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(Customer::from).collect())
+    }
+
     async fn event(&self, id: &str) -> StoreResult<Option<Event>> {
         let sql = Sql::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = ?")).arg(id);
         let row: Option<EventRow> = self.driver.fetch_optional(Via::Reader, sql).await?;
@@ -948,6 +958,21 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
                 })
             })
             .collect())
+    }
+
+    async fn reply_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        let sql = Sql::new(
+            "SELECT m.rule, COUNT(*) FROM message_events e JOIN messages m ON m.id = e.message_id \
+             WHERE e.kind = 'replied' GROUP BY m.rule ORDER BY m.rule",
+        );
+        let mut counts: Vec<(String, i64)> = self.driver.fetch_all(Via::Reader, sql).await?;
+        let sql = Sql::new("SELECT COUNT(*) FROM events WHERE kind = 'replied'");
+        let (all,): (i64,) = self.driver.fetch_one(Via::Reader, sql).await?;
+        let without_message = all - counts.iter().map(|(_, n)| n).sum::<i64>();
+        if without_message > 0 {
+            counts.insert(0, (String::new(), without_message));
+        }
+        Ok(counts)
     }
 
     async fn engagement(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, String, i64)>> {

@@ -622,6 +622,9 @@ pub trait CustomerStore: Send + Sync {
     /// Returns how many were new.
     async fn insert_events(&self, events: &[Event]) -> StoreResult<u64>;
     async fn customer(&self, id: &str) -> StoreResult<Option<Customer>>;
+    /// The customers whose address is `email`, compared without case (at most `limit`, in
+    /// the order of their ids): who sent an inbound mail, when nothing else says.
+    async fn customers_by_email(&self, email: &str, limit: i64) -> StoreResult<Vec<Customer>>;
     async fn event(&self, id: &str) -> StoreResult<Option<Event>>;
     /// The customer's most recent event of `kind`.
     async fn latest_event(&self, customer_id: &str, kind: &str) -> StoreResult<Option<Event>>;
@@ -801,6 +804,9 @@ pub trait ReportingStore: Send + Sync {
     /// Messages that reached a final state at or after `since` (dated as the log dates them), per
     /// hour, rule and state.
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>>;
+    /// Customers' replies (`replied` events) by the rule of the message they answered; those
+    /// tied to no message (known by the sender's address alone) under the rule `""`.
+    async fn reply_counts(&self) -> StoreResult<Vec<(String, i64)>>;
     /// How many messages of each rule were opened, clicked, bounced (hard or soft) or led to an
     /// unsubscribe at or after `since`: (rule, `opened` | `clicked` | `bounced` |
     /// `unsubscribed`, distinct messages).
