@@ -3,6 +3,7 @@
 
 mod init;
 mod preview;
+pub mod report;
 mod summary;
 pub mod why;
 

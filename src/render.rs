@@ -12,7 +12,8 @@
 //! See [`message_context`]: `customer` (`id`, `email`, `name`, `first_name`, `timezone`,
 //! `attributes`), `event` (`id`, `kind`, `occurred_at`, `data`; null for schedule rules), `rule`
 //! (`name`, `description`), `business` (`name`, `address`, `website`), `years` (anniversaries; null
-//! otherwise), `message.id` and `unsubscribe_url` (null when there is none). Every one of these
+//! otherwise), `message.id`, `unsubscribe_url` (null when there is none, and in messages to the
+//! owner) and `customer_url` (the owner's page about the customer). Every one of these
 //! keys is always present, null when it has no value. Only the two free-form maps,
 //! `customer.attributes` and `event.data`, have keys that some customers or events lack.
 //!
@@ -88,6 +89,9 @@ pub struct Business {
     pub address: String,
     #[serde(default)]
     pub website: Option<String>,
+    /// Where rules written `to = "owner"` send (and the digest, unless it names its own).
+    #[serde(default)]
+    pub owner_email: Option<String>,
 }
 
 /// `[templates]` in the config: where the templates live.
@@ -216,6 +220,8 @@ pub struct MessageExtras {
     /// The message's Message-ID header value.
     pub message_id: String,
     pub unsubscribe_url: Option<String>,
+    /// The owner's page about the customer (`None` without a URL to reach the daemon at).
+    pub customer_url: Option<String>,
     /// The effective IANA time zone of the customer (their own or the configured default).
     pub timezone: String,
 }
@@ -789,6 +795,7 @@ pub fn message_context(
         "years": extra.years,
         "message": { "id": extra.message_id },
         "unsubscribe_url": extra.unsubscribe_url,
+        "customer_url": extra.customer_url,
     })
 }
 
@@ -850,15 +857,35 @@ fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
         customer_id: customer.id.clone(),
         kind: kind.clone(),
         occurred_at,
-        data: json!({}),
+        data: sample_event_data(kind, full),
     });
     let extra = MessageExtras {
         years,
         message_id: "<sample.touchpoint@example.com>".to_string(),
         unsubscribe_url: full.then(|| "https://example.com/unsubscribe/sample".to_string()),
+        customer_url: full.then(|| "https://example.com/customers/sample-customer".to_string()),
         timezone: "Europe/London".to_string(),
     };
     message_context(&customer, event.as_ref(), rule, business, &extra)
+}
+
+/// The data of the events touchpoint itself records (`rated`, `replied`), so that templates
+/// about them (an owner's alert) can be checked; `{}` for every other kind.
+fn sample_event_data(kind: &str, full: bool) -> Value {
+    match kind {
+        "rated" => {
+            let mut data =
+                json!({"score": 2, "scale": "csat", "rule": "thank-you", "message_id": 1});
+            if full {
+                data["comment"] = json!("The roses arrived wilted.");
+            }
+            data
+        }
+        "replied" => json!({
+            "rule": "thank-you", "message_id": 1, "snippet": "Thank you, see you soon", "auto": false
+        }),
+        _ => json!({}),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1277,6 +1304,7 @@ mod tests {
             frequency_limit: None,
             priority: 0,
             ignore_frequency_limit: false,
+            to: crate::rules::Recipient::Customer,
         }
     }
 
@@ -1329,6 +1357,7 @@ mod tests {
             name: "Bloom & Petal".to_string(),
             address: "12 Harbour Road\nBrighton BN1 1AA".to_string(),
             website: Some("https://bloomandpetal.example".to_string()),
+            owner_email: None,
         }
     }
 
@@ -1824,6 +1853,7 @@ mod tests {
             message_id: "<m1@example.com>".to_string(),
             unsubscribe_url: None,
             timezone: "Europe/Dublin".to_string(),
+            customer_url: None,
         };
         let context = message_context(&customer, Some(&wedding), anniversary, &business(), &extra);
         let rendered = templates.render(anniversary, &context).unwrap();
@@ -1858,6 +1888,7 @@ mod tests {
             message_id: "<m@example.com>".to_string(),
             unsubscribe_url: None,
             timezone: "Europe/Paris".to_string(),
+            customer_url: None,
         };
         let context = message_context(&customer, None, &schedule, &business(), &extra);
         assert_eq!(
@@ -1877,6 +1908,7 @@ mod tests {
                 "years": null,
                 "message": { "id": "<m@example.com>" },
                 "unsubscribe_url": null,
+                "customer_url": null,
             })
         );
         // Samples follow the trigger and the only_if conditions.

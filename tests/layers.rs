@@ -29,7 +29,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "engine",
         &[
-            "render", "sources", "playbook", "plan", "query", "dispatch", "bounce", "runtime",
+            "render",
+            "sources",
+            "playbook",
+            "plan",
+            "query",
+            "dispatch",
+            "bounce",
+            "runtime",
+            "experience",
         ],
     ),
     ("surfaces", &["http", "ingest", "web"]),

@@ -12,7 +12,7 @@ use super::guard::Found;
 use crate::links::{self, Link, MessageTags};
 use crate::playbook::Playbook;
 use crate::render::{MessageExtras, RenderError, Rendered, message_context};
-use crate::rules::{CheckRecord, MessageDetail, Rule};
+use crate::rules::{CheckRecord, MessageDetail, Recipient, Rule};
 use crate::store::{ClaimedMessage, Customer, Delivery, Event, SentContent};
 use crate::transport::{self, OutgoingEmail};
 
@@ -36,6 +36,12 @@ pub(super) fn compose(
     checks: &CheckRecord,
 ) -> Result<Composed, String> {
     let detail = MessageDetail::from_json(&claim.detail);
+    // A rule to the owner writes to the business about the customer.
+    let to_email = playbook.recipient(rule, &found.customer.email);
+    let to_name = match rule.to {
+        Recipient::Customer => found.customer.name.as_deref(),
+        Recipient::Owner => Some(playbook.business.name.as_str()),
+    };
     let built = build(
         settings,
         playbook,
@@ -48,13 +54,13 @@ pub(super) fn compose(
                 tz: found.tz,
                 detail: &detail,
             },
-            to_name: found.customer.name.as_deref(),
-            to_email: &found.customer.email,
+            to_name,
+            to_email,
             subject_prefix: "",
         },
     )?;
     let delivery = Delivery {
-        email: found.customer.email.clone(),
+        email: to_email.to_string(),
         subject: built.subject,
         message_id: built.email.message_id.clone(),
     };
@@ -103,7 +109,7 @@ pub fn compose_draft(
         Some(address) => (None, address, TEST_SUBJECT_PREFIX),
         None => (
             draft.customer.name.as_deref(),
-            draft.customer.email.as_str(),
+            playbook.recipient(rule, &draft.customer.email),
             "",
         ),
     };
@@ -150,10 +156,16 @@ fn build(
         &rule.name,
         &settings.message_id_domain,
     );
+    // The owner's mail has no unsubscribe link: it is not the customer's to stop.
     let unsubscribe_url = settings
         .links
         .as_ref()
+        .filter(|_| rule.to == Recipient::Customer)
         .map(|l| l.url(&Link::Unsubscribe { message: id }));
+    let customer_url = settings
+        .links
+        .as_ref()
+        .map(|l| l.customer_page(&envelope.draft.customer.id));
     let rendered = render_message(
         playbook,
         rule,
@@ -161,6 +173,7 @@ fn build(
             draft: &envelope.draft,
             message_id: message_id.clone(),
             unsubscribe_url: unsubscribe_url.clone(),
+            customer_url,
         },
     )
     .map_err(|error| format!("cannot render: {error}"))?;
@@ -197,6 +210,8 @@ pub struct MessageInputs<'a> {
     pub draft: &'a Draft<'a>,
     pub message_id: String,
     pub unsubscribe_url: Option<String>,
+    /// The owner's page about the customer.
+    pub customer_url: Option<String>,
 }
 
 /// Renders the rule's templates for one message: the dispatcher's first step, and all of
@@ -210,6 +225,7 @@ pub fn render_message(
         years: inputs.draft.detail.years,
         message_id: inputs.message_id.clone(),
         unsubscribe_url: inputs.unsubscribe_url.clone(),
+        customer_url: inputs.customer_url.clone(),
         timezone: inputs.draft.tz.name().to_string(),
     };
     let context = message_context(
@@ -256,6 +272,9 @@ fn extra_headers(
 ) -> Vec<(&'static str, String)> {
     let mut headers = vec![("X-Touchpoint-Rule", rule.name.clone())];
     let mut targets = Vec::new();
+    if rule.to == Recipient::Owner {
+        return headers;
+    }
     if let Some(url) = unsubscribe_url {
         targets.push(format!("<{url}>"));
     }

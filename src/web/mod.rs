@@ -540,16 +540,7 @@ fn redirect(location: &str) -> Response {
 
 /// Percent-encodes a query value (everything but unreserved characters).
 pub fn encode_query(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(byte as char)
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
+    crate::links::encode_component(value)
 }
 
 /// Where to go after logging in: only a path on this site, else `/`.
