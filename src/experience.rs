@@ -362,7 +362,7 @@ fn latest(ratings: &[Rating], replies: &[Reply]) -> Vec<Voice> {
         text: r.snippet.clone(),
     });
     let mut voices: Vec<Voice> = comments.chain(answers).collect();
-    voices.sort_by(|a, b| b.at.cmp(&a.at));
+    voices.sort_by_key(|v| std::cmp::Reverse(v.at));
     voices.truncate(LATEST);
     voices
 }

@@ -3,8 +3,10 @@
 //! score, the comment and a link to the customer's page; the alert goes even when the customer
 //! is suppressed, has no unsubscribe link, is logged with the owner as recipient, and does not
 //! use up the customer's frequency limit. `check` refuses an owner rule without an owner_email.
+//! The customer's page shows their ratings and replies in place on the timeline.
 
 mod support;
+mod web_support;
 
 use std::time::Duration;
 
@@ -209,7 +211,58 @@ async fn check_wants_an_owner_email_for_an_owner_rule(backend: Backend) {
     );
 }
 
+async fn the_customer_page_shows_ratings_and_replies(backend: Backend) {
+    let thank_you = RULES.split("[[rule]]").nth(2).expect("the thank-you rule");
+    let rules = format!("[[rule]]{thank_you}");
+    let env = TestEnv::new(
+        backend,
+        Sink::Files,
+        &[("rules.toml", &rules)],
+        "[web]\nenabled = true\n",
+    )
+    .await;
+    let store = env.store().await;
+    add_customers(&env, &store).await;
+    let low = json!({"score": 2, "scale": "csat", "rule": "thank-you", "message_id": 41,
+        "comment": "The roses arrived <b>wilted</b>"});
+    let nps = json!({"score": 9, "scale": "nps", "rule": "thank-you", "message_id": 42});
+    let reply = json!({"rule": "thank-you", "message_id": 41, "snippet": "Can you call me?"});
+    let away = json!({"rule": "thank-you", "snippet": "I am out of the office", "auto": true});
+    store
+        .insert_events(&[
+            event("r1", "c1", "rated", low),
+            event("r2", "c1", "rated", nps),
+            event("p1", "c1", "replied", reply),
+            event("p2", "c1", "replied", away),
+        ])
+        .await
+        .expect("events");
+    let daemon = env.start().await;
+    let page = web_support::get(daemon.http, "/customers/c1", &[]).await;
+    daemon.stop().await;
+    assert_eq!(page.status, 200, "{}", page.text());
+    let html = page.text();
+    let text = web_support::unescape(&html);
+    for expected in [
+        "rated 2 of 5 to message 41 (thank-you)",
+        "The roses arrived <b>wilted</b>",
+        "rated 9 of 10 to message 42 (thank-you)",
+        "replied to message 41 (thank-you)",
+        "Can you call me?",
+        "auto-reply to thank-you",
+        "I am out of the office",
+        "href=\"/messages/41\"",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} not on the page:\n{text}"
+        );
+    }
+    assert!(!html.contains("<b>wilted"), "the comment is escaped");
+}
+
 on_both_backends!(
+    the_customer_page_shows_ratings_and_replies,
     a_low_rating_alerts_the_owner,
     check_wants_an_owner_email_for_an_owner_rule
 );

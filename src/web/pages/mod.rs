@@ -1,6 +1,7 @@
 //! The pages, one per file: each handler reads what it shows from the store and hands it to its
 //! template. What several pages share (error pages, a message's row, names, dates) is here.
 
+mod answers;
 mod customer;
 mod log;
 mod login;
