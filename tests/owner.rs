@@ -3,7 +3,8 @@
 //! score, the comment and a link to the customer's page; the alert goes even when the customer
 //! is suppressed, has no unsubscribe link, is logged with the owner as recipient, and does not
 //! use up the customer's frequency limit. `check` refuses an owner rule without an owner_email.
-//! The customer's page shows their ratings and replies in place on the timeline.
+//! The customer's page shows their ratings and replies in place on the timeline, and the
+//! Experience page the figures and the latest comments and replies.
 
 mod support;
 mod web_support;
@@ -239,7 +240,28 @@ async fn the_customer_page_shows_ratings_and_replies(backend: Backend) {
         .expect("events");
     let daemon = env.start().await;
     let page = web_support::get(daemon.http, "/customers/c1", &[]).await;
+    let experience = web_support::get(daemon.http, "/experience", &[]).await;
     daemon.stop().await;
+    assert_eq!(experience.status, 200, "{}", experience.text());
+    let figures = web_support::unescape(&experience.text());
+    for expected in [
+        "<td class=\"inline rule\">thank-you</td>",
+        "<td>2 <small class=\"muted\">(– of sent)</small></td>",
+        "<td>0% <small class=\"muted\">(1 answers)</small></td>",
+        "<td>+100 <small class=\"muted\">(1 answers)</small></td>",
+        "comment from <a href=\"/customers/c1\">c1</a>, rated 2 (csat) on <a href=\"/messages/41\">message 41</a>",
+        "The roses arrived <b>wilted</b>",
+        "Can you call me?",
+    ] {
+        assert!(
+            figures.contains(expected),
+            "{expected:?} not on the page:\n{figures}"
+        );
+    }
+    assert!(
+        !figures.contains("I am out of the office"),
+        "auto-replies are not replies"
+    );
     assert_eq!(page.status, 200, "{}", page.text());
     let html = page.text();
     let text = web_support::unescape(&html);

@@ -103,13 +103,14 @@ impl std::fmt::Debug for Web {
     }
 }
 
-const TEMPLATES: [(&str, &str); 9] = [
+const TEMPLATES: [(&str, &str); 10] = [
     ("layout", include_str!("templates/layout.hbs")),
     ("overview", include_str!("templates/overview.hbs")),
     ("log", include_str!("templates/log.hbs")),
     ("message", include_str!("templates/message.hbs")),
     ("customer", include_str!("templates/customer.hbs")),
     ("upcoming", include_str!("templates/upcoming.hbs")),
+    ("experience", include_str!("templates/experience.hbs")),
     ("suppressions", include_str!("templates/suppressions.hbs")),
     ("login", include_str!("templates/login.hbs")),
     ("problem", include_str!("templates/problem.hbs")),
@@ -292,6 +293,7 @@ pub fn router(shared: Shared) -> Router<Shared> {
         .route("/messages/{id}/body.html", get(pages::message_html))
         .route("/customers/{id}", get(pages::customer))
         .route("/upcoming", get(pages::upcoming))
+        .route("/experience", get(pages::experience_page))
         .route(
             "/suppressions",
             get(pages::suppressions).post(pages::suppress),

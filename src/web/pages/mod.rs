@@ -3,6 +3,7 @@
 
 mod answers;
 mod customer;
+mod experience;
 mod log;
 mod login;
 mod message;
@@ -22,6 +23,7 @@ use crate::store::{LogEntry, MessageState, StoreError};
 use crate::web::Shared;
 
 pub use customer::customer;
+pub use experience::experience_page;
 pub use log::{log, log_csv};
 pub use login::{login, login_page, logout};
 pub use message::{message, message_html};
