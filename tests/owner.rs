@@ -121,6 +121,11 @@ async fn a_low_rating_alerts_the_owner(backend: Backend) {
         ])
         .await
         .expect("events");
+    // `why` agrees with the guard: Bob's suppression does not stop the owner's alert.
+    let (ok, why, stderr) = env.run_cli(&["why", "--customer", "c2", "--rule", "low-score-alert"]);
+    assert!(ok, "{stderr}");
+    assert!(!why.contains("suppression"), "{why}");
+    assert!(why.contains("low-score-alert  yes"), "{why}");
     let daemon = env.start().await;
     let all = peer.wait_for_accepted(3, Duration::from_secs(30)).await;
     daemon.stop().await;
