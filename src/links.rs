@@ -364,6 +364,15 @@ mod tests {
     }
 
     #[test]
+    fn the_customer_page_link_encodes_the_id() {
+        assert_eq!(
+            signer().customer_page("ada@example.com/x y"),
+            "https://mail.acme.example/customers/ada%40example.com%2Fx%20y"
+        );
+        assert_eq!(encode_component("a-Z_0.~"), "a-Z_0.~");
+    }
+
+    #[test]
     fn test_send_links_round_trip_and_are_told_from_messages() {
         let s = signer();
         let id = new_test_send_id();
