@@ -54,6 +54,9 @@ pub enum Command {
     Log(LogArgs),
     /// Why each rule did, will, or will not message a customer: the check that decided it.
     Why(WhyArgs),
+    /// How customers answered: CSAT and NPS per rule and by week, ratings and replies per
+    /// message sent, the latest comments and replies.
+    Report(ReportArgs),
     /// The addresses that are never mailed.
     #[command(subcommand)]
     Suppress(SuppressCommand),
@@ -248,4 +251,23 @@ pub enum SuppressCommand {
         #[arg(long, value_enum, default_value_t = LogFormat::Table)]
         format: LogFormat,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The period: ratings, replies and sends within this long, e.g. 7d.
+    #[arg(long, value_name = "DURATION", default_value = "30d")]
+    pub since: String,
+    /// Only this rule (by name).
+    #[arg(long)]
+    pub rule: Option<String>,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
 }

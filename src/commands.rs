@@ -4,6 +4,7 @@
 pub mod inbound;
 mod init;
 mod preview;
+pub mod report;
 mod summary;
 pub mod why;
 

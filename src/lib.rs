@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod diag;
 pub mod dispatch;
 pub mod duration;
+pub mod experience;
 pub mod http;
 pub mod import;
 pub mod ingest;

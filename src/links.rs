@@ -85,6 +85,20 @@ impl Link {
 /// Test sends (`touchpoint preview --send-to`) have no row in `messages`: their links, VERP
 /// address and Message-ID carry a negative id instead, which no message has (ids count up from
 /// 1), so the link handlers and the bounce reader can tell a test from a customer's message.
+/// Percent-encodes a URL path segment or query value (everything but unreserved characters).
+pub fn encode_component(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
 pub fn is_test_send(message: i64) -> bool {
     message < 0
 }
@@ -138,6 +152,16 @@ impl LinkSigner {
     }
 
     /// The link's full URL.
+    /// The owner's page about a customer (`/customers/ID` of the web page, served at the same
+    /// address as the links), for messages written to the owner.
+    pub fn customer_page(&self, customer_id: &str) -> String {
+        format!(
+            "{}/customers/{}",
+            self.base_url,
+            encode_component(customer_id)
+        )
+    }
+
     pub fn url(&self, link: &Link) -> String {
         let token = self.token(link);
         match link {
@@ -375,6 +399,15 @@ mod tests {
 
     fn signer() -> LinkSigner {
         LinkSigner::new(b"test secret", "https://mail.acme.example/")
+    }
+
+    #[test]
+    fn the_customer_page_link_encodes_the_id() {
+        assert_eq!(
+            signer().customer_page("ada@example.com/x y"),
+            "https://mail.acme.example/customers/ada%40example.com%2Fx%20y"
+        );
+        assert_eq!(encode_component("a-Z_0.~"), "a-Z_0.~");
     }
 
     #[test]

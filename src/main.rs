@@ -108,6 +108,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let store = commands::open_store(&config).await?;
             print!("{}", commands::why::why(&config, &store, args).await?);
         }
+        Command::Report(args) => {
+            let store = commands::open_store(&config).await?;
+            print!("{}", commands::report::report(&store, args).await?);
+        }
         Command::Suppress(command) => print!("{}", commands::suppress(&config, command).await?),
         Command::Bounce { recipient } => return bounce(&config, recipient.clone()).await,
         Command::Inbound { recipient } => return inbound(&config, recipient.clone()).await,

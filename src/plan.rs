@@ -200,6 +200,7 @@ pub async fn plan_rule(
             up_to_seq: window_end,
             now,
             limit: PAGE,
+            include_suppressed: rule.to == crate::rules::Recipient::Owner,
         };
         let candidates = store.candidates(&query).await?;
         // A full page may have left rows of this window behind: go on after its last row.

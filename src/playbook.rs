@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use crate::diag::Diagnostic;
 use crate::diag::Diagnostics;
 use crate::render::{Business, Templates};
-use crate::rules::{self, Rule, RuleSet};
+use crate::rules::{self, Recipient, Rule, RuleSet};
 use crate::sources::SourceConfig;
 
 #[derive(Debug)]
@@ -45,6 +46,7 @@ impl Playbook {
         let templates = Templates::load(config.templates_dir)?;
         let mut rules = rules::load_dir(config.rules_dir, &|name| templates.exists(name))?;
         rules.apply_defaults(&config.defaults);
+        owner_email_for(&rules, config.business, config.config_path)?;
         let templates = templates.with_subjects(&rules)?;
         let problems = templates.check(&rules, config.business);
         if !problems.is_empty() {
@@ -72,7 +74,55 @@ impl Playbook {
         })
     }
 
+    /// Where a rule's messages go: the customer's address, or `business.owner_email` for a
+    /// rule written `to = "owner"` (which loading made sure is set).
+    pub fn recipient<'a>(&'a self, rule: &Rule, customer_email: &'a str) -> &'a str {
+        match (rule.to, &self.business.owner_email) {
+            (Recipient::Owner, Some(owner)) => owner,
+            _ => customer_email,
+        }
+    }
+
     pub fn rule(&self, name: &str) -> Option<&Rule> {
         self.by_name.get(name).map(|&i| &self.rules.rules[i])
+    }
+}
+
+/// Rules written `to = "owner"` need `business.owner_email`, a valid address.
+fn owner_email_for(
+    rules: &RuleSet,
+    business: &Business,
+    config_path: &Path,
+) -> Result<(), Diagnostics> {
+    if let Some(owner) = &business.owner_email
+        && owner.trim().parse::<lettre::Address>().is_err()
+    {
+        let message = format!(
+            "[business] owner_email {owner:?} is not an email address: write it like owner_email = \"owner@acme.example\""
+        );
+        return Err(Diagnostics(vec![Diagnostic::whole_file(
+            config_path,
+            message,
+        )]));
+    }
+    let missing: Vec<Diagnostic> = rules
+        .rules
+        .iter()
+        .filter(|r| r.to == Recipient::Owner && business.owner_email.is_none())
+        .map(|r| Diagnostic {
+            file: r.origin.file.clone(),
+            line: r.origin.line,
+            column: r.origin.column,
+            message: format!(
+                "the rule {:?} writes to the owner (to = \"owner\") but [business] in {} has no owner_email: add owner_email = \"owner@acme.example\"",
+                r.name,
+                config_path.display()
+            ),
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Diagnostics(missing))
     }
 }

@@ -12,7 +12,8 @@
 //! See [`message_context`]: `customer` (`id`, `email`, `name`, `first_name`, `timezone`,
 //! `attributes`), `event` (`id`, `kind`, `occurred_at`, `data`; null for schedule rules), `rule`
 //! (`name`, `description`), `business` (`name`, `address`, `website`), `years` (anniversaries; null
-//! otherwise), `message.id` and `unsubscribe_url` (null when there is none). Every one of these
+//! otherwise), `message.id`, `unsubscribe_url` (null when there is none, and in messages to the
+//! owner) and `customer_url` (the owner's page about the customer). Every one of these
 //! keys is always present, null when it has no value. Only the two free-form maps,
 //! `customer.attributes` and `event.data`, have keys that some customers or events lack.
 //!
@@ -95,6 +96,9 @@ pub struct Business {
     pub address: String,
     #[serde(default)]
     pub website: Option<String>,
+    /// Where rules written `to = "owner"` send (and the digest, unless it names its own).
+    #[serde(default)]
+    pub owner_email: Option<String>,
 }
 
 /// `[templates]` in the config: where the templates live.
@@ -223,6 +227,8 @@ pub struct MessageExtras {
     /// The message's Message-ID header value.
     pub message_id: String,
     pub unsubscribe_url: Option<String>,
+    /// The owner's page about the customer (`None` without a URL to reach the daemon at).
+    pub customer_url: Option<String>,
     /// The effective IANA time zone of the customer (their own or the configured default).
     pub timezone: String,
 }
@@ -804,6 +810,7 @@ pub fn message_context(
         "unsubscribe_url": extra.unsubscribe_url,
         // Filled in for rules with `rating` ([`rating::context`]).
         "rating": null,
+        "customer_url": extra.customer_url,
     })
 }
 
@@ -861,12 +868,13 @@ fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
         customer_id: customer.id.clone(),
         kind: kind.clone(),
         occurred_at,
-        data: rating::sample_event_data(kind, &rule.only_if),
+        data: rating::with_event_fields(sample_event_data(kind, full), &rule.only_if),
     });
     let extra = MessageExtras {
         years,
         message_id: "<sample.touchpoint@example.com>".to_string(),
         unsubscribe_url: full.then(|| "https://example.com/unsubscribe/sample".to_string()),
+        customer_url: full.then(|| "https://example.com/customers/sample-customer".to_string()),
         timezone: "Europe/London".to_string(),
     };
     let mut context = message_context(&customer, event.as_ref(), rule, business, &extra);
@@ -874,6 +882,25 @@ fn sample(rule: &Rule, business: &Business, full: bool) -> Value {
         context["rating"] = rating::context(request, &rating::sample_url);
     }
     context
+}
+
+/// The data of the events touchpoint itself records (`rated`, `replied`), so that templates
+/// about them (an owner's alert) can be checked; `{}` for every other kind.
+fn sample_event_data(kind: &str, full: bool) -> Value {
+    match kind {
+        "rated" => {
+            let mut data =
+                json!({"score": 2, "scale": "csat", "rule": "thank-you", "message_id": 1});
+            if full {
+                data["comment"] = json!("The roses arrived wilted.");
+            }
+            data
+        }
+        "replied" => json!({
+            "rule": "thank-you", "message_id": 1, "snippet": "Thank you, see you soon", "auto": false
+        }),
+        _ => json!({}),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1293,6 +1320,7 @@ mod tests {
             priority: 0,
             ignore_frequency_limit: false,
             rating: None,
+            to: crate::rules::Recipient::Customer,
         }
     }
 
@@ -1345,6 +1373,7 @@ mod tests {
             name: "Bloom & Petal".to_string(),
             address: "12 Harbour Road\nBrighton BN1 1AA".to_string(),
             website: Some("https://bloomandpetal.example".to_string()),
+            owner_email: None,
         }
     }
 
@@ -1840,6 +1869,7 @@ mod tests {
             message_id: "<m1@example.com>".to_string(),
             unsubscribe_url: None,
             timezone: "Europe/Dublin".to_string(),
+            customer_url: None,
         };
         let context = message_context(&customer, Some(&wedding), anniversary, &business(), &extra);
         let rendered = templates.render(anniversary, &context).unwrap();
@@ -1874,6 +1904,7 @@ mod tests {
             message_id: "<m@example.com>".to_string(),
             unsubscribe_url: None,
             timezone: "Europe/Paris".to_string(),
+            customer_url: None,
         };
         let context = message_context(&customer, None, &schedule, &business(), &extra);
         assert_eq!(
@@ -1894,6 +1925,7 @@ mod tests {
                 "message": { "id": "<m@example.com>" },
                 "unsubscribe_url": null,
                 "rating": null,
+                "customer_url": null,
             })
         );
         // Samples follow the trigger and the only_if conditions.

@@ -30,7 +30,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "engine",
         &[
             "render", "sources", "playbook", "plan", "query", "dispatch", "bounce", "runtime",
-            "replies",
+            "replies", "experience",
         ],
     ),
     ("surfaces", &["http", "ingest", "web"]),

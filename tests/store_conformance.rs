@@ -14,7 +14,8 @@
 //!   refusing a suppressed address;
 //! - tracking (`TrackingStore`): message events recorded once per key, counted per address;
 //! - reporting (`ReportingStore`): log paging and filtering, one dating rule for the log, its
-//!   count and the overview's counts;
+//!   count and the overview's counts; events of a kind since a moment and sends per rule (the
+//!   experience report);
 //! - shared state (`SharedStateStore`): settings, session revocation;
 //! - ratings (`RatingStore`): the last answer per message, the comment kept, the `rated` event.
 
@@ -328,6 +329,7 @@ async fn candidates_skip_planned_and_suppressed(backend: Backend) {
         up_to_seq: up_to,
         now,
         limit: 10,
+        include_suppressed: false,
     };
     let found = store.candidates(&query).await.expect("candidates");
     let ids: Vec<_> = found
@@ -344,6 +346,14 @@ async fn candidates_skip_planned_and_suppressed(backend: Backend) {
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].customer.id, "a");
     assert!(found[0].event.is_none());
+    // A rule to the owner hears about suppressed customers too.
+    let to_owner = CandidateQuery {
+        include_suppressed: true,
+        ..recurring
+    };
+    let found = store.candidates(&to_owner).await.expect("owner");
+    let ids: Vec<&str> = found.iter().map(|c| c.customer.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
 }
 
 // --- the outbox -------------------------------------------------------------------------------
@@ -713,6 +723,7 @@ async fn suppressed_periods_are_kept_and_their_events_left_out(backend: Backend)
         up_to_seq: up_to,
         now: Utc::now(),
         limit: 10,
+        include_suppressed: false,
     };
     let found = store.candidates(&query).await.expect("candidates");
     let mut ids: Vec<_> = found
@@ -2609,3 +2620,79 @@ async fn ratings_keep_the_last_answer_and_the_comment(backend: Backend) {
 }
 
 on_both_backends!(ratings_keep_the_last_answer_and_the_comment);
+
+// --- the experience report's reads -----------------------------------------------------------
+
+async fn events_of_a_kind_and_sends_per_rule(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let now = Utc::now();
+    store
+        .upsert_customers(&[customer("f", "f@example.com", "F")])
+        .await
+        .expect("customer");
+    let event = |id: &str, kind: &str, minutes: i64| Event {
+        id: id.into(),
+        customer_id: "f".into(),
+        kind: kind.into(),
+        occurred_at: now - TimeDelta::minutes(minutes),
+        data: serde_json::json!({ "score": 4, "comment": "ok" }),
+    };
+    let events = [
+        event("r-new", "rated", 1),
+        event("r-mid", "rated", 5),
+        event("r-old", "rated", 60),
+        event("p", "purchase", 2),
+    ];
+    store.insert_events(&events).await.expect("events");
+    let since = now - TimeDelta::minutes(10);
+    let found = store
+        .events_of_kind_since("rated", since)
+        .await
+        .expect("rated");
+    let ids: Vec<&str> = found.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["r-mid", "r-new"], "oldest first, none before `since`");
+    assert_eq!(found[0].data["comment"], "ok");
+
+    let due = now - TimeDelta::seconds(1);
+    let batch = [
+        of_rule("a", "a:1", "f", due),
+        of_rule("a", "a:2", "f", due),
+        of_rule("b", "b:1", "f", due),
+        of_rule("b", "b:2", "f", due),
+    ];
+    store.insert_messages(&batch).await.expect("insert");
+    let claims = claim_all(&store, "one").await;
+    let sent = Outcome::Sent {
+        reply: "250 ok".into(),
+    };
+    // Both of a and one of b go out; the other b stays claimed.
+    let first_b = claims.iter().position(|c| c.rule == "b");
+    let going = claims
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| c.rule == "a" || Some(*i) == first_b);
+    for (_, claim) in going {
+        let to = delivery("f@example.com");
+        assert!(
+            store
+                .begin_body_with(claim.id, &claim.token, &to, &content(), MARGIN)
+                .await
+                .expect("body")
+        );
+        assert!(
+            store
+                .finish(claim.id, &claim.token, &sent)
+                .await
+                .expect("finish")
+        );
+    }
+    let per_rule = store.sent_per_rule(since).await.expect("sent");
+    assert_eq!(per_rule, [("a".to_string(), 2), ("b".to_string(), 1)]);
+    let later = store
+        .sent_per_rule(now + TimeDelta::minutes(5))
+        .await
+        .expect("sent");
+    assert!(later.is_empty(), "{later:?}");
+}
+
+on_both_backends!(events_of_a_kind_and_sends_per_rule);

@@ -778,6 +778,7 @@ pub async fn sample_message(world: &World) -> Result<Vec<u8>> {
         years: None,
         message_id: message_id.clone(),
         unsubscribe_url: Some(unsubscribe.clone()),
+        customer_url: None,
         timezone: customer.timezone.clone().unwrap_or_else(|| "UTC".into()),
     };
     let context = touchpoint::render::message_context(

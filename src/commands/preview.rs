@@ -135,6 +135,7 @@ fn words(playbook: &Playbook, rule: &Rule, draft: &Draft<'_>) -> Result<String> 
         message_id: "<preview@touchpoint>".into(),
         unsubscribe_url: None,
         rating_url: None,
+        customer_url: None,
     };
     let rendered = render_message(playbook, rule, &inputs)?;
     Ok(format!(

@@ -13,7 +13,7 @@ use crate::links::{self, Link, MessageTags};
 use crate::playbook::Playbook;
 use crate::render::rating::{self, sample_url};
 use crate::render::{MessageExtras, RenderError, Rendered, message_context};
-use crate::rules::{CheckRecord, MessageDetail, Rule};
+use crate::rules::{CheckRecord, MessageDetail, Recipient, Rule};
 use crate::store::{ClaimedMessage, Customer, Delivery, Event, SentContent};
 use crate::transport::{self, OutgoingEmail};
 
@@ -37,6 +37,12 @@ pub(super) fn compose(
     checks: &CheckRecord,
 ) -> Result<Composed, String> {
     let detail = MessageDetail::from_json(&claim.detail);
+    // A rule to the owner writes to the business about the customer.
+    let to_email = playbook.recipient(rule, &found.customer.email);
+    let to_name = match rule.to {
+        Recipient::Customer => found.customer.name.as_deref(),
+        Recipient::Owner => Some(playbook.business.name.as_str()),
+    };
     let built = build(
         settings,
         playbook,
@@ -49,13 +55,13 @@ pub(super) fn compose(
                 tz: found.tz,
                 detail: &detail,
             },
-            to_name: found.customer.name.as_deref(),
-            to_email: &found.customer.email,
+            to_name,
+            to_email,
             subject_prefix: "",
         },
     )?;
     let delivery = Delivery {
-        email: found.customer.email.clone(),
+        email: to_email.to_string(),
         subject: built.subject,
         message_id: built.email.message_id.clone(),
     };
@@ -104,7 +110,7 @@ pub fn compose_draft(
         Some(address) => (None, address, TEST_SUBJECT_PREFIX),
         None => (
             draft.customer.name.as_deref(),
-            draft.customer.email.as_str(),
+            playbook.recipient(rule, &draft.customer.email),
             "",
         ),
     };
@@ -151,15 +157,21 @@ fn build(
         &rule.name,
         &settings.message_id_domain,
     );
+    // The owner's mail has no unsubscribe link: it is not the customer's to stop.
     let unsubscribe_url = settings
         .links
         .as_ref()
+        .filter(|_| rule.to == Recipient::Customer)
         .map(|l| l.url(&Link::Unsubscribe { message: id }));
     check_rating_links(settings, rule)?;
     let rate = |score| match &settings.links {
         Some(signer) => signer.url(&Link::Rating { message: id, score }),
         None => sample_url(score),
     };
+    let customer_url = settings
+        .links
+        .as_ref()
+        .map(|l| l.customer_page(&envelope.draft.customer.id));
     let rendered = render_message(
         playbook,
         rule,
@@ -168,6 +180,7 @@ fn build(
             message_id: message_id.clone(),
             unsubscribe_url: unsubscribe_url.clone(),
             rating_url: Some(&rate),
+            customer_url,
         },
     )
     .map_err(|error| format!("cannot render: {error}"))?;
@@ -219,6 +232,8 @@ pub struct MessageInputs<'a> {
     /// The link that rates the message N, for rules with `rating`; `None`: stand-ins
     /// ([`crate::render::rating::sample_url`]).
     pub rating_url: Option<&'a dyn Fn(u8) -> String>,
+    /// The owner's page about the customer.
+    pub customer_url: Option<String>,
 }
 
 /// A rule asking for a rating cannot go out without links to answer with.
@@ -245,6 +260,7 @@ pub fn render_message(
         years: inputs.draft.detail.years,
         message_id: inputs.message_id.clone(),
         unsubscribe_url: inputs.unsubscribe_url.clone(),
+        customer_url: inputs.customer_url.clone(),
         timezone: inputs.draft.tz.name().to_string(),
     };
     let context = message_context(
@@ -295,6 +311,9 @@ fn extra_headers(
 ) -> Vec<(&'static str, String)> {
     let mut headers = vec![("X-Touchpoint-Rule", rule.name.clone())];
     let mut targets = Vec::new();
+    if rule.to == Recipient::Owner {
+        return headers;
+    }
     if let Some(url) = unsubscribe_url {
         targets.push(format!("<{url}>"));
     }

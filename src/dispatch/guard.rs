@@ -47,6 +47,7 @@ pub(super) async fn guard(
     let facts = SendTime {
         context,
         playbook,
+        rule,
         claim,
         source,
         space,
@@ -88,6 +89,7 @@ pub(super) fn check_lines(record: &CheckRecord) -> Vec<CheckLine> {
 struct SendTime<'a> {
     context: &'a Context,
     playbook: &'a Playbook,
+    rule: &'a Rule,
     claim: &'a ClaimedMessage,
     /// The source the message was planned from, if any.
     source: Option<&'a SourceEvent>,
@@ -112,12 +114,11 @@ impl rules::Facts for SendTime<'_> {
         }))
     }
 
+    /// The recipient's address: the customer's, or for a rule `to = "owner"` the owner's (the
+    /// customer's suppression does not stop the owner hearing about them).
     async fn is_suppressed(&self, subject: &Found) -> Result<bool, LookupError> {
-        Ok(self
-            .context
-            .store
-            .is_suppressed(&subject.customer.email)
-            .await?)
+        let address = self.playbook.recipient(self.rule, &subject.customer.email);
+        Ok(self.context.store.is_suppressed(address).await?)
     }
 
     async fn was_suppressed_at(
@@ -126,10 +127,8 @@ impl rules::Facts for SendTime<'_> {
         at: DateTime<Utc>,
     ) -> Result<bool, LookupError> {
         let store = &self.context.store;
-        Ok(store
-            .suppressed_at(&subject.customer.email, Some(at))
-            .await?
-            .is_some())
+        let address = self.playbook.recipient(self.rule, &subject.customer.email);
+        Ok(store.suppressed_at(address, Some(at)).await?.is_some())
     }
 
     async fn had_event_after(

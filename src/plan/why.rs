@@ -101,6 +101,7 @@ async fn why_rule(
         store,
         playbook,
         customer,
+        address: playbook.recipient(rule, &customer.email),
         event: event.as_ref(),
         tz,
         message: circumstances.message.as_ref().map(|m| (m.id, m.trigger_at)),
@@ -221,6 +222,9 @@ struct StoreFacts<'a> {
     store: &'a SharedStore,
     playbook: &'a Playbook,
     customer: &'a Customer,
+    /// Where the rule's message goes: the customer, or the owner (`to = "owner"`), whose
+    /// address is the one the suppression checks look at, as the guard does.
+    address: &'a str,
     event: Option<&'a Event>,
     tz: Tz,
     /// The customer's message of this rule, if there is one: its id and when it was planned.
@@ -240,17 +244,17 @@ impl rules::Facts for StoreFacts<'_> {
         }))
     }
 
-    async fn is_suppressed(&self, subject: &Found) -> Result<bool, WhyError> {
-        Ok(self.store.is_suppressed(&subject.customer.email).await?)
+    async fn is_suppressed(&self, _subject: &Found) -> Result<bool, WhyError> {
+        Ok(self.store.is_suppressed(self.address).await?)
     }
 
     async fn was_suppressed_at(
         &self,
-        subject: &Found,
+        _subject: &Found,
         at: DateTime<Utc>,
     ) -> Result<bool, WhyError> {
-        let email = &subject.customer.email;
-        Ok(self.store.suppressed_at(email, Some(at)).await?.is_some())
+        let found = self.store.suppressed_at(self.address, Some(at)).await?;
+        Ok(found.is_some())
     }
 
     async fn had_event_after(
@@ -318,7 +322,7 @@ impl Witnesses for StoreFacts<'_> {
         &self,
         at: Option<DateTime<Utc>>,
     ) -> Result<Option<SeenSuppression>, WhyError> {
-        let period = self.store.suppressed_at(&self.customer.email, at).await?;
+        let period = self.store.suppressed_at(self.address, at).await?;
         Ok(period.map(seen_suppression))
     }
 }

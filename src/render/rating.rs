@@ -60,12 +60,7 @@ pub fn context(request: &RatingRequest, url: &dyn Fn(u8) -> String) -> Value {
 /// The data of a sample triggering event: what is sure to be there. A `rated` event always
 /// has `score`, `scale`, `rule` and `message_id` (a `comment` may be absent), and a field an
 /// `only_if` condition tests must be there for the message to go; anything else may be absent.
-pub fn sample_event_data(kind: &str, only_if: &[AttributeCondition]) -> Value {
-    let mut data = if kind == "rated" {
-        json!({ "score": 5, "scale": "csat", "rule": "sample-rule", "message_id": 1 })
-    } else {
-        json!({})
-    };
+pub fn with_event_fields(mut data: Value, only_if: &[AttributeCondition]) -> Value {
     for condition in only_if.iter().filter(|c| c.event_field) {
         if let Some(value) = sample_value(&condition.test) {
             data[condition.attribute.as_str()] = value;

@@ -76,10 +76,25 @@ pub struct Rule {
     /// higher goes first.
     pub priority: i32,
     /// `ignore_frequency_limit = true`: never held back, and not counted toward the limit.
+    /// Always true for a rule written `to = "owner"`.
     pub ignore_frequency_limit: bool,
     /// `rating = { scale = "csat" | "nps", question = "..." }`: the message asks for a rating,
     /// and its templates get `{{rating_url N}}` and `{{> rating}}`.
     pub rating: Option<RatingRequest>,
+    /// `to = "owner"`: the message goes to `business.owner_email`, about the customer.
+    pub to: Recipient,
+}
+
+/// Who a rule's messages go to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Recipient {
+    /// `to = "customer"` (the default).
+    #[default]
+    Customer,
+    /// `to = "owner"`: the business hears about the customer (`business.owner_email`). Such
+    /// messages ignore the customer's suppression and unsubscribe state and never count toward
+    /// the customer's frequency limit.
+    Owner,
 }
 
 /// `frequency_limit = { max = N, per = DURATION }`: at most `max` messages to one customer

@@ -13,8 +13,8 @@ use croner::parser::{CronParser, Seconds, Year};
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::{
-    AttributeCondition, AttributeTest, FrequencyLimit, Origin, RatingRequest, RatingScale, Rule,
-    Trigger, Unless,
+    AttributeCondition, AttributeTest, FrequencyLimit, Origin, RatingRequest, RatingScale,
+    Recipient, Rule, Trigger, Unless,
 };
 use crate::calendar::{QuietDate, SendWindow};
 use crate::diag::{Diagnostic, line_column};
@@ -37,6 +37,7 @@ const RULE_KEYS: &[&str] = &[
     "priority",
     "ignore_frequency_limit",
     "rating",
+    "to",
 ];
 const RATING_KEYS: &[&str] = &["scale", "question"];
 const RATING_FORM: &str = "{ scale = \"csat\" } (1 to 5) or { scale = \"nps\" } (0 to 10), with an \
@@ -476,7 +477,11 @@ impl Cx<'_> {
             Some(e) => self.boolean(e),
             None => Some(false),
         };
-        let limits = self.limits(&f);
+        let to = match f.get("to") {
+            Some(e) => self.recipient(e),
+            None => Some(Recipient::Customer),
+        };
+        let limits = self.limits(&f, to);
         let rating = match f.get("rating") {
             Some(e) => self.rating(e).map(Some),
             None => Some(None),
@@ -491,6 +496,7 @@ impl Cx<'_> {
             ignore_frequency_limit,
         } = limits?;
         let rating = rating?;
+        let to = to?;
         let (
             Some(name),
             Some(description),
@@ -541,6 +547,7 @@ impl Cx<'_> {
             priority,
             ignore_frequency_limit,
             rating,
+            to,
         })
     }
 
@@ -582,8 +589,25 @@ impl Cx<'_> {
         })
     }
 
-    /// `frequency_limit`, `priority` and `ignore_frequency_limit`, which must not contradict.
-    fn limits(&mut self, f: &Fields<'_>) -> Option<Limits> {
+    /// `to = "customer"` or `to = "owner"`.
+    fn recipient(&mut self, e: Entry<'_>) -> Option<Recipient> {
+        match e.item.as_str() {
+            Some("customer") => Some(Recipient::Customer),
+            Some("owner") => Some(Recipient::Owner),
+            _ => {
+                let found = describe(e.item);
+                self.error(
+                    e.at,
+                    format!("expected \"customer\" or \"owner\" for `to`, found {found}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// `frequency_limit`, `priority` and `ignore_frequency_limit`, which must not contradict;
+    /// a rule to the owner never counts toward a customer's limit.
+    fn limits(&mut self, f: &Fields<'_>, to: Option<Recipient>) -> Option<Limits> {
         let frequency_limit = match f.get("frequency_limit") {
             Some(e) => self.frequency_limit(e).map(Some),
             None => Some(None),
@@ -606,10 +630,20 @@ impl Cx<'_> {
             );
             return None;
         }
+        let to_owner = to == Some(Recipient::Owner);
+        if let (Some(Some(_)), true, Some(e)) =
+            (frequency_limit, to_owner, f.get("frequency_limit"))
+        {
+            self.error(
+                e.at,
+                "a rule with to = \"owner\" writes to the business, not the customer: it has no frequency_limit",
+            );
+            return None;
+        }
         Some(Limits {
             frequency_limit: frequency_limit?,
             priority: priority?,
-            ignore_frequency_limit: ignore_frequency_limit?,
+            ignore_frequency_limit: ignore_frequency_limit? || to_owner,
         })
     }
 

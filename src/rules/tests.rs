@@ -547,7 +547,7 @@ fn unknown_keys_at_every_level_name_the_place_and_the_expected_keys() {
     ));
     assert_eq!(
         err,
-        "5:1: unknown key `tempalte` in rule (did you mean `template`?); expected one of: name, description, template, subject, enabled, when, unless, only_if, send_window, expire_after, track_opens, track_clicks, frequency_limit, priority, ignore_frequency_limit, rating"
+        "5:1: unknown key `tempalte` in rule (did you mean `template`?); expected one of: name, description, template, subject, enabled, when, unless, only_if, send_window, expire_after, track_opens, track_clicks, frequency_limit, priority, ignore_frequency_limit, rating, to"
     );
     let (_, errors) = check(&format!(
         "{HEAD}when = {{ event = \"e\", after = \"1h\", delay = \"2h\" }}\n"
@@ -997,6 +997,13 @@ fn frequency_limit_priority_and_skip_dates_are_read() {
     );
     let alert = one_rule(&rule("ignore_frequency_limit = true\npriority = 100"));
     assert!(alert.ignore_frequency_limit && alert.limited().is_none());
+    assert_eq!(alert.to, super::Recipient::Customer);
+    let owner = one_rule(&rule("to = \"owner\""));
+    assert_eq!(owner.to, super::Recipient::Owner);
+    assert!(
+        owner.ignore_frequency_limit,
+        "the owner's mail never counts"
+    );
     let quiet = one_rule(&rule(
         "send_window = { from = \"09:00\", to = \"17:00\", skip_dates = [\"12-25\", \"2026-12-31\", \"12-25\"] }",
     ));
@@ -1070,6 +1077,14 @@ fn frequency_limit_priority_and_skip_dates_mistakes() {
         (
             "send_window = { from = \"09:00\", to = \"17:00\", skip_dates = \"12-25\" }",
             "6:60: expected a list of dates for `skip_dates`",
+        ),
+        (
+            "to = \"boss\"",
+            "6:6: expected \"customer\" or \"owner\" for `to`, found a string",
+        ),
+        (
+            "to = \"owner\"\nfrequency_limit = { max = 1, per = \"3d\" }",
+            "7:19: a rule with to = \"owner\" writes to the business, not the customer",
         ),
     ];
     for (extra, expected) in cases {

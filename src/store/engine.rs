@@ -225,8 +225,10 @@ impl<D: Driver> SqlStore<D> {
             );
             sql.bind(later).push(")");
         }
-        sql.push(NOT_SUPPRESSED);
-        sql.push(NOT_SUPPRESSED_AT_EVENT);
+        if !q.include_suppressed {
+            sql.push(NOT_SUPPRESSED);
+            sql.push(NOT_SUPPRESSED_AT_EVENT);
+        }
         sql.push(" ORDER BY e.seq");
         sql
     }
@@ -248,7 +250,9 @@ impl<D: Driver> SqlStore<D> {
         sql.push(" AND m.event_id = e.id AND m.trigger_at >= ")
             .bind(q.now)
             .push(format!("{})", D::FENCE));
-        sql.push(NOT_SUPPRESSED);
+        if !q.include_suppressed {
+            sql.push(NOT_SUPPRESSED);
+        }
         sql.push(" ORDER BY e.seq");
         sql
     }
@@ -274,7 +278,9 @@ impl<D: Driver> SqlStore<D> {
         sql.push(" AND m.customer_id = c.id AND m.trigger_at >= ")
             .bind(q.now)
             .push(format!("{})", D::FENCE));
-        sql.push(NOT_SUPPRESSED);
+        if !q.include_suppressed {
+            sql.push(NOT_SUPPRESSED);
+        }
         sql.push(" ORDER BY c.seq");
         sql
     }
@@ -1007,6 +1013,30 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
         .arg(limit);
         let rows: Vec<CustomerMessageEventRow> = self.driver.fetch_all(Via::Reader, sql).await?;
         Ok(rows.into_iter().map(CustomerMessageEvent::from).collect())
+    }
+
+    async fn events_of_kind_since(
+        &self,
+        kind: &str,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<Event>> {
+        let sql = Sql::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE kind = ? AND occurred_at >= ? \
+             ORDER BY occurred_at, seq"
+        ))
+        .arg(kind)
+        .arg(since);
+        let rows: Vec<EventRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(Event::from).collect())
+    }
+
+    async fn sent_per_rule(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>> {
+        let sql = Sql::new(
+            "SELECT rule, COUNT(*) FROM messages WHERE state = 'sent' AND sent_at >= ? \
+             GROUP BY rule ORDER BY rule",
+        )
+        .arg(since);
+        self.driver.fetch_all(Via::Reader, sql).await
     }
 }
 

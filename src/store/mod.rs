@@ -384,6 +384,9 @@ pub struct CandidateQuery {
     pub up_to_seq: i64,
     pub now: DateTime<Utc>,
     pub limit: i64,
+    /// Customers on the suppression list too (rules written `to = "owner"`: the owner hears
+    /// about every customer).
+    pub include_suppressed: bool,
 }
 
 /// One row a rule might apply to, with what the planner needs to compute its time.
@@ -819,6 +822,15 @@ pub trait ReportingStore: Send + Sync {
         customer_id: &str,
         limit: i64,
     ) -> StoreResult<Vec<CustomerMessageEvent>>;
+    /// Events of one kind that occurred at or after `since`, oldest first (the experience
+    /// report reads `rated` and `replied` events with this).
+    async fn events_of_kind_since(
+        &self,
+        kind: &str,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<Event>>;
+    /// Messages sent at or after `since`, per rule.
+    async fn sent_per_rule(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>>;
 }
 
 /// State every process shares: settings (the link-signing key) and the web page's logged-out

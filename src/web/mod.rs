@@ -103,13 +103,14 @@ impl std::fmt::Debug for Web {
     }
 }
 
-const TEMPLATES: [(&str, &str); 9] = [
+const TEMPLATES: [(&str, &str); 10] = [
     ("layout", include_str!("templates/layout.hbs")),
     ("overview", include_str!("templates/overview.hbs")),
     ("log", include_str!("templates/log.hbs")),
     ("message", include_str!("templates/message.hbs")),
     ("customer", include_str!("templates/customer.hbs")),
     ("upcoming", include_str!("templates/upcoming.hbs")),
+    ("experience", include_str!("templates/experience.hbs")),
     ("suppressions", include_str!("templates/suppressions.hbs")),
     ("login", include_str!("templates/login.hbs")),
     ("problem", include_str!("templates/problem.hbs")),
@@ -301,6 +302,7 @@ pub fn router(shared: Shared) -> Router<Shared> {
         .route("/messages/{id}/body.html", get(pages::message_html))
         .route("/customers/{id}", get(pages::customer))
         .route("/upcoming", get(pages::upcoming))
+        .route("/experience", get(pages::experience_page))
         .route(
             "/suppressions",
             get(pages::suppressions).post(pages::suppress),
@@ -549,16 +551,7 @@ fn redirect(location: &str) -> Response {
 
 /// Percent-encodes a query value (everything but unreserved characters).
 pub fn encode_query(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(byte as char)
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
+    crate::links::encode_component(value)
 }
 
 /// Where to go after logging in: only a path on this site, else `/`.

@@ -39,16 +39,7 @@ pub fn form_body(fields: &[(&str, &str)]) -> String {
 }
 
 pub fn encode(value: &str) -> String {
-    let mut out = String::new();
-    for byte in value.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(byte as char)
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
+    touchpoint::links::encode_component(value)
 }
 
 /// The `value` of the first `<input name="NAME" value="...">` in a page, HTML entities decoded.

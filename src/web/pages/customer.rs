@@ -121,8 +121,7 @@ pub async fn customer(
 fn timeline(web: &Web, loaded: &Loaded) -> Vec<Value> {
     let mut timeline: Vec<(DateTime<Utc>, Value)> = Vec::new();
     for event in &loaded.events {
-        timeline.push((
-            event.occurred_at,
+        let line = super::answers::answer_line(web, event).unwrap_or_else(|| {
             json!({
                 "at": web.event_time(event.occurred_at),
                 "kind": event.kind,
@@ -130,8 +129,9 @@ fn timeline(web: &Web, loaded: &Loaded) -> Vec<Value> {
                 "what": format!("{} (event {})", event.kind, event.id),
                 "link": Value::Null,
                 "detail": timed_pairs(web, &event.data),
-            }),
-        ));
+            })
+        });
+        timeline.push((event.occurred_at, line));
     }
     for line in &loaded.activity {
         timeline.push((line.event.at, message_line(web, line)));

@@ -1,7 +1,9 @@
 //! The pages, one per file: each handler reads what it shows from the store and hands it to its
 //! template. What several pages share (error pages, a message's row, names, dates) is here.
 
+mod answers;
 mod customer;
+mod experience;
 mod log;
 mod login;
 mod message;
@@ -22,6 +24,7 @@ use crate::store::{LogEntry, MessageState, StoreError};
 use crate::web::Shared;
 
 pub use customer::customer;
+pub use experience::experience_page;
 pub use log::{log, log_csv};
 pub use login::{login, login_page, logout};
 pub use message::{message, message_html};
