@@ -160,6 +160,7 @@ mod tests {
             name: "Acme".into(),
             address: "1 Road".into(),
             website: None,
+            owner_email: None,
         }
     }
 

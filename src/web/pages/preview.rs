@@ -40,6 +40,7 @@ pub(super) fn preview(
         message_id: format!("<preview-{}@touchpoint>", entry.id),
         unsubscribe_url: None,
         rating_url: None,
+        customer_url: None,
     };
     Some(match render_message(playbook, rule, &inputs) {
         Ok(rendered) => json!({
