@@ -7,7 +7,9 @@ use serde_json::{Value, json};
 use crate::store::Event;
 use crate::web::Web;
 
-/// The timeline line of a `rated` or `replied` event; `None` for any other kind.
+/// The timeline line of a `rated`, `replied` or `auto_replied` event (`touchpoint inbound`
+/// records an out-of-office as `auto_replied`, so it cannot stop a follow-up); `None` for any
+/// other kind.
 pub(super) fn answer_line(web: &Web, event: &Event) -> Option<Value> {
     let data = &event.data;
     let message = data.get("message_id").and_then(Value::as_i64);
@@ -20,7 +22,7 @@ pub(super) fn answer_line(web: &Web, event: &Event) -> Option<Value> {
     };
     let (what, class, detail) = match event.kind.as_str() {
         "rated" => rating(data, &about)?,
-        "replied" => reply(data, &about),
+        "replied" | "auto_replied" => reply(data, &about),
         _ => return None,
     };
     Some(json!({
