@@ -29,8 +29,16 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "engine",
         &[
-            "render", "sources", "playbook", "plan", "query", "dispatch", "bounce", "runtime",
-            "replies", "experience",
+            "render",
+            "sources",
+            "playbook",
+            "plan",
+            "query",
+            "dispatch",
+            "bounce",
+            "runtime",
+            "replies",
+            "experience",
         ],
     ),
     ("surfaces", &["http", "ingest", "web"]),
