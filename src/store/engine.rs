@@ -199,6 +199,13 @@ impl<D: Driver> CustomerStore for SqlStore<D> {
 }
 
 impl<D: Driver> SqlStore<D> {
+    /// Leaves out suppressed customers, unless the rule writes to the owner about them.
+    fn push_not_suppressed(sql: &mut Sql, q: &CandidateQuery) {
+        if !q.include_suppressed {
+            sql.push(NOT_SUPPRESSED);
+        }
+    }
+
     /// Events of a kind with no message of this rule yet (see `CandidateSource::NewEvents`).
     fn new_events(q: &CandidateQuery, kind: &str, from: DateTime<Utc>, unless: &[String]) -> Sql {
         let mut sql = Sql::new(format!(
@@ -226,9 +233,9 @@ impl<D: Driver> SqlStore<D> {
             sql.bind(later).push(")");
         }
         if !q.include_suppressed {
-            sql.push(NOT_SUPPRESSED);
             sql.push(NOT_SUPPRESSED_AT_EVENT);
         }
+        Self::push_not_suppressed(&mut sql, q);
         sql.push(" ORDER BY e.seq");
         sql
     }
@@ -250,9 +257,7 @@ impl<D: Driver> SqlStore<D> {
         sql.push(" AND m.event_id = e.id AND m.trigger_at >= ")
             .bind(q.now)
             .push(format!("{})", D::FENCE));
-        if !q.include_suppressed {
-            sql.push(NOT_SUPPRESSED);
-        }
+        Self::push_not_suppressed(&mut sql, q);
         sql.push(" ORDER BY e.seq");
         sql
     }
@@ -278,9 +283,7 @@ impl<D: Driver> SqlStore<D> {
         sql.push(" AND m.customer_id = c.id AND m.trigger_at >= ")
             .bind(q.now)
             .push(format!("{})", D::FENCE));
-        if !q.include_suppressed {
-            sql.push(NOT_SUPPRESSED);
-        }
+        Self::push_not_suppressed(&mut sql, q);
         sql.push(" ORDER BY c.seq");
         sql
     }
