@@ -64,6 +64,25 @@ pub async fn check(config: &Config) -> Result<String> {
         playbook.templates.names().len(),
         config.database_url().describe()
     );
+    if let Some(digest) = &playbook.digest {
+        let next = digest.next_slot(chrono::Utc::now()).map_or_else(
+            || "never again".to_string(),
+            |slot| {
+                format!(
+                    "next {}",
+                    slot.at
+                        .with_timezone(&digest.tz)
+                        .format("%a %Y-%m-%d %H:%M")
+                )
+            },
+        );
+        report.push_str(&format!(
+            "\ndigest: {:?} in {} to {} ({next})",
+            digest.schedule.expression,
+            digest.tz.name(),
+            digest.to
+        ));
+    }
     for line in source_lines
         .into_iter()
         .chain(summary::summary(config, &playbook).await)

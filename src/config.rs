@@ -61,6 +61,9 @@ pub struct Config {
     pub replies: crate::replies::RepliesConfig,
     #[serde(default)]
     pub dkim: Option<DkimConfig>,
+    /// `[digest]`: the owner's summary on a schedule.
+    #[serde(default)]
+    pub digest: Option<crate::digest::DigestConfig>,
     #[serde(default)]
     pub web: WebConfig,
     /// The business's own databases, read where they live (`[sources.NAME]`).
@@ -389,6 +392,8 @@ impl<'a> From<&'a Config> for crate::playbook::Origin<'a> {
             base_dir: &config.base_dir,
             config_path: &config.path,
             defaults: config.defaults.rules(),
+            digest: config.digest.as_ref(),
+            default_timezone: config.defaults.timezone,
         }
     }
 }

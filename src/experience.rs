@@ -190,7 +190,8 @@ pub async fn experience(
         .sent_per_rule(since)
         .await?
         .into_iter()
-        .filter(|(name, _)| wanted(Some(name)))
+        // The owner's digest is no message to a customer: it asks for nothing.
+        .filter(|(name, _)| wanted(Some(name)) && name != crate::rules::DIGEST_RULE)
         .collect();
     let ratings: Vec<Rating> = last_per_message(store.events_of_kind_since("rated", since).await?)
         .into_iter()

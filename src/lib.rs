@@ -23,6 +23,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod diag;
+pub mod digest;
 pub mod dispatch;
 pub mod duration;
 pub mod experience;

@@ -19,6 +19,8 @@ pub struct Playbook {
     pub business: Business,
     /// The business's own databases and their queries, reloaded with the rules.
     pub sources: std::sync::Arc<crate::sources::Sources>,
+    /// The owner's digest, when `[digest]` is written and enabled (reloaded with the rules).
+    pub digest: Option<crate::digest::Digest>,
     by_name: HashMap<String, usize>,
 }
 
@@ -36,6 +38,10 @@ pub struct Origin<'a> {
     pub config_path: &'a Path,
     /// What `[defaults]` says about every rule (frequency limit, quiet dates).
     pub defaults: rules::RuleDefaults,
+    /// `[digest]`, if written.
+    pub digest: Option<&'a crate::digest::DigestConfig>,
+    /// `defaults.timezone`: the digest's schedule is read in it.
+    pub default_timezone: chrono_tz::Tz,
 }
 
 impl Playbook {
@@ -59,6 +65,13 @@ impl Playbook {
                     message,
                 )])
             })?;
+        let digest = crate::digest::Digest::load(
+            config.digest,
+            config.business,
+            config.templates_dir,
+            config.default_timezone,
+            config.config_path,
+        )?;
         let by_name = rules
             .rules
             .iter()
@@ -70,6 +83,7 @@ impl Playbook {
             templates,
             business: config.business.clone(),
             sources: std::sync::Arc::new(sources),
+            digest,
             by_name,
         })
     }

@@ -757,6 +757,12 @@ fn collect_unknown_partials(
     }
 }
 
+/// A strict registry with touchpoint's helpers (`default`, `date`, `if`...), for templates that
+/// are not a rule's (the owner's digest): HTML-escaping when `html`.
+pub fn helper_registry(html: bool) -> Handlebars<'static> {
+    registry(html)
+}
+
 fn registry(html: bool) -> Handlebars<'static> {
     let mut registry = Handlebars::new();
     registry.set_strict_mode(true);

@@ -39,6 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "runtime",
             "replies",
             "experience",
+            "digest",
         ],
     ),
     ("surfaces", &["http", "ingest", "web"]),

@@ -9,6 +9,7 @@
 mod compose;
 mod deliver;
 mod guard;
+mod owner_digest;
 
 pub use compose::{Draft, MessageInputs, TEST_SUBJECT_PREFIX, compose_draft, render_message, verp};
 
@@ -412,6 +413,9 @@ async fn attempt(
     claim: &ClaimedMessage,
 ) -> Result<Option<Outcome>, LookupError> {
     let playbook = context.playbook.borrow().clone();
+    if claim.rule == crate::digest::RULE {
+        return owner_digest::attempt(context, &playbook, claim).await;
+    }
     let Some(rule) = playbook.rule(&claim.rule) else {
         return Ok(Some(Outcome::Skipped {
             reason: format!("the rule {:?} no longer exists", claim.rule),

@@ -30,6 +30,10 @@ pub use check::{
 pub use detail::{MessageDetail, SourceEvent};
 pub use rating::{RatingRequest, RatingScale};
 
+/// The rule name of the owner's digest messages (`[digest]`, see `crate::digest`): a rule file
+/// cannot use it (rule names start with a letter or digit), so the two never mix.
+pub const DIGEST_RULE: &str = "_digest";
+
 /// All rules from a rules directory, in file-name order then file order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RuleSet {

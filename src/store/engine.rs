@@ -1041,6 +1041,31 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
         .arg(since);
         self.driver.fetch_all(Via::Reader, sql).await
     }
+
+    async fn replies_waiting(&self, since: DateTime<Utc>) -> StoreResult<Vec<Event>> {
+        // The customer's address as it is now: a message to an address they no longer have
+        // answered nobody.
+        let sql = Sql::new(
+            "SELECT e.id, e.customer_id, e.kind, e.occurred_at, e.data FROM events e \
+             JOIN customers c ON c.id = e.customer_id \
+             WHERE e.kind = 'replied' AND e.occurred_at >= ? \
+             AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.customer_id = e.customer_id \
+             AND m.state = 'sent' AND m.sent_at > e.occurred_at AND LOWER(m.email) = LOWER(c.email)) \
+             ORDER BY e.occurred_at, e.seq",
+        )
+        .arg(since);
+        let rows: Vec<EventRow> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(Event::from).collect())
+    }
+
+    async fn due_per_rule(&self, until: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>> {
+        let sql = Sql::new(
+            "SELECT rule, COUNT(*) FROM messages WHERE state IN ('scheduled', 'retrying') \
+             AND next_attempt_at < ? GROUP BY rule ORDER BY rule",
+        )
+        .arg(until);
+        self.driver.fetch_all(Via::Reader, sql).await
+    }
 }
 
 #[async_trait]

@@ -831,6 +831,12 @@ pub trait ReportingStore: Send + Sync {
     ) -> StoreResult<Vec<Event>>;
     /// Messages sent at or after `since`, per rule.
     async fn sent_per_rule(&self, since: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>>;
+    /// `replied` events at or after `since` still waiting for an answer: no message was sent to
+    /// the customer's address after the reply arrived (messages to the owner about the customer
+    /// do not count). Oldest first.
+    async fn replies_waiting(&self, since: DateTime<Utc>) -> StoreResult<Vec<Event>>;
+    /// Waiting messages (scheduled or retrying) next due before `until`, per rule.
+    async fn due_per_rule(&self, until: DateTime<Utc>) -> StoreResult<Vec<(String, i64)>>;
 }
 
 /// State every process shares: settings (the link-signing key) and the web page's logged-out

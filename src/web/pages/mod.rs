@@ -141,7 +141,12 @@ fn entry_row(web: &Web, entry: &LogEntry, names: &HashMap<String, String>) -> Va
         "rule": entry.rule,
         "customer_id": entry.customer_id,
         "customer_link": format!("/customers/{}", encode_path(&entry.customer_id)),
-        "name": names.get(&entry.customer_id),
+        // The owner's digest is about no customer.
+        "name": if entry.rule == crate::digest::RULE {
+            Some("the owner's digest")
+        } else {
+            names.get(&entry.customer_id).map(String::as_str)
+        },
         "email": entry.email.clone().unwrap_or_default(),
         "subject": entry.subject.clone().unwrap_or_default(),
         "opened": entry.opens > 0,
