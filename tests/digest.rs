@@ -294,6 +294,13 @@ async fn the_digest_goes_out_once_with_the_figures(backend: Backend) {
     assert_eq!(logged.len(), 1, "{logged:?}");
     assert_eq!(logged[0].state.to_string(), "sent");
     assert_eq!(logged[0].email.as_deref(), Some(OWNER));
+    let (ok, log, stderr) = env.run_cli(&["log", "--format", "csv"]);
+    assert!(ok, "{stderr}");
+    let line = log
+        .lines()
+        .find(|l| l.contains(DIGEST))
+        .unwrap_or_else(|| panic!("the digest in `touchpoint log`:\n{log}"));
+    assert!(line.contains(OWNER) && line.contains("sent"), "{line}");
 
     // A restart within the same period plans nothing new and sends nothing.
     let daemon = env.start().await;

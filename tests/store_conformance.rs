@@ -15,7 +15,7 @@
 //! - tracking (`TrackingStore`): message events recorded once per key, counted per address;
 //! - reporting (`ReportingStore`): log paging and filtering, one dating rule for the log, its
 //!   count and the overview's counts; events of a kind since a moment and sends per rule (the
-//!   experience report);
+//!   experience report), replies waiting for an answer and messages due per rule (the digest);
 //! - shared state (`SharedStateStore`): settings, session revocation;
 //! - ratings (`RatingStore`): the last answer per message, the comment kept, the `rated` event.
 
@@ -2696,3 +2696,80 @@ async fn events_of_a_kind_and_sends_per_rule(backend: Backend) {
 }
 
 on_both_backends!(events_of_a_kind_and_sends_per_rule);
+
+// --- the owner's digest's reads --------------------------------------------------------------
+
+async fn replies_waiting_and_messages_due_per_rule(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let now = Utc::now();
+    store
+        .upsert_customers(&[
+            customer("g", "g@example.com", "G"),
+            customer("h", "H@Example.com", "H"),
+        ])
+        .await
+        .expect("customers");
+    let replied = |id: &str, customer: &str, minutes: i64| Event {
+        id: id.into(),
+        customer_id: customer.into(),
+        kind: "replied".into(),
+        occurred_at: now - TimeDelta::minutes(minutes),
+        data: serde_json::json!({ "snippet": id }),
+    };
+    let events = [
+        replied("g-old", "g", 120),
+        replied("g-new", "g", 30),
+        replied("h-new", "h", 30),
+    ];
+    store.insert_events(&events).await.expect("events");
+    let due = now - TimeDelta::seconds(1);
+    let batch = [of_rule("a", "a:g", "g", due), of_rule("a", "a:h", "h", due)];
+    store.insert_messages(&batch).await.expect("insert");
+    // H is answered (her address, in other case); about G only the owner heard.
+    for claim in claim_all(&store, "one").await {
+        let to = if claim.customer_id == "h" {
+            delivery("h@example.com")
+        } else {
+            delivery("owner@example.com")
+        };
+        assert!(
+            store
+                .begin_body_with(claim.id, &claim.token, &to, &content(), MARGIN)
+                .await
+                .expect("body")
+        );
+        let sent = Outcome::Sent {
+            reply: "250 ok".into(),
+        };
+        assert!(
+            store
+                .finish(claim.id, &claim.token, &sent)
+                .await
+                .expect("finish")
+        );
+    }
+    let waiting = store
+        .replies_waiting(now - TimeDelta::minutes(60))
+        .await
+        .expect("waiting");
+    let ids: Vec<&str> = waiting.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["g-new"], "none before `since`, none answered since");
+
+    let future = [
+        of_rule("c", "c:1", "g", now + TimeDelta::days(1)),
+        of_rule("c", "c:2", "h", now + TimeDelta::days(3)),
+        of_rule("d", "d:1", "g", now + TimeDelta::days(10)),
+    ];
+    store.insert_messages(&future).await.expect("insert");
+    let due = store
+        .due_per_rule(now + TimeDelta::days(7))
+        .await
+        .expect("due");
+    assert_eq!(
+        due,
+        [("c".to_string(), 2)],
+        "sent ones and later ones are not due"
+    );
+}
+
+on_both_backends!(replies_waiting_and_messages_due_per_rule);
