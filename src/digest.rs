@@ -707,6 +707,73 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_needs_an_address_and_templates_that_render() {
+        let business = Business {
+            name: "Acme".into(),
+            address: "1 Main St".into(),
+            website: None,
+            owner_email: None,
+        };
+        let config =
+            |to: Option<&str>, template: Option<&str>, subject: Option<&str>| DigestConfig {
+                enabled: true,
+                to: to.map(str::to_string),
+                schedule: Schedule::parse("0 8 * * mon").unwrap(),
+                template: template.map(str::to_string),
+                subject: subject.map(str::to_string),
+            };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("mine.txt.hbs"),
+            "{{period.from}} {{misspelt}}",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("mine.html.hbs"), "<p>{{period.from}}</p>").unwrap();
+        let load = |c: &DigestConfig| {
+            Digest::load(
+                Some(c),
+                &business,
+                dir.path(),
+                chrono_tz::UTC,
+                Path::new("t.toml"),
+            )
+            .map(|_| ())
+            .map_err(|d| d.to_string())
+        };
+        let owner = Some("owner@acme.example");
+        for (config, expected) in [
+            (config(None, None, None), "[digest] has no address"),
+            (
+                config(Some("nobody"), None, None),
+                "digest.to \"nobody\" is not an email address",
+            ),
+            (
+                config(owner, Some("nope"), None),
+                "digest.template \"nope\": cannot read",
+            ),
+            (config(owner, None, Some("{{#if x}}")), "digest.subject"),
+            (config(owner, Some("mine"), None), "[digest] text body"),
+        ] {
+            let error = load(&config).unwrap_err();
+            assert!(error.contains(expected), "{expected:?} not in {error}");
+        }
+        let off = DigestConfig {
+            enabled: false,
+            ..config(None, None, None)
+        };
+        assert!(matches!(
+            Digest::load(
+                Some(&off),
+                &business,
+                dir.path(),
+                chrono_tz::UTC,
+                Path::new("t.toml")
+            ),
+            Ok(None)
+        ));
+    }
+
+    #[test]
     fn figures_render_with_shares_and_signed_nps() {
         let d = digest("0 8 * * mon", chrono_tz::UTC);
         let business = Business {

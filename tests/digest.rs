@@ -1,7 +1,8 @@
 //! The owner's digest (`[digest]`), end to end on both backends with the real daemon and a real
 //! SMTP peer: seeded messages, ratings and replies; the digest planned for the next scheduled
 //! time is made due now and goes out once, to the owner, with the period's figures; further
-//! planning passes and a restart within the same period plan no second one. `check` refuses a
+//! planning passes and a restart within the same period plan no second one; it is in
+//! `touchpoint log` and on the owner's Upcoming and Log pages. `check` refuses a
 //! bad cron with the file, the key and what is expected. (The schedule arithmetic across DST
 //! changes is unit-tested in src/digest.rs.)
 
@@ -310,6 +311,48 @@ async fn the_digest_goes_out_once_with_the_figures(backend: Backend) {
     assert_eq!(peer.accepted_count(), 1);
 }
 
+/// The owner's page (local access, no password: no `links.base_url`) shows the planned digest
+/// under Upcoming and the sent one in the Log, to the owner.
+async fn the_digest_is_on_the_owners_pages(backend: Backend) {
+    let peer = SmtpPeer::start().await;
+    let config = "[web]\nenabled = true\n\n[digest]\nschedule = \"0 8 * * mon\"\n";
+    let env = TestEnv::new(backend, Sink::Smtp(&peer), &[("rules.toml", RULES)], config).await;
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    let text = text.replace(
+        "address = \"1 Garden Lane, Springfield\"",
+        &format!("address = \"1 Garden Lane, Springfield\"\nowner_email = \"{OWNER}\""),
+    );
+    std::fs::write(&env.config_path, text).expect("config");
+    let store = env.store().await;
+    let daemon = env.start().await;
+    let planned = support::eventually(Duration::from_secs(20), || async {
+        digests(&store).await.len() == 1
+    })
+    .await;
+    assert!(planned);
+    let upcoming = support::http::get(daemon.http, "/upcoming", &[]).await;
+    assert_eq!(upcoming.status, 200);
+    assert!(
+        upcoming.text().contains("the owner&#x27;s digest"),
+        "{}",
+        upcoming.text()
+    );
+    env.execute_sql(&format!(
+        "UPDATE messages SET next_attempt_at = '{}' WHERE rule = '{DIGEST}'",
+        at(Utc::now())
+    ))
+    .await;
+    assert!(peer.wait_for_accepted(1, Duration::from_secs(30)).await);
+    let logged = support::eventually(Duration::from_secs(10), || async {
+        let page = support::http::get(daemon.http, "/log", &[]).await.text();
+        page.contains("the owner&#x27;s digest") && page.contains(OWNER)
+    })
+    .await;
+    let page = support::http::get(daemon.http, "/log", &[]).await.text();
+    daemon.stop().await;
+    assert!(logged, "{page}");
+}
+
 /// `touchpoint check` names the file, the key and what is expected.
 async fn check_refuses_a_bad_cron(backend: Backend) {
     let peer = SmtpPeer::start().await;
@@ -339,5 +382,6 @@ async fn check_refuses_a_bad_cron(backend: Backend) {
 
 on_both_backends!(
     the_digest_goes_out_once_with_the_figures,
+    the_digest_is_on_the_owners_pages,
     check_refuses_a_bad_cron
 );

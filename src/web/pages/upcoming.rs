@@ -82,7 +82,11 @@ pub async fn upcoming(owner: Owner, State(shared): State<Shared>) -> Response {
                 "due": web.time(r.due_at),
                 "rule": r.rule,
                 "customer_id": r.customer_id,
-                "name": customer.and_then(|c| c.name.clone()).filter(|n| !n.trim().is_empty()),
+                "name": if r.rule == crate::digest::RULE {
+                    Some("the owner's digest".to_string())
+                } else {
+                    customer.and_then(|c| c.name.clone()).filter(|n| !n.trim().is_empty())
+                },
                 "customer_link": format!("/customers/{}", encode_path(&r.customer_id)),
                 "email": r.email,
                 "status": r.status,
