@@ -33,8 +33,8 @@ pub const RULE: &str = crate::rules::DIGEST_RULE;
 pub const DUE_AHEAD: TimeDelta = TimeDelta::days(7);
 
 /// The built-in template pair, used when `[digest]` names no `template`.
-const BUILT_IN_TEXT: &str = include_str!("../templates/digest/digest.txt.hbs");
-const BUILT_IN_HTML: &str = include_str!("../templates/digest/digest.html.hbs");
+const BUILT_IN_TEXT: &str = include_str!("digest/digest.txt.hbs");
+const BUILT_IN_HTML: &str = include_str!("digest/digest.html.hbs");
 const DEFAULT_SUBJECT: &str = "{{business.name}}: your touchpoint digest to {{period.to}}";
 
 /// `[digest]` as written in the config.
@@ -51,7 +51,7 @@ pub struct DigestConfig {
     #[serde(deserialize_with = "schedule")]
     pub schedule: Schedule,
     /// A template pair `<template>.txt.hbs` / `<template>.html.hbs` in the templates
-    /// directory; the built-in one (templates/digest/digest.*.hbs in the source) when absent.
+    /// directory; the built-in one (src/digest/digest.*.hbs) when absent.
     #[serde(default)]
     pub template: Option<String>,
     /// The subject, a Handlebars template over the same context as the bodies.

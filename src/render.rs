@@ -24,7 +24,7 @@
 //!
 //! - `{{date event.occurred_at "%B %-d, %Y"}}`: an RFC 3339 time in the customer's time zone (or
 //!   `tz="Europe/Paris"`), or a `YYYY-MM-DD` date as it is, with a chrono format string (default
-//!   `"%B %-d, %Y"`).
+//!   `"%B %-d, %Y"`). A plain date stored as midnight UTC is shown as that date everywhere.
 //! - `{{default customer.first_name "there"}}`: the value, or the fallback when the value is null,
 //!   blank, or an absent optional value (see below). Also usable as a subexpression.
 //! - `{{ordinal years}}`: 1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, 101st, 111th...
@@ -1190,7 +1190,24 @@ impl HelperDef for DateHelper {
             )));
         };
         let mut rendered = String::new();
-        let written = if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        let parsed = DateTime::parse_from_rfc3339(text).ok();
+        // A plain date (a wedding imported as 2019-06-15 is stored as midnight UTC) is that
+        // date for everyone, not the evening before west of Greenwich; an explicit tz= still
+        // converts it.
+        let plain = parsed
+            .filter(|_| h.hash_get("tz").is_none())
+            .and_then(|time| crate::calendar::plain_date(time.with_timezone(&chrono::Utc)));
+        let as_date = plain.and_then(|date| {
+            let mut text = String::new();
+            write!(text, "{}", date.format_with_items(items.iter()))
+                .ok()
+                .map(|()| text)
+        });
+        let written = if let Some(date) = as_date {
+            // (A format asking for the time of a plain date falls through to the time below.)
+            rendered = date;
+            Ok(())
+        } else if let Some(time) = parsed {
             let zone = h
                 .hash_get("tz")
                 .and_then(|tz| tz.value().as_str())
@@ -1839,6 +1856,22 @@ mod tests {
             .unwrap(),
             "29 Feb 2020 18:30"
         );
+        // A plain date (midnight UTC) is that date west of Greenwich too, unless tz= asks.
+        c["event"]["occurred_at"] = json!("2019-06-15T00:00:00Z");
+        c["customer"]["timezone"] = json!("America/Los_Angeles");
+        assert_eq!(
+            html("{{date event.occurred_at}}", &c).unwrap(),
+            "June 15, 2019"
+        );
+        assert_eq!(
+            html(r#"{{date event.occurred_at "%H:%M"}}"#, &c).unwrap(),
+            "17:00"
+        );
+        assert_eq!(
+            html(r#"{{date event.occurred_at tz="America/New_York"}}"#, &c).unwrap(),
+            "June 14, 2019"
+        );
+        c["event"]["occurred_at"] = json!("2020-02-29T23:30:00Z");
         c["customer"]["attributes"]["wedding"] = json!("2020-02-29");
         assert_eq!(
             html(r#"{{date customer.attributes.wedding "%B %-d"}}"#, &c).unwrap(),

@@ -7,7 +7,7 @@ use axum::response::Response;
 use chrono::{TimeDelta, Utc};
 use serde_json::{Value, json};
 
-use super::{encode_path, unavailable};
+use super::unavailable;
 use crate::experience::{Figures, experience};
 use crate::web::{Owner, Shared};
 
@@ -40,7 +40,7 @@ pub async fn experience_page(owner: Owner, State(shared): State<Shared>) -> Resp
                 "kind": if v.kind == "rated" { "comment" } else { "reply" },
                 "score": v.score.map(|s| format!("{s} ({})", v.scale.as_deref().unwrap_or(""))),
                 "customer_id": v.customer_id,
-                "customer_link": format!("/customers/{}", encode_path(&v.customer_id)),
+                "customer_link": super::customer_link(&v.customer_id),
                 "rule": v.rule,
                 "message_link": v.message_id.map(|id| format!("/messages/{id}")),
                 "message_id": v.message_id,

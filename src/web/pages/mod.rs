@@ -89,6 +89,11 @@ fn query_string(pairs: &[(&str, String)]) -> String {
 }
 
 /// Percent-encodes a path segment.
+/// The customer's page; none for a message about no customer (the owner's digest).
+fn customer_link(customer_id: &str) -> Option<String> {
+    (!customer_id.is_empty()).then(|| format!("/customers/{}", encode_path(customer_id)))
+}
+
 fn encode_path(segment: &str) -> String {
     encode_query(segment)
 }
@@ -140,7 +145,7 @@ fn entry_row(web: &Web, entry: &LogEntry, names: &HashMap<String, String>) -> Va
         "state_class": state_class(entry.state),
         "rule": entry.rule,
         "customer_id": entry.customer_id,
-        "customer_link": format!("/customers/{}", encode_path(&entry.customer_id)),
+        "customer_link": customer_link(&entry.customer_id),
         // The owner's digest is about no customer.
         "name": if entry.rule == crate::digest::RULE {
             Some("the owner's digest")

@@ -8,7 +8,6 @@ use axum::response::Response;
 use chrono::{DateTime, Timelike, Utc};
 use serde_json::{Value, json};
 
-use super::encode_path;
 use crate::plan::customer_timezone;
 use crate::query::PlannedRow;
 use crate::store::Customer;
@@ -87,7 +86,7 @@ pub async fn upcoming(owner: Owner, State(shared): State<Shared>) -> Response {
                 } else {
                     customer.and_then(|c| c.name.clone()).filter(|n| !n.trim().is_empty())
                 },
-                "customer_link": format!("/customers/{}", encode_path(&r.customer_id)),
+                "customer_link": super::customer_link(&r.customer_id),
                 "email": r.email,
                 "status": r.status,
                 "why": r.event.as_ref().map_or_else(|| r.why.clone(), |e| {
