@@ -36,11 +36,17 @@ struct Dovecot {
     dir: tempfile::TempDir,
     port: u16,
     tls_port: Option<u16>,
+    /// More lines for dovecot.conf.
+    extra: String,
     child: Option<Child>,
 }
 
 impl Dovecot {
     fn start(tls: bool) -> Dovecot {
+        Dovecot::start_with(tls, "")
+    }
+
+    fn start_with(tls: bool, extra: &str) -> Dovecot {
         assert!(
             Path::new(DOVECOT).exists(),
             "{DOVECOT} is missing: install Debian's dovecot-imapd (apt-get install dovecot-imapd); \
@@ -66,6 +72,7 @@ impl Dovecot {
         let mut dovecot = Dovecot {
             port: support::free_port(),
             tls_port,
+            extra: extra.to_string(),
             dir,
             child: None,
         };
@@ -127,8 +134,10 @@ service anvil {{
 service auth {{
   user = root
 }}
+{extra}
 "#,
             port = self.port,
+            extra = self.extra,
         );
         std::fs::write(self.path().join("dovecot.conf"), config).expect("dovecot.conf");
     }
@@ -673,6 +682,12 @@ async fn a_wrong_password_is_reported_and_sending_goes_on() {
         body.contains("\"replies_imap\"") && body.contains("refused the login"),
         "{body}"
     );
+    let metrics = support::http::get(daemon.http, "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).to_string();
+    assert!(
+        metrics.contains("\ntouchpoint_replies_imap_up 0\n"),
+        "{metrics}"
+    );
 
     // Another customer buys after the login failed: the thank-you still goes out.
     world
@@ -791,4 +806,45 @@ async fn check_explains_the_imap_section() {
     .expect("config");
     let (ok, _, err) = env.run_cli(&["check"]);
     assert!(!ok && err.contains("replies.imap.move_to"), "{err}");
+}
+
+/// A server without IDLE and without MOVE: the watcher polls every `poll_every`, and moves
+/// with COPY, a \Deleted flag and UID EXPUNGE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_idle_or_move_is_polled() {
+    let dovecot = std::sync::Arc::new(Dovecot::start_with(
+        false,
+        "imap_capability = IMAP4rev1 LITERAL+ UIDPLUS\n",
+    ));
+    let config = replies_config(dovecot.port, "after = \"move\"\nmove_to = \"Archive\"\n")
+        .replace("poll_every = \"20s\"", "poll_every = \"1s\"");
+    let world = World::new(Backend::Sqlite, &config, &["ada"]).await;
+    let daemon = world.daemon(PASSWORD);
+    daemon.ready().await;
+    let ada = world.sent("ada", &daemon).await;
+    let reply = mail(
+        "ada@example.com",
+        &reply_to(&ada),
+        "ada-poll@example.com",
+        "",
+        "Polled.\r\n",
+    );
+    let d = dovecot.clone();
+    blocking(move || d.deliver(&reply)).await;
+    world.wait_events("ada", "replied", 1, &daemon).await;
+    let d = dovecot.clone();
+    blocking(move || {
+        d.wait_for_counts("INBOX", (0, 0));
+        d.wait_for_counts("Archive", (1, 0));
+    })
+    .await;
+    let log = daemon.log();
+    assert!(log.contains("waiting for mail (polling)"), "{log}");
+    let metrics = support::http::get(daemon.http, "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).to_string();
+    assert!(
+        metrics.contains("\ntouchpoint_replies_imap_up 1\n"),
+        "{metrics}"
+    );
+    daemon.stop().await;
 }
