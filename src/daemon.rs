@@ -583,6 +583,9 @@ fn reload(running: &Config) -> Result<Playbook, String> {
              not on reload"
         );
     }
+    if fresh.replies.imap != running.replies.imap {
+        tracing::warn!("[replies.imap] changes take effect on restart, not on reload");
+    }
     Playbook::load(&fresh).map_err(|e| e.to_string())
 }
 

@@ -15,7 +15,7 @@ use crate::transport::settings::TlsMode;
 pub const MAX_IDLE: Duration = Duration::from_secs(29 * 60);
 
 /// `[replies.imap]` as written in the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImapConfig {
     pub host: String,

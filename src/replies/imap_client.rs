@@ -224,16 +224,28 @@ impl Session {
     /// Waits up to `wait` for the mailbox to change, with IDLE.
     pub async fn idle(&mut self, wait: Duration) -> Result<Woken, ImapError> {
         let tag = self.send("IDLE").await?;
-        let first = self.read_line().await?;
-        if !first.starts_with('+') {
-            return Err(ImapError::Refused {
-                command: "IDLE".into(),
-                answer: first,
-            });
+        // Untagged news may come before the continuation.
+        let mut early = false;
+        loop {
+            let line = self.read_line().await?;
+            if line.starts_with('+') {
+                break;
+            }
+            if line.starts_with(&format!("{tag} ")) {
+                return Err(ImapError::Refused {
+                    command: "IDLE".into(),
+                    answer: answer_text(&line, &tag),
+                });
+            }
+            early |= is_news(&line);
         }
-        let woken = match tokio::time::timeout(wait, self.until_news()).await {
-            Ok(result) => result?,
-            Err(_) => Woken::Quiet,
+        let woken = if early {
+            Woken::NewMail
+        } else {
+            match tokio::time::timeout(wait, self.until_news()).await {
+                Ok(result) => result?,
+                Err(_) => Woken::Quiet,
+            }
         };
         self.write(b"DONE\r\n").await?;
         let (_, done) = self.responses(&tag).await?;
@@ -251,11 +263,10 @@ impl Session {
     async fn until_news(&mut self) -> Result<Woken, ImapError> {
         loop {
             let line = self.read_line_unbounded().await?;
-            let upper = line.to_ascii_uppercase();
-            if upper.ends_with(" EXISTS") || upper.ends_with(" RECENT") {
+            if is_news(&line) {
                 return Ok(Woken::NewMail);
             }
-            if upper.starts_with("* BYE") {
+            if line.to_ascii_uppercase().starts_with("* BYE") {
                 return Err(ImapError::Closed);
             }
         }
@@ -369,6 +380,12 @@ async fn tls_wrap<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|e| ImapError::Tls(settings.host.clone(), e))
 }
 
+/// `* 4 EXISTS` or `* 1 RECENT`: the mailbox has more mail.
+fn is_news(line: &str) -> bool {
+    let upper = line.to_ascii_uppercase();
+    upper.starts_with("* ") && (upper.ends_with(" EXISTS") || upper.ends_with(" RECENT"))
+}
+
 /// `{123}` or `{123+}` at the end of a line.
 fn literal_size(line: &str) -> Option<usize> {
     let inner = line.strip_suffix('}')?;
@@ -415,5 +432,7 @@ mod tests {
         assert_eq!(quoted("a\"b\\c").unwrap(), "\"a\\\"b\\\\c\"");
         assert_eq!(quoted("a\r\nb"), None);
         assert_eq!(status_of("t3 NO [AUTHENTICATIONFAILED] no"), Some("NO"));
+        assert!(is_news("* 4 EXISTS") && is_news("* 1 recent"));
+        assert!(!is_news("* OK Still here") && !is_news("* 3 FETCH (FLAGS (\\Seen))"));
     }
 }

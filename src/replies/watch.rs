@@ -23,6 +23,8 @@ const LOGIN_RETRY_MAX: Duration = Duration::from_secs(3600);
 /// After a dropped connection or a server error.
 const RETRY_BASE: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// A session that lasted this long resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(120);
 
 /// Everything the watcher needs; the daemon spawns [`ImapWatcher::run`] on its tracker.
 pub struct ImapWatcher {
@@ -50,14 +52,19 @@ impl ImapWatcher {
         tracing::info!("{}", self.settings.describe());
         let mut failures = 0u32;
         loop {
-            let session = self.session(&mut failures);
+            let started = std::time::Instant::now();
             let error = tokio::select! {
                 () = shutdown.cancelled() => return,
-                ended = session => match ended {
+                ended = self.session() => match ended {
                     Ok(never) => match never {},
                     Err(error) => error,
                 },
             };
+            // A session that ran a good while was no failure streak: start the backoff anew.
+            // One that fails every time it gets going (a mail the database refuses) backs off.
+            if started.elapsed() > HEALTHY_SESSION {
+                failures = 0;
+            }
             failures += 1;
             let delay = self.trouble(&error, failures);
             tokio::select! {
@@ -98,7 +105,7 @@ impl ImapWatcher {
     }
 
     /// One connection: log in, then process and wait, until something fails.
-    async fn session(&self, failures: &mut u32) -> Result<std::convert::Infallible, SessionError> {
+    async fn session(&self) -> Result<std::convert::Infallible, SessionError> {
         let s = &self.settings;
         let mut imap = Session::connect(s).await?;
         if let Target::MoveTo(folder) = &s.after {
@@ -106,7 +113,6 @@ impl ImapWatcher {
         }
         imap.select(&s.mailbox).await?;
         let idle = imap.has("IDLE");
-        *failures = 0;
         let how = if idle { "IDLE" } else { "polling" };
         tracing::info!(mailbox = %s.mailbox, "[replies.imap] logged in to {}:{}; waiting for mail ({how})", s.host, s.port);
         self.health.imap_status(
