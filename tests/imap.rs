@@ -848,3 +848,41 @@ async fn a_server_without_idle_or_move_is_polled() {
     );
     daemon.stop().await;
 }
+
+/// STARTTLS on the plain port, with the same private CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_with_a_private_ca() {
+    let dovecot = std::sync::Arc::new(Dovecot::start(true));
+    let ca: PathBuf = dovecot.path().join("ca.pem");
+    let config = format!(
+        "[replies]\naddress = \"replies@acme.example\"\n\n[replies.imap]\nhost = \"localhost\"\n\
+         port = {}\ntls = \"starttls\"\nca_file = \"{}\"\nusername = \"{USER}\"\n\
+         password_env = \"TP_IMAP_PASSWORD\"\ntimeout = \"5s\"\n",
+        dovecot.port,
+        ca.display()
+    );
+    let world = World::new(Backend::Sqlite, &config, &["ada"]).await;
+    let daemon = world.daemon(PASSWORD);
+    daemon.ready().await;
+    let ada = world.sent("ada", &daemon).await;
+    let reply = mail(
+        "ada@example.com",
+        &reply_to(&ada),
+        "ada-starttls@example.com",
+        "",
+        "After STARTTLS.\r\n",
+    );
+    let d = dovecot.clone();
+    blocking(move || d.deliver(&reply)).await;
+    world.wait_events("ada", "replied", 1, &daemon).await;
+    let log = daemon.log();
+    assert!(log.contains("(STARTTLS) as \"replies\""), "{log}");
+    let server = dovecot.logs();
+    assert!(
+        server
+            .lines()
+            .any(|l| l.contains("Login: user=<replies>") && l.contains(", TLS")),
+        "Dovecot saw the login over TLS:\n{server}"
+    );
+    daemon.stop().await;
+}
