@@ -51,6 +51,10 @@ pub async fn check(config: &Config) -> Result<String> {
     config.link_secret().map_err(anyhow::Error::msg)?;
     config.bounce_webhook_secret().map_err(anyhow::Error::msg)?;
     config.api_tokens().map_err(anyhow::Error::msg)?;
+    let imap_line = match &config.replies.imap {
+        Some(imap) => Some(imap.settings().map_err(anyhow::Error::msg)?.describe()),
+        None => None,
+    };
     let source_lines =
         playbook.sources.check().await.map_err(|problems| {
             anyhow::anyhow!("sources have mistakes:\n{}", problems.join("\n"))
@@ -85,6 +89,7 @@ pub async fn check(config: &Config) -> Result<String> {
     }
     for line in source_lines
         .into_iter()
+        .chain(imap_line)
         .chain(summary::summary(config, &playbook).await)
     {
         report.push('\n');

@@ -492,6 +492,14 @@ impl Config {
         if let Some(file) = &mut self.transport.smtp.password_file {
             resolve(file);
         }
+        if let Some(imap) = &mut self.replies.imap {
+            for file in [imap.password_file.as_mut(), imap.ca_file.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                resolve(file);
+            }
+        }
         let dkim_key = self.dkim.as_mut().and_then(|d| d.key_file.as_mut());
         for file in [
             self.links.secret_file.as_mut(),
@@ -533,6 +541,9 @@ impl Config {
         problems.extend(self.web.problems());
         if let Err(message) = self.replies.address() {
             problems.push(message);
+        }
+        if let Some(imap) = &self.replies.imap {
+            problems.extend(imap.problems());
         }
         problems.extend(self.api.problems());
         problems.extend(self.http_problems());

@@ -245,6 +245,9 @@ pub async fn run(
         hangups,
         shutdown.clone(),
     ));
+    if let Some(watcher) = imap_watcher(&config, &store, &secret, &health)? {
+        tracker.spawn(watcher.run(shutdown.clone()));
+    }
     tracker.spawn(status_reporter(
         store.clone(),
         health.clone(),
@@ -292,6 +295,26 @@ pub async fn run(
         Some((component, how)) => Err(DaemonError::Stopped(component, how)),
         None => Ok(()),
     }
+}
+
+/// The `[replies.imap]` watcher, when configured. Its password is read now, so a missing one
+/// stops the start like the SMTP password does; a wrong one is the watcher's to report.
+fn imap_watcher(
+    config: &Config,
+    store: &SharedStore,
+    secret: &Secret,
+    health: &Arc<Health>,
+) -> Result<Option<crate::replies::ImapWatcher>, DaemonError> {
+    let Some(imap) = &config.replies.imap else {
+        return Ok(None);
+    };
+    Ok(Some(crate::replies::ImapWatcher {
+        settings: imap.settings().map_err(DaemonError::Config)?,
+        store: store.clone(),
+        tags: crate::links::MessageTags::new(secret.expose().as_bytes()),
+        reply_user: config.replies.reply_user().map_err(DaemonError::Config)?,
+        health: health.clone(),
+    }))
 }
 
 /// The owner's page's state, or `None` when `web.enabled` is false.
@@ -559,6 +582,9 @@ fn reload(running: &Config) -> Result<Playbook, String> {
             "database.url and [http] changes (listen, limits, timeouts) take effect on restart, \
              not on reload"
         );
+    }
+    if fresh.replies.imap != running.replies.imap {
+        tracing::warn!("[replies.imap] changes take effect on restart, not on reload");
     }
     Playbook::load(&fresh).map_err(|e| e.to_string())
 }

@@ -28,6 +28,16 @@ pub struct Health {
     lateness_seconds: Mutex<Histogram>,
     /// `WatchdogSec=` as systemd passed it (WATCHDOG_USEC), if it is on for this process.
     pub watchdog: Option<Duration>,
+    /// The `[replies.imap]` watcher's state; `None` when it is off.
+    imap: Mutex<Option<ImapStatus>>,
+}
+
+/// How the `[replies.imap]` watcher is doing, for /healthz.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImapStatus {
+    pub ok: bool,
+    pub detail: String,
+    pub at: DateTime<Utc>,
 }
 
 /// Send latency buckets in seconds (claim to outcome).
@@ -84,6 +94,7 @@ impl Health {
             send_seconds: Mutex::new(Histogram::new(&LATENCY_BUCKETS)),
             lateness_seconds: Mutex::new(Histogram::new(&LATENESS_BUCKETS)),
             watchdog: crate::notify::watchdog_interval(),
+            imap: Mutex::new(None),
         }
     }
 
@@ -140,6 +151,21 @@ impl Health {
         if let Ok(mut last) = self.reload.lock() {
             *last = status;
         }
+    }
+
+    /// The IMAP watcher's latest state: `ok` with what it does, or the reason it is stuck.
+    pub fn imap_status(&self, ok: bool, detail: String) {
+        if let Ok(mut status) = self.imap.lock() {
+            *status = Some(ImapStatus {
+                ok,
+                detail,
+                at: Utc::now(),
+            });
+        }
+    }
+
+    pub fn imap(&self) -> Option<ImapStatus> {
+        self.imap.lock().ok().and_then(|s| s.clone())
     }
 
     pub fn last_reload(&self) -> Option<ReloadStatus> {

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use super::{BounceAnswer, envelope_recipients, open_store};
 use crate::config::Config;
-use crate::replies::{InboundError, parse_inbound, record};
+use crate::replies::{InboundError, process};
 
 /// Reads `raw` and records it. A mail that cannot be read or tied to anyone is logged with
 /// the reason and answered `Done` (the MTA must not retry it); only an unavailable database
@@ -16,15 +16,7 @@ pub async fn inbound(
     recipient: Option<String>,
 ) -> Result<BounceAnswer> {
     let recipients = envelope_recipients(recipient);
-    let reply_user = config
-        .replies
-        .address()
-        .map_err(anyhow::Error::msg)?
-        .map(|a| a.user().to_string());
-    let inbound = match parse_inbound(raw, &recipients, reply_user.as_deref()) {
-        Ok(inbound) => inbound,
-        Err(error) => return Ok(ignored(&error, raw.len())),
-    };
+    let reply_user = config.replies.reply_user().map_err(anyhow::Error::msg)?;
     let store = match open_store(config).await {
         Ok(store) => store,
         Err(error) => return Ok(BounceAnswer::TryLater(format!("{error:#}"))),
@@ -36,27 +28,18 @@ pub async fn inbound(
         }
         Err(error) => return Err(error.into()),
     };
-    Ok(match record(&store, &tags, &inbound, raw).await {
-        Ok(done) => {
-            let text = format!(
-                "recorded {} for customer {} (message {}, rule {}, matched by {}){}",
-                done.kind,
-                done.customer,
-                done.message.map_or_else(|| "-".into(), |m| m.to_string()),
-                done.rule.as_deref().unwrap_or("-"),
-                done.matched_by,
-                if done.repeated {
-                    "; a repeat of a mail it had, counted once"
-                } else {
-                    ""
-                }
-            );
-            tracing::info!(customer = %done.customer, kind = done.kind, "{text}");
-            BounceAnswer::Done(text)
-        }
-        Err(InboundError::Store(error)) => BounceAnswer::TryLater(error.to_string()),
-        Err(error) => ignored(&error, raw.len()),
-    })
+    // The same path as the [replies.imap] watcher's.
+    Ok(
+        match process(&store, &tags, raw, &recipients, reply_user.as_deref()).await {
+            Ok(done) => {
+                let text = done.describe();
+                tracing::info!(customer = %done.customer, kind = done.kind, "{text}");
+                BounceAnswer::Done(text)
+            }
+            Err(InboundError::Store(error)) => BounceAnswer::TryLater(error.to_string()),
+            Err(error) => ignored(&error, raw.len()),
+        },
+    )
 }
 
 /// Logged with the reason, so the operator sees what was dropped and why.

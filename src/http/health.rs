@@ -23,6 +23,10 @@ struct HealthReport {
     /// rules wait, and restarting touchpoint would not help.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     sources: Vec<SourceCheck>,
+    /// The `[replies.imap]` watcher, when on. Like a source, a mailbox that cannot be read
+    /// does not make the daemon unhealthy: sending goes on, and a restart would not help.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replies_imap: Option<crate::metrics::ImapStatus>,
 }
 
 #[derive(serde::Serialize)]
@@ -80,6 +84,7 @@ pub(super) async fn healthz(State(shared): State<Shared>) -> Response {
         dispatcher,
         last_reload: shared.health.last_reload(),
         sources: source_checks(&shared.playbook.borrow().sources.clone()),
+        replies_imap: shared.health.imap(),
     };
     let status = if healthy {
         StatusCode::OK

@@ -147,6 +147,16 @@ fn render_daemon(out: &mut String, shared: &Shared) {
         "touchpoint_database_errors_total {}",
         health.database_errors.load(ordering)
     );
+    // Only when [replies.imap] is on (the watcher reports from its first attempt).
+    if let Some(imap) = health.imap() {
+        let _ = writeln!(
+            out,
+            "# HELP touchpoint_replies_imap_up Whether the [replies.imap] watcher is logged in \
+             and watching its mailbox."
+        );
+        let _ = writeln!(out, "# TYPE touchpoint_replies_imap_up gauge");
+        let _ = writeln!(out, "touchpoint_replies_imap_up {}", u8::from(imap.ok));
+    }
 }
 
 /// One per-source series of /metrics: name, type, help, and its value for a source.

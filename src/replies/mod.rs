@@ -9,12 +9,17 @@
 //! tag changes nothing. Automatic answers (out-of-office notes) are recorded as
 //! `auto_replied`, so they never stop a follow-up.
 
+pub mod imap;
+mod imap_client;
 mod parse;
+mod watch;
 
 use lettre::Address;
 use sha2::Digest as _;
 
+pub use imap::ImapConfig;
 pub use parse::{Inbound, SNIPPET_CHARS, parse_inbound, snippet};
+pub use watch::ImapWatcher;
 
 use crate::bounce::sent;
 use crate::links::{self, MessageTags};
@@ -33,9 +38,17 @@ pub struct RepliesConfig {
     /// address to `touchpoint inbound`.
     #[serde(default)]
     pub address: Option<String>,
+    /// `[replies.imap]`: a hosted mailbox the daemon watches for replies instead.
+    #[serde(default)]
+    pub imap: Option<ImapConfig>,
 }
 
 impl RepliesConfig {
+    /// The local part of `replies.address`: tags are read only from addresses with it.
+    pub fn reply_user(&self) -> Result<Option<String>, String> {
+        Ok(self.address()?.map(|a| a.user().to_string()))
+    }
+
     /// `replies.address`, checked.
     pub fn address(&self) -> Result<Option<Address>, String> {
         let Some(text) = &self.address else {
@@ -80,6 +93,20 @@ pub enum InboundError {
     Store(#[from] StoreError),
 }
 
+/// Reads one raw mail and records it: the one path for `touchpoint inbound` and the IMAP
+/// watcher. `recipients` are the envelope's (none from a mailbox); `reply_user` is
+/// [`RepliesConfig::reply_user`]. A mail seen before is recorded once (see [`record`]).
+pub async fn process(
+    store: &SharedStore,
+    tags: &MessageTags,
+    raw: &[u8],
+    recipients: &[String],
+    reply_user: Option<&str>,
+) -> Result<Recorded, InboundError> {
+    let inbound = parse_inbound(raw, recipients, reply_user)?;
+    record(store, tags, &inbound, raw).await
+}
+
 /// What was recorded for a mail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
@@ -91,6 +118,25 @@ pub struct Recorded {
     pub matched_by: &'static str,
     /// The mail was recorded before (the MTA delivered it twice): counted once.
     pub repeated: bool,
+}
+
+impl Recorded {
+    /// One line for the operator: what was recorded, for whom, and how it was matched.
+    pub fn describe(&self) -> String {
+        format!(
+            "recorded {} for customer {} (message {}, rule {}, matched by {}){}",
+            self.kind,
+            self.customer,
+            self.message.map_or_else(|| "-".into(), |m| m.to_string()),
+            self.rule.as_deref().unwrap_or("-"),
+            self.matched_by,
+            if self.repeated {
+                "; a repeat of a mail it had, counted once"
+            } else {
+                ""
+            }
+        )
+    }
 }
 
 /// Who a mail is from and what it answers.
@@ -225,6 +271,7 @@ mod tests {
     fn a_bad_reply_address_is_explained() {
         let config = |a: &str| RepliesConfig {
             address: Some(a.into()),
+            ..RepliesConfig::default()
         };
         let error = config("not an address").address().unwrap_err();
         assert!(
