@@ -816,3 +816,47 @@ async fn implicit_tls_and_starttls_carry_the_message_and_the_login() {
     assert_eq!(peer.accepted_count(), 6);
     assert_eq!(peer.auth_users(), ["Tls", "Starttls"]);
 }
+
+// --- the transport's own rate (a measurement, not a test: `--ignored --nocapture`) ---------
+
+/// Messages per second through the transport alone to smtp-sink, with PIPELINING offered and
+/// not (`-p`), over 4 and 8 connections: what the SMTP side can carry without the database.
+/// Run: cargo test --release --test smtp_pipelining -- --ignored --nocapture transport_rate
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints numbers, asserts only that every message went out"]
+async fn transport_rate_to_smtp_sink() {
+    let messages = 20_000;
+    for connections in [4, 8] {
+        for extra in [&[][..], &["-p"][..]] {
+            let sink = SmtpSink::start(extra);
+            let mut s = settings(sink.port, Duration::from_secs(5));
+            s.pool_size = connections;
+            let t = Arc::new(SmtpTransport::new(s));
+            let started = Instant::now();
+            let mut senders = JoinSet::new();
+            for worker in 0..connections {
+                let t = Arc::clone(&t);
+                senders.spawn(async move {
+                    let body = "x".repeat(76) + "\r\n";
+                    let email = email_with(TO, "rate@sink", &body.repeat(50));
+                    for _ in (worker..messages).step_by(connections) {
+                        send(&t, &email).await.unwrap();
+                    }
+                });
+            }
+            senders.join_all().await;
+            let rate = messages as f64 / started.elapsed().as_secs_f64();
+            t.close().await;
+            assert_eq!(
+                sink.wait_for_messages(messages as u64).await,
+                messages as u64
+            );
+            let pipelining = if extra.is_empty() {
+                "offered"
+            } else {
+                "not offered (-p)"
+            };
+            println!("connections {connections}, PIPELINING {pipelining}: {rate:.0} messages/s");
+        }
+    }
+}
