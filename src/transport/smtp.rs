@@ -1,19 +1,24 @@
-//! SMTP over a small pool of lettre connections. Each step has its own timeout, and what can
-//! be said about a failure depends on whether the body had gone out: before it, nothing was
-//! delivered; after it, silence means the server may have the message.
+//! SMTP over a small pool of sessions of our own client (`client`): with PIPELINING when the
+//! server offers it, MAIL, RCPT and DATA cost one round trip, the body and the final dot
+//! another. Each step has its own timeout, and what can be said about a failure depends on
+//! whether the body had started: before it, nothing was delivered; after it, silence means the
+//! server may have the message.
+
+mod client;
+mod data;
+mod reply;
+mod stream;
 
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use lettre::transport::smtp::Error as SmtpError;
-use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::ClientId;
-use lettre::transport::smtp::response::Response;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
 
+use self::client::{Failure, Session, Stage, Target, WireError};
+use self::reply::Reply;
 use super::settings::{SmtpConfig, TlsMode};
 use super::{OutgoingEmail, SendError};
 use crate::settings::Secret;
@@ -72,7 +77,11 @@ impl SmtpSettings {
 
 pub struct SmtpTransport {
     settings: SmtpSettings,
-    idle: Mutex<Vec<AsyncSmtpConnection>>,
+    /// The name given in EHLO, worked out once.
+    hello: String,
+    /// The TLS client setup, when the relay is reached over TLS.
+    tls: Option<Result<TlsConnector, String>>,
+    idle: Mutex<Vec<Session>>,
     permits: Semaphore,
 }
 
@@ -84,24 +93,29 @@ impl std::fmt::Debug for SmtpTransport {
     }
 }
 
-/// Whether the body had been handed over when a step failed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Mail,
-    Rcpt,
-    Data,
-    /// The body and the final dot.
-    Body,
-}
-
 impl SmtpTransport {
     pub fn new(settings: SmtpSettings) -> SmtpTransport {
         let permits = Semaphore::new(settings.pool_size.max(1));
+        let hello = settings
+            .helo_name
+            .clone()
+            .unwrap_or_else(|| ClientId::default().to_string());
+        let tls = (settings.tls != TlsMode::None).then(|| stream::connector(&[]));
         SmtpTransport {
             settings,
+            hello,
+            tls,
             idle: Mutex::new(Vec::new()),
             permits,
         }
+    }
+
+    /// Also trusts `root` (DER) for the relay's certificate: a relay whose certificate comes
+    /// from a private CA.
+    pub fn with_root_certificate(mut self, root: Vec<u8>) -> Result<SmtpTransport, String> {
+        let root = rustls::pki_types::CertificateDer::from(root);
+        self.tls = Some(Ok(stream::connector(std::slice::from_ref(&root))?));
+        Ok(self)
     }
 
     pub fn pool_size(&self) -> usize {
@@ -126,259 +140,176 @@ impl SmtpTransport {
             .acquire()
             .await
             .map_err(|_| SendError::RelayUnavailable("transport closed".into()))?;
-        let pooled = self.take_idle();
-        let reused = pooled.is_some();
-        let mut connection = match pooled {
-            Some(connection) => connection,
-            None => self.connect().await?,
-        };
-        if let Err(error) = self.envelope(&mut connection, email).await {
-            self.discard(connection, !matches!(error, StepError::TimedOut))
-                .await;
-            // A pooled connection the server closed while idle is not the message's fault.
-            if !(reused && is_connection_fault(&error)) {
-                return Err(classify_step(&error));
-            }
-            connection = self.connect().await?;
-            if let Err(error) = self.envelope(&mut connection, email).await {
-                self.discard(connection, !matches!(error, StepError::TimedOut))
-                    .await;
-                return Err(classify_step(&error));
-            }
-        }
+        let mut session = self.envelope(email).await?;
         if !before_body().await {
             // The server is reading the body now: a QUIT would be taken as message text and
             // never answered. Closing the socket without the final dot delivers nothing.
-            self.discard(connection, false).await;
+            drop(session);
             return Err(SendError::Withdrawn);
         }
-        match tokio::time::timeout(self.settings.timeout, connection.message(&email.bytes)).await {
-            Err(_elapsed) => {
-                // A silent server would not answer a QUIT either.
-                self.discard(connection, false).await;
-                Err(SendError::Ambiguous(format!(
-                    "the server did not answer within {:?} after the final dot",
-                    self.settings.timeout
-                )))
+        match session.body(&email.bytes).await {
+            Ok(reply) => {
+                self.put_idle(session);
+                Ok(reply.text())
             }
-            Ok(Ok(response)) => {
-                self.put_idle(connection);
-                Ok(reply_text(&response))
-            }
-            Ok(Err(error)) => {
-                if error.status().is_some() && !connection.has_broken() {
-                    self.put_idle(connection);
-                } else {
-                    self.discard(connection, true).await;
-                }
-                Err(classify(&error, Stage::Body))
+            Err(failure) => {
+                self.put_back(session).await;
+                Err(classify(&failure))
             }
         }
     }
 
-    /// MAIL FROM, RCPT TO and DATA, each within the timeout.
-    async fn envelope(
-        &self,
-        connection: &mut AsyncSmtpConnection,
-        email: &OutgoingEmail,
-    ) -> Result<(), StepError> {
-        let step = self.settings.timeout;
-        let failed = |stage: Stage| move |error: SmtpError| StepError::Smtp(error, stage);
-        let mail = Mail::new(Some(email.envelope_from.clone()), vec![]);
-        tokio::time::timeout(step, connection.command(mail))
-            .await
-            .map_err(|_| StepError::TimedOut)?
-            .map_err(failed(Stage::Mail))?;
-        let rcpt = Rcpt::new(email.to.clone(), vec![]);
-        tokio::time::timeout(step, connection.command(rcpt))
-            .await
-            .map_err(|_| StepError::TimedOut)?
-            .map_err(failed(Stage::Rcpt))?;
-        tokio::time::timeout(step, connection.command(Data))
-            .await
-            .map_err(|_| StepError::TimedOut)?
-            .map_err(failed(Stage::Data))?;
-        Ok(())
-    }
-
-    /// Connects, greets, and does STARTTLS and AUTH, all within a bound: lettre times out only
-    /// the TCP connect, and a relay stalled in TLS or AUTH must not hold a connection forever.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
-        let s = &self.settings;
-        tokio::time::timeout(s.timeout * 4, self.open_connection())
-            .await
-            .unwrap_or_else(|_| {
-                Err(SendError::RelayUnavailable(format!(
-                    "{}:{}: no working session within {:?} (greeting, TLS and login)",
-                    s.host,
-                    s.port,
-                    s.timeout * 4
-                )))
-            })
-    }
-
-    async fn open_connection(&self) -> Result<AsyncSmtpConnection, SendError> {
-        let s = &self.settings;
-        let hello = s
-            .helo_name
-            .clone()
-            .map_or_else(ClientId::default, ClientId::Domain);
-        let unavailable = |e: SmtpError| {
-            SendError::RelayUnavailable(format!("{}:{}: {}", s.host, s.port, describe(&e)))
+    /// A session that has had MAIL, RCPT and DATA accepted, the server waiting for the body.
+    /// A pooled session is used without RSET or NOOP; if the server closed it while it sat
+    /// idle (or says 421 on it), the envelope is tried once more on a fresh connection.
+    async fn envelope(&self, email: &OutgoingEmail) -> Result<Session, SendError> {
+        let pooled = self.take_idle();
+        let reused = pooled.is_some();
+        let mut session = match pooled {
+            Some(session) => session,
+            None => self.connect().await?,
         };
-        let tls = match s.tls {
-            TlsMode::None => None,
-            TlsMode::Starttls | TlsMode::Tls => {
-                Some(TlsParameters::new(s.host.clone()).map_err(unavailable)?)
+        let Err(failure) = session.envelope(email).await else {
+            return Ok(session);
+        };
+        session.close(self.settings.timeout).await;
+        if !(reused && is_stale(&failure)) {
+            return Err(classify(&failure));
+        }
+        let mut session = self.connect().await?;
+        match session.envelope(email).await {
+            Ok(()) => Ok(session),
+            Err(failure) => {
+                session.close(self.settings.timeout).await;
+                Err(classify(&failure))
             }
+        }
+    }
+
+    /// Connects, greets, and does STARTTLS and AUTH, all within a bound: a relay stalled in
+    /// TLS or AUTH must not hold a connection forever.
+    async fn connect(&self) -> Result<Session, SendError> {
+        let s = &self.settings;
+        let unavailable =
+            |why: String| SendError::RelayUnavailable(format!("{}:{}: {why}", s.host, s.port));
+        let connector = match &self.tls {
+            None => None,
+            Some(Ok(connector)) => Some(connector),
+            Some(Err(why)) => return Err(unavailable(why.clone())),
         };
-        let greeting_deadline = s.timeout * 2;
-        let no_greeting = || {
-            SendError::RelayUnavailable(format!(
-                "{}:{}: no greeting within {:?}",
-                s.host, s.port, greeting_deadline
-            ))
+        let login = match (&s.username, &s.password) {
+            (Some(user), Some(password)) => Some((user.as_str(), password)),
+            _ => None,
         };
-        let mut connection = if s.tls == TlsMode::Tls {
-            let connecting = AsyncSmtpConnection::connect_tokio1(
-                (s.host.as_str(), s.port),
-                Some(s.timeout),
-                &hello,
-                tls.clone(),
-                None,
-            );
-            tokio::time::timeout(greeting_deadline, connecting)
-                .await
-                .map_err(|_| no_greeting())?
-                .map_err(unavailable)?
+        let target = Target {
+            host: &s.host,
+            port: s.port,
+            tls: s.tls,
+            connector,
+            hello: &self.hello,
+            login,
+            step: s.timeout,
+        };
+        match tokio::time::timeout(s.timeout * 4, Session::open(&target)).await {
+            Err(_elapsed) => Err(unavailable(format!(
+                "no working session within {:?} (greeting, TLS and login)",
+                s.timeout * 4
+            ))),
+            Ok(opened) => opened.map_err(unavailable),
+        }
+    }
+
+    /// Keeps a session that can carry another message, closes one that cannot.
+    async fn put_back(&self, session: Session) {
+        if session.reusable() {
+            self.put_idle(session);
         } else {
-            // Our own socket, to turn off Nagle: lettre writes the body and the final dot
-            // separately, which otherwise waits out the peer's delayed ACK on every message.
-            let refused = |e: std::io::Error| {
-                SendError::RelayUnavailable(format!("{}:{}: {e}", s.host, s.port))
-            };
-            let tcp = tokio::time::timeout(
-                s.timeout,
-                tokio::net::TcpStream::connect((s.host.as_str(), s.port)),
-            )
-            .await
-            .map_err(|_| {
-                SendError::RelayUnavailable(format!("{}:{}: connect timed out", s.host, s.port))
-            })?
-            .map_err(refused)?;
-            tcp.set_nodelay(true).map_err(refused)?;
-            let connecting = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &hello);
-            tokio::time::timeout(greeting_deadline, connecting)
-                .await
-                .map_err(|_| no_greeting())?
-                .map_err(unavailable)?
-        };
-        if s.tls == TlsMode::Starttls
-            && let Some(tls) = tls
-        {
-            connection
-                .starttls(tls, &hello)
-                .await
-                .map_err(unavailable)?;
+            session.close(self.settings.timeout).await;
         }
-        if let (Some(user), Some(password)) = (&s.username, &s.password) {
-            let credentials = Credentials::new(user.clone(), password.expose().to_string());
-            connection
-                .auth(&[Mechanism::Plain, Mechanism::Login], &credentials)
-                .await
-                .map_err(unavailable)?;
-        }
-        Ok(connection)
     }
 
-    /// Gives up a connection. With `quit`, says QUIT first (lettre's `abort`, which waits for
-    /// the reply without a deadline, so within the step timeout here); without, just closes
-    /// the socket: for a server that stopped answering, or one waiting for the body.
-    async fn discard(&self, mut connection: AsyncSmtpConnection, quit: bool) {
-        if quit {
-            let _ = tokio::time::timeout(self.settings.timeout, connection.abort()).await;
-        }
-        drop(connection);
-    }
-
-    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+    fn take_idle(&self) -> Option<Session> {
         self.idle.lock().ok()?.pop()
     }
 
-    fn put_idle(&self, connection: AsyncSmtpConnection) {
+    fn put_idle(&self, session: Session) {
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < self.pool_size()
         {
-            idle.push(connection);
+            idle.push(session);
         }
     }
 
     pub async fn close(&self) {
-        let connections: Vec<_> = match self.idle.lock() {
+        let sessions: Vec<_> = match self.idle.lock() {
             Ok(mut idle) => idle.drain(..).collect(),
             Err(_) => Vec::new(),
         };
-        for mut connection in connections {
-            let _ = tokio::time::timeout(Duration::from_secs(2), connection.quit()).await;
+        for session in sessions {
+            session.close(Duration::from_secs(2)).await;
         }
     }
 }
 
-/// A failed SMTP step: the server's answer (and to which command), or no answer in time.
-enum StepError {
-    Smtp(SmtpError, Stage),
-    TimedOut,
-}
-
-fn is_connection_fault(error: &StepError) -> bool {
-    match error {
-        StepError::Smtp(error, _) => error.status().is_none(),
-        StepError::TimedOut => true,
+/// A failure that says the pooled connection had gone stale while idle, not that this message
+/// met a problem: it broke before the body, or the first reply was 421 (a server closing an
+/// idle connection says so to whatever it reads next).
+fn is_stale(failure: &Failure) -> bool {
+    match failure {
+        Failure::Lost { stage, .. } => *stage != Stage::Body,
+        Failure::Refused { stage, reply } => *stage == Stage::Mail && reply.code == 421,
     }
 }
 
-/// The server's words: `"250 2.0.0 Ok: queued as 12345"`.
-fn reply_text(response: &Response) -> String {
-    let lines: Vec<&str> = response.message().collect();
-    format!("{} {}", response.code(), lines.join(" "))
-        .trim()
-        .to_string()
-}
-
-fn describe(error: &SmtpError) -> String {
-    match (error.status(), std::error::Error::source(error)) {
-        (Some(code), Some(text)) => format!("{code} {text}"),
-        (Some(code), None) => code.to_string(),
-        (None, _) => error.to_string(),
-    }
-}
-
-/// Maps a failed step to what the dispatcher does next.
-fn classify_step(error: &StepError) -> SendError {
-    match error {
-        StepError::Smtp(error, stage) => classify(error, *stage),
-        StepError::TimedOut => SendError::Transient(
+/// Maps a failed step to what the dispatcher does next. Before the body's first byte nothing
+/// can have been delivered; after it, silence means the server may have the message.
+fn classify(failure: &Failure) -> SendError {
+    match failure {
+        Failure::Refused { stage, reply } => classify_reply(*stage, reply),
+        Failure::Lost {
+            stage: Stage::Body,
+            error: WireError::TimedOut(limit),
+        } => SendError::Ambiguous(format!(
+            "the server did not answer within {limit:?} after the final dot"
+        )),
+        Failure::Lost {
+            stage: Stage::Body,
+            error,
+        } => SendError::Ambiguous(error.to_string()),
+        Failure::Lost {
+            error: WireError::TimedOut(_),
+            ..
+        } => SendError::Transient(
             "the server did not answer in time before the body was sent".into(),
         ),
+        Failure::Lost { error, .. } => {
+            SendError::Transient(format!("connection lost before the body was sent: {error}"))
+        }
     }
 }
 
-/// Maps lettre's error to what the dispatcher does next.
-fn classify(error: &SmtpError, stage: Stage) -> SendError {
-    let reply = describe(error);
-    match error.status().map(u16::from) {
-        Some(421) if stage != Stage::Body => SendError::RelayUnavailable(reply),
-        Some(code) if (400..500).contains(&code) => SendError::Transient(reply),
-        Some(_) if error.is_permanent() => {
+/// Maps the server's refusal at `stage` to what the dispatcher does next.
+fn classify_reply(stage: Stage, reply: &Reply) -> SendError {
+    let text = reply.text();
+    match reply.code {
+        421 if stage != Stage::Body => SendError::RelayUnavailable(text),
+        400..500 => SendError::Transient(text),
+        500..600 => {
             // Only a refusal of the recipient says the customer's address is bad; a 5.1.x at
             // MAIL FROM is about our own sender address and must not suppress anyone.
             let about_recipient = matches!(stage, Stage::Rcpt | Stage::Body);
             let bad_address =
-                about_recipient && enhanced_status(&reply).is_some_and(is_bad_mailbox_status);
-            SendError::Permanent { reply, bad_address }
+                about_recipient && enhanced_status(&text).is_some_and(is_bad_mailbox_status);
+            SendError::Permanent {
+                reply: text,
+                bad_address,
+            }
         }
-        _ if stage == Stage::Body => SendError::Ambiguous(reply),
-        _ => SendError::Transient(format!("connection lost before the body was sent: {reply}")),
+        // A 2xx or 3xx where it makes no sense: the server is not following the protocol.
+        _ if stage == Stage::Body => {
+            SendError::Ambiguous(format!("unexpected reply after the final dot: {text}"))
+        }
+        _ => SendError::Transient(format!("unexpected reply before the body was sent: {text}")),
     }
 }
 

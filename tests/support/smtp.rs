@@ -130,6 +130,10 @@ struct Shared {
     reply_delay_nanos: AtomicU64,
     commands: Mutex<Vec<String>>,
     auth_users: Mutex<Vec<String>>,
+    /// Extensions the EHLO reply names besides the defaults (e.g. PIPELINING).
+    extra_extensions: Mutex<Vec<String>>,
+    /// The AUTH mechanisms the EHLO reply names.
+    auth_mechanisms: Mutex<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -216,6 +220,8 @@ impl SmtpPeer {
             reply_delay_nanos: AtomicU64::new(0),
             commands: Mutex::new(Vec::new()),
             auth_users: Mutex::new(Vec::new()),
+            extra_extensions: Mutex::new(Vec::new()),
+            auth_mechanisms: Mutex::new("PLAIN LOGIN".into()),
         });
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         Ok(SmtpPeer { addr, shared, task })
@@ -297,6 +303,21 @@ impl SmtpPeer {
     }
 
     /// Delays every reply (the greeting included) by `d`; zero turns it off.
+    /// Offers ESMTP PIPELINING (RFC 2920) in EHLO replies from now on. The peer reads one
+    /// command line at a time either way, so pipelined commands are answered in order.
+    pub fn set_pipelining(&self, on: bool) {
+        let mut extra = lock(&self.shared.extra_extensions);
+        extra.retain(|e| e != "PIPELINING");
+        if on {
+            extra.push("PIPELINING".into());
+        }
+    }
+
+    /// The AUTH mechanisms EHLO replies name from now on (`"PLAIN LOGIN"` at start).
+    pub fn set_auth_mechanisms(&self, mechanisms: &str) {
+        *lock(&self.shared.auth_mechanisms) = mechanisms.into();
+    }
+
     pub fn set_reply_delay(&self, d: Duration) {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.shared
@@ -481,11 +502,13 @@ impl Conn {
             "EHLO" => {
                 self.greeted = true;
                 self.txn = None;
-                self.reply(
-                    250,
-                    "localhost\n8BITMIME\nSMTPUTF8\nAUTH PLAIN LOGIN\nSIZE 52428800",
-                )
-                .await
+                let auth = lock(&self.shared.auth_mechanisms).clone();
+                let mut text = format!("localhost\n8BITMIME\nSMTPUTF8\nAUTH {auth}\nSIZE 52428800");
+                for extension in lock(&self.shared.extra_extensions).iter() {
+                    text.push('\n');
+                    text.push_str(extension);
+                }
+                self.reply(250, &text).await
             }
             "HELO" => {
                 self.greeted = true;
