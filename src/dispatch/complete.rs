@@ -158,11 +158,7 @@ impl Writer {
                 Err(error) if error.is_unavailable() && !self.hard_stop.is_cancelled() => {
                     failures += 1;
                     self.health.database_error(&error);
-                    let delay = backoff(
-                        failures,
-                        Duration::from_millis(200),
-                        Duration::from_secs(10),
-                    );
+                    let delay = retry_delay(failures);
                     tracing::warn!(count = finishing.len(), %error, "cannot record outcomes yet; retrying");
                     tokio::select! {
                         () = self.hard_stop.cancelled() => {}
@@ -216,6 +212,21 @@ impl Writer {
             self.health.record_lateness(late);
         }
     }
+}
+
+/// How long to wait before the `failures`th retry of a group. The first few come quickly:
+/// after a database restart the pool hands out its dead connections one at a time, each
+/// failing once, and every send task waits on the completer meanwhile.
+fn retry_delay(failures: u32) -> Duration {
+    const QUICK: u32 = 10;
+    if failures <= QUICK {
+        return Duration::from_millis(50);
+    }
+    backoff(
+        failures - QUICK,
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+    )
 }
 
 fn describe(outcome: &Outcome) -> String {
