@@ -30,6 +30,10 @@ when = { event = "purchase", after = "0s" }
 /// SMTP connections per daemon: also the most messages one daemon holds claims on at once.
 const POOL: usize = 4;
 
+/// What one crash may leave `unknown` (RELIABILITY.md): per connection, one message whose body
+/// was going out and one whose outcome was waiting in the completer, not yet written.
+const UNKNOWN_PER_CRASH: usize = 2 * POOL;
+
 /// A short lease so expired claims come back quickly; the SMTP timeout must stay below half.
 fn settings() -> String {
     r#"
@@ -487,9 +491,9 @@ async fn kill_nine_at_random_moments(backend: Backend) {
         begun.elapsed().as_secs_f64()
     );
     assert!(
-        unknown.saturating_sub(declared) <= KILLS * POOL,
-        "{unknown} unknown ({declared} recorded by a live daemon), more than could have been \
-         in flight at {KILLS} kills x {POOL} sends"
+        unknown.saturating_sub(declared) <= KILLS * UNKNOWN_PER_CRASH,
+        "{unknown} unknown ({declared} recorded by a live daemon), more than the bound of \
+         {KILLS} kills x {UNKNOWN_PER_CRASH}"
     );
     assert!(
         unknown + audit.reclaimed > 0,
@@ -585,11 +589,87 @@ async fn replicas_share_the_work_and_survive_a_kill_and_a_stall() {
         sent_by.iter().filter(|n| **n > 0).count() >= 2,
         "the work was not shared: sent per replica {sent_by:?}"
     );
-    // What was in flight at the kill and at the stall: at most POOL each.
+    // What was in flight or unwritten at the kill and at the stall: the bound for each.
     assert!(
-        unknown.saturating_sub(declared) <= 2 * POOL,
+        unknown.saturating_sub(declared) <= 2 * UNKNOWN_PER_CRASH,
         "{unknown} unknown ({declared} recorded by a live daemon), more than could have been in \
          flight at a kill and a stall"
+    );
+    assert_eq!(
+        audit.of(MessageState::Sent) + unknown,
+        MESSAGES,
+        "{:?}",
+        audit.by_state
+    );
+}
+
+/// Three replicas on one PostgreSQL database share 2,000 messages while a random replica is
+/// SIGKILLed and replaced twenty times, each time while sends are under way: no duplicate at
+/// the peer, every message `sent` or `unknown`, and `unknown` within the bound per kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_killed_twenty_times() {
+    const MESSAGES: usize = 2000;
+    const REPLICAS: usize = 3;
+    const KILLS: usize = 20;
+    let begun = Instant::now();
+    let peer = SmtpPeer::start().await;
+    peer.set_reply_delay(Duration::from_millis(20));
+    let env = world(Backend::Postgres, &peer).await;
+    let mut fleet = Fleet::new(&env);
+    let mut live: Vec<usize> = (0..REPLICAS).map(|_| fleet.spawn(&env)).collect();
+    for &i in &live {
+        fleet.wait_running(i, Duration::from_secs(20)).await;
+    }
+    let store = env.store().await;
+    seed(&store, MESSAGES).await;
+    for kill in 0..KILLS {
+        let before = peer.accepted_count();
+        assert!(
+            peer.wait_for_accepted(before + 1, Duration::from_secs(15))
+                .await,
+            "kill {kill}: the replicas sent nothing within 15 s"
+        );
+        let ms = rand::rng().random_range(0..400);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let slot = rand::rng().random_range(0..live.len());
+        fleet.assert_alive(live[slot]);
+        fleet.kill(live[slot]);
+        live[slot] = fleet.spawn(&env);
+    }
+    let accepted_during_kills = peer.accepted_count();
+    assert!(
+        accepted_during_kills < MESSAGES,
+        "all messages went out before the last kill; the kills were not mid-run"
+    );
+    peer.set_reply_delay(Duration::from_millis(2));
+    let done = settled(&store, MESSAGES, Duration::from_secs(120)).await;
+    for &i in &live {
+        fleet.assert_alive(i);
+    }
+    assert!(done, "not settled: {:?}", counts(&store).await);
+    for &i in &live {
+        fleet.kill(i);
+    }
+
+    let audit = audit(&store, &peer, MESSAGES).await;
+    let unknown = audit.of(MessageState::Unknown);
+    let declared = fleet.all_recorded("unknown");
+    eprintln!(
+        "three replicas, {KILLS} kills (PostgreSQL): {MESSAGES} messages, \
+         {accepted_during_kills} accepted before the last kill; states {:?} ({declared} unknown \
+         recorded by a live daemon); {} attempted more than once; {:.1} s",
+        audit.by_state,
+        audit.reclaimed,
+        begun.elapsed().as_secs_f64()
+    );
+    assert!(
+        unknown.saturating_sub(declared) <= KILLS * UNKNOWN_PER_CRASH,
+        "{unknown} unknown ({declared} recorded by a live daemon), more than the bound of \
+         {KILLS} kills x {UNKNOWN_PER_CRASH}"
+    );
+    assert!(
+        unknown + audit.reclaimed > 0,
+        "no kill landed while a message was claimed; the test did not test anything"
     );
     assert_eq!(
         audit.of(MessageState::Sent) + unknown,
@@ -758,7 +838,7 @@ async fn two_daemons_share_one_sqlite_file() {
         "the work was not shared: {sent_by_first} and {sent_by_second_then}"
     );
     assert!(
-        unknown.saturating_sub(declared) <= POOL,
+        unknown.saturating_sub(declared) <= UNKNOWN_PER_CRASH,
         "{unknown} unknown ({declared} recorded by a live daemon) after a single kill"
     );
     assert_eq!(

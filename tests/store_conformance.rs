@@ -24,9 +24,9 @@ mod support;
 use chrono::{DateTime, TimeDelta, Utc};
 use support::{Backend, Sink, TestEnv};
 use touchpoint::store::{
-    CandidateQuery, CandidateSource, Change, CheckLine, ClaimedMessage, Customer, CustomerPatch,
-    Delivery, Event, FrequencyGate, LogCursor, LogFilter, MessageState, NewMessage, Outcome,
-    SentContent, SharedStore,
+    BodyStart, CandidateQuery, CandidateSource, Change, CheckLine, ClaimedMessage, Customer,
+    CustomerPatch, Delivery, Event, Finishing, FrequencyGate, LogCursor, LogFilter, MessageState,
+    NewMessage, Outcome, SentContent, SharedStore,
 };
 
 async fn open(backend: Backend) -> (TestEnv, SharedStore) {
@@ -2529,10 +2529,178 @@ async fn the_body_fence_holds_the_limit_under_a_race(backend: Backend) {
     }
 }
 
+/// Body fences committed as one group are judged in order: two messages of one customer with
+/// `max = 1` in the same group, exactly the first passes (the second counts the first's phase,
+/// written in the same transaction); a third customer's fence and a stale token in the group
+/// are judged on their own.
+async fn a_group_of_body_fences_is_judged_in_order(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let due = Utc::now() - TimeDelta::seconds(1);
+    store
+        .insert_messages(&[
+            of_rule("a", "a:1", "f", due),
+            of_rule("b", "b:1", "f", due),
+            of_rule("c", "c:1", "g", due),
+            of_rule("d", "d:1", "h", due),
+        ])
+        .await
+        .expect("insert");
+    let claims = store.claim_due("one", 10, LEASE).await.expect("claim");
+    assert_eq!(claims.len(), 4);
+    let by_rule = |rule: &str| claims.iter().find(|c| c.rule == rule).expect("claimed");
+    let start = |claim: &ClaimedMessage, customer: &str, token: &str| BodyStart {
+        id: claim.id,
+        token: token.into(),
+        delivery: delivery(&format!("{customer}@example.com")),
+        content: content(),
+        margin: MARGIN,
+        gate: Some(gate(customer, 1, TimeDelta::days(3))),
+    };
+    let (a, b, c, d) = (by_rule("a"), by_rule("b"), by_rule("c"), by_rule("d"));
+    let group = [
+        start(a, "f", &a.token),
+        start(c, "g", &c.token),
+        start(b, "f", &b.token),
+        start(d, "h", "stale"),
+    ];
+    let held = store.begin_bodies(&group).await.expect("group");
+    assert_eq!(held, [true, true, false, false]);
+    let counted = store
+        .counted_sends("f", Utc::now() - TimeDelta::days(1), &[], 0)
+        .await
+        .expect("counted");
+    assert_eq!(counted.len(), 1, "one of the customer's two went out");
+    // The refused ones are still claimed and may be finished as usual.
+    assert!(
+        store
+            .begin_body_with(
+                d.id,
+                &d.token,
+                &delivery("h@example.com"),
+                &content(),
+                MARGIN
+            )
+            .await
+            .expect("alone")
+    );
+}
+
+/// Outcomes written as one group: each row checks its own token; a stale one in the group
+/// changes nothing and is the only `false`, the others are written with their history lines.
+async fn a_group_of_outcomes_checks_each_token(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let due = Utc::now() - TimeDelta::seconds(1);
+    let batch: Vec<_> = (0..3)
+        .map(|i| message(&format!("r:{i}"), "c", due))
+        .collect();
+    store.insert_messages(&batch).await.expect("insert");
+    let claims = claim_all(&store, "one").await;
+    assert_eq!(claims.len(), 3);
+    let sent = Outcome::Sent {
+        reply: "250 ok".into(),
+    };
+    let retry = Outcome::Retry {
+        at: Utc::now() + TimeDelta::hours(1),
+        reply: "451 later".into(),
+    };
+    let group = [
+        Finishing {
+            id: claims[2].id,
+            token: &claims[2].token,
+            outcome: &sent,
+        },
+        Finishing {
+            id: claims[0].id,
+            token: "stale",
+            outcome: &sent,
+        },
+        Finishing {
+            id: claims[1].id,
+            token: &claims[1].token,
+            outcome: &retry,
+        },
+    ];
+    let held = store.finish_all(&group).await.expect("group");
+    assert_eq!(held, [true, false, true], "in the order given");
+    assert_eq!(state_of(&store, claims[2].id).await, MessageState::Sent);
+    assert_eq!(state_of(&store, claims[0].id).await, MessageState::Sending);
+    assert_eq!(state_of(&store, claims[1].id).await, MessageState::Retrying);
+    let kinds = |id: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .message_events(id)
+                .await
+                .expect("events")
+                .into_iter()
+                .map(|e| e.kind)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(kinds(claims[2].id).await, ["sent"]);
+    assert!(
+        kinds(claims[0].id).await.is_empty(),
+        "nothing for the stale token"
+    );
+    assert_eq!(kinds(claims[1].id).await, ["retrying"]);
+    assert_eq!(
+        store.finish_all(&group[..1]).await.expect("again"),
+        [false],
+        "the token is spent"
+    );
+}
+
+/// Fences from many tasks at once (grouped into shared commits) still hold the limit:
+/// forty claims of one customer with `max = 3`, and forty unlimited ones of others, at once.
+async fn concurrent_fences_hold_the_limit(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let due = Utc::now() - TimeDelta::seconds(1);
+    let mut batch: Vec<NewMessage> = (0..40)
+        .map(|i| of_rule(&format!("r{i}"), &format!("r{i}:1"), "f", due))
+        .collect();
+    batch.extend((0..40).map(|i| message(&format!("free:{i}"), &format!("o{i}"), due)));
+    store.insert_messages(&batch).await.expect("insert");
+    let claims = store.claim_due("one", 80, LEASE).await.expect("claim");
+    assert_eq!(claims.len(), 80);
+    let tasks: Vec<_> = claims
+        .into_iter()
+        .map(|claim| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let limited = claim.customer_id == "f";
+                let to = delivery(&format!("{}@example.com", claim.customer_id));
+                let held = if limited {
+                    let gate = gate("f", 3, TimeDelta::days(3));
+                    store
+                        .begin_body_limited(claim.id, &claim.token, &to, &content(), MARGIN, &gate)
+                        .await
+                } else {
+                    store
+                        .begin_body_with(claim.id, &claim.token, &to, &content(), MARGIN)
+                        .await
+                };
+                (limited, held.expect("fence"))
+            })
+        })
+        .collect();
+    let (mut limited, mut free) = (0, 0);
+    for task in tasks {
+        match task.await.expect("task") {
+            (true, true) => limited += 1,
+            (false, true) => free += 1,
+            _ => {}
+        }
+    }
+    assert_eq!((limited, free), (3, 40));
+}
+
 on_both_backends!(
     the_frequency_limit_counts_what_went_out,
     waiting_messages_by_rule_and_due_time,
     the_body_fence_holds_the_limit_under_a_race,
+    a_group_of_body_fences_is_judged_in_order,
+    a_group_of_outcomes_checks_each_token,
+    concurrent_fences_hold_the_limit,
 );
 
 // --- ratings (`RatingStore`) ---------------------------------------------------------------------

@@ -1,11 +1,12 @@
 //! The dispatcher: sleep until the earliest message is due, claim a batch, and for each
 //! message [`guard`] (re-check the rule), [`compose`] (render, links, headers), [`deliver`]
-//! (send behind the phase fence) and record the outcome. This file is the loop: sleeping,
-//! claiming, reaping, the relay gate, and recording.
+//! (send behind the phase fence) and hand the outcome to [`complete`], which writes outcomes
+//! in groups. This file is the loop: sleeping, claiming, reaping and the relay gate.
 //!
 //! Every write of an attempt carries the claim's token, so a process that stalled past its
 //! lease cannot overwrite what another did.
 
+mod complete;
 mod compose;
 mod deliver;
 mod guard;
@@ -115,8 +116,8 @@ struct Context {
     relay: RelayGate,
     /// Fires when the shutdown deadline passes: unsent messages are released, not sent.
     hard_stop: CancellationToken,
-    /// Wakes the dispatcher when an outcome makes a message due again (retry, release).
-    wake: Arc<Notify>,
+    /// Writes the outcomes, in groups.
+    completer: complete::Completer,
 }
 
 impl Dispatcher {
@@ -129,6 +130,16 @@ impl Dispatcher {
         tracker: TaskTracker,
     ) {
         let permits = Arc::new(Semaphore::new(self.transport.parallelism()));
+        // One unwritten outcome per connection at most: what a crash can lose (RELIABILITY.md).
+        let (completer, writer) = complete::completer(
+            self.transport.parallelism(),
+            self.store.clone(),
+            self.health.clone(),
+            self.wake.clone(),
+            hard_stop.clone(),
+        );
+        // Ends once the dispatcher and every send task have dropped the context.
+        tracker.spawn(writer.run());
         let context = Arc::new(Context {
             store: self.store.clone(),
             playbook: self.playbook.clone(),
@@ -137,7 +148,7 @@ impl Dispatcher {
             health: self.health.clone(),
             relay: RelayGate::default(),
             hard_stop,
-            wake: self.wake.clone(),
+            completer,
         });
         let mut last_reap: Option<Instant> = None;
         let mut db_failures = 0u32;
@@ -332,79 +343,8 @@ async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSe
             }
         }
     };
-    record(&context, &claim, &outcome).await;
-    if matches!(outcome, Outcome::Retry { .. } | Outcome::Released { .. }) {
-        // Due again soon: the dispatcher may be asleep until its heartbeat.
-        context.wake.notify_one();
-    }
-    context
-        .health
-        .record_outcome(&claim.rule, &outcome, started.elapsed());
-    if matches!(outcome, Outcome::Sent { .. }) {
-        let late = (Utc::now() - claim.due_at).num_milliseconds() as f64 / 1000.0;
-        context.health.record_lateness(late);
-    }
-}
-
-/// Writes the outcome, retrying while the database is away, until the hard stop.
-async fn record(context: &Context, claim: &ClaimedMessage, outcome: &Outcome) {
-    let mut failures = 0;
-    loop {
-        match context.store.finish(claim.id, &claim.token, outcome).await {
-            Ok(true) => {
-                tracing::info!(
-                    message_id = claim.id,
-                    rule = %claim.rule,
-                    customer = %claim.customer_id,
-                    state = %outcome.state(),
-                    attempt = claim.attempts,
-                    "{}",
-                    describe(outcome)
-                );
-                return;
-            }
-            Ok(false) => {
-                tracing::warn!(message_id = claim.id, state = %outcome.state(), "the claim was lost before the outcome was recorded; another process owns the message now");
-                return;
-            }
-            Err(error) if error.is_unavailable() && !context.hard_stop.is_cancelled() => {
-                failures += 1;
-                context.health.database_error(&error);
-                let delay = backoff(
-                    failures,
-                    Duration::from_millis(200),
-                    Duration::from_secs(10),
-                );
-                tracing::warn!(message_id = claim.id, %error, "cannot record the outcome yet; retrying");
-                tokio::select! {
-                    () = context.hard_stop.cancelled() => {}
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(error) => {
-                // The lease will expire and the reaper decides by the recorded phase.
-                tracing::error!(message_id = claim.id, %error, state = %outcome.state(), "could not record the outcome");
-                return;
-            }
-        }
-    }
-}
-
-fn describe(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Sent { reply } => format!("sent: {reply}"),
-        Outcome::Retry { at, reply } => format!("will retry at {at}: {reply}"),
-        Outcome::Failed { reason, reply } => format!(
-            "failed: {reason}{}",
-            reply
-                .as_deref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
-        ),
-        Outcome::Skipped { reason } => format!("skipped: {reason}"),
-        Outcome::Unknown { reason } => format!("outcome unknown: {reason}"),
-        Outcome::Released { at, reason } => format!("not sent now ({reason}); due again at {at}"),
-    }
+    // The connection takes its next message once the completer has room for this outcome.
+    context.completer.hand_over(claim, outcome, started).await;
 }
 
 /// Guard, compose and deliver. `Ok(None)`: the claim was lost and nothing may be written.

@@ -3,10 +3,12 @@
 
 use std::collections::HashSet;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
+use super::group::GroupCommit;
 use super::rows::{
     self, CandidateRow, ClaimRow, CustomerMessageEventRow, CustomerRow, EventRow, LogRow,
     MessageEventRow, SentContentRow, SuppressionPeriodRow, SuppressionRow,
@@ -18,6 +20,23 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct SqlStore<D> {
     pub(super) driver: D,
+    /// The body fences waiting to commit, grouped into one durable transaction.
+    fences: Arc<GroupCommit<Fence, u64>>,
+}
+
+/// One body fence's write: its statement and, for a frequency limit, its serialisation key.
+struct Fence {
+    key: Option<String>,
+    sql: Sql,
+}
+
+impl<D> SqlStore<D> {
+    pub(super) fn new(driver: D) -> SqlStore<D> {
+        SqlStore {
+            driver,
+            fences: Arc::default(),
+        }
+    }
 }
 
 /// How many rows one multi-row INSERT writes.
@@ -453,6 +472,89 @@ fn reap_transitions(resend_unknown: bool) -> [(&'static str, &'static str, &'sta
     ]
 }
 
+impl<D: Driver> SqlStore<D> {
+    /// The fenced write of an outcome and its history line.
+    fn finish_update(id: i64, token: &str, outcome: &Outcome) -> LoggedUpdate {
+        let columns = rows::outcome_columns(outcome);
+        let (kind, reply, detail) = rows::outcome_event(outcome);
+        let mut set = Sql::new("state = ");
+        set.bind(columns.state)
+            .push(", next_attempt_at = COALESCE(")
+            .bind(columns.next_attempt_at);
+        set.push(", next_attempt_at), smtp_reply = COALESCE(")
+            .bind(columns.smtp_reply);
+        set.push(", smtp_reply), reason = ").bind(columns.reason);
+        set.push(", sent_at = CASE WHEN ").bind(columns.sent);
+        set.push(format!(
+            " THEN {} ELSE sent_at END, attempts = attempts - ",
+            D::NOW
+        ));
+        set.bind(columns.uncount);
+        set.push(format!(
+            ", claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, phase = NULL, \
+             updated_at = {}",
+            D::NOW
+        ));
+        LoggedUpdate {
+            set,
+            rows: Sql::new("id = ? AND claim_token = ? AND state = 'sending'")
+                .arg(id)
+                .arg(token),
+            skip_locked: false,
+            kind: kind.to_string(),
+            attempt_offset: columns.uncount,
+            reply: Reply::Given(reply.map(str::to_string)),
+            detail,
+        }
+    }
+}
+
+impl<D: Driver> SqlStore<D> {
+    /// A body fence's write: [`begin_body`](Self::begin_body), and with a frequency limit, only
+    /// while fewer than `max` of the customer's counted messages went out within `per`, judged
+    /// in the same statement under the customer's serialisation key.
+    fn fence(
+        id: i64,
+        token: &str,
+        delivery: &Delivery,
+        content: &SentContent,
+        margin: TimeDelta,
+        gate: Option<&FrequencyGate>,
+    ) -> Fence {
+        let mut sql = Self::begin_body(id, token, delivery, content, margin);
+        let Some(gate) = gate else {
+            return Fence { key: None, sql };
+        };
+        sql.push(" AND (SELECT COUNT(*) ");
+        push_counted(&mut sql, &gate.customer_id, &gate.exempt_rules, id);
+        sql.push(" AND o.body_at > ");
+        D::push_later(&mut sql, D::CLOCK, -gate.per);
+        sql.push(") < ").bind(i64::from(gate.max));
+        let key = Some(format!("customer:{}", gate.customer_id));
+        Fence { key, sql }
+    }
+
+    /// One fence, committed with whatever other fences wait at the same time.
+    async fn grouped_fence(&self, fence: Fence) -> StoreResult<bool> {
+        let affected = self
+            .fences
+            .submit(fence, |group| self.commit_fences(group))
+            .await?;
+        Ok(affected == 1)
+    }
+
+    /// The fences in one durable transaction, in order; each one's rows affected.
+    async fn commit_fences(&self, fences: Vec<Fence>) -> StoreResult<Vec<u64>> {
+        let mut locks = Vec::new();
+        let mut statements = Vec::with_capacity(fences.len());
+        for fence in fences {
+            locks.extend(fence.key);
+            statements.push(fence.sql);
+        }
+        self.driver.execute_group(locks, statements, true).await
+    }
+}
+
 #[async_trait]
 impl<D: Driver> OutboxStore for SqlStore<D> {
     async fn expire_overdue(&self) -> StoreResult<Vec<i64>> {
@@ -533,8 +635,8 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
         content: &SentContent,
         margin: TimeDelta,
     ) -> StoreResult<bool> {
-        let sql = Self::begin_body(id, token, delivery, content, margin);
-        Ok(self.driver.execute(Via::Writer, sql).await? == 1)
+        let fence = Self::fence(id, token, delivery, content, margin, None);
+        self.grouped_fence(fence).await
     }
 
     async fn begin_body_limited(
@@ -546,14 +648,20 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
         margin: TimeDelta,
         gate: &FrequencyGate,
     ) -> StoreResult<bool> {
-        let mut sql = Self::begin_body(id, token, delivery, content, margin);
-        sql.push(" AND (SELECT COUNT(*) ");
-        push_counted(&mut sql, &gate.customer_id, &gate.exempt_rules, id);
-        sql.push(" AND o.body_at > ");
-        D::push_later(&mut sql, D::CLOCK, -gate.per);
-        sql.push(") < ").bind(i64::from(gate.max));
-        let key = format!("customer:{}", gate.customer_id);
-        Ok(self.driver.execute_serialised(&key, sql).await? == 1)
+        let fence = Self::fence(id, token, delivery, content, margin, Some(gate));
+        self.grouped_fence(fence).await
+    }
+
+    async fn begin_bodies(&self, starts: &[BodyStart]) -> StoreResult<Vec<bool>> {
+        let fences = starts
+            .iter()
+            .map(|s| {
+                let gate = s.gate.as_ref();
+                Self::fence(s.id, &s.token, &s.delivery, &s.content, s.margin, gate)
+            })
+            .collect();
+        let affected = self.commit_fences(fences).await?;
+        Ok(affected.into_iter().map(|n| n == 1).collect())
     }
 
     async fn counted_sends(
@@ -603,39 +711,25 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
     }
 
     async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool> {
-        let columns = rows::outcome_columns(outcome);
-        let (kind, reply, detail) = rows::outcome_event(outcome);
-        let mut set = Sql::new("state = ");
-        set.bind(columns.state)
-            .push(", next_attempt_at = COALESCE(")
-            .bind(columns.next_attempt_at);
-        set.push(", next_attempt_at), smtp_reply = COALESCE(")
-            .bind(columns.smtp_reply);
-        set.push(", smtp_reply), reason = ").bind(columns.reason);
-        set.push(", sent_at = CASE WHEN ").bind(columns.sent);
-        set.push(format!(
-            " THEN {} ELSE sent_at END, attempts = attempts - ",
-            D::NOW
-        ));
-        set.bind(columns.uncount);
-        set.push(format!(
-            ", claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, phase = NULL, \
-             updated_at = {}",
-            D::NOW
-        ));
-        let update = LoggedUpdate {
-            set,
-            rows: Sql::new("id = ? AND claim_token = ? AND state = 'sending'")
-                .arg(id)
-                .arg(token),
-            skip_locked: false,
-            kind: kind.to_string(),
-            attempt_offset: columns.uncount,
-            reply: Reply::Given(reply.map(str::to_string)),
-            detail,
-        };
+        let update = Self::finish_update(id, token, outcome);
         let changed = self.driver.update_logged(vec![update], false).await?;
         Ok(changed.iter().any(|ids| !ids.is_empty()))
+    }
+
+    async fn finish_all(&self, outcomes: &[Finishing<'_>]) -> StoreResult<Vec<bool>> {
+        // In the order of the ids: two groups touching common rows lock them in one order.
+        let mut order: Vec<usize> = (0..outcomes.len()).collect();
+        order.sort_by_key(|&i| outcomes[i].id);
+        let updates = order
+            .iter()
+            .map(|&i| Self::finish_update(outcomes[i].id, outcomes[i].token, outcomes[i].outcome))
+            .collect();
+        let changed = self.driver.update_logged_relaxed(updates).await?;
+        let mut held = vec![false; outcomes.len()];
+        for (&i, ids) in order.iter().zip(changed) {
+            held[i] = !ids.is_empty();
+        }
+        Ok(held)
     }
 
     async fn reap_expired(&self, resend_unknown: bool) -> StoreResult<Reaped> {

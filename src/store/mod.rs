@@ -94,6 +94,7 @@ pub struct Event {
 }
 
 mod engine;
+mod group;
 mod postgres;
 mod ratings;
 mod rows;
@@ -230,6 +231,26 @@ pub struct FrequencyGate {
     pub per: TimeDelta,
     /// Rules whose messages do not count (`ignore_frequency_limit = true`).
     pub exempt_rules: Vec<String>,
+}
+
+/// One "the body is about to go out" write, as [`OutboxStore::begin_bodies`] takes it: what
+/// [`OutboxStore::begin_body_with`] (no `gate`) or [`OutboxStore::begin_body_limited`] write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyStart {
+    pub id: i64,
+    pub token: String,
+    pub delivery: Delivery,
+    pub content: SentContent,
+    pub margin: TimeDelta,
+    pub gate: Option<FrequencyGate>,
+}
+
+/// One outcome, as [`OutboxStore::finish_all`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Finishing<'a> {
+    pub id: i64,
+    pub token: &'a str,
+    pub outcome: &'a Outcome,
 }
 
 /// What went out, kept with the message for the owner: the rendered bodies exactly as sent and
@@ -696,7 +717,7 @@ pub trait OutboxStore: Send + Sync {
     ) -> StoreResult<bool>;
     /// [`begin_body_with`](Self::begin_body_with), and only while the customer is under the
     /// `gate`'s frequency limit, judged in the same write: at most one write per customer runs
-    /// at a time (see `Driver::execute_serialised`), so two processes can never both pass.
+    /// at a time (see `Driver::execute_group`), so two processes can never both pass.
     /// `false` also when the limit is reached: then the body must not be sent.
     async fn begin_body_limited(
         &self,
@@ -707,6 +728,12 @@ pub trait OutboxStore: Send + Sync {
         margin: TimeDelta,
         gate: &FrequencyGate,
     ) -> StoreResult<bool>;
+    /// Several body fences in one durable transaction, in the order given: each is judged as
+    /// its own `begin_body_with` / `begin_body_limited` would be, and sees what the ones before
+    /// it in the group wrote (two messages of one customer: the second counts the first).
+    /// `begin_body_with` and `begin_body_limited` themselves are grouped with whatever other
+    /// fences are waiting at the same time (one commit, one fsync, for all of them).
+    async fn begin_bodies(&self, starts: &[BodyStart]) -> StoreResult<Vec<bool>>;
     /// When the customer's messages that count toward a frequency limit went out after
     /// `since`, oldest first: `sent`, `unknown`, or with the body going out now, of rules not
     /// in `exempt_rules`, other than message `except`.
@@ -729,6 +756,9 @@ pub trait OutboxStore: Send + Sync {
     ) -> StoreResult<Vec<DateTime<Utc>>>;
     /// Records how the attempt ended. `false` if the claim was lost (nothing written).
     async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool>;
+    /// Records several outcomes in one transaction whose commit need not wait for the disk;
+    /// each row checks its own token, `false` for those whose claim was lost (only those).
+    async fn finish_all(&self, outcomes: &[Finishing<'_>]) -> StoreResult<Vec<bool>>;
     /// Keeps the checks of a claimed message that was stopped (skipped or failed by its
     /// checks), for the message page; `false` if the claim was lost.
     async fn keep_checks(&self, id: i64, token: &str, checks: &[CheckLine]) -> StoreResult<bool>;

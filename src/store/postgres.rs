@@ -58,9 +58,7 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(SqlStore {
-            driver: PostgresDriver { pool },
-        })
+        Ok(SqlStore::new(PostgresDriver { pool }))
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -124,6 +122,15 @@ fn logged_update_statement(update: LoggedUpdate) -> Sql {
         .bind(Arg::Json(Some(update.detail)))
         .push(" FROM changed RETURNING message_id");
     sql
+}
+
+/// This transaction's commit returns before its WAL record is flushed (a crash of the server
+/// may lose it; the database stays consistent). Only for writes the guarantee does not rest on.
+async fn relax_commit(connection: &mut PgConnection) -> StoreResult<()> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(connection)
+        .await?;
+    Ok(())
 }
 
 async fn changed_ids(connection: &mut PgConnection, sql: Sql) -> StoreResult<Vec<i64>> {
@@ -272,24 +279,6 @@ impl Driver for PostgresDriver {
             .rows_affected())
     }
 
-    async fn execute_serialised(&self, key: &str, sql: Sql) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await?;
-        // Held until commit. Read Committed takes each statement's snapshot when the statement
-        // starts, so the write below, started after the lock is granted, sees what the last
-        // holder committed.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("touchpoint:{key}"))
-            .execute(&mut *tx)
-            .await?;
-        let (text, args) = sql.into_numbered();
-        let affected = sqlx::query_with(&text, arguments(args)?)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(affected)
-    }
-
     async fn execute_all(&self, statements: Vec<Sql>) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
         let mut affected = 0;
@@ -302,6 +291,55 @@ impl Driver for PostgresDriver {
         }
         tx.commit().await?;
         Ok(affected)
+    }
+
+    async fn execute_group(
+        &self,
+        locks: Vec<String>,
+        statements: Vec<Sql>,
+        durable: bool,
+    ) -> StoreResult<Vec<u64>> {
+        let mut tx = self.pool.begin().await?;
+        if !durable {
+            relax_commit(&mut tx).await?;
+        }
+        if !locks.is_empty() {
+            // Held until commit, taken in the order of the lock ids (every process uses the
+            // same), before any statement reads: each statement's snapshot (Read Committed)
+            // then sees what the last holder of its key committed.
+            let keys: Vec<String> = locks.iter().map(|k| format!("touchpoint:{k}")).collect();
+            sqlx::query(
+                "SELECT count(pg_advisory_xact_lock(h)) FROM \
+                 (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY h) AS ids",
+            )
+            .bind(keys)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut affected = Vec::with_capacity(statements.len());
+        for sql in statements {
+            let (text, args) = sql.into_numbered();
+            let done = sqlx::query_with(&text, arguments(args)?)
+                .execute(&mut *tx)
+                .await?;
+            affected.push(done.rows_affected());
+        }
+        tx.commit().await?;
+        Ok(affected)
+    }
+
+    async fn update_logged_relaxed(
+        &self,
+        updates: Vec<LoggedUpdate>,
+    ) -> StoreResult<Vec<Vec<i64>>> {
+        let mut tx = self.pool.begin().await?;
+        relax_commit(&mut tx).await?;
+        let mut changed = Vec::with_capacity(updates.len());
+        for update in updates {
+            changed.push(changed_ids(&mut tx, logged_update_statement(update)).await?);
+        }
+        tx.commit().await?;
+        Ok(changed)
     }
 
     async fn migrate(&self) -> StoreResult<()> {

@@ -334,11 +334,22 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     async fn execute(&self, via: Via, sql: Sql) -> StoreResult<u64>;
     /// Runs the statements in one transaction; rows affected by all of them.
     async fn execute_all(&self, statements: Vec<Sql>) -> StoreResult<u64>;
-    /// Runs one write so that no other write serialised on the same `key` runs at the same
-    /// time, from any process, and it sees what such writes committed before it; rows affected.
-    /// (SQLite: its one writer does this already. PostgreSQL: a transaction-scoped advisory
-    /// lock on the key, taken before the statement reads anything.)
-    async fn execute_serialised(&self, key: &str, sql: Sql) -> StoreResult<u64>;
+
+    /// Runs the statements in one transaction, in order (each sees what the ones before it
+    /// wrote), and returns each one's rows affected. Writes under the same one of the `locks`
+    /// never run at the same time, from any process, and each sees what such writes committed
+    /// before it (SQLite: its one writer does this already; PostgreSQL: a transaction-scoped
+    /// advisory lock per key). The locks are taken first, before anything is read, in one order
+    /// every process uses, so that groups of two processes wait for each other instead of
+    /// deadlocking. `durable`: the commit
+    /// returns only once it is on disk (SQLite runs `synchronous = NORMAL` otherwise, which
+    /// survives a crash of the process but not of the machine).
+    async fn execute_group(
+        &self,
+        locks: Vec<String>,
+        statements: Vec<Sql>,
+        durable: bool,
+    ) -> StoreResult<Vec<u64>>;
 
     // --- what differs beyond the text ---------------------------------------------------------
     async fn migrate(&self) -> StoreResult<()>;
@@ -349,6 +360,10 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
         updates: Vec<LoggedUpdate>,
         together: bool,
     ) -> StoreResult<Vec<Vec<i64>>>;
+    /// The updates in one transaction whose commit need not wait for the disk (outcomes: one
+    /// lost in a power cut leaves the attempt in phase `body`, which the reaper settles).
+    async fn update_logged_relaxed(&self, updates: Vec<LoggedUpdate>)
+    -> StoreResult<Vec<Vec<i64>>>;
     /// See `CustomerStore::merge_customers`; the patches are in id order.
     async fn merge_customers(&self, patches: &[&CustomerPatch]) -> StoreResult<u64>;
     async fn log_narrowing(&self, filter: &LogFilter) -> StoreResult<LogNarrowing>;

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,7 +14,8 @@ use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::types::Json;
-use sqlx::{Arguments, SqliteConnection, SqlitePool};
+use sqlx::{Arguments, ConnectOptions, SqliteConnection, SqlitePool};
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::engine::{SqlStore, customer_upserts, customers_by_id, dated};
 use super::rows::CustomerRow;
@@ -39,10 +41,12 @@ fn offset(d: TimeDelta) -> String {
     format!("{:+.3} seconds", d.num_milliseconds() as f64 / 1000.0)
 }
 
+/// The one writer connection, held by whoever writes (a lock, not a pool: a pool pings a
+/// connection each time it is given back, a round trip to its worker thread per write).
 #[derive(Debug, Clone)]
 pub struct SqliteDriver {
     path: PathBuf,
-    writer: SqlitePool,
+    writer: Arc<Mutex<SqliteConnection>>,
     reader: SqlitePool,
 }
 
@@ -66,23 +70,17 @@ impl SqliteStore {
         // No ping before each use (sqlx's default): a SQLite connection cannot go away under
         // us, and the ping is a round trip to the connection's worker thread that doubled the
         // thread hand-offs of every query (BENCHMARKS.md, sending).
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .connect_with(options.clone())
-            .await?;
+        let writer = Arc::new(Mutex::new(options.connect().await?));
         let reader = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(SqlStore {
-            driver: SqliteDriver {
-                path: path.to_path_buf(),
-                writer,
-                reader,
-            },
-        })
+        Ok(SqlStore::new(SqliteDriver {
+            path: path.to_path_buf(),
+            writer,
+            reader,
+        }))
     }
 
     pub fn path(&self) -> &Path {
@@ -114,11 +112,8 @@ fn arguments<'q>(args: Vec<Arg>) -> StoreResult<SqliteArguments<'q>> {
 }
 
 impl SqliteDriver {
-    fn pool(&self, via: Via) -> &SqlitePool {
-        match via {
-            Via::Reader => &self.reader,
-            Via::Writer => &self.writer,
-        }
+    async fn writer(&self) -> MutexGuard<'_, SqliteConnection> {
+        self.writer.lock().await
     }
 
     /// How the log's query should find its rows. SQLite keeps no statistics unless ANALYZE
@@ -210,6 +205,21 @@ async fn fetch_all_on<T: FromSqlRow>(
         .await?)
 }
 
+/// The statements in one transaction that holds the write lock from its start; each one's
+/// rows affected.
+async fn run_immediate(
+    connection: &mut SqliteConnection,
+    statements: Vec<Sql>,
+) -> StoreResult<Vec<u64>> {
+    let mut tx = sqlx::Connection::begin_with(&mut *connection, "BEGIN IMMEDIATE").await?;
+    let mut affected = Vec::with_capacity(statements.len());
+    for sql in statements {
+        affected.push(execute_on(&mut tx, sql).await?);
+    }
+    tx.commit().await?;
+    Ok(affected)
+}
+
 async fn execute_on(connection: &mut SqliteConnection, sql: Sql) -> StoreResult<u64> {
     let (text, args) = sql.into_parts();
     Ok(sqlx::query_with(&text, arguments(args)?)
@@ -268,50 +278,54 @@ impl Driver for SqliteDriver {
     async fn fetch_all<T: FromSqlRow>(&self, via: Via, sql: Sql) -> StoreResult<Vec<T>> {
         let persistent = sql.is_persistent();
         let (text, args) = sql.into_parts();
-        Ok(sqlx::query_as_with(&text, arguments(args)?)
-            .persistent(persistent)
-            .fetch_all(self.pool(via))
-            .await?)
+        let query = sqlx::query_as_with(&text, arguments(args)?).persistent(persistent);
+        Ok(match via {
+            Via::Reader => query.fetch_all(&self.reader).await?,
+            Via::Writer => query.fetch_all(&mut *self.writer().await).await?,
+        })
     }
 
     async fn fetch_optional<T: FromSqlRow>(&self, via: Via, sql: Sql) -> StoreResult<Option<T>> {
         let (text, args) = sql.into_parts();
-        Ok(sqlx::query_as_with(&text, arguments(args)?)
-            .fetch_optional(self.pool(via))
-            .await?)
+        let query = sqlx::query_as_with(&text, arguments(args)?);
+        Ok(match via {
+            Via::Reader => query.fetch_optional(&self.reader).await?,
+            Via::Writer => query.fetch_optional(&mut *self.writer().await).await?,
+        })
     }
 
     async fn fetch_one<T: FromSqlRow>(&self, via: Via, sql: Sql) -> StoreResult<T> {
         let (text, args) = sql.into_parts();
-        Ok(sqlx::query_as_with(&text, arguments(args)?)
-            .fetch_one(self.pool(via))
-            .await?)
+        let query = sqlx::query_as_with(&text, arguments(args)?);
+        Ok(match via {
+            Via::Reader => query.fetch_one(&self.reader).await?,
+            Via::Writer => query.fetch_one(&mut *self.writer().await).await?,
+        })
     }
 
     async fn exists(&self, via: Via, sql: Sql) -> StoreResult<bool> {
         let (text, args) = sql.into_parts();
-        let row = sqlx::query_with(&text, arguments(args)?)
-            .fetch_optional(self.pool(via))
-            .await?;
+        let query = sqlx::query_with(&text, arguments(args)?);
+        let row = match via {
+            Via::Reader => query.fetch_optional(&self.reader).await?,
+            Via::Writer => query.fetch_optional(&mut *self.writer().await).await?,
+        };
         Ok(row.is_some())
     }
 
     async fn execute(&self, via: Via, sql: Sql) -> StoreResult<u64> {
         let (text, args) = sql.into_parts();
-        Ok(sqlx::query_with(&text, arguments(args)?)
-            .execute(self.pool(via))
-            .await?
-            .rows_affected())
-    }
-
-    async fn execute_serialised(&self, _key: &str, sql: Sql) -> StoreResult<u64> {
-        // One write statement holds the database's write lock from its first read (and across
-        // processes a stale snapshot cannot write), so its subqueries see every commit before.
-        self.execute(Via::Writer, sql).await
+        let query = sqlx::query_with(&text, arguments(args)?);
+        let done = match via {
+            Via::Reader => query.execute(&self.reader).await?,
+            Via::Writer => query.execute(&mut *self.writer().await).await?,
+        };
+        Ok(done.rows_affected())
     }
 
     async fn execute_all(&self, statements: Vec<Sql>) -> StoreResult<u64> {
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer().await;
+        let mut tx = sqlx::Connection::begin(&mut *writer).await?;
         let mut affected = 0;
         for sql in statements {
             affected += execute_on(&mut tx, sql).await?;
@@ -320,12 +334,39 @@ impl Driver for SqliteDriver {
         Ok(affected)
     }
 
+    async fn execute_group(
+        &self,
+        _locks: Vec<String>,
+        statements: Vec<Sql>,
+        durable: bool,
+    ) -> StoreResult<Vec<u64>> {
+        // The write lock from BEGIN IMMEDIATE on serialises every writer of the file, of this
+        // process or another, so the keys need no locks of their own.
+        let mut writer = self.writer().await;
+        if !durable {
+            return run_immediate(&mut writer, statements).await;
+        }
+        // In WAL mode `NORMAL` syncs the log only at checkpoints: a commit survives a killed
+        // process, not a power cut. `FULL` syncs the log at this commit (one fsync for the
+        // whole group); the connection goes back to `NORMAL` for everything else.
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *writer)
+            .await?;
+        let result = run_immediate(&mut writer, statements).await;
+        let restored = sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *writer)
+            .await;
+        let affected = result?;
+        restored?;
+        Ok(affected)
+    }
+
     async fn migrate(&self) -> StoreResult<()> {
         // sqlx takes no lock for SQLite: two processes starting on a fresh file would both
         // read "nothing applied" and the second would fail on `CREATE TABLE`. Holding the write
         // lock (BEGIN IMMEDIATE, waiting out busy_timeout) across the whole run serialises them;
         // sqlx's per-migration transactions become savepoints inside this one.
-        let mut connection = self.writer.acquire().await?;
+        let mut connection = self.writer().await;
         let mut tx = sqlx::Connection::begin_with(&mut *connection, "BEGIN IMMEDIATE").await?;
         // `run_direct`: `run(&mut *tx)` hits sqlx's "Acquire is not general enough" in async-trait.
         sqlx::migrate!("./migrations/sqlite")
@@ -342,7 +383,8 @@ impl Driver for SqliteDriver {
         updates: Vec<LoggedUpdate>,
         _together: bool,
     ) -> StoreResult<Vec<Vec<i64>>> {
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer().await;
+        let mut tx = sqlx::Connection::begin(&mut *writer).await?;
         let mut changed = Vec::with_capacity(updates.len());
         for update in updates {
             let mut sql = Sql::new("UPDATE messages SET ");
@@ -372,12 +414,21 @@ impl Driver for SqliteDriver {
         Ok(changed)
     }
 
+    async fn update_logged_relaxed(
+        &self,
+        updates: Vec<LoggedUpdate>,
+    ) -> StoreResult<Vec<Vec<i64>>> {
+        // Every commit but the body fence's runs `synchronous = NORMAL` already.
+        self.update_logged(updates, true).await
+    }
+
     async fn merge_customers(&self, patches: &[&CustomerPatch]) -> StoreResult<u64> {
         // BEGIN IMMEDIATE takes the write lock before the rows are read, so no other writer (of
         // this process or another) changes them between the read and the write: each patch is
         // merged with the row as it is written. (SQLite's json_patch would not do: it merges
         // nested objects too, and drops nulls inside the values it sets.)
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut writer = self.writer().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *writer, "BEGIN IMMEDIATE").await?;
         let created = Self::merge_locked(&mut tx, patches).await?;
         tx.commit().await?;
         Ok(created)
