@@ -15,13 +15,13 @@ use sqlx::sqlite::{
 use sqlx::types::Json;
 use sqlx::{Arguments, SqliteConnection, SqlitePool};
 
-use super::engine::{SqlStore, customer_upserts, customers_by_id, dated};
+use super::engine::{SqlStore, customer_upserts, customers_by_id, dated, message_inserts};
 use super::rows::CustomerRow;
 use super::sql::{
     Arg, Driver, FEW_CUSTOMERS, FromSqlRow, LogNarrowing, LoggedUpdate, MANY_ROWS, Reply, Sql, Via,
     like_pattern,
 };
-use super::{Customer, CustomerPatch, LogFilter, StoreError, StoreResult};
+use super::{Customer, CustomerPatch, LogFilter, NewMessage, StoreError, StoreResult};
 
 /// The store on a SQLite file.
 pub type SqliteStore = SqlStore<SqliteDriver>;
@@ -69,7 +69,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("cache_size", WRITER_CACHE_KIB))
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
@@ -89,6 +89,11 @@ impl SqliteStore {
         &self.driver.path
     }
 }
+
+/// The writer's page cache (negative: KiB; SQLite's default is 2 MB). Planning a page inserts
+/// into every index of `messages`; a cache that holds their hot pages saves re-reading them
+/// from the OS for each page (BENCHMARKS.md, planning). Pages are allocated as used.
+const WRITER_CACHE_KIB: &str = "-32768";
 
 /// The values in SQLite's forms: times as canonical text, JSON as text.
 fn arguments<'q>(args: Vec<Arg>) -> StoreResult<SqliteArguments<'q>> {
@@ -381,6 +386,10 @@ impl Driver for SqliteDriver {
         let created = Self::merge_locked(&mut tx, patches).await?;
         tx.commit().await?;
         Ok(created)
+    }
+
+    async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64> {
+        self.execute_all(message_inserts(messages)).await
     }
 
     async fn log_narrowing(&self, filter: &LogFilter) -> StoreResult<LogNarrowing> {
