@@ -92,8 +92,9 @@ impl SqliteStore {
 
 /// The writer's page cache (negative: KiB; SQLite's default is 2 MB). Planning a page inserts
 /// into every index of `messages`; a cache that holds their hot pages saves re-reading them
-/// from the OS for each page (BENCHMARKS.md, planning). Pages are allocated as used.
-const WRITER_CACHE_KIB: &str = "-32768";
+/// from the OS for each page (BENCHMARKS.md, planning). Pages are allocated as used, and
+/// sending fills it too: 32 MB took the daemon's peak memory sending 20,000 from 26 to 60 MB.
+const WRITER_CACHE_KIB: &str = "-8192";
 
 /// The values in SQLite's forms: times as canonical text, JSON as text.
 fn arguments<'q>(args: Vec<Arg>) -> StoreResult<SqliteArguments<'q>> {
