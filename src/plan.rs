@@ -35,6 +35,12 @@ use crate::store::{
 /// Rows fetched per planning query.
 const PAGE: i64 = 5_000;
 
+/// Planned messages written in one transaction, at most (several pages). Each commit on SQLite
+/// writes every index page it changed, and a page of due times spread over a year changes most
+/// of the time-ordered indexes' pages: fewer, larger commits write each of them fewer times
+/// (BENCHMARKS.md, planning). It also bounds how long one insert holds SQLite's write lock.
+const INSERT_ROWS: usize = 20_000;
+
 /// `seq` values one planning query looks at, at most. Bounding the range keeps each query's
 /// work proportional to its page whatever plan the database picks: given the whole range of a
 /// million events, PostgreSQL hash-joined and sorted all of it again for every page of 5,000,
@@ -187,6 +193,7 @@ pub async fn plan_rule(
 ) -> StoreResult<u64> {
     let mut cursor = after_seq;
     let mut inserted = 0;
+    let mut pending: Vec<NewMessage> = Vec::new();
     // Windows that find nothing grow (up to 64 spans): `seq` has gaps (every upsert of an
     // existing customer uses up a value on PostgreSQL), and stepping through a sparse range
     // one span at a time would cost a query per span.
@@ -218,9 +225,18 @@ pub async fn plan_rule(
             .filter_map(|c| plan_candidate(rule, c, now, settings))
             .collect();
         on_page(&planned, &candidates);
-        if insert && !planned.is_empty() {
-            inserted += store.insert_messages(&planned).await?;
+        if insert {
+            pending.extend(planned);
+            // The next page's candidates cannot include these rows' events or customers (it
+            // starts after this page's last `seq`), so holding them back plans nothing twice.
+            if pending.len() >= INSERT_ROWS {
+                inserted += store.insert_messages(&pending).await?;
+                pending.clear();
+            }
         }
+    }
+    if !pending.is_empty() {
+        inserted += store.insert_messages(&pending).await?;
     }
     Ok(inserted)
 }

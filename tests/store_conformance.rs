@@ -2941,3 +2941,146 @@ async fn replies_waiting_and_messages_due_per_rule(backend: Backend) {
 }
 
 on_both_backends!(replies_waiting_and_messages_due_per_rule);
+
+// --- planning pages (issue #14) ----------------------------------------------------------------
+
+/// A page of `n` planned messages `p:{first}..`, due over the next hours, every other one with
+/// an event; the page is larger than one statement of either backend.
+fn page(first: usize, n: usize, now: DateTime<Utc>) -> Vec<NewMessage> {
+    (first..first + n)
+        .map(|i| NewMessage {
+            event_id: (i % 2 == 0).then(|| format!("e{i}")),
+            expires_at: Some(now + TimeDelta::days(3)),
+            ..message(
+                &format!("p:{i}"),
+                &format!("c{}", i % 7),
+                now + TimeDelta::minutes(i as i64),
+            )
+        })
+        .collect()
+}
+
+async fn scheduled(store: &SharedStore) -> i64 {
+    store
+        .count_state(MessageState::Scheduled)
+        .await
+        .expect("count")
+}
+
+async fn a_page_is_planned_once(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let now = store_time(Utc::now() + TimeDelta::hours(1));
+    let first = page(0, 6_000, now);
+    assert_eq!(store.insert_messages(&first).await.expect("insert"), 6_000);
+    assert_eq!(
+        store.insert_messages(&first).await.expect("again"),
+        0,
+        "the same page twice plans nothing the second time"
+    );
+    assert_eq!(scheduled(&store).await, 6_000);
+    // Half of this page exists: the rest is inserted, and counted.
+    let overlapping = page(3_000, 6_000, now);
+    assert_eq!(
+        store.insert_messages(&overlapping).await.expect("overlap"),
+        3_000
+    );
+    assert_eq!(scheduled(&store).await, 9_000);
+    // A key twice in one page is one message (the first).
+    let twice = [
+        message("p:twice", "c1", now),
+        message("p:twice", "c2", now + TimeDelta::hours(1)),
+    ];
+    assert_eq!(store.insert_messages(&twice).await.expect("twice"), 1);
+    assert!(store.insert_messages(&[]).await.expect("empty") == 0);
+    // Every column as planned, and ids in the page's order.
+    let log = store
+        .log(&LogFilter {
+            due_before: Some(now + TimeDelta::days(30)),
+            limit: Some(20_000),
+            ..LogFilter::default()
+        })
+        .await
+        .expect("log");
+    assert_eq!(log.len(), 9_001);
+    let mut rows: Vec<_> = log.iter().collect();
+    rows.sort_by_key(|m| m.id);
+    let head: Vec<(Option<&str>, &str)> = rows
+        .iter()
+        .take(3)
+        .map(|m| (m.event_id.as_deref(), m.customer_id.as_str()))
+        .collect();
+    assert_eq!(head, [(Some("e0"), "c0"), (None, "c1"), (Some("e2"), "c2")]);
+    let last = rows.last().expect("rows");
+    assert_eq!(
+        (last.customer_id.as_str(), last.due_at),
+        ("c1", store_time(now)),
+        "of a key twice in a page, the first is kept"
+    );
+    let e8 = log
+        .iter()
+        .find(|m| m.event_id.as_deref() == Some("e8998"))
+        .expect("e8998");
+    assert_eq!(e8.trigger_at, store_time(now + TimeDelta::minutes(8_998)));
+    assert_eq!(e8.next_attempt_at, e8.due_at);
+    assert_eq!(e8.state, MessageState::Scheduled);
+    let detail = store.message_detail(e8.id).await.expect("detail");
+    assert_eq!(detail, Some(serde_json::json!({ "n": "p:8998" })));
+}
+
+/// Times as both backends keep them (milliseconds on SQLite, microseconds on PostgreSQL: the
+/// test's times are whole milliseconds).
+fn store_time(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(at.timestamp_millis()).expect("in range")
+}
+
+/// Schedules look up their messages by customer through a partial index (`event_id IS NULL`):
+/// a customer with an occurrence still to come is no candidate, and the last one planned is
+/// where the next starts.
+async fn schedules_find_their_planned_occurrences(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[
+            customer("a", "a@example.com", "A"),
+            customer("b", "b@example.com", "B"),
+            customer("c", "c@example.com", "C"),
+        ])
+        .await
+        .expect("customers");
+    let now = store_time(Utc::now());
+    let weekly = |key: &str, who: &str, at: DateTime<Utc>| NewMessage {
+        rule: "weekly".into(),
+        ..message(key, who, at)
+    };
+    store
+        .insert_messages(&[
+            weekly("weekly:a:next", "a", now + TimeDelta::days(2)),
+            weekly("weekly:b:last", "b", now - TimeDelta::days(5)),
+        ])
+        .await
+        .expect("planned");
+    let (customers_hi, _) = store.max_seqs().await.expect("seqs");
+    let query = CandidateQuery {
+        rule: "weekly".into(),
+        source: CandidateSource::RecurringCustomers,
+        after_seq: 0,
+        up_to_seq: customers_hi,
+        now,
+        limit: 10,
+        include_suppressed: false,
+    };
+    let found = store.candidates(&query).await.expect("candidates");
+    let seen: Vec<(&str, Option<DateTime<Utc>>)> = found
+        .iter()
+        .map(|c| (c.customer.id.as_str(), c.last_trigger))
+        .collect();
+    assert_eq!(
+        seen,
+        [("b", Some(now - TimeDelta::days(5))), ("c", None)],
+        "a has an occurrence to come"
+    );
+}
+
+on_both_backends!(
+    a_page_is_planned_once,
+    schedules_find_their_planned_occurrences
+);

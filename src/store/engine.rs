@@ -97,6 +97,36 @@ pub(super) fn customers_by_id(ids: &[String]) -> Sql {
     sql
 }
 
+/// Inserts the planner's messages, `CHUNK` rows per multi-row `VALUES` statement; a message
+/// whose `dedupe_key` exists is left out (`Driver::insert_messages`, by default).
+pub(super) fn message_inserts(messages: &[NewMessage]) -> Vec<Sql> {
+    messages
+        .chunks(CHUNK)
+        .map(|chunk| {
+            let mut sql = Sql::new(format!("INSERT INTO messages ({MESSAGE_INSERT_COLUMNS}) "));
+            sql.values(chunk, |m| {
+                vec![
+                    m.rule.as_str().into(),
+                    m.customer_id.as_str().into(),
+                    (&m.event_id).into(),
+                    m.dedupe_key.as_str().into(),
+                    m.trigger_at.into(),
+                    m.due_at.into(),
+                    m.expires_at.into(),
+                    m.due_at.into(),
+                    Arg::json(&m.detail),
+                ]
+            });
+            sql.push(" ON CONFLICT (dedupe_key) DO NOTHING");
+            sql
+        })
+        .collect()
+}
+
+/// The columns the planner writes; `next_attempt_at` starts as `due_at`.
+pub(super) const MESSAGE_INSERT_COLUMNS: &str = "rule, customer_id, event_id, dedupe_key, \
+     trigger_at, due_at, expires_at, next_attempt_at, detail";
+
 #[async_trait]
 impl<D: Driver> CustomerStore for SqlStore<D> {
     async fn upsert_customers(&self, customers: &[Customer]) -> StoreResult<()> {
@@ -292,14 +322,16 @@ impl<D: Driver> SqlStore<D> {
             D::null("timestamptz"),
             D::null("jsonb"),
         ));
+        // `event_id IS NULL`: a schedule's messages have no event, and the partial index
+        // `messages_rule_customer` (0011) holds only those.
         sql.bind(&q.rule)
-            .push(" AND m.customer_id = c.id) AS last_trigger ");
+            .push(" AND m.event_id IS NULL AND m.customer_id = c.id) AS last_trigger ");
         sql.push("FROM customers c WHERE c.seq > ")
             .bind(q.after_seq);
         sql.push(" AND c.seq <= ").bind(q.up_to_seq);
         sql.push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.rule = ")
             .bind(&q.rule);
-        sql.push(" AND m.customer_id = c.id AND m.trigger_at >= ")
+        sql.push(" AND m.event_id IS NULL AND m.customer_id = c.id AND m.trigger_at >= ")
             .bind(q.now)
             .push(format!("{})", D::FENCE));
         Self::push_not_suppressed(&mut sql, q);
@@ -337,31 +369,10 @@ impl<D: Driver> PlanningStore for SqlStore<D> {
     }
 
     async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64> {
-        let statements = messages
-            .chunks(CHUNK)
-            .map(|chunk| {
-                let mut sql = Sql::new(
-                    "INSERT INTO messages (rule, customer_id, event_id, dedupe_key, trigger_at, due_at, \
-                     expires_at, next_attempt_at, detail) ",
-                );
-                sql.values(chunk, |m| {
-                    vec![
-                        m.rule.as_str().into(),
-                        m.customer_id.as_str().into(),
-                        (&m.event_id).into(),
-                        m.dedupe_key.as_str().into(),
-                        m.trigger_at.into(),
-                        m.due_at.into(),
-                        m.expires_at.into(),
-                        m.due_at.into(),
-                        Arg::json(&m.detail),
-                    ]
-                });
-                sql.push(" ON CONFLICT (dedupe_key) DO NOTHING");
-                sql
-            })
-            .collect();
-        self.driver.execute_all(statements).await
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        self.driver.insert_messages(messages).await
     }
 
     async fn existing_dedupe_keys(&self, keys: &[String]) -> StoreResult<HashSet<String>> {

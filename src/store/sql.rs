@@ -7,7 +7,7 @@ use std::fmt;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
-use super::{CustomerPatch, LogFilter, StoreResult};
+use super::{CustomerPatch, LogFilter, NewMessage, StoreResult};
 
 /// One value bound to a `?` of a statement.
 #[derive(Clone)]
@@ -366,6 +366,9 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     -> StoreResult<Vec<Vec<i64>>>;
     /// See `CustomerStore::merge_customers`; the patches are in id order.
     async fn merge_customers(&self, patches: &[&CustomerPatch]) -> StoreResult<u64>;
+    /// See `PlanningStore::insert_messages`: the planner's messages, in order, each one
+    /// skipped when its `dedupe_key` exists (or came earlier in `messages`); rows inserted.
+    async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64>;
     async fn log_narrowing(&self, filter: &LogFilter) -> StoreResult<LogNarrowing>;
 }
 
