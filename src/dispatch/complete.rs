@@ -131,7 +131,8 @@ impl Writer {
             .collect();
         let written = match self.retrying(&finishing).await {
             Ok(held) => held.into_iter().map(Some).collect(),
-            Err(_) if finishing.len() > 1 => {
+            // Past the hard stop with the database away, one by one would only wait longer.
+            Err(error) if finishing.len() > 1 && !error.is_unavailable() => {
                 let mut each = Vec::with_capacity(finishing.len());
                 for one in &finishing {
                     let held = self.retrying(std::slice::from_ref(one)).await;
@@ -139,7 +140,7 @@ impl Writer {
                 }
                 each
             }
-            Err(_) => vec![None],
+            Err(_) => vec![None; finishing.len()],
         };
         for (done, held) in group.into_iter().zip(written) {
             self.report(done, held);

@@ -412,8 +412,12 @@ impl<D: Driver> SqlStore<D> {
             .bind(Arg::Json(Some(
                 serde_json::to_value(&content.checks).unwrap_or_default(),
             )));
+        // body_at by the clock, not the transaction's start: a fence that waited for a group's
+        // locks must not date its send earlier than it went out (the frequency window counts
+        // from it).
         sql.push(format!(
-            ", checks), body_at = {now}, updated_at = {now} WHERE id = ",
+            ", checks), body_at = {clock}, updated_at = {now} WHERE id = ",
+            clock = D::CLOCK,
             now = D::NOW
         ));
         sql.bind(id).push(" AND claim_token = ").bind(token);

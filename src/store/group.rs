@@ -53,7 +53,12 @@ impl<R: Send, A: Send> GroupCommit<R, A> {
             Err(oneshot::error::TryRecvError::Empty) => {}
         }
         let group = std::mem::take(&mut *self.lock_queue());
-        let (requests, answers): (Vec<R>, Vec<_>) = group.into_iter().unzip();
+        // A caller that gave up waiting (dropped at the hard stop) will not send: committing
+        // its fence would leave a `body` phase for a body that never goes out.
+        let (requests, answers): (Vec<R>, Vec<_>) = group
+            .into_iter()
+            .filter(|(_, answer)| !answer.is_closed())
+            .unzip();
         let size = requests.len();
         match commit(requests).await {
             Ok(results) if results.len() == size => {

@@ -308,6 +308,12 @@ impl Driver for PostgresDriver {
             // same), before any statement reads: each statement's snapshot (Read Committed)
             // then sees what the last holder of its key committed.
             let keys: Vec<String> = locks.iter().map(|k| format!("touchpoint:{k}")).collect();
+            // A replica stalled inside its own group (SIGSTOP, a lost network) must not stop
+            // every fence of this daemon behind the turn: give up after a few seconds, the
+            // group's messages are released and tried again.
+            sqlx::query("SET LOCAL lock_timeout = '5s'")
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(
                 "SELECT count(pg_advisory_xact_lock(h)) FROM \
                  (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY h) AS ids",
