@@ -328,6 +328,28 @@ impl Audit {
     fn of(&self, state: MessageState) -> usize {
         self.by_state.get(&state).copied().unwrap_or(0)
     }
+
+    /// What several kills may leave: at most `UNKNOWN_PER_CRASH` reaped `unknown` per kill
+    /// (beyond those a live daemon recorded itself), a kill that landed mid-claim, and nothing
+    /// failed or skipped.
+    fn assert_within_kill_bound(&self, kills: usize, declared: usize, messages: usize) {
+        let unknown = self.of(MessageState::Unknown);
+        assert!(
+            unknown.saturating_sub(declared) <= kills * UNKNOWN_PER_CRASH,
+            "{unknown} unknown ({declared} recorded by a live daemon), more than the bound of \
+             {kills} kills x {UNKNOWN_PER_CRASH}"
+        );
+        assert!(
+            unknown + self.reclaimed > 0,
+            "no kill landed while a message was claimed; the test did not test anything"
+        );
+        assert_eq!(
+            self.of(MessageState::Sent) + unknown,
+            messages,
+            "nothing here should fail or be skipped: {:?}",
+            self.by_state
+        );
+    }
 }
 
 /// The promise, checked against the database and what the SMTP peer accepted.
@@ -477,7 +499,6 @@ async fn kill_nine_at_random_moments(backend: Backend) {
     fleet.kill(last);
 
     let audit = audit(&store, &peer, MESSAGES).await;
-    let unknown = audit.of(MessageState::Unknown);
     // A daemon itself records `unknown` when the server does not answer the dot in time (a
     // loaded machine); the rest were reaped from the claims of killed daemons.
     let declared = fleet.all_recorded("unknown");
@@ -490,21 +511,7 @@ async fn kill_nine_at_random_moments(backend: Backend) {
         audit.reclaimed,
         begun.elapsed().as_secs_f64()
     );
-    assert!(
-        unknown.saturating_sub(declared) <= KILLS * UNKNOWN_PER_CRASH,
-        "{unknown} unknown ({declared} recorded by a live daemon), more than the bound of \
-         {KILLS} kills x {UNKNOWN_PER_CRASH}"
-    );
-    assert!(
-        unknown + audit.reclaimed > 0,
-        "no kill landed while a message was claimed; the test did not test anything"
-    );
-    assert_eq!(
-        audit.of(MessageState::Sent) + unknown,
-        MESSAGES,
-        "nothing here should fail or be skipped: {:?}",
-        audit.by_state
-    );
+    audit.assert_within_kill_bound(KILLS, declared, MESSAGES);
 }
 
 on_both_backends!(kill_nine_at_random_moments);
@@ -652,7 +659,6 @@ async fn three_replicas_killed_twenty_times() {
     }
 
     let audit = audit(&store, &peer, MESSAGES).await;
-    let unknown = audit.of(MessageState::Unknown);
     let declared = fleet.all_recorded("unknown");
     eprintln!(
         "three replicas, {KILLS} kills (PostgreSQL): {MESSAGES} messages, \
@@ -662,21 +668,7 @@ async fn three_replicas_killed_twenty_times() {
         audit.reclaimed,
         begun.elapsed().as_secs_f64()
     );
-    assert!(
-        unknown.saturating_sub(declared) <= KILLS * UNKNOWN_PER_CRASH,
-        "{unknown} unknown ({declared} recorded by a live daemon), more than the bound of \
-         {KILLS} kills x {UNKNOWN_PER_CRASH}"
-    );
-    assert!(
-        unknown + audit.reclaimed > 0,
-        "no kill landed while a message was claimed; the test did not test anything"
-    );
-    assert_eq!(
-        audit.of(MessageState::Sent) + unknown,
-        MESSAGES,
-        "{:?}",
-        audit.by_state
-    );
+    audit.assert_within_kill_bound(KILLS, declared, MESSAGES);
 }
 
 // --- 3. database outage ---------------------------------------------------------------------
