@@ -566,7 +566,7 @@ impl<D: Driver> SqlStore<D> {
             locks.extend(fence.key);
             statements.push(fence.sql);
         }
-        self.driver.execute_group(locks, statements, true).await
+        self.driver.execute_group(locks, statements).await
     }
 }
 

@@ -297,12 +297,8 @@ impl Driver for PostgresDriver {
         &self,
         locks: Vec<String>,
         statements: Vec<Sql>,
-        durable: bool,
     ) -> StoreResult<Vec<u64>> {
         let mut tx = self.pool.begin().await?;
-        if !durable {
-            relax_commit(&mut tx).await?;
-        }
         if !locks.is_empty() {
             // Held until commit, taken in the order of the lock ids (every process uses the
             // same), before any statement reads: each statement's snapshot (Read Committed)

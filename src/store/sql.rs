@@ -341,14 +341,13 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// before it (SQLite: its one writer does this already; PostgreSQL: a transaction-scoped
     /// advisory lock per key). The locks are taken first, before anything is read, in one order
     /// every process uses, so that groups of two processes wait for each other instead of
-    /// deadlocking. `durable`: the commit
-    /// returns only once it is on disk (SQLite runs `synchronous = NORMAL` otherwise, which
-    /// survives a crash of the process but not of the machine).
+    /// deadlocking. The commit returns only once it is on disk (SQLite runs
+    /// `synchronous = NORMAL` otherwise, which survives a crash of the process but not of the
+    /// machine): the no-duplicate guarantee rests on these writes.
     async fn execute_group(
         &self,
         locks: Vec<String>,
         statements: Vec<Sql>,
-        durable: bool,
     ) -> StoreResult<Vec<u64>>;
 
     // --- what differs beyond the text ---------------------------------------------------------

@@ -350,14 +350,10 @@ impl Driver for SqliteDriver {
         &self,
         _locks: Vec<String>,
         statements: Vec<Sql>,
-        durable: bool,
     ) -> StoreResult<Vec<u64>> {
         // The write lock from BEGIN IMMEDIATE on serialises every writer of the file, of this
         // process or another, so the keys need no locks of their own.
         let mut writer = self.writer().await;
-        if !durable {
-            return run_immediate(&mut writer, statements).await;
-        }
         // In WAL mode `NORMAL` syncs the log only at checkpoints: a commit survives a killed
         // process, not a power cut. `FULL` syncs the log at this commit (one fsync for the
         // whole group); the connection goes back to `NORMAL` for everything else.
