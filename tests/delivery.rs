@@ -541,6 +541,95 @@ async fn a_shutdown_before_the_body_releases_the_message_unsent() {
     assert_eq!(peer.accepted_count(), 0);
 }
 
+// --- claims held ahead: given back, never left `sending` -----------------------------------
+
+/// Every message of customers `c1..=cN` (c1 is the world's own).
+async fn messages(world: &World, customers: usize) -> Vec<LogEntry> {
+    let mut all = Vec::new();
+    for i in 1..=customers {
+        all.extend(world.message(&format!("c{i}")).await);
+    }
+    all
+}
+
+/// Purchases for `c2..=cN`, on top of the world's `c1`.
+async fn more_purchases(world: &World, customers: usize) {
+    for i in 2..=customers {
+        world
+            .purchase(&format!("c{i}"), &format!("customer{i}@example.com"))
+            .await;
+    }
+}
+
+/// The dispatcher claims a few messages per connection ahead; a shutdown gives back those
+/// that never started (unsent, uncounted), so nothing is left `sending` for the reaper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_gives_back_the_claims_held_ahead() {
+    const CUSTOMERS: usize = 12;
+    let peer = SmtpPeer::start().await;
+    peer.set_reply_delay(Duration::from_millis(300));
+    let world = World::new(&peer, 3, false).await;
+    more_purchases(&world, CUSTOMERS).await;
+    let daemon = world.env.start().await;
+    let claimed_ahead = eventually(Duration::from_secs(20), || async {
+        let all = messages(&world, CUSTOMERS).await;
+        all.iter().filter(|m| m.state == MessageState::Sending).count() > 4
+    })
+    .await;
+    assert!(claimed_ahead, "more claims than the 4 connections were never held");
+    daemon.stop().await;
+    let all = messages(&world, CUSTOMERS).await;
+    assert_eq!(all.len(), CUSTOMERS);
+    for m in &all {
+        match m.state {
+            MessageState::Sent => assert_eq!(m.attempts, 1, "{m:#?}"),
+            MessageState::Scheduled => {
+                assert_eq!(m.attempts, 0, "{m:#?}");
+                assert!(reason(m).contains("shutting down"), "{m:#?}");
+            }
+            _ => panic!("left behind by the shutdown: {m:#?}"),
+        }
+    }
+    let sent = all.iter().filter(|m| m.state == MessageState::Sent).count();
+    assert_eq!(peer.accepted_count(), sent);
+    assert!(sent < CUSTOMERS, "the shutdown came too late to test anything");
+}
+
+/// While the relay is away, the claims held ahead go back too: every message waits
+/// `scheduled`, uncounted, and all are sent once the relay answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_relay_gives_back_the_claims_held_ahead() {
+    const CUSTOMERS: usize = 12;
+    let peer = SmtpPeer::start().await;
+    peer.set_fault(Fault::Greeting421);
+    let world = World::new(&peer, 3, false).await;
+    more_purchases(&world, CUSTOMERS).await;
+    let daemon = world.env.start().await;
+    released_while_relay_down(&world).await;
+    let all_waiting = eventually(Duration::from_secs(10), || async {
+        let all = messages(&world, CUSTOMERS).await;
+        all.len() == CUSTOMERS
+            && all
+                .iter()
+                .all(|m| m.state == MessageState::Scheduled && m.attempts == 0)
+    })
+    .await;
+    assert!(
+        all_waiting,
+        "claims held while the relay is paused: {:#?}",
+        messages(&world, CUSTOMERS).await
+    );
+    peer.clear_faults();
+    let all_sent = eventually(Duration::from_secs(30), || async {
+        let all = messages(&world, CUSTOMERS).await;
+        all.iter().all(|m| m.state == MessageState::Sent && m.attempts == 1)
+    })
+    .await;
+    assert!(all_sent, "{:#?}", messages(&world, CUSTOMERS).await);
+    assert_eq!(peer.accepted_count(), CUSTOMERS);
+    daemon.stop().await;
+}
+
 // --- resend_unknown = true: retried, at the documented risk of a duplicate -------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use support::{Backend, Sink, TestEnv};
 use touchpoint::store::{
     BodyStart, CandidateQuery, CandidateSource, Change, CheckLine, ClaimedMessage, Customer,
-    CustomerPatch, Delivery, Event, Finishing, FrequencyGate, LogCursor, LogFilter, MessageState,
+    CustomerPatch, Delivery, Event, FactsWanted, Finishing, FrequencyGate, LogCursor, LogFilter, MessageState,
     NewMessage, Outcome, SentContent, SharedStore,
 };
 
@@ -738,6 +738,114 @@ async fn suppressed_periods_are_kept_and_their_events_left_out(backend: Backend)
     );
 }
 
+/// The guard's facts for a batch (`send_facts`) say what the one-at-a-time reads say, for
+/// everything asked about, and nothing (`None`) about what was not asked.
+async fn a_batch_of_send_facts_answers_like_the_single_reads(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    store
+        .upsert_customers(&[
+            customer("a", "Ann@Example.com", "A"),
+            customer("b", "bob@example.com", "B"),
+        ])
+        .await
+        .expect("customers");
+    let t0 = store_time(Utc::now() - TimeDelta::hours(3));
+    let event = |id: &str, customer: &str, kind: &str, at: DateTime<Utc>| Event {
+        id: id.into(),
+        customer_id: customer.into(),
+        kind: kind.into(),
+        occurred_at: at,
+        data: serde_json::json!({ "id": id }),
+    };
+    store
+        .insert_events(&[
+            event("e1", "a", "purchase", t0),
+            event("e2", "a", "refund", t0 + TimeDelta::hours(1)),
+            event("e3", "a", "refund", t0 + TimeDelta::minutes(30)),
+            event("e4", "b", "purchase", t0),
+        ])
+        .await
+        .expect("events");
+    // Bob is suppressed now; Ann was, for a while, and the owner never.
+    store.suppress("BOB@example.com", "bounced", "smtp").await.expect("bob");
+    store.suppress("ann@example.com", "asked", "web").await.expect("ann");
+    let list = store.suppressions().await.expect("list");
+    let ann = list.iter().find(|s| s.email == "ann@example.com");
+    let ann_since = ann.expect("ann listed").created_at;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(store.unsuppress("ann@example.com").await.expect("allowed again"));
+
+    let wanted = FactsWanted {
+        customer_ids: vec!["a".into(), "b".into(), "ghost".into()],
+        event_ids: vec!["e1".into(), "e4".into(), "gone".into()],
+        addresses: vec!["Owner@Example.com".into()],
+        unless_kinds: vec!["refund".into()],
+    };
+    let facts = store.send_facts(&wanted).await.expect("facts");
+
+    for id in ["a", "b", "ghost"] {
+        let single = store.customer(id).await.expect("customer");
+        assert_eq!(facts.customer(id), Some(single.as_ref()), "customer {id}");
+    }
+    assert_eq!(facts.customer("never asked"), None);
+    for id in ["e1", "e4", "gone"] {
+        let single = store.event(id).await.expect("event");
+        assert_eq!(facts.event(id), Some(single.as_ref()), "event {id}");
+    }
+    assert_eq!(facts.event("e2"), None, "not asked for");
+
+    for address in ["ANN@example.com", "bob@example.com", "owner@example.com"] {
+        let single = store.is_suppressed(address).await.expect("suppressed");
+        assert_eq!(facts.is_suppressed(address), Some(single), "{address}");
+    }
+    assert_eq!(facts.is_suppressed("stranger@example.com"), None);
+    let moments = [
+        ann_since - TimeDelta::seconds(1),
+        ann_since + TimeDelta::milliseconds(10),
+        Utc::now(),
+        Utc::now() - TimeDelta::days(1),
+    ];
+    for address in ["ann@example.com", "bob@example.com", "owner@example.com"] {
+        for at in moments {
+            let single = store.suppressed_at(address, Some(at)).await.expect("at");
+            assert_eq!(
+                facts.was_suppressed_at(address, at),
+                Some(single.is_some()),
+                "{address} at {at}"
+            );
+        }
+    }
+    assert_eq!(
+        facts.was_suppressed_at(" Ann@example.com", ann_since + TimeDelta::milliseconds(10)),
+        Some(true),
+        "the period Ann was suppressed"
+    );
+
+    let afters = [t0, t0 + TimeDelta::minutes(45), t0 + TimeDelta::hours(2)];
+    for customer in ["a", "b", "ghost"] {
+        for after in afters {
+            let single = store
+                .has_event_after(customer, "refund", after)
+                .await
+                .expect("unless");
+            assert_eq!(
+                facts.has_event_after(customer, "refund", after),
+                Some(single),
+                "{customer} refund after {after}"
+            );
+        }
+    }
+    assert_eq!(facts.has_event_after("a", "refund", t0), Some(true));
+    assert_eq!(facts.has_event_after("a", "refund", t0 + TimeDelta::hours(2)), Some(false));
+    assert_eq!(facts.has_event_after("a", "purchase", t0), None, "kind not asked for");
+    assert_eq!(facts.has_event_after("c", "refund", t0), None, "customer not asked for");
+
+    // Nothing asked, nothing read.
+    let empty = store.send_facts(&FactsWanted::default()).await.expect("empty");
+    assert_eq!(empty.customer("a"), None);
+    assert_eq!(empty.is_suppressed("bob@example.com"), None);
+}
+
 /// What `why` and the message page read: the first event after a time, a message's detail,
 /// and the checks kept for a stopped message (older kept checks, plain lines, read as passed).
 async fn why_reads_events_details_and_kept_checks(backend: Backend) {
@@ -1412,6 +1520,7 @@ on_both_backends!(
     overdue_messages_expire,
     suppressions_are_normalised,
     suppressed_periods_are_kept_and_their_events_left_out,
+    a_batch_of_send_facts_answers_like_the_single_reads,
     why_reads_events_details_and_kept_checks,
     message_events_are_recorded_once,
     the_log_pages_and_filters,

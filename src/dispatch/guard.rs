@@ -14,7 +14,9 @@ use crate::rules::{
     MessageState, Rule, SourceEvent,
 };
 use crate::sources::{Source, SourceError};
-use crate::store::{CheckLine, ClaimedMessage, Customer, Event, Outcome, StoreError};
+use crate::store::{
+    CheckLine, ClaimedMessage, Customer, Event, Outcome, SendFacts, SharedStore, StoreError,
+};
 
 /// How long a message waits when its source cannot be read.
 pub(super) const SOURCE_RETRY: TimeDelta = TimeDelta::seconds(30);
@@ -37,6 +39,7 @@ pub(super) async fn guard(
     playbook: &Playbook,
     rule: &Rule,
     claim: &ClaimedMessage,
+    batch: Option<&SendFacts>,
 ) -> Result<Evaluation<Found>, LookupError> {
     let detail = MessageDetail::from_json(&claim.detail);
     let source = detail.source.as_ref();
@@ -51,6 +54,7 @@ pub(super) async fn guard(
         claim,
         source,
         space,
+        batch,
     };
     let message = MessageState {
         expires_at: claim.expires_at,
@@ -94,6 +98,8 @@ struct SendTime<'a> {
     /// The source the message was planned from, if any.
     source: Option<&'a SourceEvent>,
     space: Option<&'a str>,
+    /// What was read for the message's batch, when still fresh (`ahead`).
+    batch: Option<&'a SendFacts>,
 }
 
 #[async_trait]
@@ -102,9 +108,13 @@ impl rules::Facts for SendTime<'_> {
     type Error = LookupError;
 
     async fn subject(&self) -> Result<Result<Found, String>, LookupError> {
+        let reads = Reads {
+            store: &self.context.store,
+            batch: self.batch,
+        };
         let found = match self.source {
-            None => own_subject(self.context, self.claim).await?,
-            Some(source) => source_subject(self.context, self.playbook, self.claim, source).await?,
+            None => own_subject(&reads, self.claim).await?,
+            Some(source) => source_subject(&reads, self.playbook, self.claim, source).await?,
         };
         let tz = self.context.settings.default_timezone;
         Ok(found.map(|(customer, event)| Found {
@@ -118,6 +128,9 @@ impl rules::Facts for SendTime<'_> {
     /// customer's suppression does not stop the owner hearing about them).
     async fn is_suppressed(&self, subject: &Found) -> Result<bool, LookupError> {
         let address = self.playbook.recipient(self.rule, &subject.customer.email);
+        if let Some(answer) = self.batch.and_then(|b| b.is_suppressed(address)) {
+            return Ok(answer);
+        }
         Ok(self.context.store.is_suppressed(address).await?)
     }
 
@@ -128,6 +141,9 @@ impl rules::Facts for SendTime<'_> {
     ) -> Result<bool, LookupError> {
         let store = &self.context.store;
         let address = self.playbook.recipient(self.rule, &subject.customer.email);
+        if let Some(answer) = self.batch.and_then(|b| b.was_suppressed_at(address, at)) {
+            return Ok(answer);
+        }
         Ok(store.suppressed_at(address, Some(at)).await?.is_some())
     }
 
@@ -138,9 +154,15 @@ impl rules::Facts for SendTime<'_> {
         after: DateTime<Utc>,
     ) -> Result<bool, LookupError> {
         let id = &subject.customer.id;
-        let store = &self.context.store;
-        if self.space.is_none() && store.has_event_after(id, kind, after).await? {
-            return Ok(true);
+        if self.space.is_none() {
+            let batch = self.batch.and_then(|b| b.has_event_after(id, kind, after));
+            let own = match batch {
+                Some(answer) => answer,
+                None => self.context.store.has_event_after(id, kind, after).await?,
+            };
+            if own {
+                return Ok(true);
+            }
         }
         let sources = &self.playbook.sources;
         Ok(sources.has_event_after(self.space, id, kind, after).await?)
@@ -180,14 +202,35 @@ impl rules::Facts for SendTime<'_> {
 /// What a subject lookup finds: the customer and event, or why the message is skipped.
 type Lookup = Result<(Customer, Option<Event>), String>;
 
+/// Reads of touchpoint's own tables: from the batch's facts where they answer, else alone.
+struct Reads<'a> {
+    store: &'a SharedStore,
+    batch: Option<&'a SendFacts>,
+}
+
+impl Reads<'_> {
+    async fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError> {
+        match self.batch.and_then(|b| b.customer(id)) {
+            Some(found) => Ok(found.cloned()),
+            None => self.store.customer(id).await,
+        }
+    }
+
+    async fn event(&self, id: &str) -> Result<Option<Event>, StoreError> {
+        match self.batch.and_then(|b| b.event(id)) {
+            Some(found) => Ok(found.cloned()),
+            None => self.store.event(id).await,
+        }
+    }
+}
+
 /// The customer and event from touchpoint's own tables.
-async fn own_subject(context: &Context, claim: &ClaimedMessage) -> Result<Lookup, LookupError> {
-    let store = &context.store;
-    let Some(customer) = store.customer(&claim.customer_id).await? else {
+async fn own_subject(reads: &Reads<'_>, claim: &ClaimedMessage) -> Result<Lookup, LookupError> {
+    let Some(customer) = reads.customer(&claim.customer_id).await? else {
         return Ok(Err("the customer no longer exists".into()));
     };
     let event = match &claim.event_id {
-        Some(id) => match store.event(id).await? {
+        Some(id) => match reads.event(id).await? {
             Some(event) => Some(event),
             None => return Ok(Err(format!("the triggering event {id:?} no longer exists"))),
         },
@@ -199,7 +242,7 @@ async fn own_subject(context: &Context, claim: &ClaimedMessage) -> Result<Lookup
 /// The event from the source the message was planned from, and its customer from the source's
 /// customers (or touchpoint's table when the source has none).
 async fn source_subject(
-    context: &Context,
+    reads: &Reads<'_>,
     playbook: &Playbook,
     claim: &ClaimedMessage,
     planned_from: &SourceEvent,
@@ -234,7 +277,7 @@ async fn source_subject(
             Err(error) => return Err(error.into()),
         }
     } else {
-        context.store.customer(&claim.customer_id).await?
+        reads.customer(&claim.customer_id).await?
     };
     let Some(customer) = customer else {
         return Ok(Err(format!(

@@ -1,11 +1,13 @@
-//! The dispatcher: sleep until the earliest message is due, claim a batch, and for each
-//! message [`guard`] (re-check the rule), [`compose`] (render, links, headers), [`deliver`]
-//! (send behind the phase fence) and hand the outcome to [`complete`], which writes outcomes
-//! in groups. This file is the loop: sleeping, claiming, reaping and the relay gate.
+//! The dispatcher: sleep until the earliest message is due, claim a batch ahead with the facts
+//! its checks need ([`ahead`]), and for each message [`guard`] (re-check the rule), [`compose`]
+//! (render, links, headers), [`deliver`] (send behind the phase fence) and hand the outcome to
+//! [`complete`], which writes outcomes in groups. This file is the loop: sleeping, claiming,
+//! reaping and the relay gate.
 //!
 //! Every write of an attempt carries the claim's token, so a process that stalled past its
 //! lease cannot overwrite what another did.
 
+mod ahead;
 mod complete;
 mod compose;
 mod deliver;
@@ -25,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use ahead::{Queue, Queued};
 use guard::{LookupError, SOURCE_RETRY};
 
 use crate::backoff::backoff;
@@ -33,7 +36,7 @@ use crate::metrics::Health;
 use crate::playbook::Playbook;
 use crate::rules::Decision;
 use crate::sources::{Source, SourceError};
-use crate::store::{ClaimedMessage, Outcome, SharedStore, StoreError};
+use crate::store::{ClaimedMessage, Outcome, SendFacts, SharedStore, StoreError};
 use crate::transport::Transport;
 use crate::transport::dkim::Dkim;
 
@@ -150,11 +153,16 @@ impl Dispatcher {
             hard_stop,
             completer,
         });
+        let connections = self.transport.parallelism();
+        let mut queue = Queue::new(connections, self.settings.batch_size);
         let mut last_reap: Option<Instant> = None;
         let mut db_failures = 0u32;
         while !shutdown.is_cancelled() {
             self.health.dispatcher_alive();
             if let Some(until) = context.relay.paused_until() {
+                // Nobody sends while the relay is away: give the held claims back meanwhile.
+                let at = later(Utc::now(), until);
+                queue.release_all(&context, at, "the mail relay is paused").await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep_until(until) => continue,
@@ -171,41 +179,42 @@ impl Dispatcher {
                 }
             }
             // While every connection is busy, keep turning the loop (health, watchdog).
-            let first = tokio::select! {
+            let permit = tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(Duration::from_secs(5)) => continue,
                 permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
             };
-            let free = 1 + permits.available_permits() as u32;
-            let claims = match self
-                .store
-                .claim_due(
-                    &self.settings.instance,
-                    free.min(self.settings.batch_size),
-                    self.settings.lease,
-                )
-                .await
-            {
-                Ok(claims) => claims,
-                Err(error) => {
-                    db_failures += 1;
-                    drop(first);
-                    self.database_trouble(&error, db_failures, &shutdown).await;
-                    continue;
-                }
-            };
-            if db_failures > 0 {
-                tracing::info!("the database is reachable again; dispatching resumes");
-                db_failures = 0;
-            }
-            self.health.database_ok();
-            if claims.is_empty() {
-                drop(first);
-                self.sleep_until_due(&shutdown).await;
+            if context.relay.paused_until().is_some() {
+                // A send failed while this loop waited for its connection.
                 continue;
             }
-            spawn_sends(&context, claims, first, &permits, &tracker).await;
+            if queue.wants_more(connections) {
+                match queue.fill(&context).await {
+                    Ok(_) => {
+                        if db_failures > 0 {
+                            tracing::info!("the database is reachable again; dispatching resumes");
+                            db_failures = 0;
+                        }
+                        self.health.database_ok();
+                    }
+                    Err(error) => {
+                        db_failures += 1;
+                        drop(permit);
+                        self.database_trouble(&error, db_failures, &shutdown).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(next) = queue.pop() else {
+                drop(permit);
+                self.sleep_until_due(&shutdown).await;
+                continue;
+            };
+            tracker.spawn(send_one(context.clone(), next, permit));
         }
+        queue
+            .release_all(&context, Utc::now(), "the daemon is shutting down")
+            .await;
         tracing::debug!("dispatcher stopped claiming");
     }
 
@@ -279,35 +288,12 @@ impl Dispatcher {
     }
 }
 
-/// Starts one send task per claim, each holding a transport permit (`first` is already held).
-async fn spawn_sends(
-    context: &Arc<Context>,
-    claims: Vec<ClaimedMessage>,
-    first: OwnedSemaphorePermit,
-    permits: &Arc<Semaphore>,
-    tracker: &TaskTracker,
-) {
-    let mut first = Some(first);
-    for claim in claims {
-        let permit = match first.take() {
-            Some(permit) => permit,
-            None => match permits.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                // Cannot happen: we claimed no more than the free permits.
-                Err(_) => match permits.clone().acquire_owned().await {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            },
-        };
-        tracker.spawn(send_one(context.clone(), claim, permit));
-    }
-}
-
 /// One message, from guard to recorded outcome. Holds a transport permit throughout.
-async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSemaphorePermit) {
+async fn send_one(context: Arc<Context>, queued: Queued, _permit: OwnedSemaphorePermit) {
     let started = std::time::Instant::now();
-    let outcome = match attempt(&context, &claim).await {
+    let facts = queued.fresh_facts();
+    let claim = &queued.claim;
+    let outcome = match attempt(&context, claim, facts).await {
         Ok(Some(outcome)) => outcome,
         Ok(None) => return,
         Err(LookupError::Store(error)) => {
@@ -344,13 +330,17 @@ async fn send_one(context: Arc<Context>, claim: ClaimedMessage, _permit: OwnedSe
         }
     };
     // The connection takes its next message once the completer has room for this outcome.
-    context.completer.hand_over(claim, outcome, started).await;
+    context
+        .completer
+        .hand_over(queued.claim, outcome, started)
+        .await;
 }
 
 /// Guard, compose and deliver. `Ok(None)`: the claim was lost and nothing may be written.
 async fn attempt(
     context: &Context,
     claim: &ClaimedMessage,
+    facts: Option<&SendFacts>,
 ) -> Result<Option<Outcome>, LookupError> {
     let playbook = context.playbook.borrow().clone();
     if claim.rule == crate::digest::RULE {
@@ -361,7 +351,7 @@ async fn attempt(
             reason: format!("the rule {:?} no longer exists", claim.rule),
         }));
     };
-    let evaluation = guard::guard(context, &playbook, rule, claim).await?;
+    let evaluation = guard::guard(context, &playbook, rule, claim, facts).await?;
     let found = match evaluation.decision {
         Decision::Send(found) => found,
         decision => {

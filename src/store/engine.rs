@@ -42,8 +42,8 @@ impl<D> SqlStore<D> {
 /// How many rows one multi-row INSERT writes.
 const CHUNK: usize = 500;
 
-const CUSTOMER_COLUMNS: &str = "id, email, name, timezone, attributes";
-const EVENT_COLUMNS: &str = "id, customer_id, kind, occurred_at, data";
+pub(super) const CUSTOMER_COLUMNS: &str = "id, email, name, timezone, attributes";
+pub(super) const EVENT_COLUMNS: &str = "id, customer_id, kind, occurred_at, data";
 const MESSAGE_WITH_CUSTOMER: &str = "FROM messages m LEFT JOIN customers c ON c.id = m.customer_id";
 const NOT_SUPPRESSED: &str =
     " AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = lower(c.email))";
@@ -714,6 +714,10 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
         sql.push(" ORDER BY next_attempt_at LIMIT 1000");
         let rows: Vec<(DateTime<Utc>,)> = self.driver.fetch_all(Via::Reader, sql).await?;
         Ok(rows.into_iter().map(|(at,)| at).collect())
+    }
+
+    async fn send_facts(&self, wanted: &FactsWanted) -> StoreResult<SendFacts> {
+        self.read_send_facts(wanted).await
     }
 
     async fn keep_checks(&self, id: i64, token: &str, checks: &[CheckLine]) -> StoreResult<bool> {

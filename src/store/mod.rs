@@ -98,12 +98,14 @@ mod group;
 mod postgres;
 mod ratings;
 mod rows;
+mod send_facts;
 mod settings;
 mod sql;
 mod sqlite;
 
 pub use engine::SqlStore;
 pub use postgres::{PostgresDriver, PostgresStore};
+pub use send_facts::{FactsWanted, SendFacts};
 pub use settings::{DatabaseConfig, DatabaseUrl};
 pub use sql::Dialect;
 pub use sqlite::{SqliteDriver, SqliteStore};
@@ -754,6 +756,9 @@ pub trait OutboxStore: Send + Sync {
         until: DateTime<Utc>,
         except: i64,
     ) -> StoreResult<Vec<DateTime<Utc>>>;
+    /// What the send-time checks read, for a batch of claimed messages in a few queries: the
+    /// customers, events, the recipients' suppressions and the latest events of `unless` kinds.
+    async fn send_facts(&self, wanted: &FactsWanted) -> StoreResult<SendFacts>;
     /// Records how the attempt ended. `false` if the claim was lost (nothing written).
     async fn finish(&self, id: i64, token: &str, outcome: &Outcome) -> StoreResult<bool>;
     /// Records several outcomes in one transaction whose commit need not wait for the disk;
