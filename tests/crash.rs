@@ -27,12 +27,13 @@ subject = "Thank you for your order, {{customer.first_name}}"
 when = { event = "purchase", after = "0s" }
 "#;
 
-/// SMTP connections per daemon: also the most messages one daemon holds claims on at once.
+/// SMTP connections per daemon (a daemon holds claims on up to four times as many at once).
 const POOL: usize = 4;
 
 /// What one crash may leave `unknown` (RELIABILITY.md): per connection, one message whose body
-/// was going out and one whose outcome was waiting in the completer, not yet written.
-const UNKNOWN_PER_CRASH: usize = 2 * POOL;
+/// was going out, the next one whose phase was written while it waited for the connection,
+/// and one whose outcome was waiting in the completer, not yet written.
+const UNKNOWN_PER_CRASH: usize = 3 * POOL;
 
 /// A short lease so expired claims come back quickly; the SMTP timeout must stay below half.
 fn settings() -> String {

@@ -573,10 +573,16 @@ async fn a_shutdown_gives_back_the_claims_held_ahead() {
     let daemon = world.env.start().await;
     let claimed_ahead = eventually(Duration::from_secs(20), || async {
         let all = messages(&world, CUSTOMERS).await;
-        all.iter().filter(|m| m.state == MessageState::Sending).count() > 4
+        all.iter()
+            .filter(|m| m.state == MessageState::Sending)
+            .count()
+            > 4
     })
     .await;
-    assert!(claimed_ahead, "more claims than the 4 connections were never held");
+    assert!(
+        claimed_ahead,
+        "more claims than the 4 connections were never held"
+    );
     daemon.stop().await;
     let all = messages(&world, CUSTOMERS).await;
     assert_eq!(all.len(), CUSTOMERS);
@@ -592,7 +598,10 @@ async fn a_shutdown_gives_back_the_claims_held_ahead() {
     }
     let sent = all.iter().filter(|m| m.state == MessageState::Sent).count();
     assert_eq!(peer.accepted_count(), sent);
-    assert!(sent < CUSTOMERS, "the shutdown came too late to test anything");
+    assert!(
+        sent < CUSTOMERS,
+        "the shutdown came too late to test anything"
+    );
 }
 
 /// While the relay is away, the claims held ahead go back too: every message waits
@@ -622,10 +631,50 @@ async fn a_paused_relay_gives_back_the_claims_held_ahead() {
     peer.clear_faults();
     let all_sent = eventually(Duration::from_secs(30), || async {
         let all = messages(&world, CUSTOMERS).await;
-        all.iter().all(|m| m.state == MessageState::Sent && m.attempts == 1)
+        all.iter()
+            .all(|m| m.state == MessageState::Sent && m.attempts == 1)
     })
     .await;
     assert!(all_sent, "{:#?}", messages(&world, CUSTOMERS).await);
+    assert_eq!(peer.accepted_count(), CUSTOMERS);
+    daemon.stop().await;
+}
+
+/// A message's body starts only while its lease, by the daemon's clock, still covers the
+/// SMTP timeout for the body and its reply. Claimed behind slow exchanges on the only
+/// connection, the later messages cannot: they are released unsent, uncounted, and sent on a
+/// later turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_cannot_start_within_its_lease_is_released_unsent() {
+    const CUSTOMERS: usize = 4;
+    let peer = SmtpPeer::start().await;
+    // Every reply waits 0.3 s: a message takes about 1-2 s on the one connection, and a
+    // claim's lease (5 s) leaves 3 s to start a body (the timeout is 2 s): the first of a
+    // batch always makes it, the third or fourth cannot.
+    peer.set_reply_delay(Duration::from_millis(300));
+    let world = World::with_timeout(&peer, 3, false, Some("2s")).await;
+    world.edit_config("pool_size = 4", "pool_size = 1");
+    world.edit_config("lease = \"10s\"", "lease = \"5s\"");
+    more_purchases(&world, CUSTOMERS).await;
+    let daemon = world.env.start().await;
+    let mut late = Vec::new();
+    for i in 1..=CUSTOMERS {
+        let m = world
+            .wait_state(
+                &format!("c{i}"),
+                MessageState::Sent,
+                Duration::from_secs(40),
+            )
+            .await;
+        assert_eq!(m.attempts, 1, "a late start was counted: {m:#?}");
+        let history = world.store.message_events(m.id).await.expect("history");
+        late.extend(
+            history.into_iter().filter(|e| {
+                e.kind == "released" && e.detail.to_string().contains("lease was left")
+            }),
+        );
+    }
+    assert!(!late.is_empty(), "no message was released for a late start");
     assert_eq!(peer.accepted_count(), CUSTOMERS);
     daemon.stop().await;
 }

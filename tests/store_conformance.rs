@@ -25,8 +25,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use support::{Backend, Sink, TestEnv};
 use touchpoint::store::{
     BodyStart, CandidateQuery, CandidateSource, Change, CheckLine, ClaimedMessage, Customer,
-    CustomerPatch, Delivery, Event, FactsWanted, Finishing, FrequencyGate, LogCursor, LogFilter, MessageState,
-    NewMessage, Outcome, SentContent, SharedStore,
+    CustomerPatch, Delivery, Event, FactsWanted, Finishing, FrequencyGate, LogCursor, LogFilter,
+    MessageState, NewMessage, Outcome, SentContent, SharedStore,
 };
 
 async fn open(backend: Backend) -> (TestEnv, SharedStore) {
@@ -767,13 +767,24 @@ async fn a_batch_of_send_facts_answers_like_the_single_reads(backend: Backend) {
         .await
         .expect("events");
     // Bob is suppressed now; Ann was, for a while, and the owner never.
-    store.suppress("BOB@example.com", "bounced", "smtp").await.expect("bob");
-    store.suppress("ann@example.com", "asked", "web").await.expect("ann");
+    store
+        .suppress("BOB@example.com", "bounced", "smtp")
+        .await
+        .expect("bob");
+    store
+        .suppress("ann@example.com", "asked", "web")
+        .await
+        .expect("ann");
     let list = store.suppressions().await.expect("list");
     let ann = list.iter().find(|s| s.email == "ann@example.com");
     let ann_since = ann.expect("ann listed").created_at;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert!(store.unsuppress("ann@example.com").await.expect("allowed again"));
+    assert!(
+        store
+            .unsuppress("ann@example.com")
+            .await
+            .expect("allowed again")
+    );
 
     let wanted = FactsWanted {
         customer_ids: vec!["a".into(), "b".into(), "ghost".into()],
@@ -836,12 +847,26 @@ async fn a_batch_of_send_facts_answers_like_the_single_reads(backend: Backend) {
         }
     }
     assert_eq!(facts.has_event_after("a", "refund", t0), Some(true));
-    assert_eq!(facts.has_event_after("a", "refund", t0 + TimeDelta::hours(2)), Some(false));
-    assert_eq!(facts.has_event_after("a", "purchase", t0), None, "kind not asked for");
-    assert_eq!(facts.has_event_after("c", "refund", t0), None, "customer not asked for");
+    assert_eq!(
+        facts.has_event_after("a", "refund", t0 + TimeDelta::hours(2)),
+        Some(false)
+    );
+    assert_eq!(
+        facts.has_event_after("a", "purchase", t0),
+        None,
+        "kind not asked for"
+    );
+    assert_eq!(
+        facts.has_event_after("c", "refund", t0),
+        None,
+        "customer not asked for"
+    );
 
     // Nothing asked, nothing read.
-    let empty = store.send_facts(&FactsWanted::default()).await.expect("empty");
+    let empty = store
+        .send_facts(&FactsWanted::default())
+        .await
+        .expect("empty");
     assert_eq!(empty.customer("a"), None);
     assert_eq!(empty.is_suppressed("bob@example.com"), None);
 }

@@ -33,6 +33,9 @@ pub(super) struct Queued {
     /// The batch's facts, when they could be read.
     pub facts: Option<Arc<SendFacts>>,
     read_at: Instant,
+    /// When the claim's lease ends at the earliest, by this process's clock: the lease counted
+    /// from before the claim was asked for (the database dated it later).
+    pub lease_ends: Instant,
 }
 
 impl Queued {
@@ -54,7 +57,9 @@ pub(super) struct Queue {
 
 impl Queue {
     pub fn new(connections: usize, batch_size: u32) -> Queue {
-        let capacity = (connections * PER_CONNECTION).min(batch_size as usize).max(1);
+        let capacity = (connections * PER_CONNECTION)
+            .min(batch_size as usize)
+            .max(1);
         Queue {
             items: VecDeque::with_capacity(capacity),
             capacity,
@@ -82,6 +87,7 @@ impl Queue {
     pub async fn fill(&mut self, context: &Context) -> Result<usize, StoreError> {
         let settings = &context.settings;
         let asked = self.room();
+        let lease_ends = Instant::now() + settings.lease.to_std().unwrap_or_default();
         let claims = context
             .store
             .claim_due(&settings.instance, asked, settings.lease)
@@ -105,6 +111,7 @@ impl Queue {
             claim,
             facts: facts.clone(),
             read_at,
+            lease_ends,
         }));
         Ok(count)
     }
@@ -182,11 +189,15 @@ mod tests {
             claim: claim(id),
             facts: None,
             read_at: Instant::now(),
+            lease_ends: Instant::now(),
         }));
         assert!(!queue.wants_more(2), "enough for every connection");
         assert_eq!(queue.pop().map(|q| q.claim.id), Some(1), "oldest first");
         assert_eq!(queue.pop().map(|q| q.claim.id), Some(2));
-        assert!(queue.wants_more(2), "short, and the last claim filled its batch");
+        assert!(
+            queue.wants_more(2),
+            "short, and the last claim filled its batch"
+        );
         queue.more_due = false;
         assert!(!queue.wants_more(2), "short, but nothing more was due");
         queue.pop();
@@ -199,10 +210,14 @@ mod tests {
             claim: claim(1),
             facts: Some(Arc::new(SendFacts::default())),
             read_at: Instant::now() - ago,
+            lease_ends: Instant::now(),
         };
         assert!(read(Duration::ZERO).fresh_facts().is_some());
         let stale = read(FRESH_FOR + Duration::from_millis(50));
-        assert!(stale.fresh_facts().is_none(), "older: the message reads its own");
+        assert!(
+            stale.fresh_facts().is_none(),
+            "older: the message reads its own"
+        );
         let unread = Queued {
             facts: None,
             ..read(Duration::ZERO)

@@ -2,27 +2,33 @@
 //! mail server said into an outcome.
 //!
 //! The phase "the body is about to go out" is written (with the bodies and checks) before the
-//! body is sent, and only while the claim is still held: an expired claim that never reached
-//! it is simply rescheduled, one that did becomes `unknown` and is never resent behind the
-//! owner's back.
+//! message takes a connection, and only while the claim is still held: an expired claim that
+//! never reached it is simply rescheduled, one that did becomes `unknown` and is never resent
+//! behind the owner's back. Writing it before taking a connection lets the write of one message
+//! overlap the previous message's time on the wire (the dispatcher runs two messages per
+//! connection). The body then starts only while the lease, by this process's clock, still
+//! covers the transport's timeout for the body and its reply: a local deadline checked just
+//! before the first byte, so no body starts after the lease could have run out.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{TimeDelta, Utc};
 use chrono_tz::Tz;
+use tokio::time::Instant;
 
+use super::ahead::Queued;
 use super::compose::Composed;
 use super::{Context, DispatchSettings, later};
 use crate::backoff::backoff;
 use crate::rules::{self, Decision, Rule};
 use crate::store::{ClaimedMessage, FrequencyGate, Outcome};
-use crate::transport::SendError;
+use crate::transport::{OutgoingEmail, SendError};
 
 /// Sends the message and says what became of it.
 pub(super) async fn deliver(
     context: &Context,
     rule: &Rule,
-    claim: &ClaimedMessage,
+    queued: &Queued,
     tz: Tz,
     composed: Composed,
 ) -> Outcome {
@@ -31,49 +37,103 @@ pub(super) async fn deliver(
         delivery,
         content,
     } = composed;
-    let margin =
-        TimeDelta::from_std(context.transport.body_deadline()).unwrap_or(TimeDelta::seconds(30));
+    let claim = &queued.claim;
+    if context.hard_stop.is_cancelled() {
+        return shutting_down();
+    }
+    let timeout = context.transport.body_deadline();
+    // The body may start until this instant: then the lease still covers its send and reply.
+    let start_by = queued.lease_ends.checked_sub(timeout);
+    let Some(start_by) = start_by.filter(|by| Instant::now() < *by) else {
+        return too_late();
+    };
+    let margin = TimeDelta::from_std(timeout).unwrap_or(TimeDelta::seconds(30));
     let store = &context.store;
+    let begun = match gate(context, rule, claim) {
+        Some(gate) => {
+            let limited = store.begin_body_limited(
+                claim.id,
+                &claim.token,
+                &delivery,
+                &content,
+                margin,
+                &gate,
+            );
+            limited.await
+        }
+        None => {
+            let plain = store.begin_body_with(claim.id, &claim.token, &delivery, &content, margin);
+            plain.await
+        }
+    };
+    let recorded = begun.unwrap_or_else(|error| {
+        tracing::warn!(message_id = claim.id, %error, "cannot record the send; not sending the body");
+        false
+    });
+    let result = if recorded {
+        match send_recorded(context, &email, start_by).await {
+            Sending::Done(result) => result,
+            Sending::ShuttingDown => return shutting_down(),
+            Sending::TooLate => return too_late(),
+        }
+    } else {
+        Err(SendError::Withdrawn)
+    };
+    outcome(context, rule, claim, tz, &delivery.email, result).await
+}
+
+/// How a send whose phase is recorded ended.
+enum Sending {
+    Done(Result<String, SendError>),
+    /// The hard stop came before the body: nothing of it went out.
+    ShuttingDown,
+    /// The body could not start before the local deadline: nothing of it went out.
+    TooLate,
+}
+
+/// Sends a message whose phase is recorded: the body starts only before `start_by` and the
+/// hard stop; once it has started, the send is seen through.
+async fn send_recorded(context: &Context, email: &OutgoingEmail, start_by: Instant) -> Sending {
     let hard_stop = &context.hard_stop;
-    // Set once the body may be going out; from then on the send must be seen through.
     let body_started = AtomicBool::new(false);
-    let started = &body_started;
-    let (delivery, content) = (&delivery, &content);
-    let gate = gate(context, rule, claim);
-    let gate = gate.as_ref();
-    let delivering = context.transport.deliver(&email, || async move {
+    let missed_deadline = AtomicBool::new(false);
+    let (started, missed) = (&body_started, &missed_deadline);
+    let delivering = context.transport.deliver(email, || async move {
         if hard_stop.is_cancelled() {
             return false;
         }
-        let begun = match gate {
-            Some(gate) => store.begin_body_limited(claim.id, &claim.token, delivery, content, margin, gate).await,
-            None => store.begin_body_with(claim.id, &claim.token, delivery, content, margin).await,
-        };
-        match begun {
-            Ok(held) => {
-                started.store(held, Ordering::SeqCst);
-                held
-            }
-            Err(error) => {
-                tracing::warn!(message_id = claim.id, %error, "cannot record the send; not sending the body");
-                false
-            }
+        if Instant::now() >= start_by {
+            missed.store(true, Ordering::SeqCst);
+            return false;
         }
+        started.store(true, Ordering::SeqCst);
+        true
     });
     tokio::pin!(delivering);
     let result = tokio::select! {
         result = &mut delivering => result,
         () = hard_stop.cancelled() => {
-            if body_started.load(Ordering::SeqCst) {
-                delivering.await
-            } else {
-                // Still at MAIL/RCPT/DATA: dropping the send closes the connection and
-                // delivers nothing, so the message can wait for the next start.
-                return shutting_down();
+            if !body_started.load(Ordering::SeqCst) {
+                // Not yet at the body: dropping the send closes the connection and delivers
+                // nothing, so the message can wait for the next start.
+                return Sending::ShuttingDown;
             }
+            delivering.await
         }
     };
-    outcome(context, rule, claim, tz, &delivery.email, result).await
+    if missed_deadline.load(Ordering::SeqCst) {
+        return Sending::TooLate;
+    }
+    Sending::Done(result)
+}
+
+/// A message whose body could not start while its lease covered the send: nothing went out,
+/// so it is due again now, the attempt not counted.
+fn too_late() -> Outcome {
+    Outcome::Released {
+        at: Utc::now(),
+        reason: "not sent: too little of the claim's lease was left to send it".into(),
+    }
 }
 
 /// The rule's frequency limit as the body fence applies it, if the rule has one.

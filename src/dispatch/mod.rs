@@ -36,7 +36,7 @@ use crate::metrics::Health;
 use crate::playbook::Playbook;
 use crate::rules::Decision;
 use crate::sources::{Source, SourceError};
-use crate::store::{ClaimedMessage, Outcome, SendFacts, SharedStore, StoreError};
+use crate::store::{ClaimedMessage, Outcome, SharedStore, StoreError};
 use crate::transport::Transport;
 use crate::transport::dkim::Dkim;
 
@@ -82,10 +82,15 @@ impl RelayGate {
         state.1.filter(|until| *until > Instant::now())
     }
 
+    /// One outage fails every connection's message at about the same time: they count as one
+    /// failure, so the backoff grows by outage, not by connection.
     fn failed(&self) -> Instant {
         let Ok(mut state) = self.state.lock() else {
             return Instant::now();
         };
+        if let Some(until) = state.1.filter(|until| *until > Instant::now()) {
+            return until;
+        }
         state.0 += 1;
         let until =
             Instant::now() + backoff(state.0, Duration::from_secs(1), Duration::from_secs(300));
@@ -132,7 +137,9 @@ impl Dispatcher {
         hard_stop: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let permits = Arc::new(Semaphore::new(self.transport.parallelism()));
+        // Two messages per connection: one on the wire, the next writing its phase meanwhile
+        // (`deliver`).
+        let permits = Arc::new(Semaphore::new(2 * self.transport.parallelism()));
         // One unwritten outcome per connection at most: what a crash can lose (RELIABILITY.md).
         let (completer, writer) = complete::completer(
             self.transport.parallelism(),
@@ -162,7 +169,9 @@ impl Dispatcher {
             if let Some(until) = context.relay.paused_until() {
                 // Nobody sends while the relay is away: give the held claims back meanwhile.
                 let at = later(Utc::now(), until);
-                queue.release_all(&context, at, "the mail relay is paused").await;
+                queue
+                    .release_all(&context, at, "the mail relay is paused")
+                    .await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep_until(until) => continue,
@@ -291,9 +300,8 @@ impl Dispatcher {
 /// One message, from guard to recorded outcome. Holds a transport permit throughout.
 async fn send_one(context: Arc<Context>, queued: Queued, _permit: OwnedSemaphorePermit) {
     let started = std::time::Instant::now();
-    let facts = queued.fresh_facts();
     let claim = &queued.claim;
-    let outcome = match attempt(&context, claim, facts).await {
+    let outcome = match attempt(&context, &queued).await {
         Ok(Some(outcome)) => outcome,
         Ok(None) => return,
         Err(LookupError::Store(error)) => {
@@ -337,14 +345,11 @@ async fn send_one(context: Arc<Context>, queued: Queued, _permit: OwnedSemaphore
 }
 
 /// Guard, compose and deliver. `Ok(None)`: the claim was lost and nothing may be written.
-async fn attempt(
-    context: &Context,
-    claim: &ClaimedMessage,
-    facts: Option<&SendFacts>,
-) -> Result<Option<Outcome>, LookupError> {
+async fn attempt(context: &Context, queued: &Queued) -> Result<Option<Outcome>, LookupError> {
+    let (claim, facts) = (&queued.claim, queued.fresh_facts());
     let playbook = context.playbook.borrow().clone();
     if claim.rule == crate::digest::RULE {
-        return owner_digest::attempt(context, &playbook, claim).await;
+        return owner_digest::attempt(context, &playbook, queued).await;
     }
     let Some(rule) = playbook.rule(&claim.rule) else {
         return Ok(Some(Outcome::Skipped {
@@ -375,7 +380,7 @@ async fn attempt(
             }));
         }
     };
-    let outcome = deliver::deliver(context, rule, claim, found.tz, composed).await;
+    let outcome = deliver::deliver(context, rule, queued, found.tz, composed).await;
     Ok(Some(outcome))
 }
 
@@ -424,8 +429,14 @@ mod tests {
     fn the_relay_gate_pauses_after_a_failure_and_reopens_after_success() {
         let gate = RelayGate::default();
         assert!(gate.paused_until().is_none());
-        gate.failed();
+        let until = gate.failed();
         assert!(gate.paused_until().is_some());
+        assert_eq!(
+            gate.failed(),
+            until,
+            "a failure during the pause is the same outage"
+        );
+        assert_eq!(gate.state.lock().map(|s| s.0).ok(), Some(1));
         gate.succeeded();
         assert!(gate.paused_until().is_none());
     }

@@ -5,6 +5,7 @@
 
 use chrono::Utc;
 
+use super::ahead::Queued;
 use super::compose::{Composed, verp};
 use super::guard::LookupError;
 use super::{Context, deliver};
@@ -17,8 +18,9 @@ use crate::transport;
 pub(super) async fn attempt(
     context: &Context,
     playbook: &Playbook,
-    claim: &ClaimedMessage,
+    queued: &Queued,
 ) -> Result<Option<Outcome>, LookupError> {
+    let claim = &queued.claim;
     let Some(digest) = &playbook.digest else {
         return Ok(Some(Outcome::Skipped {
             reason: "the digest is off: the config has no [digest], or enabled = false".into(),
@@ -48,7 +50,7 @@ pub(super) async fn attempt(
     };
     let rule = digest.rule();
     Ok(Some(
-        deliver::deliver(context, &rule, claim, digest.tz, composed).await,
+        deliver::deliver(context, &rule, queued, digest.tz, composed).await,
     ))
 }
 

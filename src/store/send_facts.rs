@@ -12,6 +12,8 @@ use super::rows::{CustomerRow, EventRow};
 use super::sql::{Driver, FromSqlRow, Sql, Via};
 use super::{Customer, Event, StoreResult, normalize_email};
 
+/// An ended suppression: since, until.
+type Period = (DateTime<Utc>, DateTime<Utc>);
 
 /// What to read for a batch.
 #[derive(Debug, Clone, Default)]
@@ -36,8 +38,8 @@ pub struct SendFacts {
     events: HashMap<String, Event>,
     /// Addresses on the suppression list, with since when.
     suppressed: HashMap<String, DateTime<Utc>>,
-    /// Ended suppressions: address, since, until.
-    periods: HashMap<String, Vec<(DateTime<Utc>, DateTime<Utc>)>>,
+    /// Ended suppressions of each address.
+    periods: HashMap<String, Vec<Period>>,
     /// The latest event of each (customer, kind) asked about.
     latest: HashMap<(String, String), DateTime<Utc>>,
 }
@@ -71,7 +73,10 @@ impl SendFacts {
         if !self.addresses.contains(&email) {
             return None;
         }
-        let current = self.suppressed.get(&email).is_some_and(|&since| since <= at);
+        let current = self
+            .suppressed
+            .get(&email)
+            .is_some_and(|&since| since <= at);
         let ended = self.periods.get(&email).is_some_and(|periods| {
             periods
                 .iter()
@@ -153,7 +158,8 @@ impl<D: Driver> SqlStore<D> {
         }
         let kinds: Vec<String> = facts.kinds.iter().cloned().collect();
         for chunk in customer_ids.chunks(D::LIST_CHUNK) {
-            let mut sql = Sql::new("SELECT customer_id, kind, MAX(occurred_at) FROM events WHERE kind");
+            let mut sql =
+                Sql::new("SELECT customer_id, kind, MAX(occurred_at) FROM events WHERE kind");
             D::push_in(&mut sql, &kinds);
             sql.push(" AND customer_id");
             D::push_in(&mut sql, chunk);

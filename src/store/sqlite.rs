@@ -100,6 +100,9 @@ impl SqliteStore {
 /// sending fills it too: 32 MB took the daemon's peak memory sending 20,000 from 26 to 60 MB.
 const WRITER_CACHE_KIB: &str = "-8192";
 
+/// History lines per multi-row INSERT (5 parameters each, well under SQLite's limit).
+const CHUNK_LINES: usize = 200;
+
 /// The values in SQLite's forms: times as canonical text, JSON as text.
 fn arguments<'q>(args: Vec<Arg>) -> StoreResult<SqliteArguments<'q>> {
     let mut out = SqliteArguments::default();
@@ -396,6 +399,8 @@ impl Driver for SqliteDriver {
         let mut writer = self.writer().await;
         let mut tx = sqlx::Connection::begin(&mut *writer).await?;
         let mut changed = Vec::with_capacity(updates.len());
+        // The history lines of all the updates, written in one statement at the end.
+        let mut lines: Vec<[Arg; 5]> = Vec::new();
         for update in updates {
             let mut sql = Sql::new("UPDATE messages SET ");
             sql.append(update.set).push(" WHERE ").append(update.rows);
@@ -407,18 +412,23 @@ impl Driver for SqliteDriver {
                     Reply::Kept => kept,
                     Reply::Given(reply) => reply.clone(),
                 };
-                let line = Sql::new(
-                    "INSERT INTO message_events (message_id, kind, attempt, smtp_reply, detail) VALUES (?, ?, ?, ?, ?)",
-                )
-                .arg(id)
-                .arg(update.kind.as_str())
-                .arg(attempts + update.attempt_offset)
-                .arg(reply)
-                .arg(Arg::json(&update.detail));
-                execute_on(&mut tx, line).await?;
+                lines.push([
+                    id.into(),
+                    update.kind.as_str().into(),
+                    (attempts + update.attempt_offset).into(),
+                    reply.into(),
+                    Arg::json(&update.detail),
+                ]);
                 ids.push(id);
             }
             changed.push(ids);
+        }
+        for chunk in lines.chunks(CHUNK_LINES) {
+            let mut sql = Sql::new(
+                "INSERT INTO message_events (message_id, kind, attempt, smtp_reply, detail) ",
+            );
+            sql.values(chunk, |line| line.to_vec());
+            execute_on(&mut tx, sql).await?;
         }
         tx.commit().await?;
         Ok(changed)
