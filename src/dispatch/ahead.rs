@@ -70,7 +70,8 @@ impl Queue {
     /// Whether to claim more now: when nothing is held, or the queue runs short while more
     /// may be due (claiming before it is empty keeps the connections busy).
     pub fn wants_more(&self, connections: usize) -> bool {
-        self.items.is_empty() || (self.more_due && self.items.len() < connections)
+        let short = self.more_due && self.items.len() < connections && self.room() > 0;
+        self.items.is_empty() || short
     }
 
     /// How many to claim to fill the queue.
@@ -202,6 +203,16 @@ mod tests {
         assert!(!queue.wants_more(2), "short, but nothing more was due");
         queue.pop();
         assert!(queue.wants_more(2), "empty again");
+
+        // A batch smaller than the connections: full is full.
+        let mut small = Queue::new(4, 2);
+        small.items.extend((1..=2).map(|id| Queued {
+            claim: claim(id),
+            facts: None,
+            read_at: Instant::now(),
+            lease_ends: Instant::now(),
+        }));
+        assert!(!small.wants_more(4), "no room left");
     }
 
     #[test]
