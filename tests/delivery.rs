@@ -679,6 +679,44 @@ async fn a_body_that_cannot_start_within_its_lease_is_released_unsent() {
     daemon.stop().await;
 }
 
+/// A relay that answers every step just within the timeout but takes longer than the lease
+/// allows to reach the body: the message, whose phase was already written, is released unsent
+/// before its lease runs out, never reaped as `unknown` (which would say it may have gone out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_too_slow_to_reach_the_body_within_the_lease_leaves_nothing_unknown() {
+    let peer = SmtpPeer::start().await;
+    // 1.8 s per reply (the timeout is 2 s): greeting, EHLO and the envelope take 5 s or more,
+    // the lease (5 s) leaves 3 s to start the body.
+    peer.set_reply_delay(Duration::from_millis(1800));
+    let world = World::with_timeout(&peer, 3, false, Some("2s")).await;
+    world.edit_config("pool_size = 4", "pool_size = 1");
+    world.edit_config("lease = \"10s\"", "lease = \"5s\"");
+    let daemon = world.env.start().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(m) = world.message("c1").await {
+            assert_ne!(m.state, MessageState::Unknown, "{m:#?}");
+            assert_ne!(m.state, MessageState::Sent, "{m:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peer.set_reply_delay(Duration::ZERO);
+    let m = world
+        .wait_state("c1", MessageState::Sent, Duration::from_secs(30))
+        .await;
+    assert_eq!(m.attempts, 1, "the late starts were counted: {m:#?}");
+    let history = world.store.message_events(m.id).await.expect("history");
+    assert!(
+        history
+            .iter()
+            .any(|e| e.kind == "released" && e.detail.to_string().contains("lease was left")),
+        "{history:#?}"
+    );
+    assert!(!history.iter().any(|e| e.kind == "unknown"), "{history:#?}");
+    assert_eq!(peer.accepted_count(), 1);
+    daemon.stop().await;
+}
+
 // --- resend_unknown = true: retried, at the documented risk of a duplicate -------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::Context;
 use crate::playbook::Playbook;
 use crate::rules::Unless;
-use crate::store::{ClaimedMessage, FactsWanted, Outcome, SendFacts, StoreError};
+use crate::store::{ClaimedMessage, FactsWanted, Finishing, Outcome, SendFacts, StoreError};
 
 /// Claims held per SMTP connection, at most: enough that a claim and its reads serve several
 /// messages, few enough that a message waits only for the few ahead of it.
@@ -117,21 +117,47 @@ impl Queue {
         Ok(count)
     }
 
-    /// Gives every held claim back, due again at `at`, through the completer.
+    /// Gives every held claim back, due again at `at`, in one write. Not through the completer:
+    /// its room is for outcomes of sends, and while the database is away it can stay full for
+    /// a long time; these claims never reached their phase write, so a release that cannot be
+    /// written costs only their lease (the reaper reschedules them).
     pub async fn release_all(&mut self, context: &Context, at: DateTime<Utc>, reason: &str) {
-        while let Some(queued) = self.items.pop_front() {
-            let outcome = Outcome::Released {
-                at,
-                reason: reason.to_string(),
-            };
-            let started = std::time::Instant::now();
-            context
-                .completer
-                .hand_over(queued.claim, outcome, started)
-                .await;
+        if self.items.is_empty() {
+            return;
+        }
+        let held: Vec<Queued> = self.items.drain(..).collect();
+        let outcome = Outcome::Released {
+            at,
+            reason: reason.to_string(),
+        };
+        let releases: Vec<Finishing<'_>> = held
+            .iter()
+            .map(|queued| Finishing {
+                id: queued.claim.id,
+                token: &queued.claim.token,
+                outcome: &outcome,
+            })
+            .collect();
+        let written = tokio::time::timeout(RELEASE_WITHIN, context.store.finish_all(&releases));
+        match written.await {
+            Ok(Ok(_)) => {
+                tracing::debug!(count = held.len(), %reason, "released the claims held ahead")
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(count = held.len(), %error, "cannot release the claims held ahead; their leases will run out")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    count = held.len(),
+                    "releasing the claims held ahead took too long; their leases will run out"
+                )
+            }
         }
     }
 }
+
+/// How long releasing the held claims may take: the dispatcher's loop waits for it.
+const RELEASE_WITHIN: Duration = Duration::from_secs(5);
 
 /// What the checks of these claims will read: their customers and events, the owner's address
 /// (rules `to = "owner"`), and every event kind an `unless` names.

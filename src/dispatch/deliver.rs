@@ -70,6 +70,10 @@ pub(super) async fn deliver(
         tracing::warn!(message_id = claim.id, %error, "cannot record the send; not sending the body");
         false
     });
+    if recorded && let Some(held_back) = context.held_back() {
+        // The relay failed for another message meanwhile: nothing of this one went out.
+        return held_back;
+    }
     let result = if recorded {
         match send_recorded(context, &email, start_by).await {
             Sending::Done(result) => result,
@@ -110,13 +114,21 @@ async fn send_recorded(context: &Context, email: &OutgoingEmail, start_by: Insta
         true
     });
     tokio::pin!(delivering);
+    // Until the body starts, dropping the send closes the connection and delivers nothing: at
+    // the hard stop the message waits for the next start, and at the deadline it is released
+    // while the lease still holds (a connection, a greeting or an envelope that takes too long
+    // must not keep a message whose phase says `body` until the reaper makes it `unknown`).
     let result = tokio::select! {
         result = &mut delivering => result,
         () = hard_stop.cancelled() => {
             if !body_started.load(Ordering::SeqCst) {
-                // Not yet at the body: dropping the send closes the connection and delivers
-                // nothing, so the message can wait for the next start.
                 return Sending::ShuttingDown;
+            }
+            delivering.await
+        }
+        () = tokio::time::sleep_until(start_by) => {
+            if !body_started.load(Ordering::SeqCst) {
+                return Sending::TooLate;
             }
             delivering.await
         }
@@ -128,13 +140,17 @@ async fn send_recorded(context: &Context, email: &OutgoingEmail, start_by: Insta
 }
 
 /// A message whose body could not start while its lease covered the send: nothing went out,
-/// so it is due again now, the attempt not counted.
+/// so it is due again shortly, the attempt not counted.
 fn too_late() -> Outcome {
     Outcome::Released {
-        at: Utc::now(),
+        at: Utc::now() + TOO_LATE_WAIT,
         reason: "not sent: too little of the claim's lease was left to send it".into(),
     }
 }
+
+/// How long a message that missed its start waits before it is claimed again: a relay that
+/// slow is not asked again at once.
+const TOO_LATE_WAIT: TimeDelta = TimeDelta::seconds(5);
 
 /// The rule's frequency limit as the body fence applies it, if the rule has one.
 fn gate(context: &Context, rule: &Rule, claim: &ClaimedMessage) -> Option<FrequencyGate> {
