@@ -2556,6 +2556,11 @@ async fn the_frequency_limit_counts_what_went_out(backend: Backend) {
         .expect("counted");
     assert_eq!(counted.len(), 1, "a only: {counted:?}");
     assert!(counted[0] <= Utc::now() + TimeDelta::seconds(5));
+    let in_flight = store
+        .in_flight_sends("f", since, &exempt, b.id)
+        .await
+        .expect("in flight");
+    assert_eq!(in_flight, counted, "a's body is still going out");
     // A body the server refused (failed after the body) was not delivered: it stops counting.
     let refused = Outcome::Failed {
         reply: Some("554 no".into()),
@@ -2584,6 +2589,12 @@ async fn the_frequency_limit_counts_what_went_out(backend: Backend) {
         .expect("counted");
     assert_eq!(counted.len(), 2, "b sent and c unknown: {counted:?}");
     assert!(counted[0] <= counted[1], "oldest first");
+    let in_flight = store.in_flight_sends("f", since, &exempt, 0).await;
+    assert_eq!(
+        in_flight.expect("in flight"),
+        Vec::<DateTime<Utc>>::new(),
+        "both settled"
+    );
     // Only the window counts: nothing went out after now.
     let later = Utc::now() + TimeDelta::seconds(5);
     let none = store.counted_sends("f", later, &exempt, 0).await;

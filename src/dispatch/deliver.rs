@@ -274,13 +274,13 @@ async fn limit_reached(
     let limit = rule.limited()?;
     let exempt = context.playbook.borrow().rules.ignoring_frequency_limit();
     let now = Utc::now();
-    let counted = context
-        .store
-        .counted_sends(&claim.customer_id, now - limit.per, &exempt, claim.id)
-        .await
-        .ok()?;
+    let (store, since) = (&context.store, now - limit.per);
+    let customer = &claim.customer_id;
+    let counted = store.counted_sends(customer, since, &exempt, claim.id);
+    let in_flight = store.in_flight_sends(customer, since, &exempt, claim.id);
     let usage = rules::FrequencyUsage {
-        counted,
+        counted: counted.await.ok()?,
+        in_flight: in_flight.await.ok()?,
         outranked_by: Vec::new(),
     };
     let decision: Decision<super::guard::Found> =

@@ -183,6 +183,9 @@ impl rules::Facts for SendTime<'_> {
         let counted = store
             .counted_sends(&claim.customer_id, since, &exempt, claim.id)
             .await?;
+        let in_flight = store
+            .in_flight_sends(&claim.customer_id, since, &exempt, claim.id)
+            .await?;
         let outranking = rules.outranking(rule);
         let until = now + limit.per;
         let outranked_by = store
@@ -190,6 +193,7 @@ impl rules::Facts for SendTime<'_> {
             .await?;
         Ok(FrequencyUsage {
             counted,
+            in_flight,
             outranked_by,
         })
     }

@@ -284,9 +284,14 @@ impl rules::Facts for StoreFacts<'_> {
         // Message ids start at 1: 0 leaves none out.
         let except = self.message.map_or(0, |(id, _)| id);
         let customer = &subject.customer.id;
+        let since = now - limit.per;
         let counted = self
             .store
-            .counted_sends(customer, now - limit.per, &exempt, except)
+            .counted_sends(customer, since, &exempt, except)
+            .await?;
+        let in_flight = self
+            .store
+            .in_flight_sends(customer, since, &exempt, except)
             .await?;
         let outranking = rules.outranking(rule);
         let outranked_by = self
@@ -295,6 +300,7 @@ impl rules::Facts for StoreFacts<'_> {
             .await?;
         Ok(FrequencyUsage {
             counted,
+            in_flight,
             outranked_by,
         })
     }

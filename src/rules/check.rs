@@ -72,9 +72,24 @@ pub enum Check {
 pub struct FrequencyUsage {
     /// When the customer's counted messages went out within the limit's window.
     pub counted: Vec<DateTime<Utc>>,
+    /// Those of `counted` still going out: they count, but may yet fail (and then not count).
+    pub in_flight: Vec<DateTime<Utc>>,
     /// When the customer's waiting messages of higher-priority rules are due, those due within
     /// the limit's window from now: they compete for the same allowance and go first.
     pub outranked_by: Vec<DateTime<Utc>>,
+}
+
+impl FrequencyUsage {
+    /// The counted messages that are settled (`sent` or `unknown`), not still going out.
+    pub fn settled(&self) -> Vec<DateTime<Utc>> {
+        let mut settled = self.counted.clone();
+        for at in &self.in_flight {
+            if let Some(i) = settled.iter().position(|s| s == at) {
+                settled.remove(i);
+            }
+        }
+        settled
+    }
 }
 
 /// What became of a check.
@@ -520,6 +535,9 @@ pub const QUIET_DATE: &str = "a quiet date";
 /// How long a message outranked by one due now waits before it looks again.
 const OUTRANKED_WAIT: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
+/// How long a message waits for another one to the same customer whose body is going out.
+const IN_FLIGHT_WAIT: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
+
 /// The frequency limit, the last check: the customer is under it, and no message of higher
 /// priority is waiting for what is left of the allowance.
 async fn frequency<F: Facts>(
@@ -561,7 +579,12 @@ pub fn limit_decision<S>(
 ) -> Option<Decision<S>> {
     let free_at = limit.next_allowed(&usage.counted, now);
     let left = (limit.max as usize).saturating_sub(usage.counted.len());
-    let (at, why) = if free_at > now {
+    let (at, why) = if free_at > now && limit.next_allowed(&usage.settled(), now) <= now {
+        // Full only with messages whose bodies are going out right now: ask again once they
+        // are settled rather than wait out the whole window for a send that may fail.
+        let why = "the frequency limit: another message to this customer is going out right now";
+        (now + IN_FLIGHT_WAIT, why.to_string())
+    } else if free_at > now {
         let why = format!(
             "the frequency limit: {} sent to this customer within {}",
             usage.counted.len(),

@@ -969,6 +969,48 @@ fn odd_input_never_panics() {
     }
 }
 
+/// A limit full only with a message whose body is going out right now waits a few seconds
+/// for it to settle (it may fail and not count); one full with settled messages waits out the
+/// window.
+#[test]
+fn a_limit_full_only_with_a_message_in_flight_waits_seconds_not_the_window() {
+    let rule = format!(
+        "{HEAD}when = {{ event = \"e\", after = \"1h\" }}\nfrequency_limit = {{ max = 1, per = \"3d\" }}\n"
+    );
+    let rule = one_rule(&rule);
+    let limit = rule.limited().expect("limited");
+    let now = chrono::Utc::now();
+    let going_out = now - TimeDelta::seconds(2);
+    let tz = chrono_tz::UTC;
+    let decide = |usage: &FrequencyUsage| -> Option<Decision<()>> {
+        limit_decision(&rule, &limit, usage, None, tz, now)
+    };
+    let in_flight = FrequencyUsage {
+        counted: vec![going_out],
+        in_flight: vec![going_out],
+        outranked_by: Vec::new(),
+    };
+    match decide(&in_flight) {
+        Some(Decision::Release { at, reason }) => {
+            assert!(at <= now + TimeDelta::minutes(1), "{at} {reason}");
+            assert!(reason.contains("going out right now"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let settled = FrequencyUsage {
+        in_flight: Vec::new(),
+        ..in_flight.clone()
+    };
+    match decide(&settled) {
+        Some(Decision::Release { at, .. }) => assert_eq!(at, going_out + TimeDelta::days(3)),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        decide(&FrequencyUsage::default()).is_none(),
+        "nothing counted"
+    );
+}
+
 #[test]
 fn frequency_limit_priority_and_skip_dates_are_read() {
     let rule = |extra: &str| format!("{HEAD}when = {{ event = \"e\", after = \"1h\" }}\n{extra}\n");

@@ -549,6 +549,26 @@ impl<D: Driver> SqlStore<D> {
         Fence { key, sql }
     }
 
+    /// `counted_sends`, or with `in_flight` only those still going out.
+    async fn counted(
+        &self,
+        customer_id: &str,
+        since: DateTime<Utc>,
+        exempt_rules: &[String],
+        except: i64,
+        in_flight: bool,
+    ) -> StoreResult<Vec<DateTime<Utc>>> {
+        let mut sql = Sql::new("SELECT o.body_at ");
+        push_counted(&mut sql, customer_id, exempt_rules, except);
+        sql.push(" AND o.body_at > ").bind(since);
+        if in_flight {
+            sql.push(" AND o.state = 'sending'");
+        }
+        sql.push(" ORDER BY o.body_at");
+        let rows: Vec<(DateTime<Utc>,)> = self.driver.fetch_all(Via::Reader, sql).await?;
+        Ok(rows.into_iter().map(|(at,)| at).collect())
+    }
+
     /// One fence, committed with whatever other fences wait at the same time.
     async fn grouped_fence(&self, fence: Fence) -> StoreResult<bool> {
         let affected = self
@@ -686,12 +706,19 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
         exempt_rules: &[String],
         except: i64,
     ) -> StoreResult<Vec<DateTime<Utc>>> {
-        let mut sql = Sql::new("SELECT o.body_at ");
-        push_counted(&mut sql, customer_id, exempt_rules, except);
-        sql.push(" AND o.body_at > ").bind(since);
-        sql.push(" ORDER BY o.body_at");
-        let rows: Vec<(DateTime<Utc>,)> = self.driver.fetch_all(Via::Reader, sql).await?;
-        Ok(rows.into_iter().map(|(at,)| at).collect())
+        self.counted(customer_id, since, exempt_rules, except, false)
+            .await
+    }
+
+    async fn in_flight_sends(
+        &self,
+        customer_id: &str,
+        since: DateTime<Utc>,
+        exempt_rules: &[String],
+        except: i64,
+    ) -> StoreResult<Vec<DateTime<Utc>>> {
+        self.counted(customer_id, since, exempt_rules, except, true)
+            .await
     }
 
     async fn waiting_due(

@@ -746,6 +746,15 @@ pub trait OutboxStore: Send + Sync {
         exempt_rules: &[String],
         except: i64,
     ) -> StoreResult<Vec<DateTime<Utc>>>;
+    /// Those of [`counted_sends`](Self::counted_sends) whose body is going out right now
+    /// (`sending`): they count, but may yet fail.
+    async fn in_flight_sends(
+        &self,
+        customer_id: &str,
+        since: DateTime<Utc>,
+        exempt_rules: &[String],
+        except: i64,
+    ) -> StoreResult<Vec<DateTime<Utc>>>;
     /// When the customer's waiting messages of `rules` (scheduled, retrying, or claimed but not
     /// yet sending their body) are due, those due by `until`, earliest first, other than
     /// message `except`.

@@ -1,6 +1,6 @@
 //! Transports hand a finished message to the world: over SMTP (a small client of our own, with
-//! PIPELINING, so the dispatcher can record "the body is about to go out" between DATA's 354
-//! and the body) or as `.eml` files in a directory.
+//! PIPELINING, that asks the dispatcher once more, after DATA's 354 and before the body's first
+//! byte, whether the body may still go out) or as `.eml` files in a directory.
 
 pub mod dkim;
 mod email;
@@ -35,8 +35,10 @@ pub enum SendError {
     /// The body was handed over but no reply came back: the server may have accepted it.
     #[error("no reply after the message body was sent: {0}")]
     Ambiguous(String),
-    /// The body was not sent because the dispatcher withdrew (its claim was lost).
-    #[error("not sent: the claim on the message was lost before the body went out")]
+    /// The body was not sent because the dispatcher withdrew: its phase write was refused (the
+    /// claim was lost, the message expired, the address was suppressed, the frequency limit),
+    /// the body's local deadline passed, or the daemon is stopping.
+    #[error("not sent: the dispatcher withdrew the message before the body went out")]
     Withdrawn,
 }
 
