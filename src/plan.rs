@@ -192,7 +192,7 @@ pub async fn plan_rule(
     mut on_page: impl FnMut(&[NewMessage], &[Candidate]),
 ) -> StoreResult<u64> {
     let mut cursor = after_seq;
-    let mut inserted = 0;
+    let mut writer = BatchWriter::new(store);
     let mut pending: Vec<NewMessage> = Vec::new();
     // Windows that find nothing grow (up to 64 spans): `seq` has gaps (every upsert of an
     // existing customer uses up a value on PostgreSQL), and stepping through a sparse range
@@ -227,18 +227,85 @@ pub async fn plan_rule(
         on_page(&planned, &candidates);
         if insert {
             pending.extend(planned);
-            // The next page's candidates cannot include these rows' events or customers (it
-            // starts after this page's last `seq`), so holding them back plans nothing twice.
+            // The next pages' candidates cannot include these rows' events or customers (they
+            // start after this page's last `seq`), so reading them while this batch is being
+            // written, or holding it back, plans nothing twice.
             if pending.len() >= INSERT_ROWS {
-                inserted += store.insert_messages(&pending).await?;
-                pending.clear();
+                writer.write(std::mem::take(&mut pending)).await?;
             }
         }
     }
-    if !pending.is_empty() {
-        inserted += store.insert_messages(&pending).await?;
+    writer.write(pending).await?;
+    writer.finish().await
+}
+
+/// Writes the planner's batches on a task of their own, one at a time, so that the next pages
+/// are read (and their times computed) while a batch is inserted: reading and inserting each
+/// take about half of a first pass, and they use different connections (SQLite: a reader and
+/// the writer, which WAL lets run side by side). Dropping it (a cancelled pass) aborts the
+/// batch in flight, whose transaction then rolls back.
+struct BatchWriter<'a> {
+    store: &'a SharedStore,
+    in_flight: Option<tokio::task::JoinHandle<StoreResult<u64>>>,
+    inserted: u64,
+}
+
+impl<'a> BatchWriter<'a> {
+    fn new(store: &'a SharedStore) -> BatchWriter<'a> {
+        BatchWriter {
+            store,
+            in_flight: None,
+            inserted: 0,
+        }
     }
-    Ok(inserted)
+
+    /// Waits for the batch in flight, then starts writing `batch`.
+    async fn write(&mut self, mut batch: Vec<NewMessage>) -> StoreResult<()> {
+        self.wait().await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        sort_for_indexes(&mut batch);
+        let store = Arc::clone(self.store);
+        self.in_flight = Some(tokio::spawn(
+            async move { store.insert_messages(&batch).await },
+        ));
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> StoreResult<()> {
+        if let Some(task) = self.in_flight.take() {
+            self.inserted += task
+                .await
+                .map_err(|e| StoreError::Invalid(format!("the planner's writer stopped: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Waits for the last batch; how many messages were new.
+    async fn finish(mut self) -> StoreResult<u64> {
+        self.wait().await?;
+        Ok(self.inserted)
+    }
+}
+
+impl Drop for BatchWriter<'_> {
+    fn drop(&mut self) {
+        if let Some(task) = self.in_flight.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Orders a batch by due time. Three indexes of `messages` are ordered by (nearly) the due
+/// time: `messages_waiting` (next_attempt_at), `messages_expiring` (expires_at, due + expiry)
+/// and `messages_dated`. A batch of anniversaries spreads over a year, so in `seq` order each
+/// row lands on a random page of each of them; in due order the batch walks each index once,
+/// page after page. The other indexes do not care: within one batch their keys (rule and
+/// event or customer, id) fall on a few neighbouring pages in any order. The key breaks ties
+/// so a batch is always written in the same order.
+fn sort_for_indexes(batch: &mut [NewMessage]) {
+    batch.sort_unstable_by(|a, b| (a.due_at, &a.dedupe_key).cmp(&(b.due_at, &b.dedupe_key)));
 }
 
 /// What one planning pass did.
