@@ -237,14 +237,23 @@ pub struct PlannerConfig {
     /// recurring rules' next occurrences).
     #[serde(default = "default_reconcile", deserialize_with = "duration")]
     pub reconcile_every: TimeDelta,
+    /// How far ahead anniversaries are planned: one further away gets its message from the
+    /// full pass that first finds it within this, not a year early (a million weddings need
+    /// not be a million rows). Must be longer than `reconcile_every`.
+    #[serde(default = "default_horizon", deserialize_with = "duration")]
+    pub horizon: TimeDelta,
 }
 impl Default for PlannerConfig {
     fn default() -> Self {
         PlannerConfig {
             interval: default_plan_interval(),
             reconcile_every: default_reconcile(),
+            horizon: default_horizon(),
         }
     }
+}
+fn default_horizon() -> TimeDelta {
+    TimeDelta::days(35)
 }
 fn default_plan_interval() -> TimeDelta {
     TimeDelta::seconds(2)
@@ -536,6 +545,14 @@ impl Config {
                  cannot expire while its message is being sent",
                 crate::rules::format_duration(self.delivery.lease),
                 crate::rules::format_duration(self.transport.smtp.timeout)
+            ));
+        }
+        if self.planner.horizon <= self.planner.reconcile_every {
+            problems.push(format!(
+                "planner.horizon ({}) must be longer than planner.reconcile_every ({}), so an \
+                 anniversary is planned before it is due",
+                crate::rules::format_duration(self.planner.horizon),
+                crate::rules::format_duration(self.planner.reconcile_every)
             ));
         }
         problems.extend(self.web.problems());
