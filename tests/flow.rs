@@ -1874,6 +1874,66 @@ async fn a_purchase_is_thanked_once_over_smtp(backend: Backend) {
     );
 }
 
+/// A first pass larger than one insert batch (20,000 rows, written while the next pages are
+/// read): every event gets exactly one message, and a full pass again plans none.
+async fn a_pass_over_several_batches_plans_each_event_once(backend: Backend) {
+    let env = TestEnv::new(backend, Sink::Files, &[("thanks.toml", THANK_YOU_SOON)], "").await;
+    let store = env.store().await;
+    let n = 45_000;
+    let (customers, events) = match backend {
+        Backend::Sqlite => (
+            format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+                 INSERT INTO customers (id, email) SELECT 'c' || i, 'c' || i || '@example.com' FROM n"
+            ),
+            format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+                 INSERT INTO events (id, customer_id, kind, occurred_at) \
+                 SELECT 'e' || i, 'c' || i, 'purchase', strftime('%Y-%m-%dT%H:%M:%fZ', 'now') FROM n"
+            ),
+        ),
+        Backend::Postgres => (
+            format!(
+                "INSERT INTO customers (id, email) SELECT 'c' || i, 'c' || i || '@example.com' \
+                 FROM generate_series(1, {n}) AS i"
+            ),
+            format!(
+                "INSERT INTO events (id, customer_id, kind, occurred_at) \
+                 SELECT 'e' || i, 'c' || i, 'purchase', now() FROM generate_series(1, {n}) AS i"
+            ),
+        ),
+    };
+    raw_sql(&env, &customers).await;
+    raw_sql(&env, &events).await;
+    let config = env.config();
+    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
+    let settings = touchpoint::plan::PlanSettings {
+        default_timezone: config.defaults.timezone,
+        default_expire_after: config.defaults.expire_after,
+        horizon: Some(config.planner.horizon),
+    };
+    let mut planned = Vec::new();
+    for _ in 0..2 {
+        let (_, report) = touchpoint::plan::plan_pass(
+            &store,
+            &playbook,
+            touchpoint::plan::Cursors::default(),
+            &settings,
+        )
+        .await
+        .expect("plan");
+        planned.push(report.inserted);
+    }
+    assert_eq!(planned, vec![n, 0]);
+    assert_eq!(
+        store
+            .count_state(MessageState::Scheduled)
+            .await
+            .expect("count"),
+        i64::try_from(n).expect("small")
+    );
+}
+
 /// `seq` has gaps (on PostgreSQL every upsert of an existing customer uses up a value): a pass
 /// over a sparse range still finds every row, without a query per empty stretch.
 async fn a_sparse_seq_range_is_planned_whole(backend: Backend) {
@@ -2045,6 +2105,7 @@ async fn raw_sql(env: &TestEnv, sql: &str) {
 }
 
 on_both_backends!(
+    a_pass_over_several_batches_plans_each_event_once,
     anniversaries_are_planned_within_the_horizon,
     a_sparse_seq_range_is_planned_whole,
     a_purchase_is_thanked_once_over_smtp,
