@@ -251,7 +251,7 @@ pub async fn plan_rule(
             limit: PAGE,
             include_suppressed: rule.to == crate::rules::Recipient::Owner,
         };
-        let candidates = store.candidates(&query).await?;
+        let candidates = writer.alongside(store.candidates(&query)).await?;
         // A full page may have left rows of this window behind: go on after its last row.
         cursor = match candidates.last() {
             Some(last) if candidates.len() as i64 == PAGE => last.seq,
@@ -281,14 +281,20 @@ pub async fn plan_rule(
     writer.finish().await
 }
 
-/// Writes the planner's batches on a task of their own, one at a time, so that the next pages
-/// are read (and their times computed) while a batch is inserted: reading and inserting each
-/// take about half of a first pass, and they use different connections (SQLite: a reader and
-/// the writer, which WAL lets run side by side). Dropping it (a cancelled pass) aborts the
-/// batch in flight, whose transaction then rolls back.
+/// A batch being written, polled alongside the planner's reads.
+type Writing<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<u64>> + Send + 'a>>;
+
+/// Writes the planner's batches one at a time while the next pages are read: reading and
+/// inserting each take about half of a first pass, and they use different connections
+/// (SQLite: a reader and the writer, which WAL lets run side by side; PostgreSQL: two pooled
+/// connections), so the database works on both at once. The batch is polled by the planner's
+/// own task (not spawned): its allocations stay on that thread, where a spawned task's landed
+/// in other threads' malloc arenas and kept ~40 MB more resident after a first pass over 1M.
+/// Dropping it (a cancelled pass) drops the batch in flight, whose transaction rolls back.
 struct BatchWriter<'a> {
     store: &'a SharedStore,
-    in_flight: Option<tokio::task::JoinHandle<StoreResult<u64>>>,
+    in_flight: Option<Writing<'a>>,
     inserted: u64,
 }
 
@@ -308,18 +314,35 @@ impl<'a> BatchWriter<'a> {
             return Ok(());
         }
         sort_for_indexes(&mut batch);
-        let store = Arc::clone(self.store);
-        self.in_flight = Some(tokio::spawn(
-            async move { store.insert_messages(&batch).await },
-        ));
+        let store = self.store;
+        self.in_flight = Some(Box::pin(async move { store.insert_messages(&batch).await }));
         Ok(())
     }
 
+    /// Runs `read` while the batch in flight goes on being written.
+    async fn alongside<T>(
+        &mut self,
+        read: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let Some(mut writing) = self.in_flight.take() else {
+            return read.await;
+        };
+        tokio::pin!(read);
+        tokio::select! {
+            result = &mut read => {
+                self.in_flight = Some(writing);
+                result
+            }
+            written = &mut writing => {
+                self.inserted += written?;
+                read.await
+            }
+        }
+    }
+
     async fn wait(&mut self) -> StoreResult<()> {
-        if let Some(task) = self.in_flight.take() {
-            self.inserted += task
-                .await
-                .map_err(|e| StoreError::Invalid(format!("the planner's writer stopped: {e}")))??;
+        if let Some(writing) = self.in_flight.take() {
+            self.inserted += writing.await?;
         }
         Ok(())
     }
@@ -331,21 +354,15 @@ impl<'a> BatchWriter<'a> {
     }
 }
 
-impl Drop for BatchWriter<'_> {
-    fn drop(&mut self) {
-        if let Some(task) = self.in_flight.take() {
-            task.abort();
-        }
-    }
-}
-
 /// Orders a batch by due time. Three indexes of `messages` are ordered by (nearly) the due
 /// time: `messages_waiting` (next_attempt_at), `messages_expiring` (expires_at, due + expiry)
 /// and `messages_dated`. A batch of anniversaries spreads over a year, so in `seq` order each
 /// row lands on a random page of each of them; in due order the batch walks each index once,
-/// page after page. The other indexes do not care: within one batch their keys (rule and
-/// event or customer, id) fall on a few neighbouring pages in any order. The key breaks ties
-/// so a batch is always written in the same order.
+/// page after page. The keys of the other indexes (rule and event or customer, id) fall on a
+/// few neighbouring pages of each within one batch, in any order. Measured at the SQL level,
+/// 400,000 rows like the event rules' in batches of 20,000: 7.5 s of CPU instead of 11 s on
+/// SQLite, 7.4 s instead of 8.5 s on PostgreSQL. The key breaks ties so a batch is always
+/// written in the same order (two replicas writing the same keys take them in one order).
 fn sort_for_indexes(batch: &mut [NewMessage]) {
     batch.sort_unstable_by(|a, b| (a.due_at, &a.dedupe_key).cmp(&(b.due_at, &b.dedupe_key)));
 }
