@@ -825,6 +825,25 @@ address = "1 Main St, Springfield"
     }
 
     #[test]
+    fn the_planning_horizon_defaults_to_35_days_and_must_outlast_a_reconciliation() {
+        assert_eq!(
+            load(MINIMAL, &[]).unwrap().planner.horizon,
+            TimeDelta::days(35)
+        );
+        let text = format!("{MINIMAL}\n[planner]\nhorizon = \"10d\"\n");
+        assert_eq!(
+            load(&text, &[]).unwrap().planner.horizon,
+            TimeDelta::days(10)
+        );
+        let text = format!("{MINIMAL}\n[planner]\nhorizon = \"1h\"\nreconcile_every = \"2h\"\n");
+        let error = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("planner.horizon (1h) must be longer than planner.reconcile_every (2h)"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_reported_with_line_and_column() {
         let text = format!("{MINIMAL}\n[transport]\nknd = \"smtp\"\n");
         let error = load(&text, &[]).unwrap_err().to_string();
