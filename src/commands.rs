@@ -118,6 +118,7 @@ pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Resu
     let settings = PlanSettings {
         default_timezone: config.defaults.timezone,
         default_expire_after: config.defaults.expire_after,
+        horizon: Some(config.planner.horizon),
     };
     let Upcoming { rows, unreadable } = upcoming(&playbook, &settings, store, args.days).await?;
     if !unreadable.is_empty() {

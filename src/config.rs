@@ -237,14 +237,23 @@ pub struct PlannerConfig {
     /// recurring rules' next occurrences).
     #[serde(default = "default_reconcile", deserialize_with = "duration")]
     pub reconcile_every: TimeDelta,
+    /// How far ahead anniversaries are planned: one further away gets its message from the
+    /// full pass that first finds it within this, not a year early (a million weddings need
+    /// not be a million rows). Must be longer than `reconcile_every`.
+    #[serde(default = "default_horizon", deserialize_with = "duration")]
+    pub horizon: TimeDelta,
 }
 impl Default for PlannerConfig {
     fn default() -> Self {
         PlannerConfig {
             interval: default_plan_interval(),
             reconcile_every: default_reconcile(),
+            horizon: default_horizon(),
         }
     }
+}
+fn default_horizon() -> TimeDelta {
+    TimeDelta::days(35)
 }
 fn default_plan_interval() -> TimeDelta {
     TimeDelta::seconds(2)
@@ -538,6 +547,14 @@ impl Config {
                 crate::rules::format_duration(self.transport.smtp.timeout)
             ));
         }
+        if self.planner.horizon <= self.planner.reconcile_every {
+            problems.push(format!(
+                "planner.horizon ({}) must be longer than planner.reconcile_every ({}), so an \
+                 anniversary is planned before it is due",
+                crate::rules::format_duration(self.planner.horizon),
+                crate::rules::format_duration(self.planner.reconcile_every)
+            ));
+        }
         problems.extend(self.web.problems());
         if let Err(message) = self.replies.address() {
             problems.push(message);
@@ -805,6 +822,25 @@ address = "1 Main St, Springfield"
         );
         assert_eq!(config.transport.smtp.port, 2525);
         assert_eq!(config.transport.kind, TransportKind::Smtp);
+    }
+
+    #[test]
+    fn the_planning_horizon_defaults_to_35_days_and_must_outlast_a_reconciliation() {
+        assert_eq!(
+            load(MINIMAL, &[]).unwrap().planner.horizon,
+            TimeDelta::days(35)
+        );
+        let text = format!("{MINIMAL}\n[planner]\nhorizon = \"10d\"\n");
+        assert_eq!(
+            load(&text, &[]).unwrap().planner.horizon,
+            TimeDelta::days(10)
+        );
+        let text = format!("{MINIMAL}\n[planner]\nhorizon = \"1h\"\nreconcile_every = \"2h\"\n");
+        let error = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("planner.horizon (1h) must be longer than planner.reconcile_every (2h)"),
+            "{error}"
+        );
     }
 
     #[test]

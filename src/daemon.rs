@@ -336,6 +336,7 @@ fn plan_settings(config: &Config) -> PlanSettings {
     PlanSettings {
         default_timezone: config.defaults.timezone,
         default_expire_after: config.defaults.expire_after,
+        horizon: Some(config.planner.horizon),
     }
 }
 

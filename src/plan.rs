@@ -28,8 +28,8 @@ use crate::rules::attributes_match;
 use crate::rules::{MessageDetail, Rule, Trigger, conditions_match};
 use crate::sources::{EventQuery, Source, SourceError, Sources};
 use crate::store::{
-    Candidate, CandidateQuery, CandidateSource, Customer, Event, NewMessage, SharedStore,
-    StoreError, StoreResult,
+    Candidate, CandidateQuery, CandidateSource, Customer, Event, MonthDays, NewMessage,
+    SharedStore, StoreError, StoreResult,
 };
 
 /// Rows fetched per planning query.
@@ -52,6 +52,9 @@ const SPAN: i64 = 20_000;
 pub struct PlanSettings {
     pub default_timezone: Tz,
     pub default_expire_after: TimeDelta,
+    /// `planner.horizon`: anniversaries further ahead are not planned yet. `None` plans every
+    /// next anniversary (what `touchpoint plan` lists: what the rules want, planned or not).
+    pub horizon: Option<TimeDelta>,
 }
 
 /// The effective time zone of a customer: theirs when it is a valid IANA name, else the default.
@@ -94,6 +97,12 @@ pub fn plan_candidate(
             let next = rule
                 .trigger
                 .next_anniversary(event.occurred_at, tz, not_before)?;
+            if settings
+                .horizon
+                .is_some_and(|horizon| next.at > now + horizon)
+            {
+                return None;
+            }
             let key = format!("{}:{}:{}", rule.name, event.id, next.year);
             (next.at, key, MessageDetail::anniversary(next.years))
         }
@@ -171,10 +180,43 @@ fn source_for(rule: &Rule, now: DateTime<Utc>, settings: &PlanSettings) -> Candi
             }
         }
         Trigger::Anniversary { kind, .. } => {
-            CandidateSource::RecurringEvents { kind: kind.clone() }
+            let expire = rule.expire_after.unwrap_or(settings.default_expire_after);
+            CandidateSource::RecurringEvents {
+                kind: kind.clone(),
+                month_days: settings
+                    .horizon
+                    .and_then(|horizon| anniversary_days(now, expire, horizon)),
+            }
         }
         Trigger::Schedule { .. } => CandidateSource::RecurringCustomers,
     }
+}
+
+/// Days of slack on each side of the anniversary window: an event's UTC date and its local
+/// date differ by a day at most, and so do the anniversary's local date and its instant's
+/// UTC date; a day more covers Feb 29, kept on Feb 28 in other years.
+const ANNIVERSARY_SLACK_DAYS: i64 = 3;
+
+/// The month-days (`MM-DD`, UTC) of events whose next anniversary may fall between the
+/// earliest one a pass still plans (`now - expire`) and `now + horizon`, widened by
+/// [`ANNIVERSARY_SLACK_DAYS`]: the query leaves out the others without a lookup per event,
+/// so a full pass does not re-read every event a year from its anniversary. A superset:
+/// `plan_candidate` decides. `None` when the window takes in the whole year.
+fn anniversary_days(
+    now: DateTime<Utc>,
+    expire: TimeDelta,
+    horizon: TimeDelta,
+) -> Option<MonthDays> {
+    let slack = TimeDelta::days(ANNIVERSARY_SLACK_DAYS);
+    let from = now.checked_sub_signed(expire)?.checked_sub_signed(slack)?;
+    let to = now.checked_add_signed(horizon)?.checked_add_signed(slack)?;
+    if to - from >= TimeDelta::days(365) {
+        return None;
+    }
+    Some(MonthDays {
+        from: from.format("%m-%d").to_string(),
+        to: to.format("%m-%d").to_string(),
+    })
 }
 
 /// Plans `rule` over rows with `after_seq < seq <= up_to_seq`, page by page. Each page's
@@ -192,7 +234,7 @@ pub async fn plan_rule(
     mut on_page: impl FnMut(&[NewMessage], &[Candidate]),
 ) -> StoreResult<u64> {
     let mut cursor = after_seq;
-    let mut inserted = 0;
+    let mut writer = BatchWriter::new(store);
     let mut pending: Vec<NewMessage> = Vec::new();
     // Windows that find nothing grow (up to 64 spans): `seq` has gaps (every upsert of an
     // existing customer uses up a value on PostgreSQL), and stepping through a sparse range
@@ -209,7 +251,7 @@ pub async fn plan_rule(
             limit: PAGE,
             include_suppressed: rule.to == crate::rules::Recipient::Owner,
         };
-        let candidates = store.candidates(&query).await?;
+        let candidates = writer.alongside(store.candidates(&query)).await?;
         // A full page may have left rows of this window behind: go on after its last row.
         cursor = match candidates.last() {
             Some(last) if candidates.len() as i64 == PAGE => last.seq,
@@ -227,18 +269,102 @@ pub async fn plan_rule(
         on_page(&planned, &candidates);
         if insert {
             pending.extend(planned);
-            // The next page's candidates cannot include these rows' events or customers (it
-            // starts after this page's last `seq`), so holding them back plans nothing twice.
+            // The next pages' candidates cannot include these rows' events or customers (they
+            // start after this page's last `seq`), so reading them while this batch is being
+            // written, or holding it back, plans nothing twice.
             if pending.len() >= INSERT_ROWS {
-                inserted += store.insert_messages(&pending).await?;
-                pending.clear();
+                writer.write(std::mem::take(&mut pending)).await?;
             }
         }
     }
-    if !pending.is_empty() {
-        inserted += store.insert_messages(&pending).await?;
+    writer.write(pending).await?;
+    writer.finish().await
+}
+
+/// A batch being written, polled alongside the planner's reads.
+type Writing<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<u64>> + Send + 'a>>;
+
+/// Writes the planner's batches one at a time while the next pages are read: reading and
+/// inserting each take about half of a first pass, and they use different connections
+/// (SQLite: a reader and the writer, which WAL lets run side by side; PostgreSQL: two pooled
+/// connections), so the database works on both at once. The batch is polled by the planner's
+/// own task (not spawned): its allocations stay on that thread, where a spawned task's landed
+/// in other threads' malloc arenas and kept ~40 MB more resident after a first pass over 1M.
+/// Dropping it (a cancelled pass) drops the batch in flight, whose transaction rolls back.
+struct BatchWriter<'a> {
+    store: &'a SharedStore,
+    in_flight: Option<Writing<'a>>,
+    inserted: u64,
+}
+
+impl<'a> BatchWriter<'a> {
+    fn new(store: &'a SharedStore) -> BatchWriter<'a> {
+        BatchWriter {
+            store,
+            in_flight: None,
+            inserted: 0,
+        }
     }
-    Ok(inserted)
+
+    /// Waits for the batch in flight, then starts writing `batch`.
+    async fn write(&mut self, mut batch: Vec<NewMessage>) -> StoreResult<()> {
+        self.wait().await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        sort_for_indexes(&mut batch);
+        let store = self.store;
+        self.in_flight = Some(Box::pin(async move { store.insert_messages(&batch).await }));
+        Ok(())
+    }
+
+    /// Runs `read` while the batch in flight goes on being written.
+    async fn alongside<T>(
+        &mut self,
+        read: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let Some(mut writing) = self.in_flight.take() else {
+            return read.await;
+        };
+        tokio::pin!(read);
+        tokio::select! {
+            result = &mut read => {
+                self.in_flight = Some(writing);
+                result
+            }
+            written = &mut writing => {
+                self.inserted += written?;
+                read.await
+            }
+        }
+    }
+
+    async fn wait(&mut self) -> StoreResult<()> {
+        if let Some(writing) = self.in_flight.take() {
+            self.inserted += writing.await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the last batch; how many messages were new.
+    async fn finish(mut self) -> StoreResult<u64> {
+        self.wait().await?;
+        Ok(self.inserted)
+    }
+}
+
+/// Orders a batch by due time. Three indexes of `messages` are ordered by (nearly) the due
+/// time: `messages_waiting` (next_attempt_at), `messages_expiring` (expires_at, due + expiry)
+/// and `messages_dated`. A batch of anniversaries spreads over a year, so in `seq` order each
+/// row lands on a random page of each of them; in due order the batch walks each index once,
+/// page after page. The keys of the other indexes (rule and event or customer, id) fall on a
+/// few neighbouring pages of each within one batch, in any order. Measured at the SQL level,
+/// 400,000 rows like the event rules' in batches of 20,000: 7.5 s of CPU instead of 11 s on
+/// SQLite, 7.4 s instead of 8.5 s on PostgreSQL. The key breaks ties so a batch is always
+/// written in the same order (two replicas writing the same keys take them in one order).
+fn sort_for_indexes(batch: &mut [NewMessage]) {
+    batch.sort_unstable_by(|a, b| (a.due_at, &a.dedupe_key).cmp(&(b.due_at, &b.dedupe_key)));
 }
 
 /// What one planning pass did.
@@ -735,6 +861,131 @@ mod tests {
             &attrs
         ));
         assert!(attributes_match(&[], &json!({})));
+    }
+
+    fn anniversary_rule(expire_after: &str) -> Rule {
+        let source = format!(
+            "[[rule]]\nname = \"wedding-anniversary\"\ntemplate = \"anniversary\"\n\
+             subject = \"Happy anniversary\"\n\
+             when = {{ anniversary_of = \"wedding\", at = \"09:00\" }}\n\
+             expire_after = \"{expire_after}\"\n"
+        );
+        let (mut rules, errors) =
+            crate::rules::parse_file(std::path::Path::new("t.toml"), &source, &|_| true);
+        assert!(errors.is_empty(), "{errors:?}");
+        rules.remove(0)
+    }
+
+    fn wedding(occurred_at: DateTime<Utc>, timezone: &str) -> Candidate {
+        Candidate {
+            seq: 1,
+            customer: Customer {
+                id: "c".into(),
+                email: "c@example.com".into(),
+                name: None,
+                timezone: Some(timezone.into()),
+                attributes: json!({}),
+            },
+            event: Some(Event {
+                id: "e".into(),
+                customer_id: "c".into(),
+                kind: "wedding".into(),
+                occurred_at,
+                data: json!({}),
+            }),
+            last_trigger: None,
+        }
+    }
+
+    fn settings(horizon: Option<TimeDelta>) -> PlanSettings {
+        PlanSettings {
+            default_timezone: Tz::UTC,
+            default_expire_after: TimeDelta::days(1),
+            horizon,
+        }
+    }
+
+    fn utc(text: &str) -> DateTime<Utc> {
+        text.parse().expect("a test time")
+    }
+
+    #[test]
+    fn anniversaries_past_the_horizon_wait() {
+        let rule = anniversary_rule("1d");
+        let now = utc("2026-06-10T12:00:00Z");
+        let soon = wedding(utc("2015-06-20T00:00:00Z"), "Europe/Berlin");
+        let later = wedding(utc("2015-10-20T00:00:00Z"), "Europe/Berlin");
+        let horizon = settings(Some(TimeDelta::days(35)));
+        let planned = plan_candidate(&rule, &soon, now, &horizon).expect("within the horizon");
+        assert_eq!(planned.trigger_at, utc("2026-06-20T07:00:00Z"));
+        assert_eq!(planned.dedupe_key, "wedding-anniversary:e:2026");
+        assert_eq!(plan_candidate(&rule, &later, now, &horizon), None);
+        // Without a horizon (what `touchpoint plan` lists) the later one is there too, with the
+        // key the planner gives it once it is within the horizon.
+        let all = plan_candidate(&rule, &later, now, &settings(None)).expect("no horizon");
+        assert_eq!(all.dedupe_key, "wedding-anniversary:e:2026");
+        let then = utc("2026-09-20T12:00:00Z");
+        assert_eq!(plan_candidate(&rule, &later, then, &horizon), Some(all));
+    }
+
+    #[test]
+    fn the_anniversary_window_wraps_the_year_and_covers_it_whole_when_wide() {
+        let days = |now, expire, horizon| {
+            anniversary_days(utc(now), TimeDelta::days(expire), TimeDelta::days(horizon))
+                .map(|d| (d.from, d.to))
+        };
+        assert_eq!(
+            days("2026-06-10T12:00:00Z", 1, 35),
+            Some(("06-06".into(), "07-18".into()))
+        );
+        assert_eq!(
+            days("2026-12-20T12:00:00Z", 2, 35),
+            Some(("12-15".into(), "01-27".into()))
+        );
+        assert_eq!(days("2026-06-10T12:00:00Z", 1, 361), None);
+    }
+
+    /// Whether the query's filter (the event's UTC month-day within the window) keeps `event`.
+    fn kept(days: &MonthDays, event: DateTime<Utc>) -> bool {
+        let day = event.format("%m-%d").to_string();
+        if days.from <= days.to {
+            days.from <= day && day <= days.to
+        } else {
+            days.from <= day || day <= days.to
+        }
+    }
+
+    /// The query's filter is a superset of what `plan_candidate` plans within the horizon,
+    /// whatever the time zone (UTC+14 to UTC-11), the day of the year (leap days included)
+    /// and whether the event is a plain date or an instant late in the UTC day.
+    #[test]
+    fn the_anniversary_window_keeps_every_event_the_horizon_plans() {
+        let rule = anniversary_rule("3d");
+        let horizon = settings(Some(TimeDelta::days(35)));
+        let mut planned = 0;
+        for zone in [
+            "Pacific/Kiritimati",
+            "Pacific/Pago_Pago",
+            "UTC",
+            "America/St_Johns",
+        ] {
+            for step in 0..60 {
+                let now = utc("2027-01-01T05:00:00Z") + TimeDelta::hours(step * 301);
+                let days = anniversary_days(now, TimeDelta::days(3), TimeDelta::days(35))
+                    .expect("a window shorter than a year");
+                for day in 0..366 {
+                    let date = utc("2024-01-01T00:00:00Z") + TimeDelta::days(day);
+                    for occurred in [date, date + TimeDelta::minutes(23 * 60 + 30)] {
+                        let candidate = wedding(occurred, zone);
+                        if plan_candidate(&rule, &candidate, now, &horizon).is_some() {
+                            planned += 1;
+                            assert!(kept(&days, occurred), "{zone} {now} {occurred}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(planned > 1000, "{planned}");
     }
 
     #[test]

@@ -107,6 +107,12 @@ async fn rule_rows(
     until: DateTime<Utc>,
 ) -> Result<Vec<PlannedRow>, StoreError> {
     let (customers_hi, events_hi) = store.max_seqs().await?;
+    // Every next anniversary, also past `planner.horizon`: what the rules want, shown as not
+    // yet planned (the planner makes it once it is within the horizon).
+    let settings = &PlanSettings {
+        horizon: None,
+        ..settings.clone()
+    };
     let mut rows = Vec::new();
     for rule in playbook.rules.rules.iter().filter(|r| r.enabled) {
         let up_to = if matches!(rule.trigger, Trigger::Schedule { .. }) {

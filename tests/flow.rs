@@ -975,6 +975,7 @@ expire_after = "2s"
     let settings = touchpoint::plan::PlanSettings {
         default_timezone: config.defaults.timezone,
         default_expire_after: config.defaults.expire_after,
+        horizon: Some(config.planner.horizon),
     };
     let now = now_ms();
     happened(
@@ -1873,6 +1874,66 @@ async fn a_purchase_is_thanked_once_over_smtp(backend: Backend) {
     );
 }
 
+/// A first pass larger than one insert batch (20,000 rows, written while the next pages are
+/// read): every event gets exactly one message, and a full pass again plans none.
+async fn a_pass_over_several_batches_plans_each_event_once(backend: Backend) {
+    let env = TestEnv::new(backend, Sink::Files, &[("thanks.toml", THANK_YOU_SOON)], "").await;
+    let store = env.store().await;
+    let n = 45_000;
+    let (customers, events) = match backend {
+        Backend::Sqlite => (
+            format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+                 INSERT INTO customers (id, email) SELECT 'c' || i, 'c' || i || '@example.com' FROM n"
+            ),
+            format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+                 INSERT INTO events (id, customer_id, kind, occurred_at) \
+                 SELECT 'e' || i, 'c' || i, 'purchase', strftime('%Y-%m-%dT%H:%M:%fZ', 'now') FROM n"
+            ),
+        ),
+        Backend::Postgres => (
+            format!(
+                "INSERT INTO customers (id, email) SELECT 'c' || i, 'c' || i || '@example.com' \
+                 FROM generate_series(1, {n}) AS i"
+            ),
+            format!(
+                "INSERT INTO events (id, customer_id, kind, occurred_at) \
+                 SELECT 'e' || i, 'c' || i, 'purchase', now() FROM generate_series(1, {n}) AS i"
+            ),
+        ),
+    };
+    raw_sql(&env, &customers).await;
+    raw_sql(&env, &events).await;
+    let config = env.config();
+    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
+    let settings = touchpoint::plan::PlanSettings {
+        default_timezone: config.defaults.timezone,
+        default_expire_after: config.defaults.expire_after,
+        horizon: Some(config.planner.horizon),
+    };
+    let mut planned = Vec::new();
+    for _ in 0..2 {
+        let (_, report) = touchpoint::plan::plan_pass(
+            &store,
+            &playbook,
+            touchpoint::plan::Cursors::default(),
+            &settings,
+        )
+        .await
+        .expect("plan");
+        planned.push(report.inserted);
+    }
+    assert_eq!(planned, vec![n, 0]);
+    assert_eq!(
+        store
+            .count_state(MessageState::Scheduled)
+            .await
+            .expect("count"),
+        i64::try_from(n).expect("small")
+    );
+}
+
 /// `seq` has gaps (on PostgreSQL every upsert of an existing customer uses up a value): a pass
 /// over a sparse range still finds every row, without a query per empty stretch.
 async fn a_sparse_seq_range_is_planned_whole(backend: Backend) {
@@ -1897,6 +1958,7 @@ async fn a_sparse_seq_range_is_planned_whole(backend: Backend) {
     let settings = touchpoint::plan::PlanSettings {
         default_timezone: config.defaults.timezone,
         default_expire_after: config.defaults.expire_after,
+        horizon: Some(config.planner.horizon),
     };
     let (cursors, report) = touchpoint::plan::plan_pass(
         &store,
@@ -1908,6 +1970,116 @@ async fn a_sparse_seq_range_is_planned_whole(backend: Backend) {
     .expect("plan");
     assert_eq!(report.inserted, 3, "{:#?}", whole_log(&store).await);
     assert_eq!(cursors.events, 2_000_001);
+}
+
+const ANNIVERSARY: &str = r#"
+[[rule]]
+name = "anniversary"
+template = "anniversary"
+subject = "Happy anniversary, {{customer.first_name}}!"
+when = { anniversary_of = "wedding", at = "09:00" }
+"#;
+
+/// A wedding on the day `days` from today, five years ago (a plain date, as imports give).
+fn wedding_day(days: i64) -> DateTime<Utc> {
+    let day = Utc::now().date_naive() + TimeDelta::days(days);
+    let then =
+        NaiveDate::from_ymd_opt(day.year() - 5, day.month(), day.day().min(28)).expect("a date");
+    then.and_time(NaiveTime::MIN).and_utc()
+}
+
+/// `planner.horizon` (35 days by default): an anniversary further ahead gets no message yet,
+/// and every full pass leaves it so, with no second message for the near one; `touchpoint
+/// plan` and `why` show it as not yet planned.
+async fn anniversaries_are_planned_within_the_horizon(backend: Backend) {
+    let env = TestEnv::new(
+        backend,
+        Sink::Files,
+        &[("anniversary.toml", ANNIVERSARY)],
+        "",
+    )
+    .await;
+    let store = env.store().await;
+    let utc = Some("UTC");
+    add(
+        &store,
+        &[
+            person("soon", "Sam Soon", utc, json!({})),
+            person("later", "Lou Later", utc, json!({})),
+        ],
+    )
+    .await;
+    happened(
+        &store,
+        "w-soon",
+        "soon",
+        "wedding",
+        wedding_day(10),
+        json!({}),
+    )
+    .await;
+    happened(
+        &store,
+        "w-later",
+        "later",
+        "wedding",
+        wedding_day(120),
+        json!({}),
+    )
+    .await;
+    let config = env.config();
+    assert_eq!(config.planner.horizon, TimeDelta::days(35));
+    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
+    let settings = touchpoint::plan::PlanSettings {
+        default_timezone: config.defaults.timezone,
+        default_expire_after: config.defaults.expire_after,
+        horizon: Some(config.planner.horizon),
+    };
+    for pass in 0..2 {
+        let (_, report) = touchpoint::plan::plan_pass(
+            &store,
+            &playbook,
+            touchpoint::plan::Cursors::default(),
+            &settings,
+        )
+        .await
+        .expect("plan");
+        assert_eq!(report.inserted, 1 - pass, "{:#?}", whole_log(&store).await);
+    }
+    let soon = log_of(&store, "soon").await;
+    assert_eq!(soon.len(), 1);
+    assert_eq!(
+        soon[0].due_at.date_naive(),
+        (Utc::now() + TimeDelta::days(10)).date_naive()
+    );
+    assert_eq!(log_of(&store, "later").await, vec![]);
+
+    let upcoming = touchpoint::query::upcoming(&playbook, &settings, &store, 200)
+        .await
+        .expect("upcoming");
+    let status = |customer: &str| {
+        upcoming
+            .rows
+            .iter()
+            .filter(|r| r.customer_id == customer)
+            .map(|r| r.status.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(status("soon"), vec!["scheduled"]);
+    assert_eq!(status("later"), vec!["not yet planned"]);
+
+    let (ok, out, err) = env.run_cli(&[
+        "why",
+        "--customer",
+        "later",
+        "--rule",
+        "anniversary",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(rows[0]["reason"], "not_yet_planned", "{out}");
 }
 
 /// Runs one statement on the daemon's own database, as another application would.
@@ -1933,6 +2105,8 @@ async fn raw_sql(env: &TestEnv, sql: &str) {
 }
 
 on_both_backends!(
+    a_pass_over_several_batches_plans_each_event_once,
+    anniversaries_are_planned_within_the_horizon,
     a_sparse_seq_range_is_planned_whole,
     a_purchase_is_thanked_once_over_smtp,
     the_three_example_rules_end_to_end,

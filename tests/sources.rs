@@ -582,6 +582,7 @@ async fn planning_reads_only_the_window(backend: Backend) {
     let settings = touchpoint::plan::PlanSettings {
         default_timezone: chrono_tz::UTC,
         default_expire_after: config.defaults.expire_after,
+        horizon: Some(config.planner.horizon),
     };
     let shop_source = &sources.sources[0];
     let full_pass = touchpoint::plan::SourceCursors::new();

@@ -223,6 +223,7 @@ base_url = "https://touchpoint.acme.example"
         let settings = PlanSettings {
             default_timezone: config.defaults.timezone,
             default_expire_after: config.defaults.expire_after,
+            horizon: Some(config.planner.horizon),
         };
         Ok((playbook, settings, self.store().await?))
     }

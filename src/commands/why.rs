@@ -23,6 +23,7 @@ pub async fn why(config: &Config, store: &SharedStore, args: &WhyArgs) -> Result
         plan: PlanSettings {
             default_timezone: config.defaults.timezone,
             default_expire_after: config.defaults.expire_after,
+            horizon: Some(config.planner.horizon),
         },
         max_attempts: config.delivery.max_attempts,
     };

@@ -101,7 +101,8 @@ pub enum Answer {
         message: i64,
         at: DateTime<Utc>,
     },
-    /// Every check passes but planning has not made the message yet (it will on its next pass).
+    /// Every check passes but planning has not made the message yet (it will on its next pass,
+    /// or an anniversary's once it is within `planner.horizon`).
     NotYetPlanned {
         at: DateTime<Utc>,
     },
@@ -518,7 +519,7 @@ impl Answer {
                 format!("planned: message {message}, due {}", time(*at))
             }
             Answer::NotYetPlanned { at } => format!(
-                "applies: planning will make the message on its next pass (due {})",
+                "applies: planning will make the message on its next pass, or an anniversary's once it is within planner.horizon (due {})",
                 time(*at)
             ),
             Answer::OutsideWindow { message, at } => format!(

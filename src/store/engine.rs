@@ -289,8 +289,9 @@ impl<D: Driver> SqlStore<D> {
         sql
     }
 
-    /// Events of a kind with no occurrence of this rule still to come.
-    fn recurring_events(q: &CandidateQuery, kind: &str) -> Sql {
+    /// Events of a kind with no occurrence of this rule still to come (on these days of the
+    /// year: checked before the lookups, which it spares the events outside them).
+    fn recurring_events(q: &CandidateQuery, kind: &str, days: Option<&MonthDays>) -> Sql {
         let mut sql = Sql::new(
             "SELECT e.seq, c.id AS customer_id, c.email, c.name, c.timezone, c.attributes, \
              e.id AS event_id, e.kind, e.occurred_at, e.data, \
@@ -301,6 +302,15 @@ impl<D: Driver> SqlStore<D> {
         sql.push("FROM events e JOIN customers c ON c.id = e.customer_id WHERE e.kind = ");
         sql.bind(kind).push(" AND e.seq > ").bind(q.after_seq);
         sql.push(" AND e.seq <= ").bind(q.up_to_seq);
+        if let Some(days) = days {
+            let day = D::month_day("e.occurred_at");
+            let join = if days.from <= days.to { "AND" } else { "OR" };
+            sql.push(format!(" AND ({day} >= "))
+                .bind(&days.from)
+                .push(format!(" {join} {day} <= "))
+                .bind(&days.to)
+                .push(")");
+        }
         sql.push(" AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.rule = ")
             .bind(&q.rule);
         sql.push(" AND m.event_id = e.id AND m.trigger_at >= ")
@@ -356,7 +366,9 @@ impl<D: Driver> PlanningStore for SqlStore<D> {
                 occurred_from,
                 unless_since,
             } => Self::new_events(q, kind, *occurred_from, unless_since),
-            CandidateSource::RecurringEvents { kind } => Self::recurring_events(q, kind),
+            CandidateSource::RecurringEvents { kind, month_days } => {
+                Self::recurring_events(q, kind, month_days.as_ref())
+            }
             CandidateSource::RecurringCustomers => Self::recurring_customers(q),
         };
         sql.push(" LIMIT ").bind(q.limit);

@@ -392,10 +392,22 @@ pub enum CandidateSource {
         occurred_from: DateTime<Utc>,
         unless_since: Vec<String>,
     },
-    /// Events of a kind (anniversaries) with no occurrence of this rule still to come.
-    RecurringEvents { kind: String },
+    /// Events of a kind (anniversaries) with no occurrence of this rule still to come; with
+    /// `month_days`, only those that occurred (UTC) on one of these days of the year.
+    RecurringEvents {
+        kind: String,
+        month_days: Option<MonthDays>,
+    },
     /// Customers with no occurrence of this (scheduled) rule still to come.
     RecurringCustomers,
+}
+
+/// Days of the year as `MM-DD`, from `from` to `to` inclusive, past the year's end when `to`
+/// comes before `from`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MonthDays {
+    pub from: String,
+    pub to: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -321,6 +321,8 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     fn null(pg_type: &str) -> String;
     /// The start of the UTC hour of the stored instant `column`.
     fn hour_of(column: &str) -> String;
+    /// The UTC month and day (`MM-DD`, compared as text) of the stored instant `column`.
+    fn month_day(column: &str) -> String;
     /// ` IN (...)` or ` = ANY(?)` of at most `LIST_CHUNK` values.
     fn push_in(sql: &mut Sql, values: &[String]);
 

@@ -281,6 +281,11 @@ impl Driver for SqliteDriver {
         format!("substr({column}, 1, 13) || ':00:00Z'")
     }
 
+    fn month_day(column: &str) -> String {
+        // Times are kept as `YYYY-MM-DDTHH:MM:SS.sssZ` (see `ts`).
+        format!("substr({column}, 6, 5)")
+    }
+
     fn push_in(sql: &mut Sql, values: &[String]) {
         sql.push(" IN ");
         if values.is_empty() {
