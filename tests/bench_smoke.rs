@@ -15,7 +15,12 @@ async fn planning(backend: Backend) {
         .await
         .expect("planning");
     eprintln!("{r:?}");
-    assert_eq!(r.planned, 3_000, "one message per event: {r:?}");
+    // Every event rule's message (two thirds of the events) and the anniversaries within
+    // `planner.horizon` (some of the other third).
+    assert!(
+        (2_000..=3_000).contains(&r.planned),
+        "one message per event, anniversaries within the horizon: {r:?}"
+    );
     assert_eq!(r.new_planned, 100, "{r:?}");
     assert!(r.first_pass > Duration::ZERO && r.idle_pass > Duration::ZERO);
 }

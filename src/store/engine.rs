@@ -1,7 +1,7 @@
 //! The one storage implementation: every query written once, over a `Driver` that supplies
 //! the SQL text that differs per database and runs the statements.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -499,6 +499,124 @@ fn reap_transitions(resend_unknown: bool) -> [(&'static str, &'static str, &'sta
     ]
 }
 
+/// The columns of a group of outcomes, as `finish_group` passes them (name, PostgreSQL type).
+const FINISH_COLUMNS: [(&str, &str); 8] = [
+    ("id", "bigint"),
+    ("token", "text"),
+    ("state", "text"),
+    ("next_at", "timestamptz"),
+    ("reply", "text"),
+    ("reason", "text"),
+    ("sent", "boolean"),
+    ("uncount", "integer"),
+];
+
+impl<D: Driver> SqlStore<D> {
+    /// A group of outcomes in one checked statement (each row its own token, as River's batch
+    /// completer does) and their history lines in one more, in one transaction.
+    async fn finish_group(&self, outcomes: &[Finishing<'_>]) -> StoreResult<Vec<(i64, i32)>> {
+        let rows = outcomes
+            .iter()
+            .map(|o| {
+                let c = rows::outcome_columns(o.outcome);
+                serde_json::json!({
+                    "id": o.id,
+                    "token": o.token,
+                    "state": c.state,
+                    "next_at": c.next_attempt_at.map(D::time_text),
+                    "reply": c.smtp_reply,
+                    "reason": c.reason,
+                    "sent": c.sent,
+                    "uncount": c.uncount,
+                })
+            })
+            .collect();
+        let mut sql = Sql::new(format!(
+            "UPDATE messages SET state = v.state, \
+             next_attempt_at = COALESCE(v.next_at, messages.next_attempt_at), \
+             smtp_reply = COALESCE(v.reply, messages.smtp_reply), reason = v.reason, \
+             sent_at = CASE WHEN v.sent THEN {now} ELSE messages.sent_at END, \
+             attempts = messages.attempts - v.uncount, claim_token = NULL, claimed_by = NULL, \
+             lease_expires_at = NULL, phase = NULL, updated_at = {now} FROM ",
+            now = D::NOW
+        ));
+        D::json_rows(&mut sql, serde_json::Value::Array(rows), &FINISH_COLUMNS);
+        sql.push(
+            " WHERE messages.id = v.id AND messages.claim_token = v.token \
+             AND messages.state = 'sending' RETURNING messages.id, messages.attempts",
+        );
+        let lines: HashMap<i64, HistoryLine> = outcomes
+            .iter()
+            .map(|o| (o.id, HistoryLine::of(o.outcome)))
+            .collect();
+        let log = Box::new(move |changed: Vec<(i64, i32)>| history_inserts(&lines, &changed));
+        self.driver.update_then_log(sql, log).await
+    }
+
+    /// Outcomes one statement each (in the order of the ids: two groups touching common rows
+    /// lock them in one order), in one transaction.
+    async fn finish_each(&self, outcomes: &[Finishing<'_>]) -> StoreResult<Vec<bool>> {
+        let mut order: Vec<usize> = (0..outcomes.len()).collect();
+        order.sort_by_key(|&i| outcomes[i].id);
+        let updates = order
+            .iter()
+            .map(|&i| Self::finish_update(outcomes[i].id, outcomes[i].token, outcomes[i].outcome))
+            .collect();
+        let changed = self.driver.update_logged_relaxed(updates).await?;
+        let mut held = vec![false; outcomes.len()];
+        for (&i, ids) in order.iter().zip(changed) {
+            held[i] = !ids.is_empty();
+        }
+        Ok(held)
+    }
+}
+
+/// What an outcome's history line says, besides the message and its attempt.
+struct HistoryLine {
+    kind: &'static str,
+    reply: Option<String>,
+    detail: serde_json::Value,
+    /// Added to the message's attempts after the update (a release is not an attempt).
+    uncount: i32,
+}
+
+impl HistoryLine {
+    fn of(outcome: &Outcome) -> HistoryLine {
+        let (kind, reply, detail) = rows::outcome_event(outcome);
+        HistoryLine {
+            kind,
+            reply: reply.map(str::to_string),
+            detail,
+            uncount: rows::outcome_columns(outcome).uncount,
+        }
+    }
+}
+
+/// The history lines of the changed messages, `CHUNK` rows per INSERT.
+fn history_inserts(lines: &HashMap<i64, HistoryLine>, changed: &[(i64, i32)]) -> Vec<Sql> {
+    let rows: Vec<(i64, i32, &HistoryLine)> = changed
+        .iter()
+        .filter_map(|&(id, attempts)| Some((id, attempts, lines.get(&id)?)))
+        .collect();
+    rows.chunks(CHUNK)
+        .map(|chunk| {
+            let mut sql = Sql::new(
+                "INSERT INTO message_events (message_id, kind, attempt, smtp_reply, detail) ",
+            );
+            sql.values(chunk, |(id, attempts, line)| {
+                vec![
+                    (*id).into(),
+                    line.kind.into(),
+                    (attempts + line.uncount).into(),
+                    line.reply.as_deref().into(),
+                    Arg::json(&line.detail),
+                ]
+            });
+            sql
+        })
+        .collect()
+}
+
 impl<D: Driver> SqlStore<D> {
     /// The fenced write of an outcome and its history line.
     fn finish_update(id: i64, token: &str, outcome: &Outcome) -> LoggedUpdate {
@@ -775,19 +893,19 @@ impl<D: Driver> OutboxStore for SqlStore<D> {
     }
 
     async fn finish_all(&self, outcomes: &[Finishing<'_>]) -> StoreResult<Vec<bool>> {
-        // In the order of the ids: two groups touching common rows lock them in one order.
-        let mut order: Vec<usize> = (0..outcomes.len()).collect();
-        order.sort_by_key(|&i| outcomes[i].id);
-        let updates = order
-            .iter()
-            .map(|&i| Self::finish_update(outcomes[i].id, outcomes[i].token, outcomes[i].outcome))
-            .collect();
-        let changed = self.driver.update_logged_relaxed(updates).await?;
-        let mut held = vec![false; outcomes.len()];
-        for (&i, ids) in order.iter().zip(changed) {
-            held[i] = !ids.is_empty();
+        let ids: HashSet<i64> = outcomes.iter().map(|o| o.id).collect();
+        if ids.len() < outcomes.len() {
+            // Two attempts of one message (a stale claim and its successor): row by row, so
+            // each is answered for its own token.
+            return self.finish_each(outcomes).await;
         }
-        Ok(held)
+        let changed: HashSet<i64> = self
+            .finish_group(outcomes)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        Ok(outcomes.iter().map(|o| changed.contains(&o.id)).collect())
     }
 
     async fn reap_expired(&self, resend_unknown: bool) -> StoreResult<Reaped> {

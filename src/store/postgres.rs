@@ -335,6 +335,41 @@ impl Driver for PostgresDriver {
         Ok(affected)
     }
 
+    async fn update_then_log(
+        &self,
+        update: Sql,
+        log: Box<dyn FnOnce(Vec<(i64, i32)>) -> Vec<Sql> + Send>,
+    ) -> StoreResult<Vec<(i64, i32)>> {
+        let mut tx = self.pool.begin().await?;
+        relax_commit(&mut tx).await?;
+        let (text, args) = update.into_numbered();
+        let changed: Vec<(i64, i32)> = sqlx::query_as_with(&text, arguments(args)?)
+            .fetch_all(&mut *tx)
+            .await?;
+        for sql in log(changed.clone()) {
+            let (text, args) = sql.into_numbered();
+            sqlx::query_with(&text, arguments(args)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    fn json_rows(sql: &mut Sql, json: serde_json::Value, columns: &[(&str, &str)]) {
+        let typed: Vec<String> = columns
+            .iter()
+            .map(|(name, pg_type)| format!("{name} {pg_type}"))
+            .collect();
+        sql.push("jsonb_to_recordset(")
+            .bind(Arg::Json(Some(json)))
+            .push(format!(") AS v({})", typed.join(", ")));
+    }
+
+    fn time_text(at: DateTime<Utc>) -> String {
+        at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    }
+
     async fn update_logged_relaxed(
         &self,
         updates: Vec<LoggedUpdate>,

@@ -361,6 +361,19 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
         updates: Vec<LoggedUpdate>,
         together: bool,
     ) -> StoreResult<Vec<Vec<i64>>>;
+    /// `update` (an `UPDATE ... RETURNING id, attempts`), then the statements `log` makes of
+    /// the rows it changed, in one transaction whose commit need not wait for the disk; the
+    /// changed rows' ids and attempts. (A group of outcomes: one statement for all their rows.)
+    async fn update_then_log(
+        &self,
+        update: Sql,
+        log: Box<dyn FnOnce(Vec<(i64, i32)>) -> Vec<Sql> + Send>,
+    ) -> StoreResult<Vec<(i64, i32)>>;
+    /// A relation `v` with the given (name, SQL type) columns, made from one JSON array
+    /// parameter of objects with those keys (text, numbers, booleans; times as `time_text`).
+    fn json_rows(sql: &mut Sql, json: serde_json::Value, columns: &[(&str, &str)]);
+    /// A time as the JSON of `json_rows` carries it.
+    fn time_text(at: DateTime<Utc>) -> String;
     /// The updates in one transaction whose commit need not wait for the disk (outcomes: one
     /// lost in a power cut leaves the attempt in phase `body`, which the reaper settles).
     async fn update_logged_relaxed(&self, updates: Vec<LoggedUpdate>)

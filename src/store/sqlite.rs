@@ -439,6 +439,35 @@ impl Driver for SqliteDriver {
         Ok(changed)
     }
 
+    async fn update_then_log(
+        &self,
+        update: Sql,
+        log: Box<dyn FnOnce(Vec<(i64, i32)>) -> Vec<Sql> + Send>,
+    ) -> StoreResult<Vec<(i64, i32)>> {
+        // Every commit but the body fence's runs `synchronous = NORMAL` already.
+        let mut writer = self.writer().await;
+        let mut tx = sqlx::Connection::begin(&mut *writer).await?;
+        let changed: Vec<(i64, i32)> = fetch_all_on(&mut tx, update).await?;
+        for sql in log(changed.clone()) {
+            execute_on(&mut tx, sql).await?;
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    fn json_rows(sql: &mut Sql, json: serde_json::Value, columns: &[(&str, &str)]) {
+        let picked: Vec<String> = columns
+            .iter()
+            .map(|(name, _)| format!("value ->> '{name}' AS {name}"))
+            .collect();
+        sql.push(format!("(SELECT {} FROM json_each(", picked.join(", ")));
+        sql.bind(Arg::Text(Some(json.to_string()))).push(")) AS v");
+    }
+
+    fn time_text(at: DateTime<Utc>) -> String {
+        ts(at)
+    }
+
     async fn update_logged_relaxed(
         &self,
         updates: Vec<LoggedUpdate>,
