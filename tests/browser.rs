@@ -876,6 +876,8 @@ async fn month_scenario() {
     .await;
     let store = env.store().await;
     let month = month_of_history(&env, &store).await;
+    // Next year's anniversary is further ahead than the default planner.horizon.
+    env.plan_far_ahead();
     let daemon = env.start().await;
     // The planner keeps the wedding (next year's anniversary): wait for it.
     let planned = support::eventually(Duration::from_secs(20), || async {

@@ -1956,6 +1956,8 @@ async fn a_suppressed_address_is_never_planned_by_any_rule(backend: Backend) {
         .customer("carol", "carol@example.com", "Carol Shaw")
         .await;
     world.customer("bea", "Bea@Example.com", "Bea Arthur").await;
+    // Next June's anniversary is further ahead than the default planner.horizon.
+    world.env.plan_far_ahead();
     let (ok, out, err) = world.cli(&[
         "suppress",
         "add",

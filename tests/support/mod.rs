@@ -80,6 +80,15 @@ shutdown_grace = "5s"
 "#;
 
 impl TestEnv {
+    /// Plans anniversaries up to 400 days ahead (`planner.horizon`, 35 days by default), for
+    /// tests that expect next year's anniversary as a message.
+    pub fn plan_far_ahead(&self) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        assert!(text.contains("[planner]\n"), "no [planner] in {text}");
+        let text = text.replacen("[planner]\n", "[planner]\nhorizon = \"400d\"\n", 1);
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
     /// A new world with the repository's templates, the given rule files and config text
     /// appended to the basics (database, transport, sender, business). `extra` may hold whole
     /// sections; don't repeat a section that the basics or `FAST` already have unless you
