@@ -2678,6 +2678,79 @@ async fn the_body_fence_holds_the_limit_under_a_race(backend: Backend) {
 /// `max = 1` in the same group, exactly the first passes (the second counts the first's phase,
 /// written in the same transaction); a third customer's fence and a stale token in the group
 /// are judged on their own.
+/// Fences without a frequency limit are written as one statement per run; each row is still
+/// judged on its own token, suppression and expiry, and a limited fence between them keeps
+/// its place in the order.
+async fn a_run_of_plain_fences_judges_each_row(backend: Backend) {
+    let (_env, store) = open(backend).await;
+    let due = Utc::now() - TimeDelta::seconds(1);
+    let expired = NewMessage {
+        expires_at: Some(Utc::now() - TimeDelta::milliseconds(1)),
+        ..of_rule("p", "p:4", "x", due)
+    };
+    store
+        .insert_messages(&[
+            of_rule("p", "p:1", "u", due),
+            of_rule("p", "p:2", "v", due),
+            of_rule("p", "p:3", "w", due),
+            expired,
+            of_rule("q", "q:1", "u", due),
+            of_rule("p", "p:5", "y", due),
+        ])
+        .await
+        .expect("insert");
+    store
+        .suppress("W@example.com", "bounced", "smtp")
+        .await
+        .expect("suppress");
+    let claims = store.claim_due("one", 10, LEASE).await.expect("claim");
+    assert_eq!(claims.len(), 6);
+    let by_key = |customer: &str, rule: &str| {
+        claims
+            .iter()
+            .find(|c| c.customer_id == customer && c.rule == rule)
+            .expect("claimed")
+    };
+    let start = |claim: &ClaimedMessage, token: &str, gate: Option<FrequencyGate>| BodyStart {
+        id: claim.id,
+        token: token.into(),
+        delivery: delivery(&format!("{}@example.com", claim.customer_id)),
+        content: content(),
+        margin: MARGIN,
+        gate,
+    };
+    let (u, v, w, x, uq, y) = (
+        by_key("u", "p"),
+        by_key("v", "p"),
+        by_key("w", "p"),
+        by_key("x", "p"),
+        by_key("u", "q"),
+        by_key("y", "p"),
+    );
+    let group = [
+        start(u, &u.token, None),
+        start(v, "stale", None),
+        start(w, &w.token, None),
+        start(x, &x.token, None),
+        // Limited to one for u: u's plain fence just before it in the group counts.
+        start(uq, &uq.token, Some(gate("u", 1, TimeDelta::days(1)))),
+        start(y, &y.token, None),
+    ];
+    let held = store.begin_bodies(&group).await.expect("group");
+    assert_eq!(
+        held,
+        [true, false, false, false, false, true],
+        "u held; v's token stale; w suppressed; x expired; u's limited one after u's plain one; y held"
+    );
+    for (claim, phase) in [(u, true), (v, false), (w, false), (x, false), (y, true)] {
+        let counted = store
+            .counted_sends(&claim.customer_id, Utc::now() - TimeDelta::days(1), &[], 0)
+            .await
+            .expect("counted");
+        assert_eq!(!counted.is_empty(), phase, "{}", claim.customer_id);
+    }
+}
+
 async fn a_group_of_body_fences_is_judged_in_order(backend: Backend) {
     let (_env, store) = open(backend).await;
     let due = Utc::now() - TimeDelta::seconds(1);
@@ -3227,5 +3300,6 @@ async fn schedules_find_their_planned_occurrences(backend: Backend) {
 
 on_both_backends!(
     a_page_is_planned_once,
-    schedules_find_their_planned_occurrences
+    schedules_find_their_planned_occurrences,
+    a_run_of_plain_fences_judges_each_row
 );

@@ -24,10 +24,25 @@ pub struct SqlStore<D> {
     fences: Arc<GroupCommit<Fence, u64>>,
 }
 
-/// One body fence's write: its statement and, for a frequency limit, its serialisation key.
-struct Fence {
-    key: Option<String>,
-    sql: Sql,
+/// One body fence's write.
+enum Fence {
+    /// Without a frequency limit: written together with the plain fences next to it in the
+    /// group, in one statement.
+    Plain(PlainFence),
+    /// With a frequency limit: its own statement (judged after the fences before it in the
+    /// group) under the customer's serialisation key.
+    Limited { key: String, sql: Sql },
+    /// Without a frequency limit, where the driver writes fences one statement each.
+    Single(Sql),
+}
+
+/// What a fence without a frequency limit writes.
+struct PlainFence {
+    id: i64,
+    token: String,
+    delivery: Delivery,
+    content: SentContent,
+    margin: TimeDelta,
 }
 
 impl<D> SqlStore<D> {
@@ -499,6 +514,19 @@ fn reap_transitions(resend_unknown: bool) -> [(&'static str, &'static str, &'sta
     ]
 }
 
+/// The columns of a group of plain fences, as `plain_fences` passes them.
+const FENCE_COLUMNS: [(&str, &str); 9] = [
+    ("id", "bigint"),
+    ("token", "text"),
+    ("email", "text"),
+    ("subject", "text"),
+    ("message_id", "text"),
+    ("body_text", "text"),
+    ("body_html", "text"),
+    ("checks", "jsonb"),
+    ("suppressed_as", "text"),
+];
+
 /// The columns of a group of outcomes, as `finish_group` passes them (name, PostgreSQL type).
 const FINISH_COLUMNS: [(&str, &str); 8] = [
     ("id", "bigint"),
@@ -666,17 +694,73 @@ impl<D: Driver> SqlStore<D> {
         margin: TimeDelta,
         gate: Option<&FrequencyGate>,
     ) -> Fence {
-        let mut sql = Self::begin_body(id, token, delivery, content, margin);
         let Some(gate) = gate else {
-            return Fence { key: None, sql };
+            if !D::GROUP_FENCES {
+                let mut sql = Self::begin_body(id, token, delivery, content, margin);
+                sql.push(" RETURNING id");
+                return Fence::Single(sql);
+            }
+            return Fence::Plain(PlainFence {
+                id,
+                token: token.to_string(),
+                delivery: delivery.clone(),
+                content: content.clone(),
+                margin,
+            });
         };
+        let mut sql = Self::begin_body(id, token, delivery, content, margin);
         sql.push(" AND (SELECT COUNT(*) ");
         push_counted(&mut sql, &gate.customer_id, &gate.exempt_rules, id);
         sql.push(" AND o.body_at > ");
         D::push_later(&mut sql, D::CLOCK, -gate.per);
         sql.push(") < ").bind(i64::from(gate.max));
-        let key = Some(format!("customer:{}", gate.customer_id));
-        Fence { key, sql }
+        sql.push(" RETURNING id");
+        let key = format!("customer:{}", gate.customer_id);
+        Fence::Limited { key, sql }
+    }
+
+    /// Plain fences with one margin as one statement: each row checks its own token, lease
+    /// margin, expiry and suppression, as [`begin_body`](Self::begin_body) does for one.
+    fn plain_fences(fences: &[&PlainFence]) -> Sql {
+        let rows = fences
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "id": f.id,
+                    "token": f.token,
+                    "email": f.delivery.email,
+                    "subject": f.delivery.subject,
+                    "message_id": f.delivery.message_id,
+                    "body_text": f.content.text,
+                    "body_html": f.content.html,
+                    "checks": serde_json::to_value(&f.content.checks).unwrap_or_default(),
+                    "suppressed_as": normalize_email(&f.delivery.email),
+                })
+            })
+            .collect();
+        let mut sql = Sql::new(format!(
+            "UPDATE messages SET phase = 'body', email = v.email, subject = v.subject, \
+             message_id = v.message_id, body_text = COALESCE(v.body_text, messages.body_text), \
+             body_html = COALESCE(v.body_html, messages.body_html), \
+             checks = COALESCE(v.checks, messages.checks), body_at = {clock}, \
+             updated_at = {now} FROM ",
+            clock = D::CLOCK,
+            now = D::NOW
+        ));
+        D::json_rows(&mut sql, serde_json::Value::Array(rows), &FENCE_COLUMNS);
+        sql.push(
+            " WHERE messages.id = v.id AND messages.claim_token = v.token \
+             AND messages.state = 'sending' AND messages.lease_expires_at > ",
+        );
+        let margin = fences.first().map_or(TimeDelta::zero(), |f| f.margin);
+        D::push_later(&mut sql, D::CLOCK, margin);
+        sql.push(format!(
+            " AND (messages.expires_at IS NULL OR messages.expires_at > {clock}) \
+             AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.email = v.suppressed_as) \
+             RETURNING messages.id",
+            clock = D::CLOCK
+        ));
+        sql
     }
 
     /// `counted_sends`, or with `in_flight` only those still going out.
@@ -711,12 +795,67 @@ impl<D: Driver> SqlStore<D> {
     /// The fences in one durable transaction, in order; each one's rows affected.
     async fn commit_fences(&self, fences: Vec<Fence>) -> StoreResult<Vec<u64>> {
         let mut locks = Vec::new();
-        let mut statements = Vec::with_capacity(fences.len());
-        for fence in fences {
-            locks.extend(fence.key);
-            statements.push(fence.sql);
+        let mut statements = Vec::new();
+        // Which fences each statement writes, in the group's order: a run of plain fences (one
+        // margin) is one statement, and a limited fence its own (`None`: answered by whether
+        // its statement returned a row).
+        let mut members: Vec<Vec<(usize, Option<i64>)>> = Vec::new();
+        let mut run: Vec<(usize, PlainFence)> = Vec::new();
+        let count = fences.len();
+        for (i, fence) in fences.into_iter().enumerate() {
+            match fence {
+                Fence::Plain(plain) => {
+                    if run
+                        .first()
+                        .is_some_and(|(_, first)| first.margin != plain.margin)
+                    {
+                        Self::flush_run(&mut run, &mut statements, &mut members);
+                    }
+                    run.push((i, plain));
+                }
+                Fence::Limited { key, sql } => {
+                    Self::flush_run(&mut run, &mut statements, &mut members);
+                    locks.push(key);
+                    statements.push(sql);
+                    members.push(vec![(i, None)]);
+                }
+                Fence::Single(sql) => {
+                    statements.push(sql);
+                    members.push(vec![(i, None)]);
+                }
+            }
         }
-        self.driver.execute_group(locks, statements).await
+        Self::flush_run(&mut run, &mut statements, &mut members);
+        let returned = self.driver.execute_group(locks, statements).await?;
+        let mut affected = vec![0; count];
+        for (written, ids) in members.iter().zip(returned) {
+            for &(i, id) in written {
+                let held = match id {
+                    Some(id) => ids.contains(&id),
+                    None => !ids.is_empty(),
+                };
+                affected[i] = u64::from(held);
+            }
+        }
+        Ok(affected)
+    }
+
+    /// The run of plain fences so far as one statement.
+    fn flush_run(
+        run: &mut Vec<(usize, PlainFence)>,
+        statements: &mut Vec<Sql>,
+        members: &mut Vec<Vec<(usize, Option<i64>)>>,
+    ) {
+        if run.is_empty() {
+            return;
+        }
+        let plain: Vec<&PlainFence> = run.iter().map(|(_, fence)| fence).collect();
+        statements.push(Self::plain_fences(&plain));
+        members.push(
+            run.drain(..)
+                .map(|(i, fence)| (i, Some(fence.id)))
+                .collect(),
+        );
     }
 }
 

@@ -203,6 +203,7 @@ impl Driver for PostgresDriver {
     // `OFFSET 0` in each anti-join on `messages` of the planning query (see `candidates`).
     const FENCE: &'static str = " OFFSET 0";
     const CACHE_CANDIDATE_PLANS: bool = false;
+    const GROUP_FENCES: bool = true;
     const LIST_CHUNK: usize = usize::MAX;
     const OLDEST_DUE_SECONDS: &'static str =
         "EXTRACT(EPOCH FROM now() - MIN(next_attempt_at))::float8";
@@ -302,7 +303,7 @@ impl Driver for PostgresDriver {
         &self,
         locks: Vec<String>,
         statements: Vec<Sql>,
-    ) -> StoreResult<Vec<u64>> {
+    ) -> StoreResult<Vec<Vec<i64>>> {
         let mut tx = self.pool.begin().await?;
         if !locks.is_empty() {
             // Held until commit, taken in the order of the lock ids (every process uses the
@@ -323,16 +324,16 @@ impl Driver for PostgresDriver {
             .execute(&mut *tx)
             .await?;
         }
-        let mut affected = Vec::with_capacity(statements.len());
+        let mut returned = Vec::with_capacity(statements.len());
         for sql in statements {
             let (text, args) = sql.into_numbered();
-            let done = sqlx::query_with(&text, arguments(args)?)
-                .execute(&mut *tx)
+            let ids: Vec<(i64,)> = sqlx::query_as_with(&text, arguments(args)?)
+                .fetch_all(&mut *tx)
                 .await?;
-            affected.push(done.rows_affected());
+            returned.push(ids.into_iter().map(|(id,)| id).collect());
         }
         tx.commit().await?;
-        Ok(affected)
+        Ok(returned)
     }
 
     async fn update_then_log(

@@ -302,6 +302,11 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     const FENCE: &'static str;
     /// Whether the planning query may be kept as a cached prepared statement.
     const CACHE_CANDIDATE_PLANS: bool;
+    /// Whether a run of body fences is written as one statement (the rows as one JSON
+    /// parameter): a round trip per fence saved over the network; on SQLite, where a statement
+    /// costs no round trip, parsing the JSON (the rendered bodies) for each column cost more
+    /// than it saved (BENCHMARKS.md).
+    const GROUP_FENCES: bool;
     /// How many values one `IN` list may hold (`push_in`).
     const LIST_CHUNK: usize;
     /// Seconds since the oldest due waiting message's `next_attempt_at` (an aggregate).
@@ -346,11 +351,12 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// deadlocking. The commit returns only once it is on disk (SQLite runs
     /// `synchronous = NORMAL` otherwise, which survives a crash of the process but not of the
     /// machine): the no-duplicate guarantee rests on these writes.
+    /// Each statement ends in `RETURNING <an id>`: the ids each one returned.
     async fn execute_group(
         &self,
         locks: Vec<String>,
         statements: Vec<Sql>,
-    ) -> StoreResult<Vec<u64>>;
+    ) -> StoreResult<Vec<Vec<i64>>>;
 
     // --- what differs beyond the text ---------------------------------------------------------
     async fn migrate(&self) -> StoreResult<()>;

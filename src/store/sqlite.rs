@@ -220,19 +220,20 @@ async fn fetch_all_on<T: FromSqlRow>(
         .await?)
 }
 
-/// The statements in one transaction that holds the write lock from its start; each one's
-/// rows affected.
+/// The statements (each `... RETURNING id`) in one transaction that holds the write lock from
+/// its start; the ids each one returned.
 async fn run_immediate(
     connection: &mut SqliteConnection,
     statements: Vec<Sql>,
-) -> StoreResult<Vec<u64>> {
+) -> StoreResult<Vec<Vec<i64>>> {
     let mut tx = sqlx::Connection::begin_with(&mut *connection, "BEGIN IMMEDIATE").await?;
-    let mut affected = Vec::with_capacity(statements.len());
+    let mut returned = Vec::with_capacity(statements.len());
     for sql in statements {
-        affected.push(execute_on(&mut tx, sql).await?);
+        let ids: Vec<(i64,)> = fetch_all_on(&mut tx, sql).await?;
+        returned.push(ids.into_iter().map(|(id,)| id).collect());
     }
     tx.commit().await?;
-    Ok(affected)
+    Ok(returned)
 }
 
 async fn execute_on(connection: &mut SqliteConnection, sql: Sql) -> StoreResult<u64> {
@@ -251,6 +252,7 @@ impl Driver for SqliteDriver {
     const SKIP_LOCKED: &'static str = "";
     const FENCE: &'static str = "";
     const CACHE_CANDIDATE_PLANS: bool = true;
+    const GROUP_FENCES: bool = false;
     const LIST_CHUNK: usize = 500;
     const OLDEST_DUE_SECONDS: &'static str = "MAX((julianday(strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) - julianday(next_attempt_at)) * 86400.0)";
     const EPOCH_SECONDS: &'static str = "CAST(strftime('%s', 'now') AS INTEGER)";
@@ -358,7 +360,7 @@ impl Driver for SqliteDriver {
         &self,
         _locks: Vec<String>,
         statements: Vec<Sql>,
-    ) -> StoreResult<Vec<u64>> {
+    ) -> StoreResult<Vec<Vec<i64>>> {
         // The write lock from BEGIN IMMEDIATE on serialises every writer of the file, of this
         // process or another, so the keys need no locks of their own.
         let mut writer = self.writer().await;
