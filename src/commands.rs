@@ -115,11 +115,7 @@ pub async fn open_store(config: &Config) -> Result<SharedStore> {
 /// scheduled and those the rules would create now.
 pub async fn plan(config: &Config, store: &SharedStore, args: &PlanArgs) -> Result<String> {
     let playbook = Playbook::load(config).map_err(|d| anyhow::anyhow!("{d}"))?;
-    let settings = PlanSettings {
-        default_timezone: config.defaults.timezone,
-        default_expire_after: config.defaults.expire_after,
-        horizon: Some(config.planner.horizon),
-    };
+    let settings = PlanSettings::from_config(config);
     let Upcoming { rows, unreadable } = upcoming(&playbook, &settings, store, args.days).await?;
     if !unreadable.is_empty() {
         bail!(

@@ -167,7 +167,7 @@ pub async fn run(
     let planner = Planner {
         store: store.clone(),
         playbook: playbook_rx.clone(),
-        settings: plan_settings(&config),
+        settings: PlanSettings::from_config(&config),
         interval: config
             .planner
             .interval
@@ -326,18 +326,10 @@ async fn setup_web(
     let around = crate::web::Surroundings {
         listen: &config.http.listen,
         base_url: config.links.base_url.as_deref(),
-        plan: plan_settings(config),
+        plan: PlanSettings::from_config(config),
         max_attempts: config.delivery.max_attempts,
     };
     Ok(crate::web::Web::setup(&config.web, around, store, listening).await?)
-}
-
-fn plan_settings(config: &Config) -> PlanSettings {
-    PlanSettings {
-        default_timezone: config.defaults.timezone,
-        default_expire_after: config.defaults.expire_after,
-        horizon: Some(config.planner.horizon),
-    }
 }
 
 /// The key that signs links, VERP addresses and Message-IDs: from the config, else generated

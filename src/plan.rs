@@ -57,6 +57,17 @@ pub struct PlanSettings {
     pub horizon: Option<TimeDelta>,
 }
 
+impl PlanSettings {
+    /// The settings the config gives: its defaults and `planner.horizon`.
+    pub fn from_config(config: &crate::config::Config) -> PlanSettings {
+        PlanSettings {
+            default_timezone: config.defaults.timezone,
+            default_expire_after: config.defaults.expire_after,
+            horizon: Some(config.planner.horizon),
+        }
+    }
+}
+
 /// The effective time zone of a customer: theirs when it is a valid IANA name, else the default.
 pub fn customer_timezone(customer: &Customer, default: Tz) -> Tz {
     customer

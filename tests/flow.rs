@@ -972,11 +972,7 @@ expire_after = "2s"
     // Planned with the daemon stopped, by the daemon's own planner.
     let config = env.config();
     let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
-    let settings = touchpoint::plan::PlanSettings {
-        default_timezone: config.defaults.timezone,
-        default_expire_after: config.defaults.expire_after,
-        horizon: Some(config.planner.horizon),
-    };
+    let settings = touchpoint::plan::PlanSettings::from_config(&config);
     let now = now_ms();
     happened(
         &store,
@@ -1907,11 +1903,7 @@ async fn a_pass_over_several_batches_plans_each_event_once(backend: Backend) {
     raw_sql(&env, &events).await;
     let config = env.config();
     let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
-    let settings = touchpoint::plan::PlanSettings {
-        default_timezone: config.defaults.timezone,
-        default_expire_after: config.defaults.expire_after,
-        horizon: Some(config.planner.horizon),
-    };
+    let settings = touchpoint::plan::PlanSettings::from_config(&config);
     let mut planned = Vec::new();
     for _ in 0..2 {
         let (_, report) = touchpoint::plan::plan_pass(
@@ -1955,11 +1947,7 @@ async fn a_sparse_seq_range_is_planned_whole(backend: Backend) {
     }
     let config = env.config();
     let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
-    let settings = touchpoint::plan::PlanSettings {
-        default_timezone: config.defaults.timezone,
-        default_expire_after: config.defaults.expire_after,
-        horizon: Some(config.planner.horizon),
-    };
+    let settings = touchpoint::plan::PlanSettings::from_config(&config);
     let (cursors, report) = touchpoint::plan::plan_pass(
         &store,
         &playbook,
@@ -2030,11 +2018,7 @@ async fn anniversaries_are_planned_within_the_horizon(backend: Backend) {
     let config = env.config();
     assert_eq!(config.planner.horizon, TimeDelta::days(35));
     let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
-    let settings = touchpoint::plan::PlanSettings {
-        default_timezone: config.defaults.timezone,
-        default_expire_after: config.defaults.expire_after,
-        horizon: Some(config.planner.horizon),
-    };
+    let settings = touchpoint::plan::PlanSettings::from_config(&config);
     for pass in 0..2 {
         let (_, report) = touchpoint::plan::plan_pass(
             &store,

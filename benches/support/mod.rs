@@ -228,11 +228,7 @@ base_url = "https://touchpoint.acme.example"
     pub async fn planner(&self) -> Result<(Playbook, PlanSettings, SharedStore)> {
         let config = self.config()?;
         let playbook = Playbook::load(&config).map_err(|e| anyhow!("{e}"))?;
-        let settings = PlanSettings {
-            default_timezone: config.defaults.timezone,
-            default_expire_after: config.defaults.expire_after,
-            horizon: Some(config.planner.horizon),
-        };
+        let settings = PlanSettings::from_config(&config);
         Ok((playbook, settings, self.store().await?))
     }
 

@@ -20,11 +20,7 @@ const CELL: usize = 300;
 pub async fn why(config: &Config, store: &SharedStore, args: &WhyArgs) -> Result<String> {
     let playbook = Playbook::load(config).map_err(|d| anyhow!("{d}"))?;
     let settings = WhySettings {
-        plan: PlanSettings {
-            default_timezone: config.defaults.timezone,
-            default_expire_after: config.defaults.expire_after,
-            horizon: Some(config.planner.horizon),
-        },
+        plan: PlanSettings::from_config(config),
         max_attempts: config.delivery.max_attempts,
     };
     let answers = why_customer(
