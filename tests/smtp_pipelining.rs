@@ -167,15 +167,25 @@ async fn send_many(t: Arc<SmtpTransport>, messages: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_sink_takes_every_message_with_and_without_pipelining() {
-    for extra in [&[][..], &["-p"][..]] {
+    // With two connections for four senders, messages wait in line and go out after another
+    // message's final dot (with PIPELINING) or on the connection it frees (without).
+    for (extra, pool_size) in [
+        (&[][..], 4),
+        (&["-p"][..], 4),
+        (&[][..], 2),
+        (&["-p"][..], 2),
+    ] {
         let sink = SmtpSink::start(extra);
-        let t = Arc::new(transport(sink.port));
+        let t = Arc::new(SmtpTransport::new(SmtpSettings {
+            pool_size,
+            ..settings(sink.port, Duration::from_secs(5))
+        }));
         assert_eq!(send_many(Arc::clone(&t), 400).await, 400);
         t.close().await;
         assert_eq!(
             sink.wait_for_messages(400).await,
             400,
-            "smtp-sink {extra:?}"
+            "smtp-sink {extra:?}, {pool_size} connections"
         );
     }
 }
@@ -820,13 +830,15 @@ async fn implicit_tls_and_starttls_carry_the_message_and_the_login() {
 // --- the transport's own rate (a measurement, not a test: `--ignored --nocapture`) ---------
 
 /// Messages per second through the transport alone to smtp-sink, with PIPELINING offered and
-/// not (`-p`), over 4 and 8 connections: what the SMTP side can carry without the database.
+/// not (`-p`), over 4 and 8 connections, with one sender per connection and with two (as the
+/// dispatcher runs, so that a message waits in line and its envelope can follow the previous
+/// final dot): what the SMTP side can carry without the database.
 /// Run: cargo test --release --test smtp_pipelining -- --ignored --nocapture transport_rate
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; prints numbers, asserts only that every message went out"]
 async fn transport_rate_to_smtp_sink() {
     let messages = 20_000;
-    for connections in [4, 8] {
+    for (connections, per_connection) in [(4, 1), (4, 2), (8, 1), (8, 2)] {
         for extra in [&[][..], &["-p"][..]] {
             let sink = SmtpSink::start(extra);
             let mut s = settings(sink.port, Duration::from_secs(5));
@@ -834,12 +846,13 @@ async fn transport_rate_to_smtp_sink() {
             let t = Arc::new(SmtpTransport::new(s));
             let started = Instant::now();
             let mut senders = JoinSet::new();
-            for worker in 0..connections {
+            let workers = connections * per_connection;
+            for worker in 0..workers {
                 let t = Arc::clone(&t);
                 senders.spawn(async move {
                     let body = "x".repeat(76) + "\r\n";
                     let email = email_with(TO, "rate@sink", &body.repeat(50));
-                    for _ in (worker..messages).step_by(connections) {
+                    for _ in (worker..messages).step_by(workers) {
                         send(&t, &email).await.unwrap();
                     }
                 });
@@ -856,7 +869,199 @@ async fn transport_rate_to_smtp_sink() {
             } else {
                 "not offered (-p)"
             };
-            println!("connections {connections}, PIPELINING {pipelining}: {rate:.0} messages/s");
+            println!(
+                "connections {connections}, senders per connection {per_connection}, \
+                 PIPELINING {pipelining}: {rate:.0} messages/s"
+            );
         }
     }
+}
+
+// --- the next message's envelope after the final dot ----------------------------------------
+
+/// A transport with one connection, so that messages sent together wait in line for it.
+fn one_connection(port: u16) -> SmtpTransport {
+    SmtpTransport::new(SmtpSettings {
+        pool_size: 1,
+        ..settings(port, Duration::from_secs(2))
+    })
+}
+
+/// Sends three messages at once over `t` (the first takes the connection, the other two wait
+/// in line before it reaches its body); the second is withdrawn at its body if `withdraw_second`.
+async fn three_at_once(
+    t: &SmtpTransport,
+    emails: [&OutgoingEmail; 3],
+    withdraw_second: bool,
+) -> [Result<String, SendError>; 3] {
+    let (first, second, third) = tokio::join!(
+        within(t.deliver(emails[0], || async { true })),
+        within(t.deliver(emails[1], || async move { !withdraw_second })),
+        within(t.deliver(emails[2], || async { true })),
+    );
+    [first, second, third]
+}
+
+async fn within<T>(send: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), send)
+        .await
+        .expect("the transport answers within 30 s")
+}
+
+fn accepted_ids(peer: &SmtpPeer) -> Vec<String> {
+    let mut ids = peer.accepted_message_ids();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn a_waiting_message_s_envelope_follows_the_final_dot_in_the_same_write() {
+    for pipelining in [true, false] {
+        let peer = RawPeer::start(pipelining, AfterData::Accept).await;
+        let t = one_connection(peer.addr.port());
+        let [a, b, c] = [email("a@raw"), email("b@raw"), email("c@raw")];
+        for result in three_at_once(&t, [&a, &b, &c], false).await {
+            assert!(result.unwrap().starts_with("250"));
+        }
+        let reads = peer.reads();
+        let mut dot_then_envelope = b"thank you.\r\n.\r\n".to_vec();
+        dot_then_envelope.extend_from_slice(ENVELOPE);
+        let carried = reads
+            .iter()
+            .filter(|r| r.ends_with(&dot_then_envelope))
+            .count();
+        // Pipelined: the first body carries the second's envelope, the second the third's.
+        let expected = if pipelining { 2 } else { 0 };
+        assert_eq!(carried, expected, "{:#?}", printable(&reads));
+    }
+}
+
+#[tokio::test]
+async fn the_message_after_the_dot_gets_its_own_refusal_and_the_first_keeps_its_reply() {
+    let peer = pipelining_peer().await;
+    peer.fault_for_recipient(
+        "bob@",
+        Fault::Reply {
+            at: Stage::Rcpt,
+            code: 550,
+            text: "5.1.1 No such user".into(),
+        },
+    );
+    let t = one_connection(peer.port());
+    let a = email_with("ann@example.org", "a@next", "Hello A\r\n");
+    let b = email_with("bob@example.org", "b@next", "Hello B\r\n");
+    let c = email_with("cid@example.org", "c@next", "Hello C\r\n");
+    let [a, b, c] = three_at_once(&t, [&a, &b, &c], false).await;
+    assert!(a.unwrap().starts_with("250"));
+    assert_eq!(
+        b,
+        Err(SendError::Permanent {
+            reply: "550 5.1.1 No such user".into(),
+            bad_address: true
+        })
+    );
+    assert!(c.unwrap().starts_with("250"));
+    assert_eq!(accepted_ids(&peer), ["a@next", "c@next"]);
+}
+
+#[tokio::test]
+async fn a_refused_body_still_hands_the_connection_to_the_next_message() {
+    let peer = pipelining_peer().await;
+    peer.fault_for_recipient(
+        "ann@",
+        Fault::Reply {
+            at: Stage::AfterDot,
+            code: 554,
+            text: "5.7.1 Spam".into(),
+        },
+    );
+    let t = one_connection(peer.port());
+    let a = email_with("ann@example.org", "a@spam", "Hello A\r\n");
+    let b = email_with("bob@example.org", "b@spam", "Hello B\r\n");
+    let c = email_with("cid@example.org", "c@spam", "Hello C\r\n");
+    let [a, b, c] = three_at_once(&t, [&a, &b, &c], false).await;
+    assert!(matches!(a, Err(SendError::Permanent { .. })), "{a:?}");
+    assert!(b.unwrap().starts_with("250"));
+    assert!(c.unwrap().starts_with("250"));
+    assert_eq!(accepted_ids(&peer), ["b@spam", "c@spam"]);
+    assert_eq!(peer.connections(), 1, "the connection carried all three");
+}
+
+#[tokio::test]
+async fn when_the_connection_breaks_after_a_dot_the_next_message_goes_out_once_on_a_new_one() {
+    let hang_up = Fault::HangUp {
+        at: Stage::AfterDot,
+    };
+    let closing = Fault::Reply {
+        at: Stage::AfterDot,
+        code: 421,
+        text: "4.3.2 Closing".into(),
+    };
+    for fault in [hang_up, closing, Fault::AcceptThenHangUp] {
+        let peer = pipelining_peer().await;
+        peer.fault_for_recipient("ann@", fault.clone());
+        let t = one_connection(peer.port());
+        let a = email_with("ann@example.org", "a@broken", "Hello A\r\n");
+        let b = email_with("bob@example.org", "b@broken", "Hello B\r\n");
+        let c = email_with("cid@example.org", "c@broken", "Hello C\r\n");
+        let [a, b, c] = three_at_once(&t, [&a, &b, &c], false).await;
+        match (&fault, &a) {
+            (Fault::Reply { .. }, Err(SendError::Transient(reply))) => {
+                assert_eq!(reply, "421 4.3.2 Closing")
+            }
+            (Fault::HangUp { .. } | Fault::AcceptThenHangUp, Err(SendError::Ambiguous(_))) => {}
+            _ => panic!("{fault:?}: {a:?}"),
+        }
+        assert!(b.unwrap().starts_with("250"), "{fault:?}");
+        assert!(c.unwrap().starts_with("250"), "{fault:?}");
+        let mut expected = vec!["b@broken", "c@broken"];
+        if fault == Fault::AcceptThenHangUp {
+            expected.insert(0, "a@broken");
+        }
+        assert_eq!(accepted_ids(&peer), expected, "{fault:?}");
+        assert_eq!(peer.connections(), 2, "{fault:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_handed_over_message_that_is_withdrawn_sends_no_body() {
+    let peer = pipelining_peer().await;
+    let t = one_connection(peer.port());
+    let a = email_with("ann@example.org", "a@withdrawn", "Hello A\r\n");
+    let b = email_with("bob@example.org", "b@withdrawn", "Hello B\r\n");
+    let c = email_with("cid@example.org", "c@withdrawn", "Hello C\r\n");
+    let [a, b, c] = three_at_once(&t, [&a, &b, &c], true).await;
+    assert!(a.unwrap().starts_with("250"));
+    assert_eq!(b, Err(SendError::Withdrawn));
+    assert!(c.unwrap().starts_with("250"));
+    assert_eq!(accepted_ids(&peer), ["a@withdrawn", "c@withdrawn"]);
+}
+
+#[tokio::test]
+async fn a_message_that_stops_waiting_leaves_the_line() {
+    let peer = pipelining_peer().await;
+    let t = one_connection(peer.port());
+    let a = email_with("ann@example.org", "a@gone", "Hello A\r\n");
+    let b = email_with("bob@example.org", "b@gone", "Hello B\r\n");
+    let (first, gave_up) = tokio::join!(
+        t.deliver(&a, || async {
+            // The second message gives up while this one holds the only connection.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            true
+        }),
+        tokio::time::timeout(Duration::from_millis(50), t.deliver(&b, || async { true })),
+    );
+    assert!(first.unwrap().starts_with("250"));
+    assert!(gave_up.is_err(), "the second message stopped waiting");
+    // Its envelope never went out, and the connection goes on to carry the next message.
+    let c = email_with("cid@example.org", "c@gone", "Hello C\r\n");
+    assert!(send(&t, &c).await.unwrap().starts_with("250"));
+    assert_eq!(accepted_ids(&peer), ["a@gone", "c@gone"]);
+    assert_eq!(peer.connections(), 1);
+    let mails = peer
+        .commands()
+        .iter()
+        .filter(|c| c.starts_with("MAIL"))
+        .count();
+    assert_eq!(mails, 2, "{:?}", peer.commands());
 }

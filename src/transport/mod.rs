@@ -1,6 +1,8 @@
 //! Transports hand a finished message to the world: over SMTP (a small client of our own, with
-//! PIPELINING, that asks the dispatcher once more, after DATA's 354 and before the body's first
-//! byte, whether the body may still go out) or as `.eml` files in a directory.
+//! PIPELINING, also across messages: a message waiting for a connection has its envelope sent
+//! right after the previous body's final dot; it asks the dispatcher once more, after DATA's 354
+//! and before the body's first byte, whether the body may still go out) or as `.eml` files in a
+//! directory.
 
 pub mod dkim;
 mod email;

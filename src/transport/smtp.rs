@@ -1,6 +1,9 @@
 //! SMTP over a small pool of sessions of our own client (`client`): with PIPELINING when the
 //! server offers it, MAIL, RCPT and DATA cost one round trip, the body and the final dot
-//! another. Each step has its own timeout, and what can be said about a failure depends on
+//! another. When every session is busy, a message waits in line; the next session to send a
+//! body takes the first in line and writes its envelope right after the final dot, then hands
+//! the session over once the dot's reply is in, so a busy connection costs one round trip per
+//! message. Each step has its own timeout, and what can be said about a failure depends on
 //! whether the body had started: before it, nothing was delivered; after it, silence means the
 //! server may have the message.
 
@@ -9,15 +12,17 @@ mod data;
 mod reply;
 mod stream;
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lettre::transport::smtp::extension::ClientId;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_rustls::TlsConnector;
 
-use self::client::{Failure, Session, Stage, Target, WireError};
+use self::client::{Envelope, Failure, Session, Stage, Target, WireError};
 use self::reply::Reply;
 use super::settings::{SmtpConfig, TlsMode};
 use super::{OutgoingEmail, SendError};
@@ -82,7 +87,25 @@ pub struct SmtpTransport {
     /// The TLS client setup, when the relay is reached over TLS.
     tls: Option<Result<TlsConnector, String>>,
     idle: Mutex<Vec<Session>>,
-    permits: Semaphore,
+    /// One per session in use: at most `pool_size` connections.
+    permits: Arc<Semaphore>,
+    /// Messages waiting for a session, oldest first.
+    line: Mutex<VecDeque<Waiter>>,
+    next_waiter: AtomicU64,
+}
+
+/// A message waiting for a session: the session that takes it sends its envelope after the
+/// final dot and hands itself over, with its permit, once the dot's reply is in.
+struct Waiter {
+    id: u64,
+    envelope: Envelope,
+    handoff: oneshot::Sender<Handoff>,
+}
+
+/// A session whose next envelope went out after the final dot, its replies not yet read.
+struct Handoff {
+    session: Session,
+    permit: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for SmtpTransport {
@@ -95,7 +118,7 @@ impl std::fmt::Debug for SmtpTransport {
 
 impl SmtpTransport {
     pub fn new(settings: SmtpSettings) -> SmtpTransport {
-        let permits = Semaphore::new(settings.pool_size.max(1));
+        let permits = Arc::new(Semaphore::new(settings.pool_size.max(1)));
         let hello = settings
             .helo_name
             .clone()
@@ -107,6 +130,8 @@ impl SmtpTransport {
             tls,
             idle: Mutex::new(Vec::new()),
             permits,
+            line: Mutex::new(VecDeque::new()),
+            next_waiter: AtomicU64::new(0),
         }
     }
 
@@ -135,55 +160,147 @@ impl SmtpTransport {
         F: FnOnce() -> Fut,
         Fut: Future<Output = bool>,
     {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| SendError::RelayUnavailable("transport closed".into()))?;
-        let mut session = self.envelope(email).await?;
+        let envelope = Envelope::of(email);
+        let (permit, handed) = self.turn(&envelope).await?;
+        let mut session = self.envelope(&envelope, handed).await?;
         if !before_body().await {
             // The server is reading the body now: a QUIT would be taken as message text and
             // never answered. Closing the socket without the final dot delivers nothing.
             drop(session);
             return Err(SendError::Withdrawn);
         }
-        match session.body(&email.bytes).await {
-            Ok(reply) => {
-                self.put_idle(session);
-                Ok(reply.text())
+        let next = if session.pipelines() {
+            self.first_in_line()
+        } else {
+            None
+        };
+        let sent = session
+            .body(&email.bytes, next.as_ref().map(|waiter| &waiter.envelope))
+            .await;
+        self.pass_on(session, permit, next).await;
+        match sent {
+            Ok(reply) => Ok(reply.text()),
+            Err(failure) => Err(classify(&failure)),
+        }
+    }
+
+    /// Waits for this message's turn: a free permit (then a pooled or new session is used), or
+    /// a session handed over by another message, this message's envelope already sent on it.
+    async fn turn(
+        &self,
+        envelope: &Envelope,
+    ) -> Result<(OwnedSemaphorePermit, Option<Session>), SendError> {
+        let closed = |_| SendError::RelayUnavailable("transport closed".into());
+        loop {
+            if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+                return Ok((permit, None));
             }
-            Err(failure) => {
-                self.put_back(session).await;
-                Err(classify(&failure))
+            let (handoff, mut handed) = oneshot::channel();
+            let mut place = self.join_line(envelope.clone(), handoff);
+            tokio::select! {
+                biased;
+                handed = &mut handed => {
+                    place.taken();
+                    if let Ok(Handoff { session, permit }) = handed {
+                        return Ok((permit, Some(session)));
+                    }
+                }
+                permit = Arc::clone(&self.permits).acquire_owned() => {
+                    let permit = permit.map_err(closed)?;
+                    if place.leave() {
+                        return Ok((permit, None));
+                    }
+                    // A session took this message from the line: its handoff is on the way.
+                    drop(permit);
+                    if let Ok(Handoff { session, permit }) = handed.await {
+                        return Ok((permit, Some(session)));
+                    }
+                }
             }
+            // The session that took this message broke before handing itself over: nothing of
+            // this message went out; wait again.
+        }
+    }
+
+    fn join_line(&self, envelope: Envelope, handoff: oneshot::Sender<Handoff>) -> Place<'_> {
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut line) = self.line.lock() {
+            line.push_back(Waiter {
+                id,
+                envelope,
+                handoff,
+            });
+        }
+        Place {
+            line: &self.line,
+            id,
+            queued: true,
+        }
+    }
+
+    fn first_in_line(&self) -> Option<Waiter> {
+        self.line.lock().ok()?.pop_front()
+    }
+
+    /// After a body: the session goes to the message whose envelope followed the dot, or back
+    /// to the pool (or is closed if it cannot carry another message).
+    async fn pass_on(&self, session: Session, permit: OwnedSemaphorePermit, next: Option<Waiter>) {
+        match next {
+            Some(waiter) if session.awaits_envelope_replies() => {
+                // If that message stopped waiting, the session is in the middle of its
+                // envelope and is dropped: without a body and a final dot nothing is delivered.
+                let _ = waiter.handoff.send(Handoff { session, permit });
+            }
+            // The session broke: dropping the waiter's sender sends it back to wait.
+            _ => self.put_back(session).await,
         }
     }
 
     /// A session that has had MAIL, RCPT and DATA accepted, the server waiting for the body.
-    /// A pooled session is used without RSET or NOOP; if the server closed it while it sat
-    /// idle (or says 421 on it), the envelope is tried once more on a fresh connection.
-    async fn envelope(&self, email: &OutgoingEmail) -> Result<Session, SendError> {
-        let pooled = self.take_idle();
-        let reused = pooled.is_some();
-        let mut session = match pooled {
-            Some(session) => session,
-            None => self.connect().await?,
+    /// A pooled or handed-over session is used without RSET or NOOP; if the server closed it
+    /// meanwhile (or says 421 on it), the envelope is tried once more on a fresh connection.
+    async fn envelope(
+        &self,
+        envelope: &Envelope,
+        handed: Option<Session>,
+    ) -> Result<Session, SendError> {
+        let (session, result) = match handed {
+            Some(mut session) => {
+                let result = session.envelope_replies().await;
+                (session, result)
+            }
+            None => match self.take_idle() {
+                Some(mut session) => {
+                    let result = session.envelope(envelope).await;
+                    (session, result)
+                }
+                None => return self.fresh_envelope(envelope).await,
+            },
         };
-        let Err(failure) = session.envelope(email).await else {
+        let Err(failure) = result else {
             return Ok(session);
         };
-        session.close(self.settings.timeout).await;
-        if !(reused && is_stale(&failure)) {
-            return Err(classify(&failure));
+        if is_stale(&failure) {
+            session.close(self.settings.timeout).await;
+            return self.fresh_envelope(envelope).await;
         }
+        Err(self.refused(session, &failure).await)
+    }
+
+    /// The envelope on a new connection.
+    async fn fresh_envelope(&self, envelope: &Envelope) -> Result<Session, SendError> {
         let mut session = self.connect().await?;
-        match session.envelope(email).await {
+        match session.envelope(envelope).await {
             Ok(()) => Ok(session),
-            Err(failure) => {
-                session.close(self.settings.timeout).await;
-                Err(classify(&failure))
-            }
+            Err(failure) => Err(self.refused(session, &failure).await),
         }
+    }
+
+    /// After a failed envelope the session is closed: after a refused RCPT the server may
+    /// still hold the MAIL transaction (Postfix answers a new MAIL with "nested MAIL command").
+    async fn refused(&self, session: Session, failure: &Failure) -> SendError {
+        session.close(self.settings.timeout).await;
+        classify(failure)
     }
 
     /// Connects, greets, and does STARTTLS and AUTH, all within a bound: a relay stalled in
@@ -248,6 +365,40 @@ impl SmtpTransport {
         for session in sessions {
             session.close(Duration::from_secs(2)).await;
         }
+    }
+}
+
+/// A message's place in the line: leaving it (or being dropped) takes the message out unless
+/// a session already took it.
+struct Place<'a> {
+    line: &'a Mutex<VecDeque<Waiter>>,
+    id: u64,
+    queued: bool,
+}
+
+impl Place<'_> {
+    /// Leaves the line; false if a session had already taken the message.
+    fn leave(&mut self) -> bool {
+        if !std::mem::take(&mut self.queued) {
+            return false;
+        }
+        let Ok(mut line) = self.line.lock() else {
+            return false;
+        };
+        let before = line.len();
+        line.retain(|waiter| waiter.id != self.id);
+        line.len() < before
+    }
+
+    /// A session took the message (its handoff came): nothing to leave.
+    fn taken(&mut self) {
+        self.queued = false;
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 

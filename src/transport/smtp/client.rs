@@ -2,6 +2,9 @@
 //! it: MAIL FROM, RCPT TO and DATA go out in one write and their three replies are read in
 //! order; without it, one command at a time. The body goes out only when the caller asks,
 //! after DATA's 354, so the transport can record "the body is about to go out" in between.
+//! With PIPELINING the next message's envelope may follow the final dot in the same write
+//! (RFC 2920 section 3.1); the dot's reply is read first, so what is known about the message
+//! that was sent does not change, and the next message's replies are read by its own sender.
 //!
 //! Every read and write has a deadline; a session that missed one, lost its connection or is
 //! in the middle of the DATA phase is never reused and is closed without QUIT (a server
@@ -87,6 +90,25 @@ impl Extensions {
     }
 }
 
+/// The sender and recipient of one message, as the envelope commands need them.
+#[derive(Debug, Clone)]
+pub(super) struct Envelope {
+    from: String,
+    to: String,
+    /// The body is not plain ASCII: say BODY=8BITMIME where the server offers it.
+    eight_bit: bool,
+}
+
+impl Envelope {
+    pub fn of(email: &OutgoingEmail) -> Envelope {
+        Envelope {
+            from: email.envelope_from.to_string(),
+            to: email.to.to_string(),
+            eight_bit: !email.bytes.is_ascii(),
+        }
+    }
+}
+
 /// Where and how to open a session.
 pub(super) struct Target<'a> {
     pub host: &'a str,
@@ -111,6 +133,8 @@ pub(super) struct Session {
     broken: bool,
     /// The server answered 354 and is reading message text until the final dot.
     in_data: bool,
+    /// The next message's envelope followed the final dot; its replies are not read yet.
+    envelope_unread: bool,
 }
 
 impl Session {
@@ -136,6 +160,7 @@ impl Session {
             step,
             broken: false,
             in_data: false,
+            envelope_unread: false,
         };
         session.greeting().await?;
         session.ehlo(target.hello).await?;
@@ -155,7 +180,13 @@ impl Session {
 
     /// The session can carry another message.
     pub fn reusable(&self) -> bool {
-        !self.broken && !self.in_data
+        !self.broken && !self.in_data && !self.envelope_unread
+    }
+
+    /// The next message's envelope went out after the final dot and the dot's reply came: the
+    /// session belongs to that message now, which reads its replies.
+    pub fn awaits_envelope_replies(&self) -> bool {
+        self.envelope_unread && !self.broken
     }
 
     async fn greeting(&mut self) -> Result<(), String> {
@@ -230,12 +261,8 @@ impl Session {
     }
 
     /// MAIL FROM, RCPT TO and DATA, up to the server's 354.
-    pub async fn envelope(&mut self, email: &OutgoingEmail) -> Result<(), Failure> {
-        let commands = [
-            self.mail_command(email),
-            format!("RCPT TO:<{}>\r\n", email.to),
-            "DATA\r\n".to_string(),
-        ];
+    pub async fn envelope(&mut self, envelope: &Envelope) -> Result<(), Failure> {
+        let commands = self.commands(envelope);
         if self.pipelines() {
             self.envelope_pipelined(&commands).await
         } else {
@@ -243,12 +270,20 @@ impl Session {
         }
     }
 
-    fn mail_command(&self, email: &OutgoingEmail) -> String {
-        let mut command = format!("MAIL FROM:<{}>", email.envelope_from);
-        if !email.bytes.is_ascii() && self.extensions.eight_bit_mime {
+    fn commands(&self, envelope: &Envelope) -> [String; 3] {
+        [
+            self.mail_command(envelope),
+            format!("RCPT TO:<{}>\r\n", envelope.to),
+            "DATA\r\n".to_string(),
+        ]
+    }
+
+    fn mail_command(&self, envelope: &Envelope) -> String {
+        let mut command = format!("MAIL FROM:<{}>", envelope.from);
+        if envelope.eight_bit && self.extensions.eight_bit_mime {
             command.push_str(" BODY=8BITMIME");
         }
-        let ascii = email.envelope_from.to_string().is_ascii() && email.to.to_string().is_ascii();
+        let ascii = envelope.from.is_ascii() && envelope.to.is_ascii();
         if !ascii && self.extensions.smtp_utf8 {
             command.push_str(" SMTPUTF8");
         }
@@ -257,8 +292,6 @@ impl Session {
     }
 
     /// All three commands in one write, then their replies in order (RFC 2920 section 3.1).
-    /// The first refusal is the answer; the replies after it are still read, to learn
-    /// whether DATA was accepted (then the server waits for text and the session is spent).
     async fn envelope_pipelined(&mut self, commands: &[String; 3]) -> Result<(), Failure> {
         let batch = commands.concat();
         self.write(batch.as_bytes())
@@ -267,6 +300,14 @@ impl Session {
                 stage: Stage::Mail,
                 error,
             })?;
+        self.envelope_replies().await
+    }
+
+    /// The replies to a pipelined envelope, in order. The first refusal is the answer; the
+    /// replies after it are still read, to learn whether DATA was accepted (then the server
+    /// waits for text and the session is spent).
+    pub async fn envelope_replies(&mut self) -> Result<(), Failure> {
+        self.envelope_unread = false;
         let mut refusal = None;
         for stage in [Stage::Mail, Stage::Rcpt, Stage::Data] {
             match self.envelope_reply(stage).await {
@@ -315,8 +356,13 @@ impl Session {
 
     /// Sends the message text and the final dot, and reads the final reply, all within the
     /// step deadline. If the server is found gone before the first byte, that is a failure at
-    /// DATA: nothing of the message left this host.
-    pub async fn body(&mut self, message: &[u8]) -> Result<Reply, Failure> {
+    /// DATA: nothing of the message left this host. With PIPELINING, `next`'s envelope follows
+    /// the dot in the same write; its replies are left for [`Session::envelope_replies`].
+    pub async fn body(
+        &mut self,
+        message: &[u8],
+        next: Option<&Envelope>,
+    ) -> Result<Reply, Failure> {
         if let Some(error) = self.gone() {
             self.broken = true;
             return Err(Failure::Lost {
@@ -324,7 +370,11 @@ impl Session {
                 error,
             });
         }
-        let wire = data::encode(message);
+        let mut wire = data::encode(message);
+        let next = next.filter(|_| self.pipelines());
+        if let Some(envelope) = next {
+            wire.extend(self.commands(envelope).concat().into_bytes());
+        }
         let limit = self.step;
         let sent = timeout(limit, async {
             self.stream.write_all(&wire).await?;
@@ -342,6 +392,7 @@ impl Session {
         }
         .inspect_err(|_| self.broken = true)?;
         self.in_data = false;
+        self.envelope_unread = next.is_some();
         if reply.is_success() {
             Ok(reply)
         } else {
