@@ -74,6 +74,15 @@ fn content() -> SentContent {
     }
 }
 
+/// Content that tells customers apart.
+fn content_for(customer: &str) -> SentContent {
+    SentContent {
+        text: format!("text for {customer}"),
+        html: format!("<p>html for {customer}</p>"),
+        checks: vec![CheckLine::passed(&format!("{customer} is not suppressed"))],
+    }
+}
+
 const LEASE: TimeDelta = TimeDelta::minutes(5);
 const MARGIN: TimeDelta = TimeDelta::seconds(1);
 
@@ -2715,7 +2724,7 @@ async fn a_run_of_plain_fences_judges_each_row(backend: Backend) {
         id: claim.id,
         token: token.into(),
         delivery: delivery(&format!("{}@example.com", claim.customer_id)),
-        content: content(),
+        content: content_for(&claim.customer_id),
         margin: MARGIN,
         gate,
     };
@@ -2742,6 +2751,15 @@ async fn a_run_of_plain_fences_judges_each_row(backend: Backend) {
         [true, false, false, false, false, true],
         "u held; v's token stale; w suppressed; x expired; u's limited one after u's plain one; y held"
     );
+    // Each held row got its own bodies and checks from the one statement.
+    for claim in [u, y] {
+        let kept = store
+            .sent_content(claim.id)
+            .await
+            .expect("read")
+            .expect("kept");
+        assert_eq!(kept, content_for(&claim.customer_id));
+    }
     for (claim, phase) in [(u, true), (v, false), (w, false), (x, false), (y, true)] {
         let counted = store
             .counted_sends(&claim.customer_id, Utc::now() - TimeDelta::days(1), &[], 0)

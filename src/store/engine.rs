@@ -32,8 +32,6 @@ enum Fence {
     /// With a frequency limit: its own statement (judged after the fences before it in the
     /// group) under the customer's serialisation key.
     Limited { key: String, sql: Sql },
-    /// Without a frequency limit, where the driver writes fences one statement each.
-    Single(Sql),
 }
 
 /// What a fence without a frequency limit writes.
@@ -695,11 +693,6 @@ impl<D: Driver> SqlStore<D> {
         gate: Option<&FrequencyGate>,
     ) -> Fence {
         let Some(gate) = gate else {
-            if !D::GROUP_FENCES {
-                let mut sql = Self::begin_body(id, token, delivery, content, margin);
-                sql.push(" RETURNING id");
-                return Fence::Single(sql);
-            }
             return Fence::Plain(PlainFence {
                 id,
                 token: token.to_string(),
@@ -722,7 +715,7 @@ impl<D: Driver> SqlStore<D> {
     /// Plain fences with one margin as one statement: each row checks its own token, lease
     /// margin, expiry and suppression, as [`begin_body`](Self::begin_body) does for one.
     fn plain_fences(fences: &[&PlainFence]) -> Sql {
-        let rows = fences
+        let rows: Vec<serde_json::Value> = fences
             .iter()
             .map(|f| {
                 serde_json::json!({
@@ -747,7 +740,7 @@ impl<D: Driver> SqlStore<D> {
             clock = D::CLOCK,
             now = D::NOW
         ));
-        D::json_rows(&mut sql, serde_json::Value::Array(rows), &FENCE_COLUMNS);
+        D::value_rows(&mut sql, rows, &FENCE_COLUMNS);
         sql.push(
             " WHERE messages.id = v.id AND messages.claim_token = v.token \
              AND messages.state = 'sending' AND messages.lease_expires_at > ",
@@ -816,10 +809,6 @@ impl<D: Driver> SqlStore<D> {
                 Fence::Limited { key, sql } => {
                     Self::flush_run(&mut run, &mut statements, &mut members);
                     locks.push(key);
-                    statements.push(sql);
-                    members.push(vec![(i, None)]);
-                }
-                Fence::Single(sql) => {
                     statements.push(sql);
                     members.push(vec![(i, None)]);
                 }

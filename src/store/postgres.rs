@@ -203,7 +203,6 @@ impl Driver for PostgresDriver {
     // `OFFSET 0` in each anti-join on `messages` of the planning query (see `candidates`).
     const FENCE: &'static str = " OFFSET 0";
     const CACHE_CANDIDATE_PLANS: bool = false;
-    const GROUP_FENCES: bool = true;
     const LIST_CHUNK: usize = usize::MAX;
     const OLDEST_DUE_SECONDS: &'static str =
         "EXTRACT(EPOCH FROM now() - MIN(next_attempt_at))::float8";

@@ -302,11 +302,6 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     const FENCE: &'static str;
     /// Whether the planning query may be kept as a cached prepared statement.
     const CACHE_CANDIDATE_PLANS: bool;
-    /// Whether a run of body fences is written as one statement (the rows as one JSON
-    /// parameter): a round trip per fence saved over the network; on SQLite, where a statement
-    /// costs no round trip, parsing the JSON (the rendered bodies) for each column cost more
-    /// than it saved (BENCHMARKS.md).
-    const GROUP_FENCES: bool;
     /// How many values one `IN` list may hold (`push_in`).
     const LIST_CHUNK: usize;
     /// Seconds since the oldest due waiting message's `next_attempt_at` (an aggregate).
@@ -378,6 +373,12 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// A relation `v` with the given (name, SQL type) columns, made from one JSON array
     /// parameter of objects with those keys (text, numbers, booleans; times as `time_text`).
     fn json_rows(sql: &mut Sql, json: serde_json::Value, columns: &[(&str, &str)]);
+    /// The relation of `json_rows` for rows with large values (rendered bodies): by default
+    /// the same JSON parameter; SQLite binds each value on its own, since its `->>` would
+    /// parse the whole JSON once per column (BENCHMARKS.md).
+    fn value_rows(sql: &mut Sql, rows: Vec<serde_json::Value>, columns: &[(&str, &str)]) {
+        Self::json_rows(sql, serde_json::Value::Array(rows), columns);
+    }
     /// A time as the JSON of `json_rows` carries it.
     fn time_text(at: DateTime<Utc>) -> String;
     /// The updates in one transaction whose commit need not wait for the disk (outcomes: one

@@ -103,6 +103,21 @@ const WRITER_CACHE_KIB: &str = "-8192";
 /// History lines per multi-row INSERT (5 parameters each, well under SQLite's limit).
 const CHUNK_LINES: usize = 200;
 
+/// A JSON value as the parameter SQLite's `->>` would have made of it.
+fn json_arg(value: Option<serde_json::Value>) -> Arg {
+    use serde_json::Value;
+    match value {
+        None | Some(Value::Null) => Arg::Text(None),
+        Some(Value::String(text)) => Arg::Text(Some(text)),
+        Some(Value::Bool(flag)) => Arg::Bool(flag),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(int) => Arg::Int(int),
+            None => Arg::Float(n.as_f64().unwrap_or_default()),
+        },
+        Some(other) => Arg::Json(Some(other)),
+    }
+}
+
 /// The values in SQLite's forms: times as canonical text, JSON as text.
 fn arguments<'q>(args: Vec<Arg>) -> StoreResult<SqliteArguments<'q>> {
     let mut out = SqliteArguments::default();
@@ -252,7 +267,6 @@ impl Driver for SqliteDriver {
     const SKIP_LOCKED: &'static str = "";
     const FENCE: &'static str = "";
     const CACHE_CANDIDATE_PLANS: bool = true;
-    const GROUP_FENCES: bool = false;
     const LIST_CHUNK: usize = 500;
     const OLDEST_DUE_SECONDS: &'static str = "MAX((julianday(strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) - julianday(next_attempt_at)) * 86400.0)";
     const EPOCH_SECONDS: &'static str = "CAST(strftime('%s', 'now') AS INTEGER)";
@@ -464,6 +478,27 @@ impl Driver for SqliteDriver {
             .collect();
         sql.push(format!("(SELECT {} FROM json_each(", picked.join(", ")));
         sql.bind(Arg::Text(Some(json.to_string()))).push(")) AS v");
+    }
+
+    fn value_rows(sql: &mut Sql, rows: Vec<serde_json::Value>, columns: &[(&str, &str)]) {
+        let picked: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| format!("column{} AS {name}", i + 1))
+            .collect();
+        sql.push(format!("(SELECT {} FROM (VALUES ", picked.join(", ")));
+        for (r, mut row) in rows.into_iter().enumerate() {
+            sql.push(if r == 0 { "(" } else { ", (" });
+            for (c, (name, _)) in columns.iter().enumerate() {
+                if c > 0 {
+                    sql.push(", ");
+                }
+                let value = row.as_object_mut().and_then(|o| o.remove(*name));
+                sql.bind(json_arg(value));
+            }
+            sql.push(")");
+        }
+        sql.push(")) AS v");
     }
 
     fn time_text(at: DateTime<Utc>) -> String {
