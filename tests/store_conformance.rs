@@ -79,7 +79,7 @@ fn content_for(customer: &str) -> SentContent {
     SentContent {
         text: format!("text for {customer}"),
         html: format!("<p>html for {customer}</p>"),
-        checks: vec![CheckLine::passed(&format!("{customer} is not suppressed"))],
+        checks: vec![CheckLine::passed(format!("{customer} is not suppressed"))],
     }
 }
 
