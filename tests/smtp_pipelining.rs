@@ -902,6 +902,18 @@ async fn three_at_once(
     [first, second, third]
 }
 
+/// Three messages to ann@, bob@ and cid@example.org, with Message-IDs `a@tag`, `b@tag`, `c@tag`.
+fn ann_bob_cid(tag: &str) -> [OutgoingEmail; 3] {
+    ["ann", "bob", "cid"].map(|name| {
+        let id = format!("{}@{tag}", &name[..1]);
+        email_with(
+            &format!("{name}@example.org"),
+            &id,
+            &format!("Hello {name}\r\n"),
+        )
+    })
+}
+
 async fn within<T>(send: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(30), send)
         .await
@@ -948,9 +960,7 @@ async fn the_message_after_the_dot_gets_its_own_refusal_and_the_first_keeps_its_
         },
     );
     let t = one_connection(peer.port());
-    let a = email_with("ann@example.org", "a@next", "Hello A\r\n");
-    let b = email_with("bob@example.org", "b@next", "Hello B\r\n");
-    let c = email_with("cid@example.org", "c@next", "Hello C\r\n");
+    let [a, b, c] = ann_bob_cid("next");
     let [a, b, c] = three_at_once(&t, [&a, &b, &c], false).await;
     assert!(a.unwrap().starts_with("250"));
     assert_eq!(
@@ -976,9 +986,7 @@ async fn a_refused_body_still_hands_the_connection_to_the_next_message() {
         },
     );
     let t = one_connection(peer.port());
-    let a = email_with("ann@example.org", "a@spam", "Hello A\r\n");
-    let b = email_with("bob@example.org", "b@spam", "Hello B\r\n");
-    let c = email_with("cid@example.org", "c@spam", "Hello C\r\n");
+    let [a, b, c] = ann_bob_cid("spam");
     let [a, b, c] = three_at_once(&t, [&a, &b, &c], false).await;
     assert!(matches!(a, Err(SendError::Permanent { .. })), "{a:?}");
     assert!(b.unwrap().starts_with("250"));
@@ -1001,9 +1009,7 @@ async fn when_the_connection_breaks_after_a_dot_the_next_message_goes_out_once_o
         let peer = pipelining_peer().await;
         peer.fault_for_recipient("ann@", fault.clone());
         let t = one_connection(peer.port());
-        let a = email_with("ann@example.org", "a@broken", "Hello A\r\n");
-        let b = email_with("bob@example.org", "b@broken", "Hello B\r\n");
-        let c = email_with("cid@example.org", "c@broken", "Hello C\r\n");
+        let [a, b, c] = ann_bob_cid("broken");
         let [a, b, c] = three_at_once(&t, [&a, &b, &c], false).await;
         match (&fault, &a) {
             (Fault::Reply { .. }, Err(SendError::Transient(reply))) => {
@@ -1027,9 +1033,7 @@ async fn when_the_connection_breaks_after_a_dot_the_next_message_goes_out_once_o
 async fn a_handed_over_message_that_is_withdrawn_sends_no_body() {
     let peer = pipelining_peer().await;
     let t = one_connection(peer.port());
-    let a = email_with("ann@example.org", "a@withdrawn", "Hello A\r\n");
-    let b = email_with("bob@example.org", "b@withdrawn", "Hello B\r\n");
-    let c = email_with("cid@example.org", "c@withdrawn", "Hello C\r\n");
+    let [a, b, c] = ann_bob_cid("withdrawn");
     let [a, b, c] = three_at_once(&t, [&a, &b, &c], true).await;
     assert!(a.unwrap().starts_with("250"));
     assert_eq!(b, Err(SendError::Withdrawn));
@@ -1041,8 +1045,7 @@ async fn a_handed_over_message_that_is_withdrawn_sends_no_body() {
 async fn a_message_that_stops_waiting_leaves_the_line() {
     let peer = pipelining_peer().await;
     let t = one_connection(peer.port());
-    let a = email_with("ann@example.org", "a@gone", "Hello A\r\n");
-    let b = email_with("bob@example.org", "b@gone", "Hello B\r\n");
+    let [a, b, c] = ann_bob_cid("gone");
     let (first, gave_up) = tokio::join!(
         t.deliver(&a, || async {
             // The second message gives up while this one holds the only connection.
@@ -1054,7 +1057,6 @@ async fn a_message_that_stops_waiting_leaves_the_line() {
     assert!(first.unwrap().starts_with("250"));
     assert!(gave_up.is_err(), "the second message stopped waiting");
     // Its envelope never went out, and the connection goes on to carry the next message.
-    let c = email_with("cid@example.org", "c@gone", "Hello C\r\n");
     assert!(send(&t, &c).await.unwrap().starts_with("250"));
     assert_eq!(accepted_ids(&peer), ["a@gone", "c@gone"]);
     assert_eq!(peer.connections(), 1);
