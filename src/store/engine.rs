@@ -88,6 +88,8 @@ pub enum LogPart {
     History,
     /// Scheduled and retrying: `messages_waiting`, dated by `next_attempt_at`.
     Waiting,
+    /// Every message: a count whose filter names no date needs neither index.
+    Whole,
 }
 
 impl LogPart {
@@ -97,13 +99,14 @@ impl LogPart {
         match self {
             LogPart::History => "m.state NOT IN ('scheduled', 'retrying')",
             LogPart::Waiting => "m.state IN ('scheduled', 'retrying')",
+            LogPart::Whole => "1 = 1",
         }
     }
 
     /// [`dated`] of the part's messages (`m`), as its index holds it.
     pub(super) fn date(self) -> String {
         match self {
-            LogPart::History => dated("m."),
+            LogPart::History | LogPart::Whole => dated("m."),
             LogPart::Waiting => "m.next_attempt_at".to_string(),
         }
     }
@@ -1380,8 +1383,14 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
             limit: None,
             ..filter.clone()
         };
+        let parts = match LogPart::of(&whole) {
+            [_, _] if whole.since.is_none() && whole.from.is_none() && whole.until.is_none() => {
+                &[LogPart::Whole]
+            }
+            parts => parts,
+        };
         let mut sql = Sql::new("SELECT CAST(0 AS BIGINT)");
-        for part in LogPart::of(&whole) {
+        for part in parts {
             sql.push(" + (");
             sql.append(
                 self.log_query(&whole, *part, ("COUNT(*)", ""), false)

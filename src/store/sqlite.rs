@@ -539,7 +539,7 @@ impl Driver for SqliteDriver {
         // it once did for the claim: name the index, unless a customer or a rule (with its
         // state) drives. A count without a narrow date range is cheapest on `messages_state`.
         let index = match part {
-            LogPart::History => "",
+            LogPart::History | LogPart::Whole => "",
             LogPart::Waiting
                 if filter.customer_id.is_some() || matches!(path, LogPath::Customers(_)) =>
             {
@@ -579,7 +579,7 @@ impl LogPath {
 /// `messages_dated` on its own).
 fn by_date(part: LogPart) -> &'static str {
     match part {
-        LogPart::History => "",
+        LogPart::History | LogPart::Whole => "",
         LogPart::Waiting => " INDEXED BY messages_waiting",
     }
 }
