@@ -14,7 +14,7 @@
 //!   refusing a suppressed address;
 //! - tracking (`TrackingStore`): message events recorded once per key, counted per address;
 //! - reporting (`ReportingStore`): log paging and filtering, one dating rule for the log, its
-//!   count and the overview's counts; events of a kind since a moment and sends per rule (the
+//!   count and the overview's counts, the waiting and the other messages in that one order; events of a kind since a moment and sends per rule (the
 //!   experience report), replies waiting for an answer and messages due per rule (the digest);
 //! - shared state (`SharedStateStore`): settings, session revocation;
 //! - ratings (`RatingStore`): the last answer per message, the comment kept, the `rated` event.
@@ -1424,6 +1424,281 @@ async fn the_log_dates_messages_by_what_happened(backend: Backend) {
     );
 }
 
+/// The log reads the messages that wait (on `messages_waiting`) and the others (on the partial
+/// `messages_dated`) apart and merges them: every page, filter and count is the order of
+/// `LogEntry::dated_at` (then the id, both newest first) over all the messages, with waiting
+/// messages due before, between, after and at the same moment as finished ones.
+async fn the_log_merges_waiting_and_finished_messages_in_one_order(backend: Backend) {
+    let (env, store) = open(backend).await;
+    store
+        .upsert_customers(&[
+            customer("ann", "ann@example.com", "Ann Smith"),
+            customer("bob", "bob@example.com", "Bob Jones"),
+        ])
+        .await
+        .expect("customers");
+    // Whole milliseconds, as the times are written below: a bound equal to a date is equal.
+    let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now");
+    let hour = move |n: i64| now - TimeDelta::hours(n);
+    let later = now + TimeDelta::days(1);
+    let sent = || {
+        Some(Outcome::Sent {
+            reply: "250 ok".into(),
+        })
+    };
+    let wait = || {
+        Some(Outcome::Released {
+            at: later,
+            reason: "window".into(),
+        })
+    };
+    let retry = || {
+        Some(Outcome::Retry {
+            at: later,
+            reply: "451 later".into(),
+        })
+    };
+    // What each message becomes (`None`: it stays in `sending`), and the hours ago that date
+    // it. Ties on purpose: 3 and 4 (a waiting and a failed message), 9 and 10 (two waiting
+    // ones), 6 and 12 (one in `sending`, dated by its next attempt, and a sent one).
+    let plan: [(Option<Outcome>, i64); 13] = [
+        (wait(), 30),
+        (wait(), -5),
+        (sent(), 2),
+        (wait(), 7),
+        (
+            Some(Outcome::Failed {
+                reply: Some("550 no".into()),
+                reason: "refused".into(),
+            }),
+            7,
+        ),
+        (
+            Some(Outcome::Skipped {
+                reason: "unless".into(),
+            }),
+            12,
+        ),
+        (None, 9),
+        (retry(), 1),
+        (
+            Some(Outcome::Unknown {
+                reason: "lost".into(),
+            }),
+            15,
+        ),
+        (wait(), 20),
+        (wait(), 20),
+        (retry(), 40),
+        (sent(), 9),
+    ];
+    let batch: Vec<NewMessage> = (0..plan.len())
+        .map(|i| NewMessage {
+            rule: if i % 3 == 0 { "one" } else { "two" }.into(),
+            ..message(
+                &format!("m{i}"),
+                if i % 2 == 0 { "ann" } else { "bob" },
+                hour(50),
+            )
+        })
+        .collect();
+    store.insert_messages(&batch).await.expect("insert");
+    let mut claims = claim_all(&store, "w").await;
+    claims.extend(claim_all(&store, "w").await);
+    claims.sort_by_key(|c| c.id);
+    assert_eq!(claims.len(), plan.len());
+    let at = |t: DateTime<Utc>| {
+        format!(
+            "'{}'",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        )
+    };
+    for (claim, (outcome, hours)) in claims.iter().zip(&plan) {
+        let when = at(hour(*hours));
+        let set = match outcome {
+            Some(Outcome::Sent { .. }) => format!("sent_at = {when}, updated_at = {when}"),
+            Some(Outcome::Retry { .. } | Outcome::Released { .. }) | None => {
+                format!("next_attempt_at = {when}")
+            }
+            Some(_) => format!("updated_at = {when}"),
+        };
+        if let Some(outcome) = outcome {
+            assert!(
+                store
+                    .finish(claim.id, &claim.token, outcome)
+                    .await
+                    .expect("finish")
+            );
+        }
+        env.execute_sql(&format!(
+            "UPDATE messages SET {set} WHERE id = {}",
+            claim.id
+        ))
+        .await;
+    }
+    let mut everything = Vec::new();
+    for claim in &claims {
+        everything.push(
+            store
+                .message(claim.id)
+                .await
+                .expect("read")
+                .expect("exists"),
+        );
+    }
+    let states: Vec<MessageState> = everything.iter().map(|e| e.state).collect();
+    use MessageState::*;
+    assert_eq!(
+        states,
+        [
+            Scheduled, Scheduled, Sent, Scheduled, Failed, Skipped, Sending, Retrying, Unknown,
+            Scheduled, Scheduled, Retrying, Sent
+        ]
+    );
+    for (entry, (_, hours)) in everything.iter().zip(&plan) {
+        assert_eq!(
+            entry.dated_at().timestamp_millis(),
+            hour(*hours).timestamp_millis(),
+            "{entry:?}"
+        );
+    }
+    // The order the log promises, from the one definition of a message's date.
+    everything.sort_by_key(|e| std::cmp::Reverse((e.dated_at(), e.id)));
+    let ids = |entries: &[touchpoint::store::LogEntry]| -> Vec<i64> {
+        entries.iter().map(|e| e.id).collect()
+    };
+    let waits = |e: &touchpoint::store::LogEntry| matches!(e.state, Scheduled | Retrying);
+    type Keep = Box<dyn Fn(&touchpoint::store::LogEntry) -> bool>;
+    fn only(keep: impl Fn(&touchpoint::store::LogEntry) -> bool + 'static) -> Keep {
+        Box::new(keep)
+    }
+    let filters: Vec<(LogFilter, Keep)> = vec![
+        (LogFilter::default(), only(|_| true)),
+        (
+            LogFilter {
+                history: true,
+                ..LogFilter::default()
+            },
+            only(move |e| !waits(e)),
+        ),
+        (
+            LogFilter {
+                since: Some(hour(10)),
+                ..LogFilter::default()
+            },
+            only(move |e| e.dated_at() >= hour(10)),
+        ),
+        (
+            LogFilter {
+                from: Some(hour(21)),
+                until: Some(hour(2)),
+                ..LogFilter::default()
+            },
+            only(move |e| e.dated_at() >= hour(21) && e.dated_at() < hour(2)),
+        ),
+        (
+            LogFilter {
+                rule: Some("two".into()),
+                ..LogFilter::default()
+            },
+            only(|e| e.rule == "two"),
+        ),
+        (
+            LogFilter {
+                customer_id: Some("ann".into()),
+                ..LogFilter::default()
+            },
+            only(|e| e.customer_id == "ann"),
+        ),
+        (
+            LogFilter {
+                customer_search: Some("jones".into()),
+                from: Some(hour(45)),
+                ..LogFilter::default()
+            },
+            only(move |e| e.customer_id == "bob" && e.dated_at() >= hour(45)),
+        ),
+    ]
+    .into_iter()
+    .chain(MessageState::ALL.into_iter().map(|state| {
+        let filter = LogFilter {
+            state: Some(state),
+            ..LogFilter::default()
+        };
+        let keep = only(move |e| e.state == state);
+        (filter, keep)
+    }))
+    .collect();
+    for (filter, keep) in &filters {
+        let expected: Vec<i64> = everything
+            .iter()
+            .filter(|e| keep(e))
+            .map(|e| e.id)
+            .collect();
+        let whole = store.log(filter).await.expect("log");
+        assert_eq!(ids(&whole), expected, "{filter:?}");
+        assert_eq!(
+            store.log_count(filter).await.expect("count"),
+            expected.len() as i64,
+            "{filter:?}"
+        );
+        // Pages smaller than either part, keyset after keyset.
+        for size in [1, 2, 3, 5] {
+            let mut paged = Vec::new();
+            let mut before = None;
+            loop {
+                let page = store
+                    .log(&LogFilter {
+                        limit: Some(size),
+                        before,
+                        ..filter.clone()
+                    })
+                    .await
+                    .expect("page");
+                assert!(page.len() as i64 <= size);
+                paged.extend(ids(&page));
+                match page.last() {
+                    Some(last) if page.len() as i64 == size => {
+                        before = Some(LogCursor::after(last))
+                    }
+                    _ => break,
+                }
+            }
+            assert_eq!(paged, expected, "pages of {size}, {filter:?}");
+        }
+    }
+    // The plan, soonest first, is the waiting messages due by then.
+    let upcoming = store
+        .log(&LogFilter {
+            due_before: Some(hour(7)),
+            ..LogFilter::default()
+        })
+        .await
+        .expect("upcoming");
+    let mut due: Vec<&touchpoint::store::LogEntry> = everything
+        .iter()
+        .filter(|e| waits(e) && e.next_attempt_at <= hour(7))
+        .collect();
+    due.sort_by_key(|e| (e.next_attempt_at, e.id));
+    assert_eq!(ids(&upcoming), due.iter().map(|e| e.id).collect::<Vec<_>>());
+    // History and a waiting state together match nothing.
+    let none = LogFilter {
+        history: true,
+        state: Some(Scheduled),
+        ..LogFilter::default()
+    };
+    assert!(store.log(&none).await.expect("log").is_empty());
+    assert_eq!(store.log_count(&none).await.expect("count"), 0);
+    // The overview counts finished messages by the same date.
+    let activity = store.activity(hour(10)).await.expect("activity");
+    let counted: i64 = activity.iter().map(|a| a.count).sum();
+    let finished = everything
+        .iter()
+        .filter(|e| e.state.is_final() && e.dated_at() >= hour(10))
+        .count();
+    assert_eq!(counted, finished as i64, "{activity:?}");
+}
+
 // --- shared state -----------------------------------------------------------------------------
 
 async fn settings_and_sessions(backend: Backend) {
@@ -1559,6 +1834,7 @@ on_both_backends!(
     message_events_are_recorded_once,
     the_log_pages_and_filters,
     the_log_dates_messages_by_what_happened,
+    the_log_merges_waiting_and_finished_messages_in_one_order,
     settings_and_sessions,
 );
 
@@ -2202,6 +2478,13 @@ pub mod model {
                     self,
                     row.state != MessageState::Sent || m.deliveries >= 1,
                     "message {id} is sent but no body went out"
+                );
+                // The log reads waiting messages by `next_attempt_at` (`messages_waiting`) as
+                // their date: only `sent`, which is final, may have a `sent_at`.
+                check!(
+                    self,
+                    row.sent_at.is_none() || row.state == MessageState::Sent,
+                    "message {id} has a sent_at outside `sent`: {row:#?}"
                 );
                 let Some(old) = before.get(id) else { continue };
                 if released == Some(*id) {

@@ -75,6 +75,54 @@ pub(super) fn dated(alias: &str) -> String {
     )
 }
 
+/// The log reads its messages in two parts, each in its order on its own index, and merges
+/// them: `messages_dated` holds only the messages that do not wait (migration 0012), so that
+/// the planner's rows enter one index fewer. A waiting message (scheduled or retrying) has no
+/// `sent_at` (only the outcome `sent` sets it, and `sent` is final) and is not final, so
+/// [`dated`] of it is its `next_attempt_at`, which `messages_waiting` orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogPart {
+    /// Every state but scheduled and retrying: `messages_dated`, dated by [`dated`].
+    History,
+    /// Scheduled and retrying: `messages_waiting`, dated by `next_attempt_at`.
+    Waiting,
+    /// Every message: a count whose filter names no date needs neither index.
+    Whole,
+}
+
+impl LogPart {
+    /// The part's messages (of `messages m`): the predicate of its index word for word, since
+    /// a partial index serves a query only when the query's WHERE says so.
+    pub(super) fn rows(self) -> &'static str {
+        match self {
+            LogPart::History => "m.state NOT IN ('scheduled', 'retrying')",
+            LogPart::Waiting => "m.state IN ('scheduled', 'retrying')",
+            LogPart::Whole => "1 = 1",
+        }
+    }
+
+    /// [`dated`] of the part's messages (`m`), as its index holds it.
+    pub(super) fn date(self) -> String {
+        match self {
+            LogPart::History | LogPart::Whole => dated("m."),
+            LogPart::Waiting => "m.next_attempt_at".to_string(),
+        }
+    }
+
+    /// The parts that can hold messages the filter matches (none: it matches nothing).
+    pub(super) fn of(filter: &LogFilter) -> &'static [LogPart] {
+        let waits = |s: MessageState| matches!(s, MessageState::Scheduled | MessageState::Retrying);
+        let history = filter.due_before.is_none() && filter.state.is_none_or(|s| !waits(s));
+        let waiting = !filter.history && filter.state.is_none_or(waits);
+        match (history, waiting) {
+            (true, true) => &[LogPart::History, LogPart::Waiting],
+            (true, false) => &[LogPart::History],
+            (false, true) => &[LogPart::Waiting],
+            (false, false) => &[],
+        }
+    }
+}
+
 /// Inserts the customers, or replaces every field of those that exist: one statement per
 /// chunk.
 pub(super) fn customer_upserts<D: Driver>(customers: &[&Customer]) -> Vec<Sql> {
@@ -1204,9 +1252,17 @@ impl<D: Driver> TrackingStore for SqlStore<D> {
 }
 
 impl<D: Driver> SqlStore<D> {
-    /// `SELECT {select} WHERE` the log's filter, without order or limit (`log`, `log_count`).
-    async fn log_query(&self, filter: &LogFilter, select: &str) -> StoreResult<Sql> {
-        let narrowing = self.driver.log_narrowing(filter).await?;
+    /// `SELECT {select} FROM messages m ... WHERE` the log's filter over one part of the log,
+    /// without order or limit (`log`, `log_count`). `join` follows `messages m` and its index;
+    /// `ordered`: the caller reads a page in the log's order (not a count).
+    async fn log_query(
+        &self,
+        filter: &LogFilter,
+        part: LogPart,
+        (select, join): (&str, &str),
+        ordered: bool,
+    ) -> StoreResult<Sql> {
+        let narrowing = self.driver.log_narrowing(filter, part, ordered).await?;
         let other = |column: &str| {
             if narrowing.unindexed_rule_state {
                 D::unindexed(column)
@@ -1214,10 +1270,14 @@ impl<D: Driver> SqlStore<D> {
                 column.to_string()
             }
         };
-        let mut sql = Sql::new(format!("SELECT {select} WHERE 1 = 1"));
-        let dated = dated("m.");
+        let mut sql = Sql::new(format!(
+            "SELECT {select} FROM messages m{}{join} WHERE {}",
+            narrowing.index,
+            part.rows()
+        ));
+        let date = part.date();
         if let Some(since) = filter.since {
-            sql.push(format!(" AND {dated} >= ")).bind(since);
+            sql.push(format!(" AND {date} >= ")).bind(since);
         }
         if let Some(rule) = &filter.rule {
             sql.push(format!(" AND {} = ", other("m.rule"))).bind(rule);
@@ -1226,23 +1286,16 @@ impl<D: Driver> SqlStore<D> {
             sql.push(format!(" AND {} = ", other("m.state")))
                 .bind(state.as_str());
         }
-        if filter.history {
-            sql.push(format!(
-                " AND {} NOT IN ('scheduled', 'retrying')",
-                other("m.state")
-            ));
-        }
         if let Some(customer) = &filter.customer_id {
             sql.push(" AND m.customer_id = ").bind(customer);
         }
         if let Some(due_before) = filter.due_before {
-            sql.push(" AND m.state IN ('scheduled', 'retrying') AND m.next_attempt_at <= ")
-                .bind(due_before);
+            sql.push(" AND m.next_attempt_at <= ").bind(due_before);
         }
         if let Some(before) = filter.before {
-            sql.push(format!(" AND ({dated} < "))
+            sql.push(format!(" AND ({date} < "))
                 .bind(before.at)
-                .push(format!(" OR ({dated} = "))
+                .push(format!(" OR ({date} = "))
                 .bind(before.at)
                 .push(" AND m.id < ")
                 .bind(before.id)
@@ -1253,23 +1306,62 @@ impl<D: Driver> SqlStore<D> {
     }
 }
 
+const CUSTOMER_JOIN: &str = " LEFT JOIN customers c ON c.id = m.customer_id";
+
 #[async_trait]
 impl<D: Driver> ReportingStore for SqlStore<D> {
     async fn log(&self, filter: &LogFilter) -> StoreResult<Vec<LogEntry>> {
-        let mut sql = self
-            .log_query(
-                filter,
-                &format!("{} {MESSAGE_WITH_CUSTOMER}", rows::LOG_COLUMNS),
-            )
-            .await?;
-        if filter.due_before.is_some() {
-            sql.push(" ORDER BY m.next_attempt_at, m.id");
-        } else {
-            sql.push(format!(" ORDER BY {} DESC, m.id DESC", dated("m.")));
-        }
-        if let Some(limit) = filter.limit {
-            sql.push(" LIMIT ").bind(limit);
-        }
+        let limit = |sql: &mut Sql| {
+            if let Some(limit) = filter.limit {
+                sql.push(" LIMIT ").bind(limit);
+            }
+        };
+        let sql = match LogPart::of(filter) {
+            [] => return Ok(Vec::new()),
+            [part] => {
+                let mut sql = self
+                    .log_query(filter, *part, (rows::LOG_COLUMNS, CUSTOMER_JOIN), true)
+                    .await?;
+                if filter.due_before.is_some() {
+                    sql.push(" ORDER BY m.next_attempt_at, m.id");
+                } else {
+                    sql.push(format!(" ORDER BY {} DESC, m.id DESC", part.date()));
+                }
+                limit(&mut sql);
+                sql
+            }
+            parts => {
+                // Each part newest first, at most `limit` of each, merged by the same order: the
+                // first `limit` of the merge are the first `limit` of the whole log.
+                let mut sql = Sql::new("SELECT ");
+                sql.push(rows::LOG_COLUMNS).push(" FROM (");
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(" UNION ALL ");
+                    }
+                    let date = part.date();
+                    sql.push("SELECT * FROM (");
+                    sql.append(
+                        self.log_query(
+                            filter,
+                            *part,
+                            (&format!("m.id AS id, {date} AS at"), ""),
+                            true,
+                        )
+                        .await?,
+                    );
+                    sql.push(format!(" ORDER BY {date} DESC, m.id DESC"));
+                    limit(&mut sql);
+                    sql.push(format!(") AS part{i}"));
+                }
+                sql.push(format!(
+                    ") AS page JOIN messages m ON m.id = page.id{CUSTOMER_JOIN} \
+                     ORDER BY page.at DESC, page.id DESC"
+                ));
+                limit(&mut sql);
+                sql
+            }
+        };
         let rows: Vec<LogRow> = self.driver.fetch_all(Via::Reader, sql).await?;
         Ok(rows.into_iter().map(LogEntry::from).collect())
     }
@@ -1280,7 +1372,21 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
             limit: None,
             ..filter.clone()
         };
-        let sql = self.log_query(&whole, "COUNT(*) FROM messages m").await?;
+        let parts = match LogPart::of(&whole) {
+            [_, _] if whole.since.is_none() && whole.from.is_none() && whole.until.is_none() => {
+                &[LogPart::Whole]
+            }
+            parts => parts,
+        };
+        let mut sql = Sql::new("SELECT CAST(0 AS BIGINT)");
+        for part in parts {
+            sql.push(" + (");
+            sql.append(
+                self.log_query(&whole, *part, ("COUNT(*)", ""), false)
+                    .await?,
+            );
+            sql.push(")");
+        }
         let (count,): (i64,) = self.driver.fetch_one(Via::Reader, sql).await?;
         Ok(count)
     }
@@ -1343,13 +1449,15 @@ impl<D: Driver> ReportingStore for SqlStore<D> {
     }
 
     async fn activity(&self, since: DateTime<Utc>) -> StoreResult<Vec<ActivityCount>> {
+        let part = LogPart::History;
         let sql = Sql::new(format!(
-            "SELECT {} AS hour, rule, state, COUNT(*) FROM messages \
-             WHERE {} IN ('sent', 'failed', 'skipped', 'unknown') AND {} >= ? \
-             GROUP BY hour, rule, state ORDER BY hour, rule, state",
-            D::hour_of(&dated("")),
-            D::unindexed("state"),
-            dated(""),
+            "SELECT {} AS hour, m.rule, m.state, COUNT(*) FROM messages m \
+             WHERE {} AND {} IN ('sent', 'failed', 'skipped', 'unknown') AND {} >= ? \
+             GROUP BY hour, m.rule, m.state ORDER BY hour, m.rule, m.state",
+            D::hour_of(&part.date()),
+            part.rows(),
+            D::unindexed("m.state"),
+            part.date(),
         ))
         .arg(since);
         let rows: Vec<(DateTime<Utc>, String, String, i64)> =

@@ -11,7 +11,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{Arguments, PgConnection, PgPool};
 
-use super::engine::{MESSAGE_INSERT_COLUMNS, SqlStore, dated};
+use super::engine::{LogPart, MESSAGE_INSERT_COLUMNS, SqlStore};
 use super::sql::{
     Arg, Driver, FEW_CUSTOMERS, FromSqlRow, LogNarrowing, LoggedUpdate, Reply, Sql, Via,
     like_pattern,
@@ -179,18 +179,18 @@ impl PostgresDriver {
         Ok(sql)
     }
 
-    /// The log's date range, on the `messages_dated` index (which also gives the log's
-    /// order, so a wide range reads no more rows than a page shows).
-    fn date_range(filter: &LogFilter) -> Sql {
+    /// The log's date range, on the part's index (`messages_dated` or `messages_waiting`,
+    /// which also gives the part's order, so a wide range reads no more rows than a page shows).
+    fn date_range(filter: &LogFilter, part: LogPart) -> Sql {
         // Open ends as times far outside any message's (and inside PostgreSQL's range).
         let from = filter.from.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
         let until = filter
             .until
             .unwrap_or(DateTime::<Utc>::UNIX_EPOCH + TimeDelta::days(365 * 8000));
-        let dated = dated("m.");
+        let date = part.date();
         let mut sql = Sql::new("");
-        sql.push(format!(" AND {dated} >= ")).bind(from);
-        sql.push(format!(" AND {dated} < ")).bind(until);
+        sql.push(format!(" AND {date} >= ")).bind(from);
+        sql.push(format!(" AND {date} < ")).bind(until);
         sql
     }
 }
@@ -454,15 +454,21 @@ impl Driver for PostgresDriver {
         Ok(inserted)
     }
 
-    async fn log_narrowing(&self, filter: &LogFilter) -> StoreResult<LogNarrowing> {
+    async fn log_narrowing(
+        &self,
+        filter: &LogFilter,
+        part: LogPart,
+        _ordered: bool,
+    ) -> StoreResult<LogNarrowing> {
         let mut conditions = Sql::new("");
         if let Some(search) = filter.customer_search.as_deref() {
             conditions.append(self.customer_search(search).await?);
         }
         if filter.from.is_some() || filter.until.is_some() {
-            conditions.append(Self::date_range(filter));
+            conditions.append(Self::date_range(filter, part));
         }
         Ok(LogNarrowing {
+            index: String::new(),
             unindexed_rule_state: false,
             conditions,
         })

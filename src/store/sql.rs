@@ -7,6 +7,7 @@ use std::fmt;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 
+use super::engine::LogPart;
 use super::{CustomerPatch, LogFilter, NewMessage, StoreResult};
 
 /// One value bound to a `?` of a statement.
@@ -279,8 +280,11 @@ pub struct LoggedUpdate {
     pub detail: serde_json::Value,
 }
 
-/// What the log's query adds to find its rows fast (see each driver's `log_narrowing`).
+/// What the log's query over one part adds to find its rows fast (see each driver's
+/// `log_narrowing`).
 pub struct LogNarrowing {
+    /// Text after `FROM messages m`: the index to read the part by, where the dialect names it.
+    pub index: String,
     /// Keep the rule and state filters off their indexes: another filter drives the search.
     pub unindexed_rule_state: bool,
     /// Conditions for the customer search and the date range.
@@ -390,7 +394,14 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
     /// See `PlanningStore::insert_messages`: the planner's messages, in order, each one
     /// skipped when its `dedupe_key` exists (or came earlier in `messages`); rows inserted.
     async fn insert_messages(&self, messages: &[NewMessage]) -> StoreResult<u64>;
-    async fn log_narrowing(&self, filter: &LogFilter) -> StoreResult<LogNarrowing>;
+    /// For one part of the log's query; `ordered`: it reads a page in the log's order (not
+    /// a count).
+    async fn log_narrowing(
+        &self,
+        filter: &LogFilter,
+        part: LogPart,
+        ordered: bool,
+    ) -> StoreResult<LogNarrowing>;
 }
 
 /// `%text%` for LIKE, lower-cased, with LIKE's own wildcards escaped by `\`.

@@ -17,7 +17,7 @@ use sqlx::types::Json;
 use sqlx::{Arguments, ConnectOptions, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, MutexGuard};
 
-use super::engine::{SqlStore, customer_upserts, customers_by_id, dated, message_inserts};
+use super::engine::{LogPart, SqlStore, customer_upserts, customers_by_id, message_inserts};
 use super::rows::CustomerRow;
 use super::sql::{
     Arg, Driver, FEW_CUSTOMERS, FromSqlRow, LogNarrowing, LoggedUpdate, MANY_ROWS, Reply, Sql, Via,
@@ -152,7 +152,7 @@ impl SqliteDriver {
     /// one page. A capped look first decides: a few matching customers or dates drive the
     /// search through their index; many are checked while walking ids newest first, which
     /// stops at LIMIT (starting at the newest message in the date range).
-    async fn log_access_path(&self, filter: &LogFilter) -> StoreResult<LogPath> {
+    async fn log_access_path(&self, filter: &LogFilter, part: LogPart) -> StoreResult<LogPath> {
         if filter.due_before.is_some() || filter.customer_id.is_some() {
             return Ok(LogPath::Plain);
         }
@@ -177,10 +177,12 @@ impl SqliteDriver {
             return Ok(LogPath::Plain);
         }
         let (from, until) = date_bounds(filter);
-        let dated = dated("");
+        let date = part.date();
         let sql = Sql::new(format!(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM messages \
-             WHERE {dated} >= ? AND {dated} < ? LIMIT {MANY_ROWS})"
+            "SELECT COUNT(*) FROM (SELECT 1 FROM messages m{} WHERE {} \
+             AND {date} >= ? AND {date} < ? LIMIT {MANY_ROWS})",
+            by_date(part),
+            part.rows()
         ))
         .arg(&from)
         .arg(&until);
@@ -529,8 +531,13 @@ impl Driver for SqliteDriver {
         self.execute_all(message_inserts(messages)).await
     }
 
-    async fn log_narrowing(&self, filter: &LogFilter) -> StoreResult<LogNarrowing> {
-        let path = self.log_access_path(filter).await?;
+    async fn log_narrowing(
+        &self,
+        filter: &LogFilter,
+        part: LogPart,
+        ordered: bool,
+    ) -> StoreResult<LogNarrowing> {
+        let path = self.log_access_path(filter, part).await?;
         let mut sql = Sql::new("");
         if let Some(search) = filter.customer_search.as_deref() {
             match &path {
@@ -558,11 +565,27 @@ impl Driver for SqliteDriver {
             } else {
                 "+"
             };
-            let dated = dated("m.");
-            sql.push(format!(" AND {by_index}{dated} >= ")).bind(from);
-            sql.push(format!(" AND {by_index}{dated} < ")).bind(until);
+            let date = part.date();
+            sql.push(format!(" AND {by_index}{date} >= ")).bind(from);
+            sql.push(format!(" AND {by_index}{date} < ")).bind(until);
         }
+        // Without statistics SQLite would read a page of waiting messages by
+        // `messages_expiring` or `messages_state` (for `state IN (...)`) and sort them all, as
+        // it once did for the claim: name the index, unless a customer or a rule (with its
+        // state) drives. A count without a narrow date range is cheapest on `messages_state`.
+        let index = match part {
+            LogPart::History | LogPart::Whole => "",
+            LogPart::Waiting
+                if filter.customer_id.is_some() || matches!(path, LogPath::Customers(_)) =>
+            {
+                " INDEXED BY messages_customer"
+            }
+            LogPart::Waiting if filter.rule.is_some() && !path.drives() => "",
+            LogPart::Waiting if !ordered && !matches!(path, LogPath::Dates) => "",
+            LogPart::Waiting => by_date(part),
+        };
         Ok(LogNarrowing {
+            index: index.to_string(),
             unindexed_rule_state: path.drives(),
             conditions: sql,
         })
@@ -584,6 +607,15 @@ impl LogPath {
     /// Whether a filter other than rule and state drives the search.
     fn drives(&self) -> bool {
         matches!(self, LogPath::Customers(_) | LogPath::Dates)
+    }
+}
+
+/// The index hint that reads a part of the log by its date (SQLite's planner picks
+/// `messages_dated` on its own).
+fn by_date(part: LogPart) -> &'static str {
+    match part {
+        LogPart::History | LogPart::Whole => "",
+        LogPart::Waiting => " INDEXED BY messages_waiting",
     }
 }
 
