@@ -573,6 +573,10 @@ const FENCE_COLUMNS: [(&str, &str); 9] = [
     ("suppressed_as", "text"),
 ];
 
+/// Most fences in one statement: nine parameters each stay far below SQLite's limit (32,766
+/// in the bundled library, 999 before 3.32) for any pool size.
+const MAX_FENCE_ROWS: usize = 100;
+
 /// The columns of a group of outcomes, as `finish_group` passes them (name, PostgreSQL type).
 const FINISH_COLUMNS: [(&str, &str); 8] = [
     ("id", "bigint"),
@@ -846,10 +850,10 @@ impl<D: Driver> SqlStore<D> {
         for (i, fence) in fences.into_iter().enumerate() {
             match fence {
                 Fence::Plain(plain) => {
-                    if run
+                    let other_margin = run
                         .first()
-                        .is_some_and(|(_, first)| first.margin != plain.margin)
-                    {
+                        .is_some_and(|(_, first)| first.margin != plain.margin);
+                    if other_margin || run.len() == MAX_FENCE_ROWS {
                         Self::flush_run(&mut run, &mut statements, &mut members);
                     }
                     run.push((i, plain));

@@ -191,12 +191,15 @@ impl SmtpTransport {
         envelope: &Envelope,
     ) -> Result<(OwnedSemaphorePermit, Option<Session>), SendError> {
         let closed = |_| SendError::RelayUnavailable("transport closed".into());
+        let mut again = false;
         loop {
             if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
                 return Ok((permit, None));
             }
             let (handoff, mut handed) = oneshot::channel();
-            let mut place = self.join_line(envelope.clone(), handoff);
+            // A message that was taken and given back keeps its place at the front.
+            let mut place = self.join_line(envelope.clone(), handoff, again);
+            again = true;
             tokio::select! {
                 biased;
                 handed = &mut handed => {
@@ -222,14 +225,23 @@ impl SmtpTransport {
         }
     }
 
-    fn join_line(&self, envelope: Envelope, handoff: oneshot::Sender<Handoff>) -> Place<'_> {
+    fn join_line(
+        &self,
+        envelope: Envelope,
+        handoff: oneshot::Sender<Handoff>,
+        front: bool,
+    ) -> Place<'_> {
         let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut line) = self.line.lock() {
-            line.push_back(Waiter {
-                id,
-                envelope,
-                handoff,
-            });
+        let waiter = Waiter {
+            id,
+            envelope,
+            handoff,
+        };
+        let mut line = lock(&self.line);
+        if front {
+            line.push_front(waiter);
+        } else {
+            line.push_back(waiter);
         }
         Place {
             line: &self.line,
@@ -239,7 +251,7 @@ impl SmtpTransport {
     }
 
     fn first_in_line(&self) -> Option<Waiter> {
-        self.line.lock().ok()?.pop_front()
+        lock(&self.line).pop_front()
     }
 
     /// After a body: the session goes to the message whose envelope followed the dot, or back
@@ -368,6 +380,13 @@ impl SmtpTransport {
     }
 }
 
+/// The line, also after a panic elsewhere while it was held: no push or pop leaves it
+/// half-changed.
+fn lock(line: &Mutex<VecDeque<Waiter>>) -> std::sync::MutexGuard<'_, VecDeque<Waiter>> {
+    line.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A message's place in the line: leaving it (or being dropped) takes the message out unless
 /// a session already took it.
 struct Place<'a> {
@@ -382,9 +401,7 @@ impl Place<'_> {
         if !std::mem::take(&mut self.queued) {
             return false;
         }
-        let Ok(mut line) = self.line.lock() else {
-            return false;
-        };
+        let mut line = lock(self.line);
         let before = line.len();
         line.retain(|waiter| waiter.id != self.id);
         line.len() < before
