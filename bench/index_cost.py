@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""What each index on `messages` costs the planner's insert (BENCHMARKS.md, planning).
+"""What each index on `messages` costs the planner's insert (BENCHMARKS.md, planning), and with
+`--sending` what it costs the send path's writes.
 
 Builds the schema from migrations/ (up to a given migration), then inserts N planned rows
 (state 'scheduled', as the planner writes them: three rules in turn, dedupe keys
@@ -10,6 +11,14 @@ does the same once per index with that one index dropped: the difference is that
 
     bench/index_cost.py --backend sqlite --rows 200000 --upto 0011
     bench/index_cost.py --backend postgres --rows 200000 --upto 0010
+
+With --sending, the N rows are inserted untimed and then sent, in groups of 8 (one SMTP
+connection's share of a group commit), the way the store writes them: the claim (state
+'sending', token, lease), the phase write (the rendered bodies of about 4 kB, the checks,
+body_at) and the outcome (state 'sent', sent_at, the reply), each group one transaction per
+step. Only those three steps are timed, with all indexes and with each dropped.
+
+    bench/index_cost.py --backend sqlite --rows 20000 --sending
 
 PostgreSQL: 127.0.0.1:5432, user postgres (TOUCHPOINT_TEST_POSTGRES is not read); a database
 `touchpoint_index_cost` is made and dropped. SQLite: a file in a temporary directory, WAL,
@@ -27,6 +36,8 @@ PAGE = 5000
 # Rows per transaction (a multiple of PAGE) and SQLite's page cache (negative: KiB); set by options.
 COMMIT = PAGE
 CACHE_KIB = -2000
+# Time the send path's writes instead of the insert (--sending).
+SENDING = False
 
 COLUMNS = "rule, customer_id, event_id, dedupe_key, trigger_at, due_at, expires_at, next_attempt_at, detail"
 
@@ -48,6 +59,34 @@ FROM (SELECT i, CASE i % 3 WHEN 0 THEN 'thank-you-after-purchase' WHEN 1 THEN 'd
              now() + ((i * 7919) % 525600) * interval '1 minute' AS at
       FROM generate_series({first}, {last}) AS i) r ORDER BY i;
 """
+
+
+# The send path's three writes for one group of ids (`{ids}`), in each dialect.
+BODY = "x" * 76 + "\n"
+SQLITE_SEND = [
+    "UPDATE messages SET state = 'sending', claim_token = 'tok', claimed_by = 'bench', "
+    "lease_expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+5 minutes'), phase = 'claimed', "
+    "attempts = attempts + 1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id IN ({ids})",
+    "UPDATE messages SET phase = 'body', email = customer_id || '@example.com', subject = 'Thank you', "
+    "message_id = '<' || id || '@bench>', body_text = ?, body_html = ?, checks = '[\"ok\"]', "
+    "body_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') "
+    "WHERE id IN ({ids})",
+    "UPDATE messages SET state = 'sent', sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), "
+    "smtp_reply = '250 2.0.0 Ok', claim_token = NULL, lease_expires_at = NULL, phase = NULL, "
+    "updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id IN ({ids})",
+]
+PG_SEND = [s.replace("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+5 minutes')", "now() + interval '5 minutes'")
+           .replace("strftime('%Y-%m-%dT%H:%M:%fZ', 'now')", "now()")
+           .replace("'<' || id || '@bench>'", "'<' || id::text || '@bench>'")
+           .replace("body_text = ?, body_html = ?", "body_text = repeat('{line}', 25), body_html = repeat('{line}', 25)")
+           .replace("'[\"ok\"]'", "'[\"ok\"]'::jsonb")
+           for s in SQLITE_SEND]
+GROUP = 8
+
+
+def groups(rows):
+    for first in range(1, rows + 1, GROUP):
+        yield ",".join(str(i) for i in range(first, min(rows, first + GROUP - 1) + 1))
 
 
 def migrations(backend, upto):
@@ -75,6 +114,18 @@ def sqlite_run(rows, upto, drop):
             if (first - 1 + PAGE) % COMMIT == 0 or first + PAGE > rows:
                 db.execute("COMMIT")
         elapsed = time.perf_counter() - started
+        if SENDING:
+            body = BODY * 25
+            started = time.perf_counter()
+            for ids in groups(rows):
+                for step in SQLITE_SEND:
+                    db.execute("BEGIN")
+                    if "?" in step:
+                        db.execute(step.format(ids=ids), (body, body))
+                    else:
+                        db.execute(step.format(ids=ids))
+                    db.execute("COMMIT")
+            elapsed = time.perf_counter() - started
         db.close()
         return elapsed, indexes
 
@@ -105,7 +156,16 @@ def postgres_run(rows, upto, drop):
             for first in range(1, rows + 1, PAGE))
         started = time.perf_counter()
         psql(script, name)
-        return time.perf_counter() - started, indexes
+        elapsed = time.perf_counter() - started
+        if SENDING:
+            line = BODY.replace("\n", "x")
+            sending = "".join(
+                f"BEGIN;{step.format(ids=ids, line=line)};COMMIT;\n"
+                for ids in groups(rows) for step in PG_SEND)
+            started = time.perf_counter()
+            psql(sending, name)
+            elapsed = time.perf_counter() - started
+        return elapsed, indexes
     finally:
         psql(f"DROP DATABASE IF EXISTS {name};")
 
@@ -126,11 +186,14 @@ def main():
     parser.add_argument("--compare", default="", help="e.g. 0010,0011: all indexes after each migration")
     parser.add_argument("--commit", type=int, default=PAGE, help="rows per transaction (a multiple of 5000)")
     parser.add_argument("--cache-kib", type=int, default=2000, help="SQLite page cache in KiB")
+    parser.add_argument("--sending", action="store_true",
+                        help="time the send path's writes (claim, phase, outcome) instead of the insert")
     args = parser.parse_args()
-    global COMMIT, CACHE_KIB
-    COMMIT, CACHE_KIB = args.commit, -args.cache_kib
+    global COMMIT, CACHE_KIB, SENDING
+    COMMIT, CACHE_KIB, SENDING = args.commit, -args.cache_kib, args.sending
     run = sqlite_run if args.backend == "sqlite" else postgres_run
-    print(f"{args.backend}, {args.rows} rows in pages of {PAGE}, {COMMIT} rows per transaction, "
+    what = f"sending, groups of {GROUP}, one transaction per step" if SENDING else "planning insert"
+    print(f"{args.backend}, {what}, {args.rows} rows in pages of {PAGE}, {COMMIT} rows per transaction, "
           f"SQLite cache {-CACHE_KIB} KiB, fastest of {args.repeats}")
     if args.compare:
         print("| migrations up to | indexes on messages | insert time | µs per row |\n| --- | ---: | ---: | ---: |")
@@ -150,7 +213,7 @@ def main():
         return
     base, indexes = best(run, args.repeats, args.rows, args.upto, None)
     print(f"migrations up to {args.upto}")
-    print("| index dropped | insert time | saved | µs per row saved |\n| --- | ---: | ---: | ---: |")
+    print("| index dropped | time | saved | µs per row saved |\n| --- | ---: | ---: | ---: |")
     print(f"| (none: all {len(indexes)} indexes) | {base:.2f} s | | |", flush=True)
     only = [i for i in args.only.split(",") if i]
     for index in indexes:
