@@ -88,6 +88,25 @@ async fn log_of(store: &SharedStore, customer: &str) -> Vec<LogEntry> {
         .expect("log")
 }
 
+/// One pass of the daemon's own planner from the first customer and event, with the test's
+/// config (the daemon itself stopped).
+async fn plan_from_start(
+    env: &TestEnv,
+    store: &SharedStore,
+) -> (touchpoint::plan::Cursors, touchpoint::plan::PassReport) {
+    let config = env.config();
+    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
+    let settings = touchpoint::plan::PlanSettings::from_config(&config);
+    touchpoint::plan::plan_pass(
+        store,
+        &playbook,
+        touchpoint::plan::Cursors::default(),
+        &settings,
+    )
+    .await
+    .expect("plan")
+}
+
 async fn whole_log(store: &SharedStore) -> Vec<LogEntry> {
     store.log(&LogFilter::default()).await.expect("log")
 }
@@ -970,9 +989,6 @@ expire_after = "2s"
     )
     .await;
     // Planned with the daemon stopped, by the daemon's own planner.
-    let config = env.config();
-    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
-    let settings = touchpoint::plan::PlanSettings::from_config(&config);
     let now = now_ms();
     happened(
         &store,
@@ -984,14 +1000,7 @@ expire_after = "2s"
     )
     .await;
     happened(&store, "o-late", "late", "purchase", now, json!({})).await;
-    let (_, report) = touchpoint::plan::plan_pass(
-        &store,
-        &playbook,
-        touchpoint::plan::Cursors::default(),
-        &settings,
-    )
-    .await
-    .expect("plan");
+    let (_, report) = plan_from_start(&env, &store).await;
     // Due five seconds ago with two seconds to go out: too late already, never planned.
     assert_eq!(report.inserted, 1, "{:#?}", whole_log(&store).await);
     assert_eq!(log_of(&store, "stale").await, vec![]);
@@ -1901,19 +1910,9 @@ async fn a_pass_over_several_batches_plans_each_event_once(backend: Backend) {
     };
     raw_sql(&env, &customers).await;
     raw_sql(&env, &events).await;
-    let config = env.config();
-    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
-    let settings = touchpoint::plan::PlanSettings::from_config(&config);
     let mut planned = Vec::new();
     for _ in 0..2 {
-        let (_, report) = touchpoint::plan::plan_pass(
-            &store,
-            &playbook,
-            touchpoint::plan::Cursors::default(),
-            &settings,
-        )
-        .await
-        .expect("plan");
+        let (_, report) = plan_from_start(&env, &store).await;
         planned.push(report.inserted);
     }
     assert_eq!(planned, vec![n, 0]);
@@ -1945,17 +1944,7 @@ async fn a_sparse_seq_range_is_planned_whole(backend: Backend) {
         }
         happened(&store, &format!("o-{n}"), "ada", "purchase", now, json!({})).await;
     }
-    let config = env.config();
-    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
-    let settings = touchpoint::plan::PlanSettings::from_config(&config);
-    let (cursors, report) = touchpoint::plan::plan_pass(
-        &store,
-        &playbook,
-        touchpoint::plan::Cursors::default(),
-        &settings,
-    )
-    .await
-    .expect("plan");
+    let (cursors, report) = plan_from_start(&env, &store).await;
     assert_eq!(report.inserted, 3, "{:#?}", whole_log(&store).await);
     assert_eq!(cursors.events, 2_000_001);
 }
@@ -2017,17 +2006,8 @@ async fn anniversaries_are_planned_within_the_horizon(backend: Backend) {
     .await;
     let config = env.config();
     assert_eq!(config.planner.horizon, TimeDelta::days(35));
-    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
-    let settings = touchpoint::plan::PlanSettings::from_config(&config);
     for pass in 0..2 {
-        let (_, report) = touchpoint::plan::plan_pass(
-            &store,
-            &playbook,
-            touchpoint::plan::Cursors::default(),
-            &settings,
-        )
-        .await
-        .expect("plan");
+        let (_, report) = plan_from_start(&env, &store).await;
         assert_eq!(report.inserted, 1 - pass, "{:#?}", whole_log(&store).await);
     }
     let soon = log_of(&store, "soon").await;
@@ -2038,6 +2018,8 @@ async fn anniversaries_are_planned_within_the_horizon(backend: Backend) {
     );
     assert_eq!(log_of(&store, "later").await, vec![]);
 
+    let playbook = touchpoint::playbook::Playbook::load(&config).expect("playbook");
+    let settings = touchpoint::plan::PlanSettings::from_config(&config);
     let upcoming = touchpoint::query::upcoming(&playbook, &settings, &store, 200)
         .await
         .expect("upcoming");
